@@ -1,0 +1,146 @@
+"""`difflens evaluate`: reconstruction metrics of trained dictionaries (and optionally splice)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+from pathlib import Path
+
+from difflens.errors import DifflensError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="reconstruction metrics (FVU, EV, cosine, L0, dead) of dictionaries on a store",
+        description="Evaluate dictionaries on an activation store: overall and per timestep. Writes the JSON, "
+        "a markdown table and PNG plots next to it. See docs/training.md for the metric definitions.",
+    )
+    p.add_argument("--dict", dest="dicts", action="append", required=True, metavar="DIR",
+                   help="a dictionary folder (repeat for several; a training run folder adds all its dictionaries)")
+    p.add_argument("--data", required=True, help="activation store folder")
+    p.add_argument("--out", required=True, help="result JSON path (FILE.md and FILE_*.png are written next to it)")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per dictionary")
+    p.add_argument("--split", choices=["auto", "heldout", "all"], default="auto",
+                   help="auto (default): the held-out samples when the dictionary was trained on this store, else all rows")
+    p.add_argument("--timestep-range", help="only timesteps lo:hi (inclusive)")
+    p.add_argument("--denoise-steps", help="only these step indices: 0,1,2 or 0:3")
+    p.add_argument("--dead-window", type=int, help="N of 'dead = no activation over the last N tokens' (default: all evaluated)")
+    p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass (default 4096)")
+    p.add_argument("--splice", action="store_true", help="also splice the reconstructions into generation (needs --model)")
+    p.add_argument("--model", help="model for --splice (hub id, local folder, or 'toy')")
+    p.add_argument("--splice-steps", help="denoising steps a:b during which the reconstruction replaces the activation")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def expand_dict_paths(paths: list[str]) -> list[str]:
+    """A training run folder (with run.json) stands for all of its dictionaries."""
+    out = []
+    for path in paths:
+        p = Path(path)
+        if not p.exists():
+            raise DifflensError(f"dictionary folder {p} does not exist; pass a folder written by `difflens train`")
+        if (p / "cfg.json").exists():
+            out.append(str(p))
+            continue
+        if (p / "run.json").exists():
+            from difflens.utils import read_json
+
+            names = [d["name"] for d in read_json(p / "run.json")["dictionaries"]]
+            found = [str(p / n) for n in names if (p / n / "cfg.json").exists()]
+            if not found:
+                raise DifflensError(f"training run {p} has no saved dictionary yet; wait for its first checkpoint")
+            out.extend(found)
+            continue
+        raise DifflensError(f"{p} is not a dictionary folder (no cfg.json) nor a training run (no run.json)")
+    return out
+
+
+def _splice_module():
+    try:
+        return importlib.import_module("difflens.evaluate.splice")
+    except ModuleNotFoundError as e:
+        if e.name == "difflens.evaluate.splice":
+            raise DifflensError(
+                "splice evaluation isn't available in this installation (difflens.evaluate.splice is missing); "
+                "run without --splice"
+            ) from None
+        raise
+
+
+def _load_adapter(model: str):
+    try:
+        from difflens.models import load_adapter
+    except ImportError:
+        raise DifflensError("model adapters aren't available in this installation (difflens.models.load_adapter); "
+                            "run without --splice") from None
+    return load_adapter(model)
+
+
+def parse_splice_steps(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, b = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise DifflensError(f"--splice-steps {text!r}: write a:b (step indices, end excluded), e.g. 0:5") from None
+    if not 0 <= a < b:
+        raise DifflensError(f"--splice-steps {text!r}: need 0 <= a < b")
+    return a, b
+
+
+def json_safe(obj):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflens.evaluate import report
+    from difflens.evaluate.reconstruction import evaluate, load_items
+    from difflens.train.cli import parse_range, parse_steps
+    from difflens.train.data import Filters
+    from difflens.train.trainer import open_store
+    from difflens.utils import write_json
+
+    if args.splice and not args.model:
+        raise DifflensError("--splice needs --model (the model the dictionaries were trained on)")
+    if (args.model or args.splice_steps) and not args.splice:
+        raise DifflensError("--model/--splice-steps only apply with --splice; add --splice or drop them")
+    splice_steps = parse_splice_steps(args.splice_steps)
+    splice = _splice_module() if args.splice else None  # fail before the long part
+    store = open_store(args.data)
+    items = load_items(expand_dict_paths(args.dicts), store)
+    filters = Filters(
+        parse_range(args.timestep_range) if args.timestep_range else None,
+        tuple(parse_steps(args.denoise_steps)) if args.denoise_steps else None,
+    )
+    result = evaluate(
+        items,
+        store,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        split=args.split,
+        filters=filters,
+        dead_window=args.dead_window,
+        show_progress=not args.quiet,
+    )
+    if splice is not None:
+        adapter = _load_adapter(args.model)
+        result["splice"] = splice.evaluate_splice(
+            [it.module for it in items], store, adapter, steps=splice_steps, max_tokens=args.max_tokens
+        )
+    result = json_safe(result)
+    out = Path(args.out)
+    write_json(out, result)
+    written = report.write_reports(result, out)
+    print(report.text_table(result))
+    print(f"wrote {out}, " + ", ".join(written.values()))
+    return 0

@@ -1,0 +1,17 @@
+"""Model adapters: one interface (`Adapter`) over the toy model and real diffusers pipelines.
+
+`load_adapter("toy" | folder | hub id, dtype=..., device=..., quantize=...)` picks the adapter
+from the pipeline's model_index.json. Heavy imports (diffusers, transformers) happen on load.
+"""
+
+from difflens.models.base import Adapter, Generation
+
+
+def load_adapter(model: str, *, dtype="fp32", device="cpu", quantize: str | None = None) -> Adapter:
+    """Load "toy", a local diffusers pipeline folder or a hub id; errors say how to fix the input."""
+    from difflens.models._loading import load_adapter as _load
+
+    return _load(model, dtype=dtype, device=device, quantize=quantize)
+
+
+__all__ = ["Adapter", "Generation", "load_adapter"]

@@ -1,0 +1,29 @@
+"""`difflens sites`: list a model's hookable sites and their widths."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "sites",
+        help="list a model's hookable sites (module:stream) and their dims",
+        description="List the sites a model's adapter can hook, one per line with its width, "
+        "then the default site. Weights are not loaded for diffusers pipelines.",
+    )
+    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder, or a hub id (default: toy)")
+    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 on GPUs only); default fp32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; default cpu")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from difflens.models._loading import describe_sites
+
+    listing = describe_sites(args.model, dtype=args.dtype, device=args.device)
+    width = max(len(site) for site, _ in listing.sites)
+    for site, dim in listing.sites:
+        print(f"{site:<{width}}  {dim}")
+    print(f"default: {listing.default}")
+    return 0

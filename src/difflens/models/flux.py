@@ -1,0 +1,144 @@
+"""FLUX.1 (schnell / dev) through diffusers' `FluxPipeline`.
+
+Sites: double blocks `transformer_blocks.{i}:img|txt`, single blocks
+`single_transformer_blocks.{i}:img|txt` (the single block's output sliced back into streams),
+MLP neurons `transformer_blocks.{i}.ff.net.0:img`, `transformer_blocks.{i}.ff_context.net.0:txt`
+and `single_transformer_blocks.{i}.act_mlp:img|txt` (one MLP over [txt; img], sliced).
+
+CFG: dev's distilled guidance is an embedding (one call per step, all rows conditional); true
+CFG (`true_cfg_scale > 1`) calls the transformer twice per step, conditional first.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from torch import nn
+
+from difflens.errors import DifflensError
+from difflens.hooks import HookSet, SiteBinding
+from difflens.models._pipeline import PipelineAdapter
+from difflens.models._sites import joint_block_sites, mlp_sites, model_width
+from difflens.models.base import Generation
+
+
+def flux_site_bindings(transformer: nn.Module) -> dict[str, SiteBinding]:
+    """Site table of any diffusers `FluxTransformer2DModel` (the toy model reuses it)."""
+    dim = model_width(transformer)
+    out = joint_block_sites("transformer_blocks", transformer.transformer_blocks, dim)
+    out.update(joint_block_sites("single_transformer_blocks", transformer.single_transformer_blocks, dim))
+    out.update(mlp_sites("transformer_blocks", transformer.transformer_blocks))
+    for i, block in enumerate(transformer.single_transformer_blocks):
+        block_path = f"single_transformer_blocks.{i}"
+        path = f"{block_path}.act_mlp"
+        hidden = int(block.proj_mlp.out_features)
+        for stream in ("img", "txt"):
+            out[f"{path}:{stream}"] = SiteBinding(path, hidden, "tokens", text_from=block_path)
+    return out
+
+
+def flux_default_site(transformer: nn.Module) -> str:
+    """The paper's main site: the last double block's image tokens."""
+    n = len(transformer.transformer_blocks)
+    if n:
+        return f"transformer_blocks.{n - 1}:img"
+    return f"single_transformer_blocks.{len(transformer.single_transformer_blocks) - 1}:img"
+
+
+class FluxAdapter(PipelineAdapter):
+    name = "flux"
+    pipeline_classes = ("FluxPipeline",)
+    transformer_class = "FluxTransformer2DModel"
+    _true_cfg = False  # set per generate() call; tells row_layout what a second call means
+
+    @classmethod
+    def bindings_for(cls, transformer: nn.Module) -> dict[str, SiteBinding]:
+        return flux_site_bindings(transformer)
+
+    @classmethod
+    def default_site_for(cls, transformer: nn.Module) -> str:
+        return flux_default_site(transformer)
+
+    # Flux packs 2x2 latent patches into one token, on top of the VAE's downsampling.
+    def _token_px(self) -> int:
+        return self.vae_scale_factor * 2
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = int(self.pipe.default_sample_size * self.vae_scale_factor)
+        h, w = int(height or default), int(width or default)
+        px = self._token_px()
+        if h % px or w % px or h <= 0 or w <= 0:
+            raise DifflensError(f"image size {h}x{w} must be positive multiples of {px} px for this Flux model")
+        return h, w
+
+    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        h, w = self._size(height, width)
+        return h // self._token_px(), w // self._token_px()
+
+    def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        self.check_request([""], [0], steps)
+        gh, gw = self.grid_hw(height, width)
+        scheduler = copy.deepcopy(self.pipe.scheduler)
+        cfg = scheduler.config
+        sigmas = None if cfg.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(
+            gh * gw,
+            cfg.get("base_image_seq_len", 256),
+            cfg.get("max_image_seq_len", 4096),
+            cfg.get("base_shift", 0.5),
+            cfg.get("max_shift", 1.15),
+        )
+        ts, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+        return [float(t) for t in ts]
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int,
+        guidance: float | None = None,
+        hooks: HookSet | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        true_cfg_scale: float | None = None,
+        negative_prompt: str | None = None,
+    ) -> Generation:
+        """`guidance` is dev's distilled guidance (embedded, default 3.5); `true_cfg_scale` > 1
+        turns on real classifier-free guidance against `negative_prompt` (default "")."""
+        self.check_request(prompts, seeds, steps)
+        h, w = self._size(height, width)
+        kwargs = dict(
+            prompt=list(prompts),
+            height=h,
+            width=w,
+            num_inference_steps=int(steps),
+            generator=self.generators(seeds),
+        )
+        if self.transformer.config.guidance_embeds:
+            if guidance is not None:
+                kwargs["guidance_scale"] = float(guidance)
+        elif guidance is not None:
+            raise DifflensError(
+                f"{self.model_id} has no guidance embedding (a schnell-type model), so guidance={guidance} "
+                "would be ignored: leave guidance unset, or use true_cfg_scale with a negative prompt for real CFG"
+            )
+        if true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = float(true_cfg_scale)
+            if true_cfg_scale > 1:
+                kwargs["negative_prompt"] = [negative_prompt or ""] * len(prompts)
+        self._true_cfg = bool(true_cfg_scale is not None and true_cfg_scale > 1)
+        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=self.grid_hw(h, w))
+        return Generation(images=images, timesteps=timesteps, grid_hw=self.grid_hw(h, w))
+
+    def row_layout(self, rows: int, n: int, call_index: int) -> str:
+        if rows != n:
+            raise RuntimeError(f"unexpected Flux transformer batch of {rows} rows for {n} samples")
+        if call_index == 0:
+            return "cond"
+        if call_index == 1 and self._true_cfg:
+            return "uncond"
+        raise RuntimeError(f"unexpected Flux transformer call {call_index} within one step")

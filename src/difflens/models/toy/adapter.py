@@ -1,0 +1,87 @@
+"""The toy model behind the common `Adapter` interface (the embedded default, `--model toy`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from difflens.errors import DifflensError
+from difflens.hooks import HookSet, SiteBinding, StepTracker
+from difflens.models.base import Adapter, Generation
+from difflens.models.flux import flux_default_site, flux_site_bindings
+from difflens.models.toy.model import ToyT2I
+from difflens.models.toy.sampling import make_scheduler, sample
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+class ToyAdapter(Adapter):
+    """A real diffusers FluxTransformer2DModel with its own Euler loop and [uncond; cond] CFG batches."""
+
+    name = "toy"
+
+    def __init__(self, model: ToyT2I, *, dtype: torch.dtype = torch.float32, model_id: str = "toy"):
+        self.model = model
+        self.transformer = model.transformer
+        self.model_id = model_id
+        self.dtype = dtype
+        self.device = model.img_ids.device
+        self._bindings = flux_site_bindings(self.transformer)
+
+    @classmethod
+    def load(cls, dtype: str = "fp32", device: str = "cpu", folder: str | Path | None = None) -> "ToyAdapter":
+        if str(dtype) not in DTYPES:
+            raise DifflensError(f"dtype {dtype!r} is not supported for the toy model on CPU; use fp32 or bf16")
+        if str(device) != "cpu" and not torch.cuda.is_available():
+            raise DifflensError(f"device {device!r} is not available here; use --device cpu")
+        model = ToyT2I.load(folder, device=device)
+        return cls(model, dtype=DTYPES[str(dtype)], model_id="toy" if folder is None else str(folder))
+
+    def site_bindings(self) -> dict[str, SiteBinding]:
+        return self._bindings
+
+    def default_site(self) -> str:
+        return flux_default_site(self.transformer)
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        g = self.model.cfg.grid
+        return (g, g)
+
+    def timesteps(self, steps: int) -> list[float]:
+        sched = make_scheduler()
+        sched.set_timesteps(steps)
+        return [float(t) for t in sched.timesteps]
+
+    def generate(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        *,
+        steps: int | None = None,
+        guidance: float | None = None,
+        hooks: HookSet | None = None,
+        height: int | None = None,
+        width: int | None = None,
+    ) -> Generation:
+        cfg = self.model.cfg
+        steps = cfg.steps_default if steps is None else steps
+        self.check_request(prompts, seeds, steps)
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != cfg.image_size:
+                raise DifflensError(f"the toy model makes {cfg.image_size}x{cfg.image_size} images; drop --{name} or set it to {cfg.image_size}")
+        guidance = cfg.guidance_default if guidance is None else float(guidance)
+        tracker = StepTracker(num_steps=steps, grid_hw=self.grid_hw)
+        with self.attach(hooks, tracker):
+            images, timesteps, latents = sample(
+                self.model,
+                list(prompts),
+                [int(s) for s in seeds],
+                steps=steps,
+                guidance=guidance,
+                on_step=lambda i, t: tracker.begin_step(i, t, num_steps=steps),
+                on_call=tracker.set_batch,
+                dtype=self.dtype,
+            )
+        return Generation(images=images, timesteps=timesteps, grid_hw=self.grid_hw, latents=latents)

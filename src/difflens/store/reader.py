@@ -1,0 +1,428 @@
+"""Store: read-only access to a store directory (finalized or still being written)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflens.errors import DifflensError
+from difflens.store import stats as stats_mod
+from difflens.store.format import (
+    ACT_DTYPES,
+    COLUMNS,
+    INDEX_COLUMN,
+    OPTIONAL_COLUMNS,
+    REQUIRED_COLUMNS,
+    STATS_JSON,
+    STATS_TENSORS,
+    damaged_shard_error,
+    image_rel,
+    tensor_name,
+)
+from difflens.store.manifest import UnitRecord, consolidate, fingerprint, load_manifest, load_records
+from difflens.store.shardfile import SafetensorsFile, sha256_file
+from difflens.store.shuffle import (
+    BUFFER_BYTES,
+    CHUNK_BYTES,
+    GAP_BYTES,
+    BatchSpec,
+    acts_to_torch,
+    coalesce,
+    make_chunks,
+    rank_pieces,
+    shuffled_batches,
+)
+from difflens.utils import progress
+
+
+class BatchStream:
+    """An iterable of batches; iterating again replays the same deterministic stream."""
+
+    def __init__(self, store: Store, site: str, spec: BatchSpec, selection: list, rows_this_rank: int):
+        self._store, self.site, self.spec, self._selection = store, site, spec, selection
+        self.rows_per_epoch = rows_this_rank  # for this rank
+        B = spec.batch_size
+        self.batches_per_epoch = rows_this_rank // B if spec.drop_last else -(-rows_this_rank // B)
+
+    def __len__(self) -> int:
+        if self.spec.epochs is None:
+            raise TypeError("an endless batch stream (epochs=None) has no length")
+        return self.batches_per_epoch * self.spec.epochs
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self._store._iterate(self.site, self.spec, self._selection)
+
+
+class Store:
+    """Read a store: metadata, rows by index, shuffled batches, statistics, integrity checks."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.root = Path(path)
+        if not self.root.is_dir():
+            raise DifflensError(f"store {self.root} does not exist: harvest one first or fix the path")
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read the manifest and unit records (pick up units committed since opening)."""
+        m = load_manifest(self.root)
+        if m is None:
+            raise DifflensError(f"{self.root} is not a difflens store (no manifest.json): point to a harvest output folder")
+        self._manifest = m
+        self._records: list[UnitRecord] = load_records(self.root, m)
+        self._files: dict[int, SafetensorsFile] = {}
+        self._checked: set[tuple[int, str]] = set()
+        self._offsets: dict[str, np.ndarray] = {}
+        self._samples: list[dict] | None = None
+        self._stats: dict[str, stats_mod.SiteStats] = {}
+
+    def __repr__(self) -> str:
+        rows = {s: self.num_rows(s) for s in self.sites}
+        return f"Store({str(self.root)!r}, model={self._manifest['model']!r}, dtype={self.dtype}, units={len(self._records)}, rows={rows})"
+
+    # ---- description -----------------------------------------------------------------------
+
+    @property
+    def manifest(self) -> dict:
+        m = consolidate(self._manifest, self._records)
+        m["fingerprint"] = self.fingerprint()
+        return m
+
+    @property
+    def records(self) -> list[UnitRecord]:
+        return list(self._records)
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._manifest["sites"])
+
+    @property
+    def dtype(self) -> str:
+        return self._manifest["dtype"]
+
+    def d(self, site: str) -> int:
+        return self._manifest["sites"][self._site(site)]
+
+    def num_rows(self, site: str) -> int:
+        return int(self._site_offsets(site)[-1])
+
+    def fingerprint(self) -> str:
+        return fingerprint(self._manifest, self._records)
+
+    def _site(self, site: str) -> str:
+        if site not in self._manifest["sites"]:
+            raise DifflensError(f"site {site!r} is not in store {self.root}; it has {self.sites}")
+        return site
+
+    def _site_offsets(self, site: str) -> np.ndarray:
+        if site not in self._offsets:
+            self._site(site)
+            counts = [r.rows.get(site, 0) for r in self._records]
+            self._offsets[site] = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        return self._offsets[site]
+
+    # ---- shard access ----------------------------------------------------------------------
+
+    def _file(self, i: int, site: str) -> SafetensorsFile:
+        """Shard i, with its header checked against the record for `site` once."""
+        rec = self._records[i]
+        if i not in self._files:
+            self._files[i] = SafetensorsFile(self.root / rec.shard, rec.bytes)
+        f = self._files[i]
+        if (i, site) not in self._checked:
+            n, d = rec.rows.get(site, 0), self.d(site)
+            acts = f.info(tensor_name(site, "acts"))
+            if acts.shape != (n, d) or acts.st_dtype != ACT_DTYPES[self.dtype].st:
+                raise damaged_shard_error(
+                    f.path, f"{site} acts are {acts.st_dtype}{list(acts.shape)}, record says {ACT_DTYPES[self.dtype].st}[{n}, {d}]"
+                )
+            for c in REQUIRED_COLUMNS:
+                t = f.info(tensor_name(site, c))
+                if t.shape != (n,) or t.np_dtype != COLUMNS[c]:
+                    raise damaged_shard_error(f.path, f"column {site}/{c} is {t.st_dtype}{list(t.shape)}, expected {n} rows")
+            self._checked.add((i, site))
+        return f
+
+    def _columns_for(self, site: str, columns) -> list[str]:
+        """Validate requested metadata columns; optional ones must exist in every shard of the site."""
+        have_opt = [
+            c
+            for c in OPTIONAL_COLUMNS
+            if all(tensor_name(site, c) in self._file(i, site).tensors for i, r in enumerate(self._records) if r.rows.get(site, 0))
+        ]
+        if columns is None:
+            return list(REQUIRED_COLUMNS) + have_opt
+        cols = list(columns)
+        for c in cols:
+            if c in REQUIRED_COLUMNS or c in have_opt or c == INDEX_COLUMN:
+                continue
+            if c in OPTIONAL_COLUMNS:
+                raise DifflensError(f"column {c!r} is missing from some units of site {site}: harvest with labels for all units")
+            raise DifflensError(f"unknown column {c!r}; columns are {list(COLUMNS)} (+ {INDEX_COLUMN!r})")
+        return cols
+
+    # ---- metadata, rows, samples -----------------------------------------------------------
+
+    def meta(self, site: str, columns=None) -> dict[str, np.ndarray]:
+        """All rows' metadata for a site, in store order (units sorted by id, rows as written)."""
+        cols = self._columns_for(self._site(site), columns)
+        offs = self._site_offsets(site)
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
+        for i, rec in enumerate(self._records):
+            if not rec.rows.get(site, 0):
+                continue
+            f = self._file(i, site)
+            for c in cols:
+                if c == INDEX_COLUMN:
+                    parts[c].append(np.arange(offs[i], offs[i + 1], dtype=np.int64))
+                else:
+                    parts[c].append(f.read(tensor_name(site, c)))
+        return {
+            c: np.concatenate(v) if v else np.zeros(0, np.int64 if c == INDEX_COLUMN else COLUMNS[c])
+            for c, v in parts.items()
+        }
+
+    def read_rows(self, site: str, indices) -> torch.Tensor:
+        """Rows by global index as float32 [len(indices), d]; neighbouring rows are read together."""
+        d, n = self.d(site), self.num_rows(site)
+        idx = (indices.cpu().numpy() if isinstance(indices, torch.Tensor) else np.asarray(indices)).reshape(-1)
+        if idx.size and idx.dtype.kind not in "iu":
+            raise DifflensError(f"read_rows: indices must be integers, got dtype {idx.dtype}")
+        idx = idx.astype(np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise DifflensError(f"read_rows: indices must be in [0, {n}) for site {site}; got {idx.min()}..{idx.max()}")
+        act = ACT_DTYPES[self.dtype]
+        out = np.empty((len(idx), d), act.storage)
+        order = np.argsort(idx, kind="stable")
+        sidx = idx[order]
+        offs = self._site_offsets(site)
+        shard_of = np.searchsorted(offs, sidx, side="right") - 1
+        max_gap = GAP_BYTES // (d * act.storage.itemsize)
+        for s in np.unique(shard_of):
+            m = shard_of == s
+            rows = sidx[m] - offs[s]
+            runs, pos = coalesce(rows, max_gap)
+            data = self._file(int(s), site).read_runs(tensor_name(site, "acts"), runs)
+            out[order[m]] = data if pos is None else data[pos]
+        return acts_to_torch(out, act.st)
+
+    def samples(self) -> list[dict]:
+        """Per-sample records (prompt, seed, factors, image, ...), sorted by sample_id."""
+        if self._samples is None:
+            by_id: dict[int, tuple[str, dict]] = {}
+            for rec in self._records:
+                if not rec.samples:
+                    continue
+                path = self.root / rec.samples
+                try:
+                    lines = path.read_text(encoding="utf-8").splitlines()
+                    items = [json.loads(line) for line in lines if line.strip()]
+                except (OSError, ValueError) as e:
+                    raise DifflensError(
+                        f"samples file {path} is unreadable ({e}). Fix: delete it and units/{rec.unit_id}.json, "
+                        "then re-run the harvest with --resume"
+                    ) from None
+                for s in items:
+                    sid = int(s["sample_id"])
+                    if sid in by_id:
+                        raise DifflensError(
+                            f"sample_id {sid} appears in units {by_id[sid][0]} and {rec.unit_id} of {self.root}: "
+                            "sample ids must be unique across units (fix the harvester's id assignment)"
+                        )
+                    by_id[sid] = (rec.unit_id, s)
+            self._samples = [by_id[k][1] for k in sorted(by_id)]
+        return [dict(s) for s in self._samples]
+
+    def image_path(self, sample_id: int) -> Path:
+        p = self.root / image_rel(sample_id)
+        if not p.exists():
+            raise DifflensError(f"no image for sample {sample_id} in {self.root}: harvest with images saved to get them")
+        return p
+
+    # ---- statistics and integrity ------------------------------------------------------------
+
+    def stats(self, site: str) -> stats_mod.SiteStats:
+        """Per-site statistics: from stats.json if it matches the content, else added up from shards."""
+        self._site(site)
+        if site not in self._stats:
+            self._stats[site] = self._stats_from_files(site) or stats_mod.collect(
+                self.root, {site: self.d(site)}, self._records
+            )[site]
+        return self._stats[site]
+
+    def _stats_from_files(self, site: str) -> stats_mod.SiteStats | None:
+        js_path, st_path = self.root / STATS_JSON, self.root / STATS_TENSORS
+        if not (js_path.exists() and st_path.exists()):
+            return None
+        try:
+            js = json.loads(js_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if js.get("fingerprint") != self.fingerprint() or site not in js.get("sites", {}):
+            return None
+        f = SafetensorsFile(st_path)
+        if f.metadata.get("fingerprint") != js["fingerprint"]:
+            return None
+        return stats_mod.SiteStats.from_files(site, js["sites"][site], lambda name: f.read(name))
+
+    def verify(self) -> dict:
+        """Re-hash every file of every committed unit; raise naming each damaged file."""
+        problems: list[str] = []
+        total = 0
+        for i, rec in enumerate(progress(self._records, desc="verify store", unit="shard")):
+            path = self.root / rec.shard
+            if not path.exists():
+                problems.append(f"{path} (missing)")
+                continue
+            size = path.stat().st_size
+            total += size
+            if size != rec.bytes:
+                problems.append(f"{path} (size {size} bytes, record says {rec.bytes}: truncated or overwritten)")
+            elif sha256_file(path) != rec.sha256:
+                problems.append(f"{path} (checksum mismatch: corrupt)")
+            else:
+                try:
+                    for site in rec.rows:
+                        self._file(i, site)
+                except DifflensError as e:
+                    problems.append(f"{path} ({e})")
+            if rec.samples:
+                sp = self.root / rec.samples
+                if not sp.exists():
+                    problems.append(f"{sp} (missing)")
+                elif sha256_file(sp) != rec.samples_sha256:
+                    problems.append(f"{sp} (checksum mismatch: corrupt)")
+            problems += [f"{self.root / image_rel(s)} (missing)" for s in rec.images if not (self.root / image_rel(s)).exists()]
+        if problems:
+            shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise DifflensError(
+                f"store {self.root} failed verification: {shown}. Fix: delete each damaged file together with its "
+                "unit record units/<unit_id>.json, then re-run the harvest with --resume to regenerate those units"
+            )
+        return {
+            "units": len(self._records),
+            "bytes": total,
+            "rows": {s: self.num_rows(s) for s in self.sites},
+            "fingerprint": self.fingerprint(),
+        }
+
+    # ---- batches ---------------------------------------------------------------------------
+
+    def batches(
+        self,
+        site: str,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        timestep_range: tuple[float, float] | None = None,
+        steps=None,
+        stream: str | None = None,
+        columns=("acts", "timestep"),
+        drop_last: bool = False,
+        epochs: int | None = 1,
+        start_epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_rows: int | None = None,
+        chunk_rows: int | None = None,
+        prefetch: bool = True,
+    ) -> BatchStream:
+        """Batches of dicts of tensors (acts float32 [B, d]); each selected row once per epoch.
+
+        Filters: timestep_range is inclusive on the timestep value; steps are step indices;
+        stream is "img" or "txt". rank/world_size split every epoch into disjoint parts.
+        """
+        spec = BatchSpec(
+            batch_size=batch_size,
+            shuffle=bool(shuffle),
+            seed=seed,
+            timestep_range=None if timestep_range is None else (float(timestep_range[0]), float(timestep_range[1])),
+            steps=None if steps is None else tuple(int(s) for s in steps),
+            stream=stream,
+            columns=tuple(columns),
+            drop_last=drop_last,
+            epochs=epochs,
+            start_epoch=start_epoch,
+            rank=rank,
+            world_size=world_size,
+            buffer_rows=buffer_rows,
+            chunk_rows=chunk_rows,
+            prefetch=prefetch,
+        )
+        spec.check()
+        self._site(site)
+        self._columns_for(site, [c for c in spec.columns if c != "acts"])
+        selection = self._select(site, spec)
+        total = sum(s if isinstance(s, int) else len(s) for s in selection)
+        if total == 0:
+            raise DifflensError(self._empty_message(site, spec))
+        W, r = spec.world_size, spec.rank
+        return BatchStream(self, site, spec, selection, total * (r + 1) // W - total * r // W)
+
+    def _select(self, site: str, spec: BatchSpec) -> list:
+        """Per shard: its row count if every row is selected, else the selected local rows."""
+        fcols = spec.filter_columns()
+        out: list = []
+        for i, rec in enumerate(self._records):
+            n = rec.rows.get(site, 0)
+            if n == 0 or not fcols:
+                out.append(n)
+                continue
+            f = self._file(i, site)
+            mask = spec.mask({c: f.read(tensor_name(site, c)) for c in fcols})
+            out.append(n if mask.all() else np.flatnonzero(mask))
+        return out
+
+    def _empty_message(self, site: str, spec: BatchSpec) -> str:
+        if self.num_rows(site) == 0:
+            return f"site {site} of store {self.root} has no rows yet: harvest first"
+        m = self.meta(site, ["timestep", "step"])
+        ts = np.unique(m["timestep"])
+        return (
+            f"no rows of site {site} match timestep_range={spec.timestep_range}, steps={spec.steps}, "
+            f"stream={spec.stream}: the store has timesteps {ts.min():g}..{ts.max():g} and steps "
+            f"{sorted(set(np.unique(m['step']).tolist()))}; widen the filters"
+        )
+
+    def _iterate(self, site: str, spec: BatchSpec, selection: list) -> Iterator[dict[str, torch.Tensor]]:
+        act, d = ACT_DTYPES[self.dtype], self.d(site)
+        row_bytes = d * act.storage.itemsize
+        chunk_rows = spec.chunk_rows or max(1, CHUNK_BYTES // row_bytes)
+        buffer_rows = max(spec.buffer_rows or max(1, BUFFER_BYTES // row_bytes), spec.batch_size)
+        max_gap = GAP_BYTES // row_bytes
+        offs = self._site_offsets(site)
+        chunks = make_chunks(selection, chunk_rows)
+
+        def read_into(piece, buf: dict[str, np.ndarray], at: int) -> None:
+            f = self._file(piece.shard, site)
+            if piece.rows is None:
+                runs, pos = np.array([[piece.start, piece.stop]], np.int64), None
+            else:
+                runs, pos = coalesce(piece.rows.astype(np.int64), max_gap)
+            dest = slice(at, at + len(piece))
+            for c, arr in buf.items():
+                if c == INDEX_COLUMN:
+                    arr[dest] = offs[piece.shard] + piece.local_rows()
+                elif pos is None:
+                    f.read_runs(tensor_name(site, c), runs, out=arr[dest])
+                else:
+                    np.take(f.read_runs(tensor_name(site, c), runs), pos, axis=0, out=arr[dest])
+
+        shapes = {c: ((d,), act.storage) if c == "acts" else ((), np.dtype(np.int64) if c == INDEX_COLUMN else COLUMNS[c]) for c in spec.columns}
+
+        def alloc(capacity: int) -> dict[str, np.ndarray]:
+            return {c: np.empty((capacity, *shape), dtype) for c, (shape, dtype) in shapes.items()}
+
+        def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+            return {k: acts_to_torch(v, act.st) if k == "acts" else torch.from_numpy(v) for k, v in batch.items()}
+
+        epochs = itertools.count(spec.start_epoch) if spec.epochs is None else range(spec.start_epoch, spec.start_epoch + spec.epochs)
+        for e in epochs:
+            pieces = rank_pieces(chunks, spec, e)
+            yield from shuffled_batches(spec, e, pieces, read_into, alloc, buffer_rows, chunk_rows, to_torch)

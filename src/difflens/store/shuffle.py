@@ -1,0 +1,320 @@
+"""Shuffled streaming over data larger than memory.
+
+Selected rows are cut into chunks of neighbouring rows (one shard, a window of `chunk_rows`).
+Each epoch permutes the chunk order (the same for every rank), hands each rank a contiguous
+slice of that row stream, reads its chunks with a few large sequential reads in a background
+thread, and shuffles them in a buffer of `buffer_rows` rows before cutting batches. Large reads
+are what keeps this close to sequential speed; random row reads are many times slower.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from difflens.errors import DifflensError
+from difflens.store.format import COLUMNS, INDEX_COLUMN, STREAMS
+
+CHUNK_BYTES = 1 << 20  # bytes of activations per chunk read
+BUFFER_BYTES = 128 << 20  # bytes of (stored) activations per shuffle buffer (two in flight)
+GAP_BYTES = 64 << 10  # read through gaps smaller than this instead of seeking
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """Everything that defines a batch stream; equal specs give identical streams."""
+
+    batch_size: int
+    shuffle: bool = True
+    seed: int = 0
+    timestep_range: tuple[float, float] | None = None
+    steps: tuple[int, ...] | None = None
+    stream: str | None = None
+    columns: tuple[str, ...] = ("acts", "timestep")
+    drop_last: bool = False
+    epochs: int | None = 1  # None = endless
+    start_epoch: int = 0
+    rank: int = 0
+    world_size: int = 1
+    buffer_rows: int | None = None
+    chunk_rows: int | None = None
+    prefetch: bool = True  # fill the next shuffle buffer in a background thread
+
+    def check(self) -> None:
+        def bad(msg: str):
+            raise DifflensError(f"batches(): {msg}")
+
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            bad(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            bad(f"seed must be a non-negative int, got {self.seed!r}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            bad(f"need 0 <= rank < world_size, got rank={self.rank}, world_size={self.world_size}")
+        if self.epochs is not None and self.epochs < 0:
+            bad(f"epochs must be >= 0 or None (endless), got {self.epochs}")
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            if lo > hi:
+                bad(f"timestep_range=({lo}, {hi}) is empty: give (low, high) with low <= high (inclusive)")
+        if self.stream is not None and self.stream not in STREAMS:
+            bad(f"stream must be one of {sorted(STREAMS)} or None, got {self.stream!r}")
+        known = {"acts", INDEX_COLUMN, *COLUMNS}
+        unknown = [c for c in self.columns if c not in known]
+        if unknown or not self.columns:
+            bad(f"unknown columns {unknown}; choose from {sorted(known)}")
+        for name in ("buffer_rows", "chunk_rows"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                bad(f"{name} must be positive, got {v}")
+
+    def filter_columns(self) -> list[str]:
+        return [c for c, on in (("timestep", self.timestep_range), ("step", self.steps), ("stream", self.stream)) if on is not None]
+
+    def mask(self, cols: dict[str, np.ndarray]) -> np.ndarray:
+        n = len(next(iter(cols.values())))
+        m = np.ones(n, dtype=bool)
+        if self.timestep_range is not None:
+            lo, hi = self.timestep_range
+            m &= (cols["timestep"] >= np.float32(lo)) & (cols["timestep"] <= np.float32(hi))
+        if self.steps is not None:
+            m &= np.isin(cols["step"], np.asarray(self.steps, dtype=np.int64))
+        if self.stream is not None:
+            m &= cols["stream"] == STREAMS[self.stream]
+        return m
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Selected rows of one shard: a contiguous range [start, stop) or explicit sorted rows."""
+
+    shard: int
+    start: int
+    stop: int
+    rows: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.stop - self.start if self.rows is None else len(self.rows)
+
+    def sub(self, a: int, b: int) -> Piece:
+        if self.rows is None:
+            return Piece(self.shard, self.start + a, self.start + b)
+        return Piece(self.shard, 0, 0, self.rows[a:b])
+
+    def local_rows(self) -> np.ndarray:
+        return np.arange(self.start, self.stop, dtype=np.int64) if self.rows is None else self.rows.astype(np.int64)
+
+
+def make_chunks(selection: list[int | np.ndarray], chunk_rows: int) -> list[Piece]:
+    """Chunks in natural order; `selection[i]` is a shard's row count (all rows) or its selected rows."""
+    out: list[Piece] = []
+    for i, sel in enumerate(selection):
+        if isinstance(sel, (int, np.integer)):
+            out += [Piece(i, a, min(a + chunk_rows, int(sel))) for a in range(0, int(sel), chunk_rows)]
+            continue
+        if len(sel) == 0:
+            continue
+        win = sel // chunk_rows
+        cuts = np.flatnonzero(np.diff(win)) + 1
+        out += [Piece(i, 0, 0, part) for part in np.split(sel, cuts)]
+    return out
+
+
+def rank_pieces(chunks: list[Piece], spec: BatchSpec, epoch: int) -> list[Piece]:
+    """This rank's share of the epoch's chunk stream: a contiguous slice, sizes differ by <= 1 row."""
+    if spec.shuffle:
+        order = np.random.default_rng([spec.seed, epoch, 0]).permutation(len(chunks))
+    else:
+        order = np.arange(len(chunks))
+    sizes = np.array([len(chunks[i]) for i in order], dtype=np.int64)
+    ends = np.cumsum(sizes)
+    total = int(ends[-1]) if len(ends) else 0
+    lo, hi = total * spec.rank // spec.world_size, total * (spec.rank + 1) // spec.world_size
+    out = []
+    for k, i in enumerate(order):
+        end, start = int(ends[k]), int(ends[k] - sizes[k])
+        if end <= lo or start >= hi:
+            continue
+        a, b = max(lo, start) - start, min(hi, end) - start
+        out.append(chunks[i] if (a, b) == (0, int(sizes[k])) else chunks[i].sub(a, b))
+    return out
+
+
+def coalesce(rows: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Merge sorted rows into read ranges [a, b); also positions of `rows` in the concatenated read.
+
+    Positions are None when the read is exactly the rows (no gaps read through).
+    """
+    if len(rows) == 0:
+        return np.zeros((0, 2), np.int64), None
+    breaks = np.flatnonzero(np.diff(rows) > max_gap + 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    runs = np.stack([starts, stops], axis=1).astype(np.int64)
+    if int((stops - starts).sum()) == len(rows) and bool(np.all(np.diff(rows) > 0)):
+        return runs, None
+    run_id = np.zeros(len(rows), np.int64)
+    run_id[breaks] = 1
+    run_id = np.cumsum(run_id)
+    base = np.r_[0, np.cumsum(stops - starts)[:-1]]
+    return runs, rows - starts[run_id] + base[run_id]
+
+
+def acts_to_torch(raw: np.ndarray, st_dtype: str) -> torch.Tensor:
+    """Stored rows -> float32 tensor; bf16 arrives as uint16 because numpy has no bfloat16."""
+    if st_dtype == "BF16":
+        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
+
+
+_END = object()
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Stopped(Exception):
+    """Raised inside the producer when the consumer went away."""
+
+
+def prefetched(make: Callable[[], Iterator], depth: int, stop: threading.Event | None = None) -> Iterator:
+    """Run the iterator `make()` in a background thread, `depth` items ahead (I/O overlaps compute)."""
+    if depth <= 0:
+        yield from make()
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = stop or threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in make():
+                if not put(item):
+                    return
+            put(_END)
+        except _Stopped:
+            return
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_Failure(e))
+
+    th = threading.Thread(target=work, name="difflens-store-prefetch", daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+class BufferRing:
+    """A few shuffle buffers, reused: one is filled (in a thread) while the consumer drains another.
+
+    Each buffer is a dict column -> array of `capacity` rows; rows are read straight into it,
+    so the only copies are the kernel's read and the gather that forms a batch.
+    """
+
+    def __init__(self, n: int, alloc: Callable[[], dict[str, np.ndarray]]):
+        self._free: queue.Queue = queue.Queue()
+        for _ in range(n):
+            self._free.put(None)
+        self._alloc = alloc
+        self.stop = threading.Event()
+
+    def take(self) -> dict[str, np.ndarray]:
+        while True:
+            if self.stop.is_set():
+                raise _Stopped
+            try:
+                buf = self._free.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            return self._alloc() if buf is None else buf
+
+    def give(self, buf: dict[str, np.ndarray]) -> None:
+        self._free.put(buf)
+
+
+def fill_buffers(
+    pieces: list[Piece],
+    read_into: Callable[[Piece, dict[str, np.ndarray], int], None],
+    ring: BufferRing,
+    reserve: int,
+    buffer_rows: int,
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """Yield (buffer, end): rows [reserve, end) hold whole pieces, at least buffer_rows unless last."""
+    buf, pos = None, reserve
+    for p in pieces:
+        if buf is None:
+            buf, pos = ring.take(), reserve
+        read_into(p, buf, pos)
+        pos += len(p)
+        if pos - reserve >= buffer_rows:
+            yield buf, pos
+            buf = None
+    if buf is not None:
+        yield buf, pos
+
+
+def shuffled_batches(
+    spec: BatchSpec,
+    epoch: int,
+    pieces: list[Piece],
+    read_into: Callable[[Piece, dict[str, np.ndarray], int], None],
+    alloc: Callable[[int], dict[str, np.ndarray]],
+    buffer_rows: int,
+    max_piece: int,
+    to_torch: Callable[[dict[str, np.ndarray]], dict[str, torch.Tensor]],
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of batches for this rank: every row of `pieces` exactly once (minus drop_last).
+
+    Rows left over after a buffer's full batches (< batch_size) are copied into the reserved
+    front of the next buffer and shuffled with it.
+    """
+    rng = np.random.default_rng([spec.seed, epoch, 1, spec.rank])
+    B = spec.batch_size
+    capacity = B + buffer_rows + max_piece
+    ring = BufferRing(2 if spec.prefetch else 1, lambda: alloc(capacity))
+    left: dict[str, np.ndarray] | None = None
+    n_left = 0
+    source = prefetched(lambda: fill_buffers(pieces, read_into, ring, B, buffer_rows), int(spec.prefetch), ring.stop)
+    try:
+        for buf, end in source:
+            start = B - n_left
+            if n_left:
+                for k, v in left.items():
+                    buf[k][start:B] = v
+            n = end - start
+            order = (rng.permutation(n) if spec.shuffle else np.arange(n)) + start
+            full = n // B
+            for b in range(full):
+                idx = order[b * B : (b + 1) * B]
+                yield to_torch({k: np.take(v, idx, axis=0) for k, v in buf.items()})
+            rest = order[full * B :]
+            left = {k: np.take(v, rest, axis=0) for k, v in buf.items()}
+            n_left = len(rest)
+            ring.give(buf)
+        if n_left and not spec.drop_last:
+            yield to_torch(left)
+    finally:
+        ring.stop.set()
+        source.close()

@@ -1,0 +1,129 @@
+"""The trainer's only contact with `difflens.dictionaries`: build, load, save, fit, encode.
+
+Kept in one place so the loop stays architecture-agnostic and an API change touches one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from difflens.errors import DifflensError
+from difflens.train.config import DictSpec, TrainConfig
+from difflens.train.data import TRAIN_COLUMNS
+
+PROVENANCE = ("sample_id", "step", "token")
+
+
+def columns_needed(specs: list[DictSpec], site: str) -> tuple[str, ...]:  # noqa: ARG001
+    return TRAIN_COLUMNS  # sample_id for the held-out filter, step/token for ITDA provenance
+
+
+def dict_config(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfig):
+    """A DictConfig from a spec; unknown option names are reported with the known ones."""
+    from difflens.dictionaries import DictConfig
+
+    fields = {f.name for f in dataclasses.fields(DictConfig)} - {"unknown", "schema_version"}
+    kwargs = {"arch": spec.arch, "d_in": d_in, "width": spec.width, "k": spec.k, "site": spec.site}
+    if "model" in fields:
+        kwargs["model"] = model
+    unknown = sorted(set(spec.options) - fields)
+    if unknown:
+        raise DifflensError(
+            f"dictionary {spec.name}: unknown option(s) {', '.join(unknown)}; "
+            f"dictionary options are {', '.join(sorted(fields - set(kwargs)))}"
+        )
+    kwargs.update(spec.options)
+    # training-loop settings the dictionary owns (dead tracking, AuxK) unless set per dictionary
+    if "dead_after_tokens" in fields and "dead_after_tokens" not in spec.options:
+        kwargs["dead_after_tokens"] = cfg.dead_after_tokens
+    if "init_seed" in fields and "init_seed" not in spec.options:
+        kwargs["init_seed"] = cfg.seed
+    if not cfg.auxk:
+        for name, off in (("auxk", False), ("auxk_coef", 0.0), ("auxk_alpha", 0.0)):
+            if name in fields and name not in spec.options:
+                kwargs[name] = off
+    return DictConfig(**kwargs)
+
+
+def build(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfig, store=None):
+    from difflens.dictionaries import build as build_dict
+
+    return build_dict(dict_config(spec, d_in=d_in, model=model, cfg=cfg))
+
+
+def load(folder: Path, spec: DictSpec):
+    from difflens.dictionaries import io
+
+    return io.load(folder, expect_site=spec.site)
+
+
+def save(module, folder: Path, extra: dict) -> None:
+    from difflens.dictionaries import io
+
+    io.save(module, folder, extra=extra)
+
+
+def init_from_data(module, x: torch.Tensor, t: torch.Tensor) -> None:
+    fn = getattr(module, "init_from_data", None)
+    if fn is not None:
+        fn(x, t)
+
+
+def partial_fit(module, x: torch.Tensor, t: torch.Tensor, provenance: dict[str, torch.Tensor]) -> None:
+    module.partial_fit(x, t, provenance)
+
+
+@torch.no_grad()
+def encode_decode(module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and reconstruction without touching training statistics (dead counters)."""
+    codes = module.encode(x, t)
+    return codes, module.decode(codes, t)
+
+
+def dead_fraction(module) -> float | None:
+    fn = getattr(module, "dead_fraction", None)
+    return None if fn is None else float(fn())
+
+
+def current_width(module) -> int:
+    return int(getattr(module, "num_atoms", None) or module.cfg.width)
+
+
+class DeadCounterSync:
+    """DDP: make the dead-latent counters what one process would hold after the global batch.
+
+    A dictionary counts, per latent, tokens since it last fired (`tokens_since_fired_F`), adding
+    its local row count. Across ranks the right update is: 0 where the latent fired on ANY rank,
+    else previous + global row count. We snapshot before the forward and rebuild after it.
+    Dictionaries without such a counter fall back to their own `sync_dead_stats`.
+    """
+
+    def __init__(self, module) -> None:
+        self.module = module
+        self.counter = getattr(module, "tokens_since_fired_F", None)
+        self.prev = None if self.counter is None else self.counter.clone()
+
+    def finish(self, n_local: int, n_global: int, env) -> None:
+        from difflens.train import distributed as ddp
+
+        if self.counter is None:
+            fn = getattr(self.module, "sync_dead_stats", None)
+            if fn is not None:
+                fn(env)
+            return
+        fired = (self.counter < self.prev + n_local).to(torch.float32) if n_local else torch.zeros(self.counter.shape)
+        ddp.all_reduce_sum_(fired, env)
+        self.counter.copy_(torch.where(fired > 0, torch.zeros_like(self.prev), self.prev + n_global))
+
+
+def average_scalar_buffers(module, env) -> None:
+    """DDP: running scalar statistics (e.g. BatchTopK's threshold) are averaged over ranks."""
+    from difflens.train import distributed as ddp
+
+    for buf in module.buffers():
+        if buf.ndim == 0 and buf.is_floating_point():
+            ddp.all_reduce_sum_(buf.data, env)
+            buf.data.div_(env.world_size)

@@ -1,0 +1,314 @@
+"""Adapters over real diffusers pipelines (tiny random weights): sites, step/CFG bookkeeping,
+hook effects on images, loading and its errors, and the `sites` verb."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import tiny_pipelines as tp
+from difflens.errors import DifflensError
+from difflens.hooks import HookSet
+from difflens.models import load_adapter
+from difflens.models.flux import FluxAdapter
+from difflens.models.sd3 import SD3Adapter
+
+STEPS = 2
+GRID = (8, 8)  # 32 px / (2x VAE * 2x patch or 2x2 packing)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {
+        "flux_dev": tp.save(tp.flux_pipeline(guidance_embeds=True, dynamic_shifting=True), root / "flux_dev"),
+        "pixart": tp.save(tp.pixart_pipeline(), root / "pixart"),
+        "dit": tp.save(tp.dit_pipeline(), root / "dit"),
+    }
+
+
+@pytest.fixture(scope="module")
+def flux():
+    return FluxAdapter(tp.flux_pipeline(), model_id="tiny-flux-schnell")
+
+
+@pytest.fixture(scope="module")
+def flux_dev(folders):
+    return load_adapter(str(folders["flux_dev"]))
+
+
+@pytest.fixture(scope="module")
+def sd3():
+    return SD3Adapter(tp.sd3_pipeline(), model_id="tiny-sd3")
+
+
+@pytest.fixture(scope="module")
+def pixart(folders):
+    return load_adapter(str(folders["pixart"]))
+
+
+@pytest.fixture(scope="module")
+def dit(folders):
+    return load_adapter(str(folders["dit"]))
+
+
+# family -> prompts, size kwargs, CFG layout of one call (is_cond per row), text tokens per txt site
+FAMILIES = {
+    "flux": (["a red cat", "blue sky"], {"height": 32, "width": 32}, [True, True], 512),  # T5 pads to 512
+    "flux_dev": (["a red cat", "blue sky"], {"height": 32, "width": 32}, [True, True], 512),
+    "sd3": (["a red cat", "blue sky"], {}, [False, False, True, True], 16 + 256),  # CLIP 16 + T5 256
+    "pixart": (["a red cat", "blue sky"], {}, [False, False, True, True], None),
+    "dit": (["207", "goldfish"], {}, [True, True, False, False], None),
+}
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request):
+    name = request.param
+    prompts, size, layout, n_txt = FAMILIES[name]
+    return name, request.getfixturevalue(name), prompts, size, layout, n_txt
+
+
+def _gen(adapter, prompts, size, hooks=None, **kw):
+    return adapter.generate(prompts, list(range(len(prompts))), steps=STEPS, hooks=hooks, **size, **kw)
+
+
+def _no_hooks_left(adapter) -> bool:
+    mods = adapter.transformer.modules()
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in mods) and "step" not in vars(
+        adapter.pipe.scheduler
+    )
+
+
+# ---- site tables -----------------------------------------------------------------------------
+def test_flux_site_table(flux):
+    sites = flux.sites()
+    blocks = [f"transformer_blocks.{i}:{s}" for i in range(2) for s in ("img", "txt")]
+    singles = [f"single_transformer_blocks.{i}:{s}" for i in range(2) for s in ("img", "txt")]
+    assert sites[:8] == blocks + singles
+    assert "transformer_blocks.1.ff.net.0:img" in sites
+    assert "transformer_blocks.1.ff_context.net.0:txt" in sites
+    assert "single_transformer_blocks.1.act_mlp:txt" in sites
+    assert len(sites) == 16
+    assert flux.default_site() == "transformer_blocks.1:img"
+    assert flux.site_dim("transformer_blocks.0:txt") == 32
+    assert flux.site_dim("transformer_blocks.0.ff.net.0") == 128  # 4x MLP
+    assert flux.site_dim("single_transformer_blocks.0.act_mlp:img") == 128
+    with pytest.raises(DifflensError, match="transformer_blocks.5:img"):
+        flux.site_dim("transformer_blocks.5:img")
+
+
+def test_sd3_last_block_has_no_text_site(sd3):
+    assert sd3.sites() == [
+        "transformer_blocks.0:img",
+        "transformer_blocks.0:txt",
+        "transformer_blocks.1:img",
+        "transformer_blocks.0.ff.net.0:img",
+        "transformer_blocks.0.ff_context.net.0:txt",
+        "transformer_blocks.1.ff.net.0:img",
+    ]
+
+
+@pytest.mark.parametrize("name", ["pixart", "dit"])
+def test_cross_attention_models_have_image_sites_only(name, request):
+    adapter = request.getfixturevalue(name)
+    assert adapter.sites() == [
+        "transformer_blocks.0:img",
+        "transformer_blocks.1:img",
+        "transformer_blocks.0.ff.net.0:img",
+        "transformer_blocks.1.ff.net.0:img",
+    ]
+    assert [adapter.site_dim(s) for s in adapter.sites()] == [32, 32, 128, 128]
+    assert adapter.resolve_sites("transformer_blocks.*") == ["transformer_blocks.0:img", "transformer_blocks.1:img"]
+
+
+# ---- what hooks see --------------------------------------------------------------------------
+def test_recorded_shapes_steps_timesteps_and_cfg_rows(family):
+    name, adapter, prompts, size, layout, n_txt = family
+    calls = []
+    hooks = HookSet()
+    for site in adapter.sites():
+        hooks.add(site, lambda a, c: calls.append((a.shape, c)))
+    gen = _gen(adapter, prompts, size, hooks)
+
+    assert len(calls) == STEPS * len(adapter.sites())
+    for shape, ctx in calls:
+        dim = adapter.site_dim(ctx.site)
+        tokens = GRID[0] * GRID[1] if ctx.site.stream == "img" else n_txt
+        assert tuple(shape) == (len(layout), tokens, dim), ctx.site
+        assert ctx.is_cond.tolist() == layout
+        assert ctx.sample_index.tolist() == [0, 1] * (len(layout) // 2)
+        assert ctx.call_index == 0 and ctx.num_steps == STEPS and ctx.grid_hw == GRID
+        assert ctx.timestep == gen.timesteps[ctx.step]
+    assert sorted({c.step for _, c in calls}) == list(range(STEPS))
+    assert gen.grid_hw == GRID
+    assert gen.images.shape == (2, 32, 32, 3) and gen.images.dtype == np.uint8
+    assert gen.timesteps == adapter.timesteps(STEPS, **size)
+    assert len(set(gen.timesteps)) == STEPS
+
+
+def test_flux_true_cfg_calls_twice_per_step_cond_first(flux):
+    seen = []
+    hooks = HookSet().add("transformer_blocks.0:img", lambda a, c: seen.append((c.step, c.call_index, c.is_cond.tolist())))
+    plain = _gen(flux, ["a red cat"], {"height": 32, "width": 32})
+    cfg = _gen(flux, ["a red cat"], {"height": 32, "width": 32}, hooks, true_cfg_scale=3.0, negative_prompt="blur")
+    assert seen == [(0, 0, [True]), (0, 1, [False]), (1, 0, [True]), (1, 1, [False])]
+    assert cfg.timesteps == plain.timesteps
+    assert not np.array_equal(cfg.images, plain.images)
+
+
+def test_dit_without_guidance_has_only_conditional_rows(dit):
+    seen = []
+    hooks = HookSet().add("transformer_blocks.0:img", lambda a, c: seen.append((a.shape[0], c.is_cond.tolist())))
+    dit.generate(["3"], [0], steps=STEPS, guidance=1.0, hooks=hooks)
+    assert seen == [(1, [True])] * STEPS
+
+
+def test_flux_dev_guidance_embedding_changes_images(flux_dev):
+    size = {"height": 32, "width": 32}
+    low = _gen(flux_dev, ["a red cat"], size, guidance=1.0)
+    high = _gen(flux_dev, ["a red cat"], size, guidance=8.0)
+    assert not np.array_equal(low.images, high.images)
+
+
+# ---- hooks change images exactly when they should ------------------------------------------
+def test_identity_hooks_leave_images_bit_identical(family):
+    name, adapter, prompts, size, *_ = family
+    base = _gen(adapter, prompts, size)
+    hooks = HookSet()
+    for i, site in enumerate(adapter.sites()):
+        hooks.add(site, (lambda a, c: a.clone()) if i % 2 else (lambda a, c: a))
+    assert np.array_equal(_gen(adapter, prompts, size, hooks).images, base.images)
+    assert _no_hooks_left(adapter)
+
+
+def test_modifying_hook_changes_images_and_is_removed_afterwards(family):
+    name, adapter, prompts, size, *_ = family
+    base = _gen(adapter, prompts, size)
+    site = adapter.default_site()
+    direction = torch.randn(adapter.site_dim(site), generator=torch.Generator().manual_seed(0))
+    hooks = HookSet().add(site, lambda a, c: a + 3.0 * direction.to(a.dtype))
+    steered = _gen(adapter, prompts, size, hooks)
+    assert np.abs(steered.images.astype(int) - base.images.astype(int)).mean() > 1.0
+    assert _no_hooks_left(adapter)
+    assert np.array_equal(_gen(adapter, prompts, size).images, base.images)
+
+
+def test_a_failing_hook_still_leaves_the_model_clean(flux):
+    size = {"height": 32, "width": 32}
+    base = _gen(flux, ["a red cat"], size)
+
+    def boom(a, c):
+        raise ValueError("hook failed")
+
+    with pytest.raises(ValueError, match="hook failed"):
+        _gen(flux, ["a red cat"], size, HookSet().add("transformer_blocks.0:img", boom))
+    assert _no_hooks_left(flux)
+    assert np.array_equal(_gen(flux, ["a red cat"], size).images, base.images)
+
+
+def test_each_sample_depends_on_its_own_seed_not_the_batch(flux):
+    size = {"height": 32, "width": 32}
+    pair = flux.generate(["a red cat", "blue sky"], [5, 9], steps=STEPS, **size)
+    alone = flux.generate(["blue sky"], [9], steps=STEPS, **size)
+    other_seed = flux.generate(["blue sky"], [10], steps=STEPS, **size)
+    assert np.abs(pair.images[1].astype(int) - alone.images[0].astype(int)).max() <= 1
+    assert not np.array_equal(alone.images[0], other_seed.images[0])
+
+
+# ---- bad input -------------------------------------------------------------------------------
+def test_unknown_site_is_refused_before_running(sd3):
+    with pytest.raises(DifflensError, match=r"unknown site transformer_blocks\.1:txt"):
+        _gen(sd3, ["x"], {}, HookSet().add("transformer_blocks.1:txt", lambda a, c: None))
+    assert _no_hooks_left(sd3)
+
+
+def test_generate_argument_errors(flux, dit):
+    size = {"height": 32, "width": 32}
+    with pytest.raises(DifflensError, match="guidance"):
+        flux.generate(["x"], [0], steps=STEPS, guidance=3.5, **size)
+    with pytest.raises(DifflensError, match="multiples of 4"):
+        flux.generate(["x"], [0], steps=STEPS, height=30, width=32)
+    with pytest.raises(DifflensError, match="seed"):
+        flux.generate(["x", "y"], [0], steps=STEPS, **size)
+    with pytest.raises(DifflensError, match="steps"):
+        flux.generate(["x"], [0], steps=0, **size)
+    with pytest.raises(DifflensError, match="only generates 32x32"):
+        dit.generate(["3"], [0], steps=STEPS, height=64)
+    with pytest.raises(DifflensError, match="unknown DiT class 'zebra crossing'"):
+        dit.generate(["zebra crossing"], [0], steps=STEPS)
+    with pytest.raises(DifflensError, match="out of range"):
+        dit.generate(["1000"], [0], steps=STEPS)
+
+
+def test_dit_names_resolve_through_id2label(dit):
+    assert dit.class_ids(["207", "Goldfish", "tench", "golden retriever"]) == [207, 1, 0, 207]
+
+
+# ---- loading ---------------------------------------------------------------------------------
+def test_bf16_load_generates(folders):
+    adapter = load_adapter(str(folders["dit"]), dtype="bf16")
+    assert adapter.dtype == torch.bfloat16
+    assert adapter.transformer.dtype == torch.bfloat16
+    gen = adapter.generate(["207"], [0], steps=STEPS)
+    assert gen.images.shape == (1, 32, 32, 3) and gen.images.std() > 0
+
+
+def test_fp16_on_cpu_is_refused(folders):
+    with pytest.raises(DifflensError, match="fp16 is not supported on CPU"):
+        load_adapter(str(folders["dit"]), dtype="fp16")
+    with pytest.raises(DifflensError, match="unknown dtype"):
+        load_adapter(str(folders["dit"]), dtype="fp8")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_nf4_without_bitsandbytes_or_cuda_is_a_clear_error(folders):
+    with pytest.raises(DifflensError) as e:
+        load_adapter(str(folders["dit"]), quantize="nf4")
+    msg = str(e.value)
+    assert "nf4" in msg and "CUDA" in msg and "drop --quantize" in msg
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        assert "bitsandbytes" in msg
+    with pytest.raises(DifflensError, match="only choice is nf4"):
+        load_adapter(str(folders["dit"]), quantize="int8")
+    with pytest.raises(DifflensError, match="no CUDA"):
+        load_adapter(str(folders["dit"]), device="cuda")
+
+
+def test_model_resolution_errors(tmp_path):
+    with pytest.raises(DifflensError, match="Download it first"):
+        load_adapter("difflens-test/no-such-model")
+    with pytest.raises(DifflensError, match="not found"):
+        load_adapter(str(tmp_path / "missing" / "folder"))
+    with pytest.raises(DifflensError, match="no model_index.json"):
+        load_adapter(str(tmp_path))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(DifflensError, match="no adapter for; supported: DiTPipeline"):
+        load_adapter(str(tmp_path))
+
+
+# ---- the `sites` verb ------------------------------------------------------------------------
+def test_sites_verb_lists_sites_dims_and_default(folders, capsys):
+    from difflens.cli import main
+
+    assert main(["sites", "--model", str(folders["flux_dev"])]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = dict(line.split() for line in lines[:-1])
+    assert rows["transformer_blocks.0:img"] == "32"
+    assert rows["single_transformer_blocks.1.act_mlp:txt"] == "128"
+    assert len(rows) == 16
+    assert lines[-1] == "default: transformer_blocks.1:img"
+
+    assert main(["sites", "--model", str(folders["dit"]), "--dtype", "fp16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fp16" in err[0]
