@@ -2,9 +2,11 @@
 
 Builds synthetic stores (several widths, bf16 and fp32), evicts them from the page cache before
 every measurement, and prints a markdown table. Target: shuffled >= 50% of sequential.
+Each store should span several shuffle buffers (128 MB each) so the steady state is measured,
+not just the wait for the first buffer.
 
-    .venv/bin/python bench/store_read.py            # ~250 MB per config
-    .venv/bin/python bench/store_read.py --mb 64    # quicker
+    .venv/bin/python bench/store_read.py            # ~512 MB per config
+    .venv/bin/python bench/store_read.py --mb 128   # quicker, dominated by the first buffer
 """
 
 from __future__ import annotations
@@ -137,7 +139,7 @@ def random_rows(store: Store, batch: int, budget_s: float = 10.0) -> tuple[int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mb", type=int, default=256, help="activation megabytes per store")
+    ap.add_argument("--mb", type=int, default=512, help="activation megabytes per store")
     ap.add_argument("--configs", default="256:bf16,768:bf16,768:fp32", help="comma list of d:dtype")
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--dir", default=None, help="where to build the stores (default: a temp folder)")
@@ -173,8 +175,9 @@ def main() -> None:
         rows, s = r
         return f"{rows / s:,.0f} rows/s, {rows * mb_per_row / s:,.0f} MB/s"
 
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nStore read throughput (batch {args.batch}, page cache evicted via {results[0][7]}, "
-          f"{os.cpu_count()} CPUs)\n")
+          f"{os.cpu_count()} CPUs, load average {load:.1f})\n")
     print("| d | dtype | rows | MB | sequential | shuffled batches | random-row batches | shuffled / sequential |")
     print("|---|---|---|---|---|---|---|---|")
     for d, dtype, n, mb, seq, shuf, rnd, _ in results:

@@ -7,8 +7,8 @@ goes through `attach_hooks`, so they all see the same step / timestep / CFG book
 
 The bookkeeping lives in a `StepTracker` that whoever drives the denoising loop updates:
 `begin_step(step, timestep)` once per scheduler step and `set_batch(is_cond, sample_index)`
-before every transformer call. Pipeline adapters do this from diffusers callbacks; a custom
-loop (the toy model) calls it directly.
+before every transformer call. Pipeline adapters do this from a wrapped `scheduler.step` and a
+transformer pre-hook (models/_pipeline.py); a custom loop (the toy model) calls it directly.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Site:
     """Where to hook: a dotted module path inside the transformer plus a token stream."""
 
     module: str
-    stream: str = "img"
+    stream: Stream = "img"
 
     def __post_init__(self) -> None:
         if not _MODULE_RE.match(self.module):

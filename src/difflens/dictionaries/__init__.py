@@ -1,1 +1,48 @@
-"""difflens.dictionaries"""
+"""Dictionaries over DiT activations: TopK / BatchTopK / ReLU SAEs, TIDE, ITDA; checkpoints in `io`.
+
+    from difflens.dictionaries import DictConfig, build
+    sae = build(DictConfig(arch="topk", d_in=3072, width=65536, k=64, site="transformer_blocks.18:img"))
+    sae.init_from_data(x_BD, t_B)
+    out = sae(x_BD, t_B)            # out.x_hat, out.loss, out.losses, out.codes
+"""
+
+from difflens.dictionaries import io
+from difflens.dictionaries.base import ARCHITECTURES, Dictionary, DictOutput
+from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.itda import ITDA
+from difflens.dictionaries.sae import BatchTopKSAE, ReLUSAE, TopKSAE
+from difflens.dictionaries.temporal import TIDESAE
+from difflens.errors import DifflensError
+
+
+def build(cfg: DictConfig | dict, **kwargs) -> Dictionary:
+    """A fresh dictionary for `cfg` (a DictConfig or its dict form). kwargs: ``fast=False`` selects
+    the dense reference path of the SAEs."""
+    if isinstance(cfg, dict):
+        cfg = DictConfig.from_dict(cfg)
+    cls = ARCHITECTURES.get(cfg.arch)
+    if cls is None:  # pragma: no cover - DictConfig.validate already rejects unknown archs
+        raise DifflensError(f"unknown architecture {cfg.arch!r}")
+    if cls is ITDA:
+        kwargs.pop("fast", None)
+    return cls(cfg, **kwargs)
+
+
+load = io.load
+save = io.save
+
+__all__ = [
+    "ARCHITECTURES",
+    "BatchTopKSAE",
+    "DictConfig",
+    "DictOutput",
+    "Dictionary",
+    "ITDA",
+    "ReLUSAE",
+    "TIDESAE",
+    "TopKSAE",
+    "build",
+    "io",
+    "load",
+    "save",
+]

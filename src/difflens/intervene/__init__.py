@@ -1,1 +1,60 @@
-"""difflens.intervene"""
+"""Interventions on a diffusion transformer's activations: steering, ablation / clamping / scaling
+through a dictionary's codes, transfer from a reference generation, and splicing.
+
+    from difflens.intervene import Steer, Ablate, Region, Window, generate_with
+    gen = generate_with(adapter, prompts, seeds, [
+        Steer(sae, [123], 0.8, mode="token-norm", region=Region.parse("0,0,16,16"), window=Window.range(0, 5)),
+        Ablate(sae, [7, 9], branch="cond"),
+    ])
+
+See docs/intervene.md for the semantics (error term, CFG branches, regions, windows).
+"""
+
+from difflens.intervene.core import (
+    BRANCHES,
+    SCALE_MODES,
+    Ablate,
+    Clamp,
+    CodeEdit,
+    Intervention,
+    MeanAblate,
+    Recording,
+    Replace,
+    RunInfo,
+    Scale,
+    Splice,
+    Steer,
+    Transfer,
+    build_hookset,
+    feature_maxima,
+    generate_with,
+    record_activations,
+    recorder,
+)
+from difflens.intervene.region import Region, Window
+from difflens.intervene.sweep import steer_sweep
+
+__all__ = [
+    "BRANCHES",
+    "SCALE_MODES",
+    "Ablate",
+    "Clamp",
+    "CodeEdit",
+    "Intervention",
+    "MeanAblate",
+    "Recording",
+    "Region",
+    "Replace",
+    "RunInfo",
+    "Scale",
+    "Splice",
+    "Steer",
+    "Transfer",
+    "Window",
+    "build_hookset",
+    "feature_maxima",
+    "generate_with",
+    "record_activations",
+    "recorder",
+    "steer_sweep",
+]

@@ -137,6 +137,8 @@ def resolve_source(model: str) -> ModelSource:
     path = Path(text).expanduser()
     if path.is_dir():
         index = path / "model_index.json"
+        if not index.is_file() and _is_toy_folder(path):
+            return ModelSource(str(path), str(path.resolve()), "toy", True)
         if not index.is_file():
             raise DifflensError(
                 f"{text} has no model_index.json, so it is not a diffusers pipeline folder: "
@@ -167,6 +169,17 @@ def adapter_class(pipeline_class: str):
     return getattr(importlib.import_module(module), cls)
 
 
+def _is_toy_folder(path: Path) -> bool:
+    """A folder written by ToyT2I.save (config.json + model.safetensors, the toy's config keys)."""
+    cfg = path / "config.json"
+    if not (cfg.is_file() and (path / "model.safetensors").is_file()):
+        return False
+    try:
+        return {"num_single_layers", "text_dim", "max_text_length"} <= set(read_json(cfg))
+    except (OSError, ValueError):
+        return False
+
+
 def _toy_adapter_class():
     try:
         from difflens.models.toy.adapter import ToyAdapter
@@ -194,6 +207,9 @@ def load_adapter(
         return _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev))
     qconfig = quantization_config(quantize, torch_dtype, dev)
     source = resolve_source(model)
+    if source.pipeline_class == "toy":
+        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+        return _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev), folder=source.location)
     cls = adapter_class(source.pipeline_class)
     return cls.from_pretrained(
         source.location,

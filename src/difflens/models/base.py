@@ -101,6 +101,10 @@ class Adapter(ABC):
         for s in seeds:
             if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0:
                 raise DifflensError(f"seed {s!r} is not a non-negative integer: seeds must be ints >= 0")
+        Adapter.check_steps(steps)
+
+    @staticmethod
+    def check_steps(steps: int) -> None:
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
             raise DifflensError(f"steps={steps!r}: the number of denoising steps must be an integer >= 1")
 

@@ -71,7 +71,7 @@ class DiTAdapter(PipelineAdapter):
         return out
 
     def timesteps(self, steps: int) -> list[float]:
-        self.check_request([""], [0], steps)
+        self.check_steps(steps)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(int(steps))
         return [float(t) for t in scheduler.timesteps]

@@ -79,7 +79,7 @@ class FluxAdapter(PipelineAdapter):
     def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        self.check_request([""], [0], steps)
+        self.check_steps(steps)
         gh, gw = self.grid_hw(height, width)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         cfg = scheduler.config

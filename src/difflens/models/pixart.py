@@ -53,7 +53,7 @@ class PixArtAdapter(PipelineAdapter):
     def timesteps(self, steps: int) -> list[float]:
         from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 
-        self.check_request([""], [0], steps)
+        self.check_steps(steps)
         ts, _ = retrieve_timesteps(copy.deepcopy(self.pipe.scheduler), steps, "cpu")
         return [float(t) for t in ts]
 

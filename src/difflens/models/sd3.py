@@ -55,7 +55,7 @@ class SD3Adapter(PipelineAdapter):
             retrieve_timesteps,
         )
 
-        self.check_request([""], [0], steps)
+        self.check_steps(steps)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         cfg = scheduler.config
         extra = {}

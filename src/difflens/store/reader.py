@@ -35,6 +35,7 @@ from difflens.store.shuffle import (
     acts_to_torch,
     coalesce,
     make_chunks,
+    rank_bounds,
     rank_pieces,
     shuffled_batches,
 )
@@ -332,6 +333,7 @@ class Store:
         buffer_rows: int | None = None,
         chunk_rows: int | None = None,
         prefetch: bool = True,
+        io_threads: int = 4,
     ) -> BatchStream:
         """Batches of dicts of tensors (acts float32 [B, d]); each selected row once per epoch.
 
@@ -354,6 +356,7 @@ class Store:
             buffer_rows=buffer_rows,
             chunk_rows=chunk_rows,
             prefetch=prefetch,
+            io_threads=io_threads,
         )
         spec.check()
         self._site(site)
@@ -362,8 +365,8 @@ class Store:
         total = sum(s if isinstance(s, int) else len(s) for s in selection)
         if total == 0:
             raise DifflensError(self._empty_message(site, spec))
-        W, r = spec.world_size, spec.rank
-        return BatchStream(self, site, spec, selection, total * (r + 1) // W - total * r // W)
+        lo, hi = rank_bounds(total, spec)
+        return BatchStream(self, site, spec, selection, hi - lo)
 
     def _select(self, site: str, spec: BatchSpec) -> list:
         """Per shard: its row count if every row is selected, else the selected local rows."""
@@ -399,22 +402,41 @@ class Store:
         offs = self._site_offsets(site)
         chunks = make_chunks(selection, chunk_rows)
 
-        def read_into(piece, buf: dict[str, np.ndarray], at: int) -> None:
-            f = self._file(piece.shard, site)
+        # Metadata columns are small: hold them in memory (one sequential read per shard) so a
+        # chunk costs a single read request, for its activations.
+        meta_cols = [c for c in spec.columns if c in COLUMNS]
+        used = [i for i, sel in enumerate(selection) if (sel if isinstance(sel, int) else len(sel))]
+        files = {i: self._file(i, site) for i in used}  # headers checked here, not in I/O threads
+        held = {i: {c: files[i].read(tensor_name(site, c)) for c in meta_cols} for i in used}
+
+        acts_name = tensor_name(site, "acts")
+
+        def read_acts(piece, out: np.ndarray) -> None:
+            f = files[piece.shard]
             if piece.rows is None:
-                runs, pos = np.array([[piece.start, piece.stop]], np.int64), None
+                f.read_runs(acts_name, np.array([[piece.start, piece.stop]]), out=out)
+                return
+            runs, pos = coalesce(piece.rows.astype(np.int64), max_gap)
+            if pos is None:
+                f.read_runs(acts_name, runs, out=out)
             else:
-                runs, pos = coalesce(piece.rows.astype(np.int64), max_gap)
+                np.take(f.read_runs(acts_name, runs), pos, axis=0, out=out)
+
+        def read_into(piece, buf: dict[str, np.ndarray], at: int) -> None:
             dest = slice(at, at + len(piece))
             for c, arr in buf.items():
-                if c == INDEX_COLUMN:
+                if c == "acts":
+                    read_acts(piece, arr[dest])
+                elif c == INDEX_COLUMN:
                     arr[dest] = offs[piece.shard] + piece.local_rows()
-                elif pos is None:
-                    f.read_runs(tensor_name(site, c), runs, out=arr[dest])
                 else:
-                    np.take(f.read_runs(tensor_name(site, c), runs), pos, axis=0, out=arr[dest])
+                    col = held[piece.shard][c]
+                    arr[dest] = col[piece.start : piece.stop] if piece.rows is None else col[piece.rows]
 
-        shapes = {c: ((d,), act.storage) if c == "acts" else ((), np.dtype(np.int64) if c == INDEX_COLUMN else COLUMNS[c]) for c in spec.columns}
+        shapes = {
+            c: ((d,), act.storage) if c == "acts" else ((), COLUMNS.get(c, np.dtype(np.int64)))
+            for c in spec.columns
+        }
 
         def alloc(capacity: int) -> dict[str, np.ndarray]:
             return {c: np.empty((capacity, *shape), dtype) for c, (shape, dtype) in shapes.items()}
@@ -422,7 +444,8 @@ class Store:
         def to_torch(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
             return {k: acts_to_torch(v, act.st) if k == "acts" else torch.from_numpy(v) for k, v in batch.items()}
 
-        epochs = itertools.count(spec.start_epoch) if spec.epochs is None else range(spec.start_epoch, spec.start_epoch + spec.epochs)
+        first = spec.start_epoch
+        epochs = itertools.count(first) if spec.epochs is None else range(first, first + spec.epochs)
         for e in epochs:
             pieces = rank_pieces(chunks, spec, e)
             yield from shuffled_batches(spec, e, pieces, read_into, alloc, buffer_rows, chunk_rows, to_torch)

@@ -1,10 +1,11 @@
 """Shuffled streaming over data larger than memory.
 
 Selected rows are cut into chunks of neighbouring rows (one shard, a window of `chunk_rows`).
-Each epoch permutes the chunk order (the same for every rank), hands each rank a contiguous
-slice of that row stream, reads its chunks with a few large sequential reads in a background
-thread, and shuffles them in a buffer of `buffer_rows` rows before cutting batches. Large reads
-are what keeps this close to sequential speed; random row reads are many times slower.
+Each epoch permutes the chunk order (the same for every rank) and hands each rank a contiguous
+slice of that row stream. A background thread fills one shuffle buffer of ~`buffer_rows` rows
+(one large read per chunk, several in flight) while the consumer cuts batches, in a random
+order, out of the previous one. Large reads with a few requests in flight are what keeps this
+close to sequential speed; random row reads are many times slower.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +22,7 @@ import torch
 from difflens.errors import DifflensError
 from difflens.store.format import COLUMNS, INDEX_COLUMN, STREAMS
 
-CHUNK_BYTES = 1 << 20  # bytes of activations per chunk read
+CHUNK_BYTES = 2 << 20  # bytes of activations per chunk read
 BUFFER_BYTES = 128 << 20  # bytes of (stored) activations per shuffle buffer (two in flight)
 GAP_BYTES = 64 << 10  # read through gaps smaller than this instead of seeking
 
@@ -44,6 +46,7 @@ class BatchSpec:
     buffer_rows: int | None = None
     chunk_rows: int | None = None
     prefetch: bool = True  # fill the next shuffle buffer in a background thread
+    io_threads: int = 4  # concurrent chunk reads while filling a buffer (1 = one at a time)
 
     def check(self) -> None:
         def bad(msg: str):
@@ -67,6 +70,8 @@ class BatchSpec:
         unknown = [c for c in self.columns if c not in known]
         if unknown or not self.columns:
             bad(f"unknown columns {unknown}; choose from {sorted(known)}")
+        if not isinstance(self.io_threads, int) or self.io_threads < 1:
+            bad(f"io_threads must be an int >= 1, got {self.io_threads!r}")
         for name in ("buffer_rows", "chunk_rows"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -124,8 +129,22 @@ def make_chunks(selection: list[int | np.ndarray], chunk_rows: int) -> list[Piec
     return out
 
 
+def rank_bounds(total: int, spec: BatchSpec) -> tuple[int, int]:
+    """This rank's [lo, hi) of an epoch's row stream.
+
+    Shares differ by at most one row; with drop_last they are made equal (the < world_size rows
+    at the end of the shuffled stream sit out this epoch) so every DDP rank takes the same
+    number of steps.
+    """
+    W, r = spec.world_size, spec.rank
+    if spec.drop_last and W > 1:
+        share = total // W
+        return r * share, (r + 1) * share
+    return total * r // W, total * (r + 1) // W
+
+
 def rank_pieces(chunks: list[Piece], spec: BatchSpec, epoch: int) -> list[Piece]:
-    """This rank's share of the epoch's chunk stream: a contiguous slice, sizes differ by <= 1 row."""
+    """This rank's share of the epoch's chunk stream: a contiguous slice (see rank_bounds)."""
     if spec.shuffle:
         order = np.random.default_rng([spec.seed, epoch, 0]).permutation(len(chunks))
     else:
@@ -133,7 +152,7 @@ def rank_pieces(chunks: list[Piece], spec: BatchSpec, epoch: int) -> list[Piece]
     sizes = np.array([len(chunks[i]) for i in order], dtype=np.int64)
     ends = np.cumsum(sizes)
     total = int(ends[-1]) if len(ends) else 0
-    lo, hi = total * spec.rank // spec.world_size, total * (spec.rank + 1) // spec.world_size
+    lo, hi = rank_bounds(total, spec)
     out = []
     for k, i in enumerate(order):
         end, start = int(ends[k]), int(ends[k] - sizes[k])
@@ -165,9 +184,16 @@ def coalesce(rows: np.ndarray, max_gap: int) -> tuple[np.ndarray, np.ndarray | N
 
 
 def acts_to_torch(raw: np.ndarray, st_dtype: str) -> torch.Tensor:
-    """Stored rows -> float32 tensor; bf16 arrives as uint16 because numpy has no bfloat16."""
+    """Stored rows -> float32 tensor; bf16 arrives as uint16 because numpy has no bfloat16.
+
+    bf16 is the top half of a float32, so widening is a 16-bit shift. numpy does it in one
+    single-threaded pass; torch's `.float()` is as fast on an idle machine but slows down
+    several-fold when its worker threads compete for busy cores.
+    """
     if st_dtype == "BF16":
-        return torch.from_numpy(np.ascontiguousarray(raw).view(np.int16)).view(torch.bfloat16).float()
+        out = np.empty(raw.shape, np.uint32)
+        np.left_shift(raw, 16, out=out, dtype=np.uint32)
+        return torch.from_numpy(out.view(np.float32))
     return torch.from_numpy(np.ascontiguousarray(raw, dtype=np.float32))
 
 
@@ -260,18 +286,27 @@ def fill_buffers(
     ring: BufferRing,
     reserve: int,
     buffer_rows: int,
+    pool: ThreadPoolExecutor | None,
 ) -> Iterator[tuple[dict[str, np.ndarray], int]]:
-    """Yield (buffer, end): rows [reserve, end) hold whole pieces, at least buffer_rows unless last."""
-    buf, pos = None, reserve
-    for p in pieces:
-        if buf is None:
-            buf, pos = ring.take(), reserve
-        read_into(p, buf, pos)
-        pos += len(p)
-        if pos - reserve >= buffer_rows:
-            yield buf, pos
-            buf = None
-    if buf is not None:
+    """Yield (buffer, end): rows [reserve, end) hold whole pieces, at least buffer_rows unless last.
+
+    Every piece has its own destination rows, so a pool can read them concurrently: on network
+    or virtual disks several requests in flight are what keeps the device busy.
+    """
+    k = 0
+    while k < len(pieces):
+        load, pos = [], reserve
+        while k < len(pieces) and pos - reserve < buffer_rows:
+            load.append((pieces[k], pos))
+            pos += len(pieces[k])
+            k += 1
+        buf = ring.take()
+        if pool is None:
+            for p, at in load:
+                read_into(p, buf, at)
+        else:
+            for fut in [pool.submit(read_into, p, buf, at) for p, at in load]:
+                fut.result()
         yield buf, pos
 
 
@@ -296,7 +331,8 @@ def shuffled_batches(
     ring = BufferRing(2 if spec.prefetch else 1, lambda: alloc(capacity))
     left: dict[str, np.ndarray] | None = None
     n_left = 0
-    source = prefetched(lambda: fill_buffers(pieces, read_into, ring, B, buffer_rows), int(spec.prefetch), ring.stop)
+    pool = ThreadPoolExecutor(spec.io_threads, thread_name_prefix="difflens-store-io") if spec.io_threads > 1 else None
+    source = prefetched(lambda: fill_buffers(pieces, read_into, ring, B, buffer_rows, pool), int(spec.prefetch), ring.stop)
     try:
         for buf, end in source:
             start = B - n_left
@@ -318,3 +354,5 @@ def shuffled_batches(
     finally:
         ring.stop.set()
         source.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

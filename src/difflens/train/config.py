@@ -120,19 +120,19 @@ class DictSpec:
     name: str
     arch: str
     site: str
-    width: int
+    width: int  # latents; for ITDA the atom cap (0 = the default cap)
     k: int | None = None
     options: dict[str, Any] = field(default_factory=dict)  # other DictConfig fields
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise DifflensError(f"dictionary {self.name!r}: arch {self.arch!r} is unknown; use one of {', '.join(ARCHS)}")
-        if not isinstance(self.width, int) or self.width <= 0:
+        if not isinstance(self.width, int) or self.width < 0 or (self.width == 0 and self.arch != "itda"):
             raise DifflensError(f"dictionary {self.name!r}: width must be a positive integer (got {self.width!r})")
         if self.k is not None:
             if not isinstance(self.k, int) or self.k <= 0:
                 raise DifflensError(f"dictionary {self.name!r}: k must be a positive integer (got {self.k!r})")
-            if self.k > self.width:
+            if self.k > self.width and self.arch != "itda":
                 raise DifflensError(
                     f"dictionary {self.name!r}: k={self.k} is larger than width={self.width}; "
                     "choose k <= width (k is the number of active latents per token)"
@@ -159,7 +159,7 @@ def default_name(spec: dict, varying: set[str]) -> str:
         parts.append(str(spec["site"]).replace(":", "-"))
     parts.append(str(spec.get("arch")))
     for key in ("width", "k"):
-        if spec.get(key) is not None:
+        if spec.get(key):
             parts.append(f"{key[0]}{spec[key]}")
     for key in sorted(varying - {"site", "arch", "width", "k"}):
         parts.append(f"{key}{spec.get(key)}")
@@ -188,6 +188,8 @@ def expand_specs(entries: list[dict], defaults: dict | None = None) -> list[Dict
     }
     specs = []
     for spec in flat:
+        if spec.get("arch") == "itda":
+            spec.setdefault("width", 0)
         missing = [k for k in ("arch", "site", "width") if spec.get(k) is None]
         if missing:
             raise DifflensError(

@@ -79,6 +79,8 @@ def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     dist.all_gather(counts, n)
     counts = [int(c) for c in counts]
     pad = max(counts)
+    if pad == 0:
+        return t
     padded = torch.zeros((pad, *t.shape[1:]), dtype=t.dtype)
     padded[: t.shape[0]] = t
     parts = [torch.zeros_like(padded) for _ in range(env.world_size)]
@@ -92,6 +94,8 @@ def broadcast_module_(module: torch.nn.Module, env: DistEnv, src: int = 0) -> No
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
+            if t.numel() == 0:
+                continue
             if t.dtype == torch.bool:  # gloo has no bool collectives
                 tmp = t.data.to(torch.uint8)
                 dist.broadcast(tmp, src=src)

@@ -60,6 +60,17 @@ def load(folder: Path, spec: DictSpec):
     return io.load(folder, expect_site=spec.site)
 
 
+def load_with_extra(folder: Path):
+    """A saved dictionary plus its training record (store fingerprint, held-out ids, step)."""
+    from difflens.dictionaries import io
+
+    meta = io.read_meta(folder)
+    extra = dict(meta.get("extra") or {})
+    extra["store_fingerprint"] = meta.get("store_fingerprint")
+    extra["training"] = meta.get("training")
+    return io.load(folder), extra
+
+
 def save(module, folder: Path, extra: dict) -> None:
     from difflens.dictionaries import io
 
@@ -72,8 +83,9 @@ def init_from_data(module, x: torch.Tensor, t: torch.Tensor) -> None:
         fn(x, t)
 
 
-def partial_fit(module, x: torch.Tensor, t: torch.Tensor, provenance: dict[str, torch.Tensor]) -> None:
-    module.partial_fit(x, t, provenance)
+def partial_fit(module, x: torch.Tensor, t: torch.Tensor, provenance: dict[str, torch.Tensor]) -> dict | None:
+    """ITDA's step: add badly reconstructed rows as atoms; returns its counts for the log."""
+    return module.partial_fit(x, t, provenance)
 
 
 @torch.no_grad()

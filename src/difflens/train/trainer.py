@@ -75,7 +75,7 @@ def check_sites(store, specs: list[DictSpec]) -> None:
     for s in specs:
         if s.site not in available:
             raise DifflensError(
-                f"site {s.site!r} (dictionary {s.name}) is not in the store {getattr(store, 'path', '')}; "
+                f"site {s.site!r} (dictionary {s.name}) is not in the store {getattr(store, 'root', '')}; "
                 f"available sites: {', '.join(available)}"
             )
 
@@ -117,7 +117,7 @@ class Trainer:
             "difflens_version": __version__,
             "train": self.cfg.to_dict(),
             "dictionaries": [s.to_dict() for s in self.specs],
-            "store": {"path": str(getattr(self.store, "path", "")), "fingerprint": self.fingerprint},
+            "store": {"path": str(getattr(self.store, "root", "")), "fingerprint": self.fingerprint},
             "world_size": self.env.world_size,
             "heldout_sample_ids": heldout,
         }
@@ -192,6 +192,7 @@ class Trainer:
         if self.resume_from is not None:
             state = ckpt.read_state(self.resume_from)
             self.step, self.tokens = state["step"], state["tokens"]
+            self.finished_before = bool(state.get("done"))
             for m in self.members:
                 if m.opt is not None:
                     load_optimizer(m.opt, self.resume_from / f"{m.name}.optim")
@@ -204,6 +205,10 @@ class Trainer:
                 self._export()  # the exported folders match the checkpoint we continue from
         else:
             self.step, self.tokens = 0, 0
+            self.finished_before = False
+            if env.is_main:  # logs of an earlier attempt that never reached a checkpoint
+                for m in self.members:
+                    m.log.truncate_after(0)
             self._init_from_data()
 
     def _member(self, spec: DictSpec, module: torch.nn.Module) -> Member:
@@ -224,16 +229,16 @@ class Trainer:
         old_handlers = self._install_signal_handlers()
         quiet = {"disable": True} if not (env.is_main and cfg.progress) else {}
         bar = progress(total=self.total_steps, initial=self.step, desc="train", **quiet)
-        finished_before = self.resume_from is not None and self.step >= self.total_steps
         try:
             while self.step < self.total_steps:
                 batches, counts = self._next_batches()
                 s = self.step
+                self.tokens_after = self.tokens + counts[self.sites[0]]
                 log_now = (s + 1) % cfg.log_every == 0 or s + 1 == self.total_steps
                 for m in self.members:
                     self._train_member(m, batches[m.spec.site], counts[m.spec.site], s, log_now)
                 self.step += 1
-                self.tokens += counts[self.sites[0]]
+                self.tokens = self.tokens_after
                 last = self.step == self.total_steps
                 if env.is_main and cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
                     self._evaluate()
@@ -247,7 +252,7 @@ class Trainer:
                 if self._agree_to_stop():
                     self._checkpoint()
                     raise Interrupted(f"stopped at step {self.step}; continue with --resume")
-            if not finished_before:  # a finished run resumed again has nothing to add
+            if not self.finished_before:  # a finished run resumed again has nothing to add
                 if env.is_main:
                     self._evaluate(final=True)
                 self._checkpoint(done=True)
@@ -304,14 +309,16 @@ class Trainer:
             gx = ddp.all_gather_rows(x, env)
             gt = ddp.all_gather_rows(t, env)
             prov = {k: ddp.all_gather_rows(batch[k], env) for k in mem.PROVENANCE if k in batch}
-            mem.partial_fit(m.module, gx, gt, prov)
+            fit = mem.partial_fit(m.module, gx, gt, prov) or {}
             if log_now and env.is_main:
                 with torch.no_grad():
                     acc = ReconAccumulator()
                     codes, x_hat = mem.encode_decode(m.module, gx, gt)
                     acc.update(gx, x_hat, codes)
                     r = acc.result()
-                self._log_train(m, step, r, {"width": mem.current_width(m.module)})
+                extra = {"atoms": mem.current_width(m.module)}
+                extra.update({f"itda_{k}": v for k, v in fit.items() if k != "atoms" and isinstance(v, (int, float))})
+                self._log_train(m, step, r, extra)
             return
         lr = m.base_lr * lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
         for g in m.opt.param_groups:
@@ -342,7 +349,7 @@ class Trainer:
                 self._log_train(m, step, stats, extra)
 
     def _log_train(self, m: Member, step: int, r: dict, extra: dict) -> None:
-        rec = {"kind": "train", "step": step + 1, "tokens": self.tokens + 0, **extra}
+        rec = {"kind": "train", "step": step + 1, "tokens": self.tokens_after, **extra}
         rec.update({k: v for k, v in r.items() if k in ("loss", "fvu", "explained_variance", "mse", "l0", "cosine")})
         m.last.update({k: rec[k] for k in ("loss", "fvu") if k in rec})
         m.log.append(rec)

@@ -12,6 +12,7 @@ never unpickles. Train new ones with `difflens zoo train classifier` (`train_cla
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,31 +58,32 @@ def _slot_window_origins(feat_size: int) -> list[tuple[int, int]]:
 
 
 class FactorClassifier(nn.Module):
-    """CNN trunk (3 stages) -> 8x8 feature map; a shared slot head reads a window around each position.
+    """CNN trunk (3 conv stages, 2x2 max-pool between) -> 8x8 map; a shared slot head per position.
 
     The slot head sees the window of feature cells covering a large object at that position
     plus one cell of margin (±1 px jitter and shifts), with a learned per-slot bias so corner
     and centre windows can differ. Sharing the head across slots gives it 5x the examples.
     """
 
-    def __init__(self, widths: Sequence[int] = (32, 64, 128), slot_channels: int = 32, hidden: int = 128):
+    def __init__(self, stages: Sequence[Sequence[int]] = ((32,), (64,), (128,)), slot_channels: int = 32,
+                 hidden: int = 128):
         super().__init__()
-        self.widths = tuple(int(w) for w in widths)
+        self.stages = tuple(tuple(int(w) for w in st) for st in stages)
+        if len(self.stages) != 3 or not all(self.stages):
+            raise DifflensError(f"the classifier needs 3 non-empty conv stages, got {self.stages}")
         self.slot_channels = int(slot_channels)
         self.hidden = int(hidden)
-        w0, w1, w2 = self.widths
 
-        def block(i: int, o: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(i, o, 3, padding=1, bias=False), nn.BatchNorm2d(o), nn.ReLU(inplace=True))
-
-        self.trunk = nn.Sequential(
-            block(3, w0),
-            nn.MaxPool2d(2),  # 16x16
-            block(w0, w1),
-            block(w1, w1),
-            nn.MaxPool2d(2),  # 8x8
-            block(w1, w2),
-        )
+        layers: list[nn.Module] = []
+        c_in = 3
+        for i, st in enumerate(self.stages):
+            if i:
+                layers.append(nn.MaxPool2d(2))  # 32 -> 16 -> 8
+            for w in st:
+                layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+                c_in = w
+        self.trunk = nn.Sequential(*layers)
+        w2 = c_in
         self.feat_size = V.IMAGE_SIZE // 4
         cells = V.SIZE_PIXELS["large"] // (V.IMAGE_SIZE // self.feat_size)
         self.window = cells + 2  # one cell of margin each side
@@ -123,7 +125,7 @@ class FactorClassifier(nn.Module):
         return {
             "schema_version": SCHEMA_VERSION,
             "architecture": ARCHITECTURE,
-            "widths": list(self.widths),
+            "stages": [list(st) for st in self.stages],
             "slot_channels": self.slot_channels,
             "hidden": self.hidden,
             "image_size": V.IMAGE_SIZE,
@@ -142,6 +144,8 @@ class FactorClassifier(nn.Module):
                  for k, v in self.state_dict().items()}
         atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
         write_json(folder / CONFIG_FILE, {**self.config(), **(extra_config or {})})
+        for name in (WEIGHTS_FILE, CONFIG_FILE):  # temp files are 0600; shipped assets should be readable
+            os.chmod(folder / name, 0o644)
 
     @classmethod
     def load(cls, folder: str | Path | None = None, device: str | torch.device = "cpu") -> "FactorClassifier":
@@ -171,7 +175,7 @@ class FactorClassifier(nn.Module):
                 f"the classifier in {folder} was trained on a different toy-world vocabulary; "
                 "run `difflens zoo train classifier` to retrain it on the current one"
             )
-        model = cls(widths=cfg["widths"], slot_channels=cfg["slot_channels"], hidden=cfg["hidden"])
+        model = cls(stages=cfg["stages"], slot_channels=cfg["slot_channels"], hidden=cfg["hidden"])
         try:
             state = load_file(str(wpath))
             model.load_state_dict(state, strict=True)

@@ -33,6 +33,10 @@ class ToyConfig:
     # RoPE position ids of image tokens are row/col times this: Flux's theta=10000 leaves most
     # rotary frequencies near zero across a 16-token grid, and the spread makes them informative.
     rope_scale: float = 4.0
+    # Extra input channels carrying fixed sinusoidal (row, col) coordinates, concatenated to the
+    # noisy pixels as Flux Fill / Kontext concatenate conditioning channels: RoPE alone only gives
+    # relative positions, and "top left" needs absolute ones.
+    coord_channels: int = 8
     guidance_default: float = 3.0
     steps_default: int = 12
     extra: dict = field(default_factory=dict)
@@ -81,6 +85,21 @@ def image_ids(grid: int, scale: float = 1.0) -> torch.Tensor:
     return ids.reshape(grid * grid, 3)
 
 
+def coordinate_channels(grid: int, n: int) -> torch.Tensor:
+    """[1, grid*grid, n]: sin/cos of row and column at n/4 frequencies each."""
+    if n == 0:
+        return torch.zeros(1, grid * grid, 0)
+    if n % 4:
+        raise ValueError(f"coord_channels must be a multiple of 4, got {n}")
+    pos = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid
+    freqs = torch.arange(1, n // 4 + 1, dtype=torch.float32) * torch.pi
+    ang_r = pos[:, None, None] * freqs  # [g, 1, f]
+    ang_c = pos[None, :, None] * freqs  # [1, g, f]
+    rows = torch.cat([ang_r.sin(), ang_r.cos()], -1).expand(grid, grid, -1)
+    cols = torch.cat([ang_c.sin(), ang_c.cos()], -1).expand(grid, grid, -1)
+    return torch.cat([rows, cols], -1).reshape(1, grid * grid, n)
+
+
 class ToyT2I(nn.Module):
     """Predicts the rectified-flow velocity (noise - image) for packed pixel tokens."""
 
@@ -91,7 +110,8 @@ class ToyT2I(nn.Module):
         self.text_encoder = ToyTextEncoder(len(self.tokenizer.vocab), cfg.max_text_length, cfg.text_dim, cfg.text_layers)
         self.transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=cfg.token_channels,
+            in_channels=cfg.token_channels + cfg.coord_channels,
+            out_channels=cfg.token_channels,
             num_layers=cfg.num_layers,
             num_single_layers=cfg.num_single_layers,
             attention_head_dim=cfg.head_dim,
@@ -103,6 +123,7 @@ class ToyT2I(nn.Module):
         )
         self.register_buffer("img_ids", image_ids(cfg.grid, cfg.rope_scale), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(cfg.max_text_length, 3), persistent=False)
+        self.register_buffer("coords", coordinate_channels(cfg.grid, cfg.coord_channels), persistent=False)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(prompts)
@@ -111,6 +132,8 @@ class ToyT2I(nn.Module):
 
     def forward(self, x_BND: torch.Tensor, sigma_B: torch.Tensor, text_BTD: torch.Tensor, pooled_BD: torch.Tensor) -> torch.Tensor:
         # The Flux transformer scales its timestep input by 1000 internally: pass sigma in [0, 1].
+        if self.cfg.coord_channels:
+            x_BND = torch.cat([x_BND, self.coords.to(x_BND.dtype).expand(x_BND.shape[0], -1, -1)], dim=-1)
         return self.transformer(
             hidden_states=x_BND,
             encoder_hidden_states=text_BTD,

@@ -25,7 +25,7 @@ from difflens.world.scene import render, sample_scene
 class ToyTrainConfig:
     steps: int = 2000
     batch_size: int = 64
-    lr: float = 6e-4
+    lr: float = 8e-4
     warmup: int = 100
     min_lr_frac: float = 0.05
     weight_decay: float = 0.0

@@ -1,0 +1,324 @@
+"""Splice evaluation: generate with a dictionary's reconstruction in place of the site's activations.
+
+For each dictionary, prompts are generated three more ways besides the clean run:
+
+  splice         x -> x̂ at the dictionary's site (all steps, or a window);
+  mean ablation  x -> the mean activation at that timestep (the store's statistics; without a
+                 store, the mean over the clean run's tokens at that step) — the "knows nothing"
+                 baseline, computed once per site;
+  splice + error x -> x̂ + (x − x̂): equal to x up to float rounding, so it must reproduce the
+                 clean run; this checks that the hooks read and write the right tensors.
+
+Compared with the clean images: pixel MSE (images in [0, 1]) and PSNR (dB, from the mean MSE);
+on the toy model also the factor classifier's prompt adherence. "Fidelity recovered" is
+1 − MSE(splice) / MSE(mean ablation): 1 = as good as clean, 0 = as bad as mean ablation
+(negative = worse). The same normalisation is applied to adherence:
+(adh(splice) − adh(mean)) / (adh(clean) − adh(mean)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflens.errors import DifflensError
+from difflens.hooks import HookSet, Site
+from difflens.intervene.core import MeanAblate, Splice, default_steps, generate_with
+from difflens.intervene.region import Window
+from difflens.utils import progress
+
+DEFAULT_PROMPTS = 8
+# The error-term check passes when the final latents agree to this and no pixel moves more than one level.
+LATENT_TOLERANCE = 1e-3
+
+
+def _names(dicts) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(dicts, Mapping):
+        return [(str(k), v) for k, v in dicts.items()]
+    if isinstance(dicts, torch.nn.Module):
+        dicts = [dicts]
+    out, seen = [], {}
+    for d in dicts:
+        cfg = d.cfg
+        base = f"{cfg.arch}-w{cfg.width}" + (f"-k{cfg.k}" if getattr(cfg, "k", None) else "") + f"@{cfg.site}"
+        seen[base] = seen.get(base, 0) + 1
+        out.append((base if seen[base] == 1 else f"{base}#{seen[base]}", d))
+    if not out:
+        raise DifflensError("no dictionaries to splice: pass at least one")
+    return out
+
+
+def _as_store(obj):
+    from difflens.store import Store
+
+    if isinstance(obj, Store):
+        return obj
+    if isinstance(obj, (str, Path)) and Path(obj).is_dir():
+        return Store(obj)
+    return None
+
+
+def _prompts_from_store(store, n: int) -> tuple[list[str], list[int]]:
+    samples = store.samples()
+    if not samples:
+        raise DifflensError(f"store {store.root} records no samples (prompts/seeds): pass prompts instead")
+    pairs, seen = [], set()
+    # Evenly spaced over the store's samples, so a few prompts still cover its variety.
+    order = np.linspace(0, len(samples) - 1, num=min(len(samples), max(n * 4, n))).round().astype(int)
+    for i in list(order) + list(range(len(samples))):
+        s = samples[int(i)]
+        key = (s["prompt"], int(s["seed"]))
+        if key not in seen:
+            seen.add(key)
+            pairs.append(key)
+        if len(pairs) >= n:
+            break
+    return [p for p, _ in pairs], [s for _, s in pairs]
+
+
+def _window(window, steps) -> tuple[Window, int | None]:
+    """Accept `steps` as the CLI passes it: an (a, b) tuple is a window, an int the step count."""
+    if isinstance(steps, (tuple, list)):
+        if window is not None:
+            raise DifflensError("give the splice window once: window=(a, b), not also steps=(a, b)")
+        window, steps = tuple(steps), None
+    if window is None:
+        w = Window.all()
+    elif isinstance(window, Window):
+        w = window
+    elif isinstance(window, str):
+        w = Window.parse(steps=window)
+    else:
+        a, b = window
+        w = Window.range(a, b)
+    return w, steps
+
+
+def image_mse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-image mean squared error of uint8 images scaled to [0, 1]."""
+    d = a.astype(np.float64) / 255.0 - b.astype(np.float64) / 255.0
+    return (d * d).reshape(len(a), -1).mean(1)
+
+
+def psnr_db(mse: float) -> float:
+    return float("inf") if mse <= 0 else float(10 * math.log10(1.0 / mse))
+
+
+def _adherence(prompts, images, classifier):
+    if classifier is None:
+        return None
+    from difflens.world.classifier import adherence
+
+    acc = adherence(prompts, images, classifier=classifier)["accuracy"]
+    return {k: (round(v, 4) if v is not None else None) for k, v in acc.items()}
+
+
+def _toy_classifier(adapter, prompts, classifier):
+    """The factor classifier when it makes sense (toy model, world prompts); a note otherwise."""
+    if classifier is not None:
+        return classifier, None
+    if getattr(adapter, "name", "") != "toy":
+        return None, "not the toy model: no factor classifier"
+    from difflens.world.classifier import default_classifier
+    from difflens.world.prompts import parse_prompt
+
+    try:
+        for p in prompts:
+            parse_prompt(p)
+    except DifflensError:
+        return None, "prompts are not toy-world prompts: adherence skipped"
+    try:
+        return default_classifier(), None
+    except DifflensError as e:
+        return None, f"factor classifier unavailable ({e})"
+
+
+def _recovered(err_splice, err_mean):
+    if err_splice is None or err_mean is None or err_mean <= 0:
+        return None
+    return float(1.0 - err_splice / err_mean)
+
+
+def evaluate_splice(
+    dicts,
+    store_or_prompts,
+    adapter,
+    *,
+    n_prompts: int = DEFAULT_PROMPTS,
+    seeds: Sequence[int] | None = None,
+    steps: int | tuple[int, int] | None = None,
+    window: Window | tuple[int, int] | str | None = None,
+    guidance: float | None = None,
+    classifier=None,
+    batch_size: int = 16,
+    out_dir: str | Path | None = None,
+    show_progress: bool = True,
+    max_tokens: int | None = None,  # accepted for the CLI's call; splicing runs whole images
+) -> dict:
+    """Splice each dictionary's reconstruction into generation and score it against clean and
+    mean-ablated generations (see the module docstring). Returns a JSON-ready dict."""
+    named = _names(dicts)
+    win, steps = _window(window, steps)
+    store = _as_store(store_or_prompts)
+    hc = {}
+    if store is not None:
+        prompts, store_seeds = _prompts_from_store(store, int(n_prompts))
+        seeds = list(seeds) if seeds is not None else store_seeds
+        hc = store.manifest.get("harvest_config") or {}
+    else:
+        if isinstance(store_or_prompts, str):
+            raise DifflensError(
+                f"{store_or_prompts!r} is neither a store folder nor a list of prompts: pass a Store, its folder, or [prompts]"
+            )
+        prompts = [str(p) for p in store_or_prompts][: int(n_prompts)]
+        if not prompts:
+            raise DifflensError("no prompts to splice: pass a store or a non-empty list of prompts")
+        seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
+    if len(seeds) != len(prompts):
+        seeds = [seeds[i % len(seeds)] for i in range(len(prompts))]
+    steps = int(steps if steps is not None else hc.get("steps") or default_steps(adapter))
+    if guidance is None and hc.get("guidance") is not None:
+        guidance = float(hc["guidance"])
+    win.check([float(t) for t in adapter.timesteps(steps)])
+    classifier, clf_note = _toy_classifier(adapter, prompts, classifier)
+
+    sites = []
+    for _, d in named:
+        s = str(Site.parse(d.cfg.site)) if d.cfg.site else None
+        if s is None:
+            raise DifflensError("a dictionary's cfg names no site: splice needs to know where it belongs")
+        if s not in sites:
+            sites.append(s)
+    batches = [(a, min(a + batch_size, len(prompts))) for a in range(0, len(prompts), batch_size)]
+    bar = progress(
+        total=len(batches) * (1 + len(sites) + 2 * len(named)), desc="splice", unit="gen", **({} if show_progress else {"disable": True})
+    )
+
+    def run(interventions, extra=None):
+        imgs, lats = [], []
+        for a, b in batches:
+            g = generate_with(adapter, prompts[a:b], seeds[a:b], interventions, steps=steps, guidance=guidance, extra_hooks=extra)
+            imgs.append(np.asarray(g.images))
+            lats.append(g.latents.float().cpu() if g.latents is not None else None)
+            bar.update(1)
+        lat = torch.cat(lats) if all(x is not None for x in lats) else None
+        return np.concatenate(imgs), lat
+
+    # Clean run; without store statistics it also records per-step means for mean ablation.
+    stats = {s: _store_stats(store, s) for s in sites}
+    need_record = [s for s in sites if stats[s] is None]
+    sums: dict[str, dict] = {s: {} for s in need_record}
+    rec_hooks = HookSet([(s, _mean_accumulator(sums[s])) for s in need_record])
+    clean_imgs, clean_lat = run([], rec_hooks if need_record else None)
+    means = {s: {step: tot / max(n, 1) for step, (tot, n) in sums[s].items()} for s in need_record}
+
+    result: dict = {
+        "n_prompts": len(prompts),
+        "prompts": prompts,
+        "seeds": [int(s) for s in seeds],
+        "steps": steps,
+        "window": win.describe(),
+        "guidance": guidance,
+        "definitions": (
+            "mse: mean squared pixel error vs the clean image, pixels in [0,1]; psnr_db = 10 log10(1/mse); "
+            "fidelity_recovered = 1 - mse(splice)/mse(mean ablation) (1 = clean, 0 = mean ablation); "
+            "fidelity_recovered_adherence = (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)); "
+            "error_term_check: splice with x - x_hat added back, must equal the clean run"
+        ),
+        "classifier": "factor classifier (prompt adherence)" if classifier is not None else clf_note,
+        "clean": {"adherence": _adherence(prompts, clean_imgs, classifier)},
+        "mean_ablation": {},
+        "dictionaries": [],
+    }
+    mean_imgs = {}
+    for s in sites:
+        if stats[s] is not None:
+            iv = MeanAblate(s, stats=stats[s], window=win)
+        else:
+            iv = MeanAblate(s, means_by_step=means[s], window=win)
+        imgs, _ = run([iv])
+        mean_imgs[s] = imgs
+        mse = float(image_mse(imgs, clean_imgs).mean())
+        result["mean_ablation"][s] = {
+            "source": "store statistics (mean per timestep)" if stats[s] is not None else "clean run (mean per step over its tokens)",
+            "mse": mse,
+            "psnr_db": psnr_db(mse),
+            "adherence": _adherence(prompts, imgs, classifier),
+        }
+
+    grids = {}
+    for name, d in named:
+        site = str(Site.parse(d.cfg.site))
+        sp_imgs, _ = run([Splice(d, window=win)])
+        chk_imgs, chk_lat = run([Splice(d, keep_error=True, window=win)])
+        mse = float(image_mse(sp_imgs, clean_imgs).mean())
+        mean = result["mean_ablation"][site]
+        adh = _adherence(prompts, sp_imgs, classifier)
+        rec_adh = None
+        if adh is not None and mean["adherence"] is not None:
+            c, m, s_ = result["clean"]["adherence"].get("prompt"), mean["adherence"].get("prompt"), adh.get("prompt")
+            if None not in (c, m, s_) and c - m > 1e-9:
+                rec_adh = float((s_ - m) / (c - m))
+        pix = int(np.abs(chk_imgs.astype(int) - clean_imgs.astype(int)).max())
+        lat_diff = float((chk_lat - clean_lat).abs().max()) if chk_lat is not None and clean_lat is not None else None
+        entry = {
+            "name": name,
+            "site": site,
+            "arch": d.cfg.arch,
+            "width": int(d.cfg.width),
+            "k": getattr(d.cfg, "k", None),
+            "splice": {"mse": mse, "psnr_db": psnr_db(mse), "adherence": adh},
+            "fidelity_recovered": _recovered(mse, mean["mse"]),
+            "fidelity_recovered_adherence": rec_adh,
+            "error_term_check": {
+                "mse": float(image_mse(chk_imgs, clean_imgs).mean()),
+                "max_pixel_diff_levels": pix,
+                "max_latent_diff": lat_diff,
+                "passed": bool(pix <= 1 and (lat_diff is None or lat_diff <= LATENT_TOLERANCE)),
+            },
+        }
+        result["dictionaries"].append(entry)
+        grids[name] = (sp_imgs, mean_imgs[site], chk_imgs)
+    bar.close()
+    if out_dir is not None:
+        result["grids"] = _write_grids(Path(out_dir), prompts, clean_imgs, grids)
+    return result
+
+
+def _store_stats(store, site: str):
+    if store is None or site not in store.sites:
+        return None
+    st = store.stats(site)
+    return st if len(st.timesteps_T) else None
+
+
+def _mean_accumulator(sums: dict):
+    """A hook adding up activations per step (all rows and tokens) for the mean-ablation baseline."""
+
+    def hook(acts, ctx):
+        x = acts.detach().double().reshape(-1, acts.shape[-1])
+        tot, n = sums.get(ctx.step, (torch.zeros(x.shape[1], dtype=torch.float64, device=x.device), 0))
+        sums[ctx.step] = (tot + x.sum(0), n + x.shape[0])
+        return None
+
+    return hook
+
+
+def _write_grids(out: Path, prompts, clean, grids) -> dict[str, str]:
+    from difflens.utils import save_image
+    from difflens.viz import labelled_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    n = len(prompts)
+    for i, (name, (sp, mean, chk)) in enumerate(grids.items()):
+        images = list(clean) + list(sp) + list(mean) + list(chk)
+        labels = [f"clean: {p}" for p in prompts] + ["splice"] * n + ["mean ablation"] * n + ["splice + error"] * n
+        path = out / f"splice_{i}.png"
+        save_image(path, labelled_grid(images, labels, cols=n, label_lines=3, title=name))
+        paths[name] = str(path)
+    return paths

@@ -1,0 +1,337 @@
+"""The whole autointerp run over dictionaries and baselines at one site: cache -> heatmaps -> explain/judge -> report.
+
+`run_pipeline` is what `difflens interpret` and the demo call; `run_oracle_pipeline` is the
+offline toy-world version (ground-truth explainer and judge, no network).
+
+Output folder:
+    <out>/<source>/cache/            the feature cache (cache.json + cache.safetensors)
+    <out>/<source>/heatmaps/         feature_<id>.png per scored feature
+    <out>/<source>/features/         per-feature JSON for the browser (+ index.json)
+    <out>/<source>/scores.json       per-feature explanations, judgements, scores; summary
+    <out>/<source>/score_hist.png
+    <out>/comparison.md / .json      the one table comparing all sources
+    <out>/score_hist.png, hierarchy.png, hierarchy.json, report.md, run.json
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from difflens.errors import DifflensError
+from difflens.interpret.cache import CacheConfig, build_cache
+from difflens.interpret.features import (
+    FeatureSource,
+    NeuronFeatures,
+    RandomDirections,
+    as_feature_source,
+    neuron_site_for,
+    sample_live_features,
+)
+from difflens.interpret.report import (
+    export_features,
+    hierarchy,
+    markdown_table,
+    paper_checks,
+    plot_hierarchy,
+    plot_scores,
+    summarize,
+)
+from difflens.interpret.scoring import Truth, build_tasks, score_features
+from difflens.interpret.sources import MemorySource, SampleSource, StoreSource
+from difflens.utils import read_json, write_json
+
+BASELINES = ("neurons", "random")
+
+
+class _Images:
+    """Images by sample id, loaded once (explainer, judge and grids all reuse them)."""
+
+    def __init__(self, source: SampleSource):
+        self.source = source
+        self._c: dict[int, np.ndarray] = {}
+
+    def __call__(self, sid: int) -> np.ndarray:
+        sid = int(sid)
+        if sid not in self._c:
+            self._c[sid] = self.source.image(sid)
+        return self._c[sid]
+
+
+def _site_mean(src: SampleSource, site: str):
+    import torch
+
+    if isinstance(src, StoreSource):
+        return src.store.stats(site).mean_D
+    if isinstance(src, MemorySource):
+        a = src._acts[site]
+        return torch.from_numpy(a.reshape(-1, a.shape[-1]).mean(0))
+    return None
+
+
+def _named_sources(dicts) -> list[FeatureSource]:
+    items = dicts.items() if isinstance(dicts, Mapping) else [(None, d) for d in (dicts or [])]
+    out, seen = [], set()
+    for name, obj in items:
+        fs = as_feature_source(obj, name)
+        base, i = fs.name, 2
+        while fs.name in seen or fs.name in BASELINES:
+            fs.name = f"{base}-{i}"
+            i += 1
+        seen.add(fs.name)
+        out.append(fs)
+    return out
+
+
+def make_backends(judge: str, explainer: str | None, *, truth, image_of, client_config=None, out_dir=None,
+                  explainer_prompt=None, judge_prompt=None, vlm_cache=None, evidence: str = "split"):
+    """(explainer, judge, client) for "oracle" / "openai" choices."""
+    from difflens.interpret.oracle import OracleExplainer, OracleJudge
+
+    explainer = explainer or judge
+    for role, v in (("judge", judge), ("explainer", explainer)):
+        if v not in ("oracle", "openai"):
+            raise DifflensError(f"--{role} must be 'oracle' or 'openai', got {v!r}")
+    if "oracle" in (judge, explainer) and truth is None:
+        raise DifflensError("the oracle needs toy-world ground truth (token_labels in the samples): use a toy-model store, "
+                            "or --judge openai")
+    client = None
+    if "openai" in (judge, explainer):
+        from difflens.interpret.client import ChatClient, ClientConfig
+        from difflens.interpret.vlm import EXPLAINER_PROMPT, JUDGE_PROMPT, VLMExplainer, VLMJudge, load_template
+
+        cfg = client_config or ClientConfig.from_env()
+        cache_dir = vlm_cache or (Path(out_dir) / "vlm_cache" if out_dir else None)
+        client = ChatClient(cfg, cache_dir=cache_dir, log_path=Path(out_dir) / "vlm_requests.jsonl" if out_dir else None)
+    if explainer == "oracle":
+        ex = OracleExplainer(truth, evidence=evidence)
+    else:
+        ex = VLMExplainer(client, image_of, template=load_template(explainer_prompt, EXPLAINER_PROMPT, ("{n_images}",)))
+    if judge == "oracle":
+        ju = OracleJudge(truth)
+    else:
+        ju = VLMJudge(client, image_of, template=load_template(judge_prompt, JUDGE_PROMPT, ("{explanation}",)))
+    return ex, ju, client
+
+
+def run_pipeline(
+    dicts,
+    data,
+    out_dir,
+    *,
+    judge: str = "oracle",
+    explainer: str | None = None,
+    baselines=BASELINES,
+    neuron_site: str | None = None,
+    site: str | None = None,
+    n_features: int = 64,
+    max_map_features: int = 4096,
+    cache_config: CacheConfig | None = None,
+    n_explain: int = 5,
+    n_pos: int = 5,
+    n_neg: int = 5,
+    seed: int = 0,
+    client_config=None,
+    explainer_prompt=None,
+    judge_prompt=None,
+    vlm_cache=None,
+    grids: bool = True,
+    adherent_only: bool = False,
+    evidence: str = "split",
+    random_width: int | None = None,
+) -> dict:
+    """Score dictionaries (name -> Dictionary | checkpoint path) and baselines on the same images.
+
+    n_features live features per source are sampled with `seed` and scored (the paper scores a
+    random sample, not the best). Returns the report dict; its "table" holds one row per source.
+    """
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = _named_sources(dicts)
+    site = site or (sources[0].site if sources else None)
+    if site is None:
+        raise DifflensError("no site to interpret: pass --dict DIR (its site is used) or --site")
+    baselines = [b for b in (baselines or ()) if b]
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise DifflensError(f"unknown baseline(s) {bad}: use {', '.join(BASELINES)}")
+    if isinstance(data, SampleSource):
+        src = data
+        avail = src.sites
+    else:
+        from difflens.store import Store
+
+        store = data if isinstance(data, Store) else Store(data)
+        avail = [s for s in store.sites if s.endswith(":img")]
+        src = None
+    notes = []
+    if "neurons" in baselines:
+        given = neuron_site
+        neuron_site = neuron_site or neuron_site_for(site, avail)
+        if neuron_site is None or neuron_site not in avail:
+            if given:
+                raise DifflensError(f"neuron site {given} is not in the data (sites: {avail}): harvest it alongside {site}")
+            notes.append(f"neurons baseline skipped: the data has no MLP site for {site} (harvest e.g. "
+                         f"{site.split(':')[0]}.ff.net.0:img alongside it)")
+            baselines.remove("neurons")
+    other_sites = sorted({fs.site for fs in sources} - {site})
+    if other_sites:
+        notes.append(f"dictionaries at other sites than {site}: {other_sites} (compare rows by site)")
+    if src is None:
+        need = [site] + other_sites + ([neuron_site] if "neurons" in baselines else [])
+        src = StoreSource(store, sites=need)
+    if "neurons" in baselines:
+        sources.append(NeuronFeatures(neuron_site, src.d(neuron_site)))
+    if "random" in baselines:
+        d = src.d(site)
+        sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=_site_mean(src, site)))
+    if not sources:
+        raise DifflensError("nothing to interpret: pass --dict and/or baselines")
+
+    sids = src.sample_ids()
+    if adherent_only:
+        keep = [s for s in sids if src.record(int(s)).get("adherent", True)]
+        notes.append(f"adherent-only: {len(keep)} of {len(sids)} samples")
+        sids = np.array(keep, np.int64)
+    has_truth = src.token_labels(sids[:1]) is not None
+    truth = Truth(src) if has_truth else None
+    image_of = _Images(src)
+    ex, ju, client = make_backends(judge, explainer, truth=truth, image_of=image_of, client_config=client_config,
+                                   out_dir=out, explainer_prompt=explainer_prompt, judge_prompt=judge_prompt,
+                                   vlm_cache=vlm_cache, evidence=evidence)
+    cfg = cache_config or CacheConfig()
+
+    rows, scores, kinds, hier, per_source = [], {}, {}, {}, {}
+    for fs in sources:
+        chosen: dict = {}
+
+        def pick(arrays, fs=fs, chosen=chosen):
+            sel = sample_live_features(arrays["frequency"], n_features, seed)
+            chosen["selected"] = sel
+            live = np.flatnonzero(arrays["frequency"] > 0)
+            if fs.kind in ("neurons", "random") or len(live) > max_map_features:
+                # a few more than the scored ones, so every feature can find n_neg negatives
+                extra = sample_live_features(arrays["frequency"], max(len(sel), 3 * (n_neg + 1)), seed + 1)
+                return np.union1d(sel, extra)
+            return live
+
+        folder = out / fs.name
+        cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed)
+        selected = chosen["selected"]
+        tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed)
+        results = score_features(cache, tasks, ex, ju, truth=truth)
+        row = summarize(fs.name, cache, results, selected, skipped)
+        rows.append(row)
+        scores[fs.name] = [r["score"] for r in results if r["score"] is not None]
+        kinds[fs.name] = fs.kind
+        hier[fs.name] = hierarchy(cache)
+        write_json(folder / "scores.json", {"summary": row, "source": fs.describe(), "selected": [int(x) for x in selected],
+                                            "skipped": {str(k): v for k, v in skipped.items()}, "results": results})
+        plot_scores({fs.name: scores[fs.name]}, folder / "score_hist.png", title=f"{fs.name} scores")
+        if grids:
+            from difflens.interpret.heatmap import write_feature_grids
+
+            titles = {r["feature"]: f"{fs.name} #{r['feature']}: {r['explanation'] or '(no explanation)'}"
+                      + (f" [{r['score']:.2f}]" if r["score"] is not None else "") for r in results}
+            write_feature_grids(cache, [r["feature"] for r in results], image_of, folder / "heatmaps", titles=titles)
+        prov = getattr(getattr(fs, "dictionary", None), "provenance", None)
+        prov = {k: v.detach().cpu().numpy() for k, v in prov.items()} if isinstance(prov, dict) else None
+        export_features(cache, results, folder / "features", provenance=prov)
+        per_source[fs.name] = {"folder": str(folder), "skipped": len(skipped)}
+
+    run = {
+        "created": time.time(),
+        "seconds": None,
+        "site": site,
+        "neuron_site": neuron_site if "neurons" in baselines else None,
+        "data": src.description,
+        "num_samples": int(len(sids)),
+        "judge": judge,
+        "explainer": explainer or judge,
+        "evidence": evidence if (explainer or judge) == "oracle" else None,
+        "n_features": n_features,
+        "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed},
+        "cache_config": cfg.__dict__,
+        "table": rows,
+        "scores": scores,
+        "kinds": kinds,
+        "hierarchy": hier,
+        "notes": notes,
+        "vlm": None if client is None else {"config": client.config.public(), "tally": dict(client.tally)},
+        "sources": per_source,
+    }
+    run["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "run.json", run)
+    return render_report(out)
+
+
+def run_oracle_pipeline(dicts, store_path, out_dir, *, baselines=BASELINES, neuron_site=None, n_features: int = 64, **kw) -> dict:
+    """The offline toy-world pipeline: ground-truth explainer and judge; returns the report dict."""
+    return run_pipeline(dicts, store_path, out_dir, judge="oracle", baselines=baselines, neuron_site=neuron_site,
+                        n_features=n_features, **kw)
+
+
+def render_report(out_dir) -> dict:
+    """(Re)write comparison.md/.json, report.md and the plots from <out>/run.json."""
+    out = Path(out_dir)
+    if not (out / "run.json").exists():
+        raise DifflensError(f"{out} holds no interpret run (run.json): run `difflens interpret` first")
+    run = read_json(out / "run.json")
+    rows, scores, kinds = run["table"], run["scores"], run["kinds"]
+    checks = paper_checks(scores, kinds, seed=run["protocol"]["seed"])
+    table_md = markdown_table(rows)
+    write_json(out / "comparison.json", {"site": run["site"], "judge": run["judge"], "rows": rows, "checks": checks})
+    (out / "comparison.md").write_text(table_md + "\n", encoding="utf-8")
+    plot_scores(scores, out / "score_hist.png")
+    hier = {k: v for k, v in run["hierarchy"].items() if v}
+    write_json(out / "hierarchy.json", hier)
+    plot_hierarchy(hier, out / "hierarchy.png")
+    md = [f"# Autointerp report ({run['explainer']} explainer, {run['judge']} judge)", "",
+          f"Site `{run['site']}`" + (f", neurons `{run['neuron_site']}`" if run.get("neuron_site") else "")
+          + f"; {run['num_samples']} images from {run['data'].get('path') or run['data'].get('kind')}; "
+          f"{run['n_features']} live features sampled per source (seed {run['protocol']['seed']}). "
+          f"Score = mean(mean s on {run['protocol']['n_pos']} held-out top images, mean (1 - s) on "
+          f"{run['protocol']['n_neg']} top images of other features); 0.5 = chance.", "",
+          table_md, "", "![scores](score_hist.png)", "", "## Checks against the papers", ""]
+    for key, label in (("sae_vs_neurons", "SAE vs MLP neurons"), ("itda_vs_sae", "ITDA vs SAE")):
+        c = checks.get(key)
+        if c:
+            md.append(f"- **{label}**: {c['verdict']} — mean {c['mean_a']} vs {c['mean_b']}, difference {c['diff']} "
+                      f"(95% CI {c['ci95'][0]}..{c['ci95'][1]}), Mann-Whitney p = {c['mann_whitney_p']} (n = {c['n_a']}, {c['n_b']})")
+        else:
+            md.append(f"- **{label}**: not enough scored features (or the source is missing) to compare")
+    for n, c in (checks.get("vs_random") or {}).items():
+        if c:
+            md.append(f"- {n} vs random directions: difference {c['diff']} (95% CI {c['ci95'][0]}..{c['ci95'][1]})")
+    md += ["", "## Timestep hierarchy", "",
+           "Per concept type: the median timestep at which the type's best-matching features (token F1, top 5) "
+           "peak in mean activation, and the timestep where one feature matches the type best. Timesteps count "
+           "down from 1000 (pure noise).", ""]
+    for name, h in hier.items():
+        md.append(f"**{name}**" + (f" — coarse-to-fine holds: {h['coarse_to_fine']['holds']} (position/background peak "
+                                   f"{h['coarse_to_fine']['position_background_peak']}, digit peak {h['coarse_to_fine']['digit_peak']})"
+                                   if h.get("coarse_to_fine") else ""))
+        md.append("")
+        md.append("| type | features | median peak timestep | best-match timestep | best F1 |")
+        md.append("|---|---|---|---|---|")
+        for t, e in h["types"].items():
+            md.append(f"| {t} | {len(e['features'])} | {e.get('median_peak_timestep', '–')} | {e.get('best_step_timestep') or '–'} | "
+                      f"{max([x for x in e['best_f1_by_step'] if x is not None], default=0):.3f} |")
+        md.append("")
+    md += ["![hierarchy](hierarchy.png)", ""]
+    if run.get("vlm"):
+        t = run["vlm"]["tally"]
+        md += ["## VLM usage", "", f"model `{run['vlm']['config']['model']}`: {t['calls']} calls, {t['cached']} from cache, "
+               f"{t['http_requests']} HTTP requests ({t['retries']} retries), {t['failures']} failures, "
+               f"{t['prompt_tokens']} prompt + {t['completion_tokens']} completion tokens, ${t['cost_usd']:.4f}", ""]
+    if run.get("notes"):
+        md += ["## Notes", ""] + [f"- {n}" for n in run["notes"]] + [""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    report = {"table": rows, "checks": checks, "hierarchy": hier, "out_dir": str(out), "notes": run.get("notes", []),
+              "vlm": run.get("vlm"), "seconds": run.get("seconds")}
+    write_json(out / "report.json", report)
+    return report

@@ -1,0 +1,182 @@
+"""The autointerp protocol, shared by the VLM and the oracle: tasks, score arithmetic, localisation.
+
+Per feature (Shabalin et al. 2025): the explainer sees its top `n_explain` images (explain
+split); the judge sees one image at a time with the explanation and returns s in [0, 1]. The
+test set is `n_pos` positives (the feature's top images of the held-out split) and `n_neg`
+negatives (the best held-out image of `n_neg` other features not already in the test set, each shown with *its own*
+feature's overlay, so an overlay's presence or strength gives nothing away).
+
+    score = mean( mean_{positives} s , mean_{negatives} (1 - s) )
+
+A chance-level explanation scores 0.5, a perfect one 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from difflens.interpret.cache import Example, FeatureCache
+from difflens.interpret.concepts import CONCEPT_INDEX, CONCEPT_NAMES, concept_matrix, concepts_in_text, mask_for_concepts
+
+
+@dataclass
+class Explanation:
+    text: str
+    ok: bool = True
+    concept: str | None = None  # the oracle's concept ("color=red"), or the one(s) a text names
+    level: str | None = None  # "token" | "image" (oracle)
+    error: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class TestItem:
+    example: Example
+    positive: bool
+
+
+@dataclass
+class Task:
+    feature: int
+    explain: list[Example]
+    test: list[TestItem]
+
+
+def feature_score(s_pos, s_neg) -> float | None:
+    """mean(mean s on positives, mean (1 - s) on negatives); failed judgements (None) are left out."""
+    p = [float(s) for s in s_pos if s is not None]
+    n = [float(s) for s in s_neg if s is not None]
+    if not p or not n:
+        return None
+    return 0.5 * (float(np.mean(p)) + float(np.mean([1.0 - s for s in n])))
+
+
+def build_tasks(cache: FeatureCache, features, *, n_explain: int = 5, n_pos: int = 5, n_neg: int = 5,
+                seed: int = 0, pool=None) -> tuple[list[Task], dict[int, str]]:
+    """Tasks for `features`; a feature without enough qualifying images is skipped with the reason.
+
+    Negatives are drawn from `pool` (default: every feature with token maps).
+    """
+    pool = cache.map_features if pool is None else pool
+    pool = [int(g) for g in pool if cache.has_maps(int(g)) and int(cache["top_sample"][int(g), 1, 0]) >= 0]
+    tasks, skipped = [], {}
+    for f in (int(x) for x in features):
+        if not cache.has_maps(f):
+            skipped[f] = "no token maps in the cache"
+            continue
+        explain = cache.top_examples(f, 0)[:n_explain]
+        pos = cache.top_examples(f, 1)[:n_pos]
+        if len(explain) < n_explain or len(pos) < n_pos:
+            skipped[f] = f"only {len(explain)} explain / {len(pos)} held-out qualifying images (need {n_explain} / {n_pos})"
+            continue
+        used = {e.sample_id for e in pos}
+        rng = np.random.default_rng([seed, f])
+        negs: list[Example] = []
+        for g in rng.permutation(pool).tolist():
+            if g == f:
+                continue
+            # the other feature's best held-out image not already in the test set
+            e = next((x for x in cache.top_examples(g, 1) if x.sample_id not in used), None)
+            if e is None:
+                continue
+            used.add(e.sample_id)
+            negs.append(e)
+            if len(negs) == n_neg:
+                break
+        if len(negs) < n_neg:
+            skipped[f] = f"only {len(negs)} negatives available from other features (need {n_neg})"
+            continue
+        test = [TestItem(e, True) for e in pos] + [TestItem(e, False) for e in negs]
+        tasks.append(Task(f, explain, test))
+    return tasks, skipped
+
+
+def active_tokens(map_T: np.ndarray, threshold: float) -> np.ndarray:
+    """The thresholded heatmap; if nothing passes, the peak token (when positive)."""
+    m = np.asarray(map_T, np.float32).reshape(-1)
+    a = m > threshold
+    if not a.any() and m.max() > 0:
+        a = m >= m.max()
+    return a
+
+
+class Truth:
+    """Ground-truth concept masks per sample (toy world), from the source's token labels."""
+
+    def __init__(self, source):
+        self.source = source
+        self._cache: dict[int, np.ndarray] = {}
+
+    def tokens(self, sid: int) -> np.ndarray | None:
+        """bool [T, C] or None when the sample has no labels."""
+        sid = int(sid)
+        if sid not in self._cache:
+            lab = self.source.record(sid).get("token_labels")
+            self._cache[sid] = None if lab is None else concept_matrix(np.asarray(lab, np.int64))
+        return self._cache[sid]
+
+    def image(self, sid: int) -> np.ndarray | None:
+        t = self.tokens(sid)
+        return None if t is None else t.any(0)
+
+
+def concept_mask_of(expl: Explanation, cm_TC: np.ndarray) -> np.ndarray | None:
+    if expl.concept in CONCEPT_INDEX:
+        return cm_TC[:, CONCEPT_INDEX[expl.concept]]
+    named = concepts_in_text(expl.text or "")
+    return mask_for_concepts(cm_TC, named) if named else None
+
+
+def localisation(expl: Explanation, examples: list[Example], truth: Truth | None) -> float | None:
+    """Mean IoU between each positive's thresholded heatmap and the explained concept's token mask."""
+    if truth is None or not expl.ok:
+        return None
+    ious = []
+    for e in examples:
+        cm = truth.tokens(e.sample_id)
+        if cm is None:
+            continue
+        c = concept_mask_of(expl, cm)
+        if c is None:
+            return None
+        a = active_tokens(e.map, e.threshold)
+        union = (a | c).sum()
+        ious.append(float((a & c).sum() / union) if union else 0.0)
+    return float(np.mean(ious)) if ious else None
+
+
+def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, truth: Truth | None = None) -> list[dict]:
+    """Explain every task's feature, judge its test set, and return one result dict per feature."""
+    explanations = explainer.explain_many(cache, tasks)
+    judged = judge.judge_many(cache, tasks, explanations)
+    out = []
+    for t in tasks:
+        ex = explanations[t.feature]
+        s = judged.get(t.feature) or [None] * len(t.test)
+        s_pos = [v for v, it in zip(s, t.test) if it.positive]
+        s_neg = [v for v, it in zip(s, t.test) if not it.positive]
+        score = feature_score(s_pos, s_neg) if ex.ok else None
+        out.append({
+            "feature": t.feature,
+            "explanation": ex.text,
+            "explanation_ok": ex.ok,
+            "explanation_error": ex.error,
+            "concept": ex.concept,
+            "level": ex.level,
+            "explanation_meta": ex.meta,
+            "explain_samples": [e.sample_id for e in t.explain],
+            "test": [{"sample_id": it.example.sample_id, "positive": it.positive, "from_feature": it.example.feature,
+                      "s": v} for it, v in zip(t.test, s)],
+            "s_pos": s_pos,
+            "s_neg": s_neg,
+            "judge_failures": int(sum(v is None for v in s)) if ex.ok else len(t.test),
+            "score": score,
+            "localisation": localisation(ex, [it.example for it in t.test if it.positive], truth),
+        })
+    return out
+
+
+__all__ = ["CONCEPT_NAMES", "Explanation", "Task", "TestItem", "Truth", "build_tasks", "feature_score",
+           "localisation", "score_features", "active_tokens"]

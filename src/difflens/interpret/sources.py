@@ -1,0 +1,281 @@
+"""Whole images of activations, sample by sample: from a store or generated afresh with a recording hook.
+
+The feature cache needs every image token of an image at every recorded step (a token map per
+step), so it reads activations grouped by sample as [samples, steps, tokens, d], unlike the
+trainer's shuffled token stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflens.errors import DifflensError
+
+
+def _split_of(prompt_ids: np.ndarray, seed: int, explain_fraction: float) -> np.ndarray:
+    """0 = explain split, 1 = held-out (judge) split; by prompt so both seeds of a prompt stay together."""
+    x = (np.asarray(prompt_ids, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**64 - 1)
+    # splitmix64 finaliser: a cheap, stable hash (independent of which other samples exist)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    u = (x >> np.uint64(11)).astype(np.float64) / float(2**53)
+    return (u >= explain_fraction).astype(np.int8)
+
+
+class SampleSource:
+    """Interface: sample ids, their records/images/labels, and activations per site in sample batches."""
+
+    steps: list[int]
+    timesteps: list[float]
+    grid_hw: tuple[int, int]
+    description: dict
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_hw[0] * self.grid_hw[1]
+
+    def sample_ids(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def record(self, sid: int) -> dict:
+        raise NotImplementedError
+
+    def image(self, sid: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def d(self, site: str) -> int:
+        raise NotImplementedError
+
+    @property
+    def sites(self) -> list[str]:
+        raise NotImplementedError
+
+    def iter_acts(self, site: str, sample_ids: Sequence[int], rows_per_batch: int = 8192) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """Yield (sample ids [b], acts float32 [b, S, T, D]) covering `sample_ids` in order."""
+        raise NotImplementedError
+
+    # ---- shared ------------------------------------------------------------------------------
+    def prompt_ids(self, sids) -> np.ndarray:
+        return np.array([int(self.record(int(s)).get("prompt_id", s)) for s in sids], np.int64)
+
+    def token_labels(self, sids) -> np.ndarray | None:
+        """int64 [n, T] per-token concept bitmasks (toy world), or None when some sample has none."""
+        out = np.zeros((len(sids), self.num_tokens), np.int64)
+        for i, s in enumerate(sids):
+            lab = self.record(int(s)).get("token_labels")
+            if lab is None or len(lab) != self.num_tokens:
+                return None
+            out[i] = np.asarray(lab, np.int64)
+        return out
+
+    def _batch_sizes(self, site: str, n: int, rows_per_batch: int) -> int:
+        per_sample = len(self.steps) * self.num_tokens
+        return max(1, min(n, rows_per_batch // max(per_sample, 1)))
+
+
+class StoreSource(SampleSource):
+    """Samples of an activation store that holds every image token of its images (no token subsampling)."""
+
+    def __init__(self, store, *, sites: Sequence[str] | None = None):
+        from difflens.store import Store
+
+        self.store = store if isinstance(store, Store) else Store(store)
+        self._records = {int(r["sample_id"]): r for r in self.store.samples()}
+        self._rows: dict[str, dict[int, np.ndarray]] = {}
+        self._steps: dict[str, tuple[list[int], list[float], tuple[int, int]]] = {}
+        use = list(sites) if sites is not None else [s for s in self.store.sites if s.endswith(":img")]
+        self._sites = use
+        self.description = {"kind": "store", "path": str(self.store.root), "fingerprint": self.store.fingerprint()}
+        if not use:
+            raise DifflensError(f"store {self.store.root} has no image-stream site: harvest an ':img' site")
+        self._index(use[0])
+        self.steps, self.timesteps, self.grid_hw = self._steps[use[0]]
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._sites)
+
+    def d(self, site: str) -> int:
+        return self.store.d(site)
+
+    def _index(self, site: str) -> None:
+        """Group a site's rows by sample, ordered (step, token); insist on complete token maps."""
+        if site in self._rows:
+            return
+        if site not in self.store.sites:
+            raise DifflensError(f"site {site} is not in store {self.store.root}; it has {self.store.sites}")
+        m = self.store.meta(site, ["sample_id", "step", "timestep", "token", "h", "w", "stream", "index"])
+        img = m["stream"] == 0
+        if not img.any():
+            raise DifflensError(f"site {site} of {self.store.root} has no image-token rows; interpret an ':img' site")
+        m = {k: v[img] for k, v in m.items()}
+        steps = sorted(set(m["step"].tolist()))
+        ts = [float(m["timestep"][np.flatnonzero(m["step"] == s)[0]]) for s in steps]
+        grid = (int(m["h"].max()) + 1, int(m["w"].max()) + 1)
+        T = grid[0] * grid[1]
+        order = np.lexsort((m["token"], m["step"], m["sample_id"]))
+        sid_sorted = m["sample_id"][order]
+        bounds = np.flatnonzero(np.diff(sid_sorted)) + 1
+        starts = np.concatenate([[0], bounds])
+        ends = np.concatenate([bounds, [len(order)]])
+        need = len(steps) * T
+        rows: dict[int, np.ndarray] = {}
+        step_pos = {s: i for i, s in enumerate(steps)}
+        for a, b in zip(starts, ends):
+            sid = int(sid_sorted[a])
+            sel = order[a:b]
+            if b - a != need or not (
+                np.array_equal(m["token"][sel], np.tile(np.arange(T), len(steps)))
+                and np.array_equal([step_pos[x] for x in m["step"][sel][::T]], list(range(len(steps))))
+            ):
+                raise DifflensError(
+                    f"sample {sid} of site {site} in {self.store.root} has {b - a} image-token rows, not "
+                    f"{len(steps)} steps x {T} tokens: the feature cache needs full token maps. Fix: harvest "
+                    "a store without --tokens-per-image/--token-fraction (all tokens), or use --generate"
+                )
+            rows[sid] = m["index"][sel]
+        self._rows[site] = rows
+        self._steps[site] = (steps, ts, grid)
+
+    def sample_ids(self) -> np.ndarray:
+        return np.array(sorted(self._rows[self._sites[0]]), np.int64)
+
+    def record(self, sid: int) -> dict:
+        return self._records.get(int(sid), {"sample_id": int(sid)})
+
+    def image(self, sid: int) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(self.store.image_path(int(sid))) as im:
+            return np.asarray(im.convert("RGB"), np.uint8)
+
+    def iter_acts(self, site, sample_ids, rows_per_batch=8192):
+        self._index(site)
+        if self._steps[site][0] != self.steps or self._steps[site][2] != self.grid_hw:
+            raise DifflensError(f"site {site} records other steps/grid than {self._sites[0]} in {self.store.root}")
+        rows = self._rows[site]
+        sids = [int(s) for s in sample_ids]
+        missing = [s for s in sids if s not in rows]
+        if missing:
+            raise DifflensError(f"samples {missing[:5]} have no rows at site {site} in {self.store.root}")
+        S, T = len(self.steps), self.num_tokens
+        b = self._batch_sizes(site, len(sids), rows_per_batch)
+        for i in range(0, len(sids), b):
+            chunk = sids[i : i + b]
+            idx = np.concatenate([rows[s] for s in chunk])
+            acts = self.store.read_rows(site, idx).float()
+            yield np.array(chunk, np.int64), acts.reshape(len(chunk), S, T, -1)
+
+
+class MemorySource(SampleSource):
+    """Samples held in memory, e.g. generated afresh by `generate_samples`."""
+
+    def __init__(self, acts: dict[str, np.ndarray], records: list[dict], images: np.ndarray,
+                 timesteps: list[float], steps: list[int] | None = None, description: dict | None = None):
+        first = next(iter(acts.values()))
+        n, S, T, _ = first.shape
+        g = int(round(T**0.5))
+        if g * g != T:
+            raise DifflensError(f"{T} image tokens is not a square grid; pass grid_hw explicitly")
+        self._acts = acts
+        self._records = {int(r["sample_id"]): r for r in records}
+        self._order = [int(r["sample_id"]) for r in records]
+        self._images = {sid: np.asarray(images[i], np.uint8) for i, sid in enumerate(self._order)}
+        self.steps = list(steps if steps is not None else range(S))
+        self.timesteps = [float(t) for t in timesteps]
+        self.grid_hw = (g, g)
+        self.description = description or {"kind": "memory"}
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self._acts)
+
+    def d(self, site):
+        return int(self._acts[site].shape[-1])
+
+    def sample_ids(self):
+        return np.array(sorted(self._order), np.int64)
+
+    def record(self, sid):
+        return self._records.get(int(sid), {"sample_id": int(sid)})
+
+    def image(self, sid):
+        return self._images[int(sid)]
+
+    def iter_acts(self, site, sample_ids, rows_per_batch=8192):
+        if site not in self._acts:
+            raise DifflensError(f"site {site} was not recorded; generated sites are {self.sites}")
+        pos = {s: i for i, s in enumerate(self._order)}
+        sids = [int(s) for s in sample_ids]
+        b = self._batch_sizes(site, len(sids), rows_per_batch)
+        for i in range(0, len(sids), b):
+            chunk = sids[i : i + b]
+            yield np.array(chunk, np.int64), torch.from_numpy(self._acts[site][[pos[s] for s in chunk]]).float()
+
+
+def generate_samples(adapter, prompts: list[str], sites: Sequence[str], *, seeds: Sequence[int] = (0,), steps: int | None = None,
+                     scenes: list | None = None, batch_size: int = 8, guidance: float | None = None) -> MemorySource:
+    """Generate images afresh with a hook recording every image token of the conditional rows at
+    every step, for when no full-token store exists."""
+    from difflens.harvest.run import plan_samples
+    from difflens.hooks import HookSet, Site
+    from difflens.utils import progress
+
+    is_toy = getattr(adapter, "name", "") == "toy"
+    plan = plan_samples(list(prompts), [int(s) for s in seeds], scenes, is_toy)
+    if steps is None:
+        steps = int(adapter.model.cfg.steps_default) if is_toy else 12
+    sites = [str(Site.parse(s)) for s in sites]
+    acts: dict[str, list[np.ndarray]] = {s: [] for s in sites}
+    images, records = [], []
+    timesteps: list[float] = []
+    for a in progress(range(0, len(plan), batch_size), desc="generate samples", unit="batch"):
+        batch = plan[a : a + batch_size]
+        buf: dict[str, np.ndarray | None] = {s: None for s in sites}
+
+        def hook_for(site):
+            def hook(x_BND, ctx):
+                rows = torch.nonzero(ctx.is_cond).flatten()
+                if buf[site] is None:
+                    buf[site] = np.zeros((len(batch), ctx.num_steps, x_BND.shape[1], x_BND.shape[2]), np.float32)
+                for r in rows.tolist():
+                    buf[site][int(ctx.sample_index[r]), ctx.step] = x_BND[r].detach().float().cpu().numpy()
+
+            return hook
+
+        hooks = HookSet([(s, hook_for(s)) for s in sites])
+        gen = adapter.generate([s.prompt for s in batch], [s.seed for s in batch], steps=steps, guidance=guidance, hooks=hooks)
+        timesteps = list(gen.timesteps)
+        for s in sites:
+            acts[s].append(buf[s])
+        images.append(gen.images)
+        for smp in batch:
+            rec = {"sample_id": smp.sample_id, "prompt_id": smp.prompt_id, "prompt": smp.prompt, "seed": smp.seed}
+            if smp.scene is not None:
+                from difflens.world.labels import image_concepts, token_label_masks
+                from difflens.world.scene import render
+
+                r = render(smp.scene)
+                rec["scene"] = smp.scene.to_dict()
+                rec["concepts"] = image_concepts(r)
+                rec["token_labels"] = [int(x) for x in token_label_masks(r)]
+            records.append(rec)
+    return MemorySource(
+        {s: np.concatenate(v) for s, v in acts.items()}, records, np.concatenate(images), timesteps,
+        description={"kind": "generated", "model": getattr(adapter, "model_id", "?"), "prompts": len(prompts), "steps": steps},
+    )
+
+
+def open_source(data, sites: Sequence[str] | None = None) -> SampleSource:
+    """A SampleSource from a store path/Store or an existing source."""
+    if isinstance(data, SampleSource):
+        return data
+    if isinstance(data, (str, Path)) or hasattr(data, "samples"):
+        return StoreSource(data, sites=sites)
+    raise DifflensError(f"cannot read samples from {type(data).__name__}: pass a store folder")

@@ -1,0 +1,360 @@
+"""`difflens steer | edit | transfer | intervene-study`: thin verbs over difflens.intervene.
+
+Every verb writes the PNG asked for (the clean image beside the changed one, or a labelled
+sweep grid) and a JSON next to it with the settings, the steps the intervention acted on and,
+on the toy model, the factor classifier's reading of each image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from difflens.errors import DifflensError
+
+WHEN_HELP = (
+    "--steps a:b (step indices, b excluded; ':5' = the first 5) or 0,2,4; "
+    "--timesteps lo:hi (scheduler timestep values, inclusive). Default: all steps."
+)
+
+
+# ---- shared options --------------------------------------------------------------------------
+def _model_options(p) -> None:
+    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a hub id (default: toy)")
+    p.add_argument("--dtype", default="fp32", help="model dtype: fp32 or bf16 (fp16 on GPUs only)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--dict", dest="dict_dir", required=True, metavar="DIR", help="dictionary folder (cfg.json + weights.safetensors)")
+    p.add_argument("--site", default=None, help="site to act on (default: the dictionary's site)")
+
+
+def _gen_options(p) -> None:
+    p.add_argument("--prompt", required=True, help="the prompt")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the model's; toy 12)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG / guidance scale (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height (pipelines only)")
+    p.add_argument("--width", type=int, default=None, help="image width (pipelines only)")
+
+
+def _where_options(p) -> None:
+    p.add_argument("--steps", default=None, help="step window: a:b (b excluded) or a list 0,2,4. " + WHEN_HELP)
+    p.add_argument("--timesteps", default=None, help="timestep-value window lo:hi (inclusive)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--region", default=None, help="box x0,y0,x1,y1 (x = column, y = row; x1/y1 excluded), in image pixels "
+                   "unless --region-units tokens; a token is inside when its centre is")
+    g.add_argument("--mask", default=None, help="PNG mask: white (or opaque) pixels are the region; any size, averaged per token")
+    p.add_argument("--region-units", choices=["px", "tokens"], default="px", help="units of --region (default px)")
+    p.add_argument("--branch", choices=["both", "cond", "uncond"], default="both",
+                   help="CFG rows to act on: both (default), cond or uncond")
+
+
+def _out_option(p) -> None:
+    p.add_argument("--out", required=True, help="output PNG (a .json with settings and readings is written next to it)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "steer",
+        help="add a feature's decoder direction during generation (one scale or a sweep)",
+        description="Steer generation by adding dictionary features' unit decoder directions at the site. "
+        "Scales may be negative. Flux recipe: --scale 0.8 --scale-mode token-norm --steps :5 (of 7) with a region.",
+    )
+    _model_options(p)
+    p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
+    sc = p.add_mutually_exclusive_group(required=True)
+    sc.add_argument("--scale", type=float, help="steering scale (see --scale-mode)")
+    sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image, e.g. -8,-4,0,4,8")
+    p.add_argument("--scale-mode", choices=["absolute", "token-norm", "feature-max"], default="token-norm",
+                   help="token-norm (default): scale x mean image-token norm; absolute: raw units; "
+                   "feature-max: scale x the feature's max activation in --data")
+    p.add_argument("--data", default=None, help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
+    _gen_options(p)
+    _where_options(p)
+    _out_option(p)
+    p.set_defaults(func=run_steer)
+
+    p = subparsers.add_parser(
+        "edit",
+        help="ablate / clamp / scale features through the dictionary's codes (error term kept)",
+        description="Encode the site's activations, change chosen codes, decode and add back the error term "
+        "x - x_hat, so everything the edit does not touch stays as it was.",
+    )
+    _model_options(p)
+    p.add_argument("--ablate", default=None, help="features to set to 0: F,F,...")
+    p.add_argument("--clamp", default=None, help="features to set to a value: F=V,F=V,...")
+    p.add_argument("--scale", default=None, help="features to multiply: F=S,F=S,... (-1 inverts)")
+    p.add_argument("--only-active", action="store_true", help="--clamp only where the feature is already active")
+    _gen_options(p)
+    _where_options(p)
+    _out_option(p)
+    p.set_defaults(func=run_edit)
+
+    p = subparsers.add_parser(
+        "transfer",
+        help="take features' codes from a reference generation into the target (style / attribute transfer)",
+        description="Generate the reference, then generate the target with the chosen features' codes replaced "
+        "by the reference's at every (selected) step, token by token or as the reference's mean code.",
+    )
+    _model_options(p)
+    p.add_argument("--reference-prompt", required=True, help="prompt of the reference generation")
+    p.add_argument("--reference-seed", type=int, default=0, help="seed of the reference generation")
+    p.add_argument("--features", default="all", help="feature ids F,F,... to transfer, or 'all' (default)")
+    p.add_argument("--mode", choices=["tokens", "mean"], default="tokens",
+                   help="tokens: same positions (default); mean: the reference's mean code on every target token")
+    _gen_options(p)
+    _where_options(p)
+    _out_option(p)
+    p.set_defaults(func=run_transfer)
+
+    p = subparsers.add_parser(
+        "intervene-study",
+        help="measure steering / ablation / transfer success rates on the toy model",
+        description="Label features (best F1 against the store's token concepts, or --labels), then measure: "
+        "steering success vs scale and step window with pixel change outside the region; colour change when "
+        "ablating the prompt's colour features (with a random-feature control); colour transfer from a reference.",
+    )
+    p.add_argument("--model", default="toy", help="the toy model ('toy', the default): the study needs its factor classifier")
+    p.add_argument("--dict", dest="dict_dir", required=True, metavar="DIR", help="dictionary folder")
+    p.add_argument("--data", default=None, help="activation store with token labels (to label features, token-norm stats)")
+    p.add_argument("--labels", default=None, help='feature labels JSON {"12": "color=red", ...} instead of labelling from --data')
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quick", action="store_true", help="fewer prompts and scales (as in the demo)")
+    p.add_argument("--scale-mode", choices=["absolute", "token-norm", "feature-max"], default="token-norm")
+    p.add_argument("--scales", default=None, help="comma-separated steering scales (default 0.25,0.5,1,2,4)")
+    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the study's prompt choice")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_study)
+
+
+# ---- parsing helpers -----------------------------------------------------------------------------
+def parse_ids(text: str, what: str = "--feature") -> list[int]:
+    try:
+        ids = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DifflensError(f"{what} {text!r}: give integer feature ids separated by commas, e.g. 12,40") from None
+    if not ids:
+        raise DifflensError(f"{what} names no feature; e.g. {what} 12")
+    return ids
+
+
+def parse_pairs(text: str, what: str) -> list[tuple[int, float]]:
+    out = []
+    for part in str(text).split(","):
+        if not part.strip():
+            continue
+        f, sep, v = part.partition("=")
+        try:
+            out.append((int(f), float(v)))
+        except ValueError:
+            raise DifflensError(f"{what} {text!r}: write F=V pairs separated by commas, e.g. {what} 12=3.5,40=0") from None
+        if not sep:
+            raise DifflensError(f"{what} {text!r}: each entry needs =value, e.g. 12=3.5")
+    if not out:
+        raise DifflensError(f"{what} names no feature")
+    return out
+
+
+def parse_scales(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise DifflensError(f"--scales {text!r}: give numbers separated by commas, e.g. -8,-4,0,4,8") from None
+    if not vals:
+        raise DifflensError("--scales names no scale")
+    return vals
+
+
+def _where(args) -> dict:
+    from difflens.intervene.region import Region, Window
+
+    kw = {"window": Window.parse(args.steps, args.timesteps), "branch": args.branch}
+    if args.region:
+        kw["region"] = Region.parse(args.region, units=args.region_units)
+    elif args.mask:
+        kw["region"] = Region.from_png(args.mask)
+    return kw
+
+
+def _load(args):
+    import difflens
+    from difflens.models import load_adapter
+
+    adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
+    dictionary = difflens.load(args.dict_dir, device=str(adapter.device))
+    return adapter, dictionary
+
+
+def _gen_kwargs(args) -> dict:
+    return {"steps": args.num_steps, "guidance": args.guidance, "height": args.height, "width": args.width}
+
+
+def _readings(adapter, prompt: str, images) -> list[dict] | None:
+    """The classifier's main-object reading of each image (toy model only; None otherwise)."""
+    if getattr(adapter, "name", "") != "toy":
+        return None
+    try:
+        from difflens.world.classifier import classify
+
+        return [
+            {"main": {k: r["main"][k] for k in ("color", "object", "size", "position")}, "bgcolor": r["bgcolor"], "bg": r["bg"]}
+            for r in classify(images)
+        ]
+    except DifflensError:
+        return None
+
+
+def _caption(label: str, reading: dict | None) -> str:
+    if not reading:
+        return label
+    m = reading["main"]
+    return f"{label}: {m['size']} {m['color']} {m['object']} {m['position']}"
+
+
+def _write(out: str, images, labels, title: str, meta: dict, cols: int | None = None) -> None:
+    from difflens.utils import save_image, write_json
+    from difflens.viz import labelled_grid
+
+    path = Path(out)
+    if path.suffix.lower() != ".png":
+        raise DifflensError(f"--out {out!r}: write a .png file name")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(path, labelled_grid(list(images), labels, cols=cols, title=title[:90], label_lines=3))
+    write_json(path.with_suffix(".json"), meta)
+    print(json.dumps({k: v for k, v in meta.items() if k != "readings"}, indent=2))
+    print(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+def _store(path):
+    if path is None:
+        return None
+    from difflens.store import Store
+
+    return Store(path)
+
+
+# ---- verbs -----------------------------------------------------------------------------------------
+def run_steer(args: argparse.Namespace) -> int:
+    from difflens.intervene.core import Steer, generate_with
+    from difflens.intervene.sweep import steer_sweep
+
+    features = parse_ids(args.feature)
+    where = _where(args)
+    adapter, dictionary = _load(args)
+    store = _store(args.data)
+    site = args.site or dictionary.cfg.site
+    stats = store.stats(site) if (store is not None and args.scale_mode == "token-norm" and site in store.sites) else None
+    steer_kw = dict(mode=args.scale_mode, stats=stats, store=store, site=args.site, **where)
+    gk = _gen_kwargs(args)
+    if args.scales is not None:
+        scales = parse_scales(args.scales)
+        if gk["height"] or gk["width"]:
+            raise DifflensError("--scales sweeps use the model's default size: drop --height/--width or use --scale")
+        res = steer_sweep(adapter, dictionary, features, scales, args.prompt, args.seed,
+                          steps=gk["steps"], guidance=gk["guidance"], **steer_kw)
+        images, labels = res["images"], res["labels"]
+        desc = res["steer"]
+    else:
+        iv = Steer(dictionary, features, args.scale, **steer_kw)
+        clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
+        steered = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
+        images = [clean.images[0], steered.images[0]]
+        labels = ["unsteered", f"scale {args.scale:+g}"]
+        desc = iv.describe()
+    readings = _readings(adapter, args.prompt, images)
+    if readings:
+        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    meta = {
+        "verb": "steer", "prompt": args.prompt, "seed": args.seed, "features": features, "scale_mode": args.scale_mode,
+        "scales": parse_scales(args.scales) if args.scales else [args.scale], "intervention": desc,
+        "labels": labels, "readings": readings,
+    }
+    _write(args.out, images, labels, f"steer f{','.join(map(str, features))}: {args.prompt}", meta)
+    return 0
+
+
+def run_edit(args: argparse.Namespace) -> int:
+    from difflens.intervene.core import CodeEdit, generate_with
+
+    ops = []
+    if args.ablate:
+        ops.append(("ablate", parse_ids(args.ablate, "--ablate"), None))
+    for name, text in (("clamp", args.clamp), ("scale", args.scale)):
+        if text:
+            for f, v in parse_pairs(text, f"--{name}"):
+                ops.append((name, [f], v))
+    if not ops:
+        raise DifflensError("edit needs at least one of --ablate F,.. / --clamp F=V,.. / --scale F=S,..")
+    where = _where(args)
+    adapter, dictionary = _load(args)
+    iv = CodeEdit(dictionary, ops, only_active=args.only_active, site=args.site, **where)
+    gk = _gen_kwargs(args)
+    clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
+    edited = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
+    images = [clean.images[0], edited.images[0]]
+    labels = ["clean", "edited"]
+    readings = _readings(adapter, args.prompt, images)
+    if readings:
+        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    import numpy as np
+
+    diff = float(np.abs(images[1].astype(int) - images[0].astype(int)).mean())
+    meta = {
+        "verb": "edit", "prompt": args.prompt, "seed": args.seed, "intervention": iv.describe(),
+        "steps_applied": iv.steps_applied(), "mean_abs_pixel_change": diff, "labels": labels, "readings": readings,
+    }
+    _write(args.out, images, labels, f"edit: {args.prompt}", meta)
+    return 0
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    from difflens.intervene.core import Transfer, generate_with
+
+    features = None if str(args.features).strip().lower() == "all" else parse_ids(args.features, "--features")
+    where = _where(args)
+    adapter, dictionary = _load(args)
+    iv = Transfer(dictionary, (args.reference_prompt, args.reference_seed), features, mode=args.mode, site=args.site, **where)
+    gk = _gen_kwargs(args)
+    clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
+    moved = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
+    images = [clean.images[0], iv.reference_image, moved.images[0]]
+    labels = ["target", "reference", "transferred"]
+    readings = _readings(adapter, args.prompt, images)
+    if readings:
+        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    meta = {
+        "verb": "transfer", "prompt": args.prompt, "seed": args.seed, "reference_prompt": args.reference_prompt,
+        "reference_seed": args.reference_seed, "intervention": iv.describe(), "steps_applied": iv.steps_applied(),
+        "labels": labels, "readings": readings,
+    }
+    _write(args.out, images, labels, f"transfer: {args.reference_prompt} -> {args.prompt}", meta)
+    return 0
+
+
+def run_study(args: argparse.Namespace) -> int:
+    import os
+
+    import difflens
+    from difflens.intervene.experiments import read_labels, run_intervention_study, summary_markdown
+    from difflens.models import load_adapter
+
+    if args.data is None and args.labels is None:
+        raise DifflensError("intervene-study needs --data STORE (to label features) or --labels FILE.json")
+    if args.quiet:
+        os.environ["DIFFLENS_QUIET"] = "1"
+    adapter = load_adapter(args.model)
+    if getattr(adapter, "name", "") != "toy":
+        raise DifflensError("intervene-study judges images with the toy world's factor classifier: use --model toy")
+    dictionary = difflens.load(args.dict_dir)
+    labels = read_labels(args.labels) if args.labels else None
+    summary = run_intervention_study(
+        adapter, dictionary, args.out, store=_store(args.data), feature_labels=labels, quick=args.quick,
+        steps=args.num_steps, guidance=args.guidance, mode=args.scale_mode,
+        scales=parse_scales(args.scales) if args.scales else None, seed=args.seed, show_progress=not args.quiet,
+    )
+    print(summary_markdown(summary))
+    print(f"wrote {Path(args.out).resolve()}")
+    return 0

@@ -1,0 +1,108 @@
+"""`difflens evaluate`: metrics match a direct computation, held-out selection, reports, errors."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from test_train_fixtures import SITE_A, SITE_B, make_store
+
+from difflens.cli import main
+from difflens.errors import DifflensError
+from difflens.evaluate.cli import expand_dict_paths
+from difflens.evaluate.metrics import ReconAccumulator
+from difflens.evaluate.reconstruction import evaluate, load_items
+from difflens.train.config import TrainConfig, expand_specs
+from difflens.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny layer sweep (two sites) plus a TIDE, trained for a few steps."""
+    root = tmp_path_factory.mktemp("eval")
+    store = make_store(root / "store")
+    specs = expand_specs(
+        [{"arch": "topk", "site": [SITE_A, SITE_B]}, {"arch": "tide", "site": SITE_A}], defaults={"width": 16, "k": 2}
+    )
+    cfg = TrainConfig(steps=6, batch_size=64, lr=1e-2, warmup_steps=0, eval_tokens=128, init_tokens=256, progress=False)
+    train(store, specs, cfg, root / "run")
+    return store, root / "run", [s.name for s in specs]
+
+
+def test_metrics_equal_a_direct_computation_on_heldout_rows(trained):
+    store, run, names = trained
+    items = load_items(expand_dict_paths([str(run)]), store)
+    assert [it.name for it in items] == names
+    result = evaluate(items, store, show_progress=False)
+    meta = store.meta(SITE_A, ["sample_id", "timestep", "step", "index"])
+    rows = np.flatnonzero(np.isin(meta["sample_id"], [0, 1]))  # the run's held-out samples
+    x = store.read_rows(SITE_A, meta["index"][rows])
+    t = torch.from_numpy(meta["timestep"][rows])
+    for it, res in zip(items, result["dictionaries"]):
+        if it.site != SITE_A:
+            continue
+        acc = ReconAccumulator()
+        with torch.no_grad():
+            codes = it.module.encode(x, t)
+            acc.update(x, it.module.decode(codes, t), codes, timestep=t, step=torch.from_numpy(meta["step"][rows]))
+        want, got = acc.result(), res["metrics"]
+        assert got["split"] == "heldout" and got["n"] == len(rows) == 128
+        for key in ("fvu", "explained_variance", "mse", "cosine", "l0", "dead_fraction"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+        assert [b["step"] for b in got["by_timestep"]] == [0, 1, 2, 3]
+        assert got["dead_window_tokens"] == 128
+        assert res["arch"] == it.module.cfg.arch and res["width"] == 16 and res["k"] == 2
+
+
+def test_cli_writes_json_table_and_plots(trained, tmp_path, capsys):
+    store, run, names = trained
+    out = tmp_path / "ev" / "eval.json"
+    rc = main(["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(out), "--quiet"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert [d["name"] for d in result["dictionaries"]] == names
+    printed = capsys.readouterr().out
+    for name in names:
+        assert name in printed
+    assert "FVU" in printed and "dead%" in printed
+    md = (tmp_path / "ev" / "eval.md").read_text()
+    assert f"| {names[0]} | topk | {SITE_A} | 16 | 2 |" in md and "N = 128" in md
+    for png in ("eval_timestep.png", "eval_layer.png"):  # two sites -> a layer plot too
+        data = (tmp_path / "ev" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_other_store_uses_all_rows_and_caps_tokens(trained, tmp_path):
+    store, run, names = trained
+    other = make_store(tmp_path / "other", seed=5, units=2)
+    items = load_items([str(run / names[0])], other)
+    res = evaluate(items, other, max_tokens=100, show_progress=False)["dictionaries"][0]["metrics"]
+    assert res["split"] == "all" and res["n"] == 100
+    with pytest.raises(DifflensError, match="no held-out samples"):
+        evaluate(items, other, split="heldout", show_progress=False)
+
+
+def test_site_and_width_mismatch_are_explained(trained, tmp_path):
+    store, run, names = trained
+    narrow = make_store(tmp_path / "narrow", d=6, units=1)
+    with pytest.raises(DifflensError, match="expects d_in=8.*d=6"):
+        load_items([str(run / names[0])], narrow)
+    elsewhere = make_store(tmp_path / "elsewhere", sites=("other.3:img",), units=1)
+    with pytest.raises(DifflensError, match="lacks; its sites are other.3:img"):
+        load_items([str(run / names[0])], elsewhere)
+    with pytest.raises(DifflensError, match="does not exist"):
+        expand_dict_paths([str(tmp_path / "nothing")])
+
+
+def test_splice_flag(trained, tmp_path, monkeypatch, capsys):
+    store, run, _ = trained
+    args = ["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(tmp_path / "e.json"), "--quiet"]
+    assert main([*args, "--splice"]) == 2
+    assert "--splice needs --model" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "difflens.evaluate.splice", None)  # as if the module were absent
+    assert main([*args, "--splice", "--model", "toy"]) == 2
+    assert "splice evaluation isn't available" in capsys.readouterr().err
+    assert not (tmp_path / "e.json").exists()

@@ -1,0 +1,398 @@
+"""Feature cache (vs brute force), overlays, the toy-world oracle, score arithmetic, pipeline and CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from difflens.interpret.cache import CacheConfig, FeatureCache, SparseMaps, build_cache
+from difflens.interpret.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text
+from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, RandomDirections
+from difflens.interpret.heatmap import OVERLAY_RGB, overlay, upsample_map
+from difflens.interpret.oracle import OracleExplainer, OracleJudge
+from difflens.interpret.scoring import Truth, build_tasks, feature_score, score_features
+from difflens.interpret.sources import StoreSource
+from difflens.store import Store, StoreWriter
+from difflens.world import vocab as V
+from difflens.world.labels import image_concepts, token_label_masks
+from difflens.world.scene import ObjectSpec, SceneSpec, render, sample_scene
+
+SITE = "blk.1:img"
+NEURON = "blk.1.ff.net.0:img"
+TIMESTEPS = (1000.0, 500.0)
+D, DN, T = 8, 6, 256
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def planted_acts(cm_TC: np.ndarray, step: int, rng) -> np.ndarray:
+    """dim 0 = red-object tokens (stronger late), 1 = background tokens, 2 = top-left object, 3.. = noise."""
+    x = np.zeros((T, D), np.float32)
+    x[:, 0] = cm_TC[:, CONCEPT_INDEX["color=red"]] * (1.0 + 0.5 * step)
+    x[:, 1] = cm_TC[:, CONCEPT_INDEX["region=background"]]
+    x[:, 2] = cm_TC[:, CONCEPT_INDEX["position=top left"]]
+    x[:, 3:] = rng.random((T, D - 3))
+    return x
+
+
+def sparse_acts(cm_TC: np.ndarray, step: int, rng) -> np.ndarray:
+    """Sparse non-negative noise whose density varies per image, so some images do not qualify."""
+    dens = rng.choice([0.004, 0.06], size=D)
+    return (rng.random((T, D)) < dens) * rng.random((T, D)).astype(np.float32) * (1 + step)
+
+
+def world_store(path, n: int = 40, acts_fn=planted_acts, seed: int = 0, unit: int = 10):
+    """A store of toy-world scenes (every token, 2 steps) with planted activations and real labels."""
+    rng = np.random.default_rng(seed)
+    w = StoreWriter.open(path, model="toy", sites={SITE: D, NEURON: DN}, dtype="fp32", harvest_config={"synthetic": 1})
+    for u in range(0, n, unit):
+        cols = {s: {k: [] for k in ("sample_id", "prompt_id", "seed", "step", "timestep", "token", "h", "w", "stream", "labels")}
+                for s in (SITE, NEURON)}
+        acts = {SITE: [], NEURON: []}
+        samples, images, labels = [], {}, {}
+        for i in range(u, min(n, u + unit)):
+            color = "red" if i % 2 == 0 else "blue"
+            scene = sample_scene(rng, SceneSpec(objects=(ObjectSpec(color=color),)))
+            r = render(scene)
+            lab = token_label_masks(r)
+            labels[i] = (lab, concept_matrix(lab))
+            samples.append({"sample_id": i, "prompt_id": i, "prompt": f"a {color} object", "seed": 0,
+                            "scene": scene.to_dict(), "concepts": image_concepts(r), "token_labels": [int(x) for x in lab]})
+            images[i] = _png(r.image)
+        for step, t in enumerate(TIMESTEPS):  # step-major, as the harvester writes
+            for i in range(u, min(n, u + unit)):
+                lab, cm = labels[i]
+                site_x = {SITE: acts_fn(cm, step, rng), NEURON: np.maximum(rng.normal(size=(T, DN)), 0).astype(np.float32)}
+                for s in (SITE, NEURON):
+                    c = cols[s]
+                    c["sample_id"].append(np.full(T, i))
+                    c["prompt_id"].append(np.full(T, i))
+                    c["seed"].append(np.zeros(T, int))
+                    c["step"].append(np.full(T, step))
+                    c["timestep"].append(np.full(T, t))
+                    c["token"].append(np.arange(T))
+                    c["h"].append(np.arange(T) // 16)
+                    c["w"].append(np.arange(T) % 16)
+                    c["stream"].append(np.zeros(T, int))
+                    c["labels"].append(lab)
+                    acts[s].append(site_x[s])
+        rows = {s: (np.concatenate(acts[s]), {k: np.concatenate(v) for k, v in cols[s].items()}) for s in (SITE, NEURON)}
+        w.write_unit(f"u{u:04d}", rows, samples=samples, images=images)
+    w.finalize()
+    return path
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    return world_store(tmp_path_factory.mktemp("interp") / "planted")
+
+
+@pytest.fixture(scope="module")
+def sparse_store(tmp_path_factory):
+    return world_store(tmp_path_factory.mktemp("interp") / "sparse", n=16, acts_fn=sparse_acts, seed=3, unit=8)
+
+
+def dense_acts(store_path, site=SITE):
+    """Brute force: X [n, S, T, d] by (sample, step, token) straight from the store."""
+    st = Store(store_path)
+    m = st.meta(site)
+    x = st.read_rows(site, np.arange(st.num_rows(site))).numpy()
+    sids = np.unique(m["sample_id"])
+    X = np.zeros((len(sids), len(TIMESTEPS), T, x.shape[1]), np.float32)
+    X[np.searchsorted(sids, m["sample_id"]), m["step"], m["token"]] = x
+    return sids, X
+
+
+# ---- cache vs brute force ---------------------------------------------------------------------------
+
+
+def test_cache_matches_brute_force(sparse_store, tmp_path):
+    cfg = CacheConfig(top_n=3, n_quantiles=4, min_tokens=6, rel_threshold=0.1, rows_per_batch=700)
+    src = StoreSource(sparse_store, sites=[SITE])
+    cache = build_cache(NeuronFeatures(SITE, D), src, config=cfg, out=tmp_path / "c")
+    sids, X = dense_acts(sparse_store)
+    assert np.array_equal(cache.sample_ids, sids)
+    thr = np.maximum(0.0, 0.1 * X.max((0, 1, 2)))
+    np.testing.assert_allclose(cache["threshold"], thr, rtol=1e-6)
+    np.testing.assert_allclose(cache["frequency"], (X > 0).mean((0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(cache["profile_mean"], X.mean((0, 2)).T, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cache["profile_max"], X.max(2).mean(0).T, rtol=1e-5, atol=1e-7)
+    assert (cache["hist_counts"].sum(1) == (X > 0).sum((0, 1, 2))).all()
+    split = cache.split
+    stepmax = X.max(2)  # [n, S, d]
+    qual = (X > thr).sum(2) >= 6  # [n, S, d]
+    assert qual.any() and not qual.all(), "fixture must have qualifying and non-qualifying images"
+    score = np.where(qual, stepmax, -np.inf).max(1)  # [n, d]
+    for f in range(D):
+        for k in (0, 1):
+            cand = [i for i in range(len(sids)) if split[i] == k and np.isfinite(score[i, f])]
+            cand.sort(key=lambda i: -score[i, f])
+            want = [int(sids[i]) for i in cand[:3]]
+            got = [e.sample_id for e in cache.top_examples(f, k)]
+            assert got == want, (f, k)
+            for e in cache.top_examples(f, k):
+                i = int(np.searchsorted(sids, e.sample_id))
+                assert e.value == pytest.approx(score[i, f])
+                assert qual[i, e.step, f] and stepmax[i, e.step, f] == pytest.approx(e.value)
+                np.testing.assert_array_equal(e.maps_ST, X[i, :, :, f])  # full token map at every step
+        for e in cache.quantile_examples(f):
+            i = int(np.searchsorted(sids, e.sample_id))
+            assert X[i, :, :, f].max() == pytest.approx(e.value) and e.value > thr[f]
+            np.testing.assert_array_equal(e.maps_ST, X[i, :, :, f])
+    # concept statistics (oracle input) for feature 0 on the explain split, step 1
+    lab = np.stack([np.asarray(src.record(int(s))["token_labels"]) for s in sids])
+    cm = concept_matrix(lab)  # [n, T, C]
+    a = X[:, 1, :, 0] > thr[0]
+    rows = split == 0
+    np.testing.assert_allclose(cache["concept_tp"][0, 1, 0], (a[rows][..., None] & cm[rows]).sum((0, 1)))
+    # maps are stored sparsely and survive a save/load round trip
+    assert cache.top_maps.nnz < np.prod(cache.top_maps.shape)
+    back = FeatureCache.load(tmp_path / "c")
+    for k, v in cache.arrays.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+    assert back.top_maps.shape == cache.top_maps.shape
+    np.testing.assert_array_equal(back.top_maps.get(2, 1), cache.top_maps.get(2, 1))
+    assert json.loads((tmp_path / "c" / "cache.json").read_text())["source"]["kind"] == "neurons"
+
+
+def test_sparse_maps_put_get():
+    sm = SparseMaps((2, 3, 4))
+    a = np.array([0, 1.5, 0, -2], np.float32)
+    sm.put((1, 2), a)
+    sm.put((0, 0), np.array([3, 0, 0, 0], np.float32))
+    sm.finish()
+    assert sm.nnz == 3
+    np.testing.assert_array_equal(sm.get(1, 2), a)
+    np.testing.assert_array_equal(sm.get(1)[2], a)
+    assert sm.get(0, 0)[0] == 3 and not sm.get(0, 1).any()
+
+
+def test_full_token_maps_required(tmp_path):
+    w = StoreWriter.open(tmp_path / "s", model="toy", sites={SITE: 2}, dtype="fp32", harvest_config={})
+    n = 5
+    meta = {"sample_id": np.zeros(n, int), "prompt_id": np.zeros(n, int), "seed": np.zeros(n, int),
+            "step": np.zeros(n, int), "timestep": np.full(n, 1000.0), "token": np.arange(n) * 3,
+            "h": (np.arange(n) * 3) // 16, "w": (np.arange(n) * 3) % 16, "stream": np.zeros(n, int)}
+    w.write_unit("u0", {SITE: (np.ones((n, 2), np.float32), meta)})
+    from difflens.errors import DifflensError
+
+    with pytest.raises(DifflensError, match="tokens-per-image"):
+        StoreSource(tmp_path / "s")
+
+
+def test_feature_sources_encode():
+    x = torch.randn(7, D)
+    c = torch.randn(D)
+    r1 = RandomDirections(SITE, D, 5, seed=4, center=c)
+    r2 = RandomDirections(SITE, D, 5, seed=4, center=c)
+    W = r1.decoder_directions().numpy()
+    np.testing.assert_allclose(np.linalg.norm(W, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(r1(x).numpy(), (x - c).numpy() @ W.T, rtol=1e-5, atol=1e-6)
+    assert torch.equal(r1(x), r2(x))
+    assert not torch.equal(r1.W_FD, RandomDirections(SITE, D, 5, seed=5).W_FD)
+
+
+@pytest.mark.parametrize("arch", ["topk", "tide", "itda"])
+def test_cache_works_for_dictionaries(arch, sparse_store):
+    import difflens.dictionaries.itda  # noqa: F401  (registers the architectures)
+    import difflens.dictionaries.sae  # noqa: F401
+    import difflens.dictionaries.temporal  # noqa: F401
+    from difflens.dictionaries.base import ARCHITECTURES
+    from difflens.dictionaries.config import DictConfig
+
+    sids, X = dense_acts(sparse_store)
+    flat = torch.from_numpy(X.reshape(-1, D))
+    t = torch.tensor(TIMESTEPS).repeat_interleave(T).repeat(len(sids))
+    cfg = DictConfig(arch=arch, d_in=D, width=12 if arch != "itda" else 3000, k=2, site=SITE, normalization="none")
+    d = ARCHITECTURES[arch](cfg)
+    if arch == "itda":
+        d.partial_fit(flat[:3000], t[:3000])
+    else:
+        d.init_from_data(flat, t)
+    fs = DictionaryFeatures(d, name=arch)
+    assert fs.kind == {"topk": "sae", "tide": "tide", "itda": "itda"}[arch]
+    cache = build_cache(fs, StoreSource(sparse_store, sites=[SITE]), config=CacheConfig(top_n=2, n_quantiles=2, min_tokens=2))
+    codes = d.encode(flat, t).detach().numpy().reshape(len(sids), len(TIMESTEPS), T, -1)
+    np.testing.assert_allclose(cache["frequency"], (codes > 0).mean((0, 1, 2)), rtol=1e-5)
+    f = next(int(f) for f in cache.map_features if cache["top_sample"][f, :, 0].max() >= 0)
+    e = cache.top_examples(f)[0]
+    np.testing.assert_allclose(e.maps_ST, codes[int(np.searchsorted(sids, e.sample_id)), :, :, f], rtol=1e-4, atol=1e-5)
+
+
+# ---- overlays ------------------------------------------------------------------------------------------
+
+
+def test_overlay_pixels_of_a_known_map():
+    img = np.full((4, 4, 3), 100, np.uint8)
+    m = np.array([0.0, 1.0, 0.25, -1.0])  # 2x2 token grid, each token a 2x2 pixel patch
+    out = overlay(img, m, (2, 2), vmax=1.0, alpha_max=0.8)
+    c = np.array(OVERLAY_RGB, float)
+    assert (out[:2, :2] == 100).all()  # zero activation: untouched
+    assert (out[2:, 2:] == 100).all()  # negative activation: untouched
+    np.testing.assert_array_equal(out[0, 2], np.rint(0.2 * 100 + 0.8 * c))  # alpha = 0.8 * sqrt(1)
+    np.testing.assert_array_equal(out[3, 1], np.rint(0.6 * 100 + 0.4 * c))  # alpha = 0.8 * sqrt(0.25)
+    # default vmax = the map's own max; a map that never fires leaves the image alone
+    np.testing.assert_array_equal(overlay(img, m * 3, (2, 2), alpha_max=0.8), out)
+    assert (overlay(img, np.zeros(4), (2, 2)) == img).all()
+    assert upsample_map(np.arange(4), (2, 2), (4, 4))[3, 3] == 3
+
+
+# ---- scoring and the oracle ----------------------------------------------------------------------------
+
+
+def test_score_arithmetic():
+    assert feature_score([1, 1, 1], [0, 0]) == 1.0
+    assert feature_score([0, 0], [1, 1]) == 0.0
+    assert feature_score([1, 0.5, None], [0.5, 0]) == pytest.approx(0.5 * (0.75 + 0.75))
+    assert feature_score([0.7] * 5, [0.7] * 5) == pytest.approx(0.5)
+    assert feature_score([None], [0.0]) is None and feature_score([1.0], []) is None
+
+
+def test_concepts_in_text():
+    assert set(concepts_in_text("A red circle in the top left")) == {"color=red", "object=circle", "position=top left"}
+    assert concepts_in_text("the digit 7") == ["object=seven"]
+    assert set(concepts_in_text("striped navy background")) == {"bg=stripes", "bgcolor=navy"}
+    assert concepts_in_text("something vague") == []
+
+
+@pytest.fixture(scope="module")
+def planted_cache(planted_store):
+    src = StoreSource(planted_store, sites=[SITE])
+    fs = NeuronFeatures(SITE, D, name="planted")
+    return src, build_cache(fs, src, config=CacheConfig(top_n=5, n_quantiles=3))
+
+
+def test_oracle_names_planted_concepts_and_random_scores_half(planted_cache):
+    src, cache = planted_cache
+    truth = Truth(src)
+    feats = [0, 1, 3, 4, 5, 6, 7]
+    tasks, skipped = build_tasks(cache, feats, seed=1)
+    assert sorted(t.feature for t in tasks) == feats, skipped
+    for t in tasks:  # protocol: explain split / held-out positives / negatives from other features
+        assert all(e.split == 0 for e in t.explain) and all(it.example.split == 1 for it in t.test)
+        neg = [it.example for it in t.test if not it.positive]
+        assert len(neg) == 5 and all(e.feature != t.feature for e in neg)
+        assert len({it.example.sample_id for it in t.test}) == 10
+    res = {r["feature"]: r for r in score_features(cache, tasks, OracleExplainer(), OracleJudge(truth), truth=truth)}
+    red = res[0]
+    assert (red["concept"], red["level"]) == ("color=red", "token")
+    assert red["score"] >= 0.9 and red["localisation"] == pytest.approx(1.0)
+    assert red["explanation_meta"]["best_step"] in (0, 1)
+    noise = [res[f]["score"] for f in (3, 4, 5, 6, 7)]
+    assert abs(np.mean(noise) - 0.5) < 0.1, noise
+    # background is named too; its score is lower because dense noise features' maps (the
+    # negatives) also cover mostly background, which the judge rightly counts against it
+    assert res[1]["concept"] == "region=background" and res[1]["localisation"] == pytest.approx(1.0)
+    assert res[1]["score"] > max(noise)
+    # the "top images only" oracle (what a VLM sees) also finds the planted concept
+    top = score_features(cache, tasks[:1], OracleExplainer(truth, evidence="top"), OracleJudge(truth), truth=truth)[0]
+    assert top["concept"] == "color=red" and top["score"] >= 0.9
+
+
+def test_oracle_judge_is_graded_by_location(planted_cache):
+    src, cache = planted_cache
+    truth = Truth(src)
+    from difflens.interpret.scoring import Explanation
+
+    e = cache.top_examples(0, 1)[0]  # a red object's map
+    judge = OracleJudge(truth)
+    assert judge.judge(Explanation("x", concept="color=red", level="token"), e) == 1.0
+    assert judge.judge(Explanation("x", concept="region=background", level="token"), e) == 0.0
+    assert judge.judge(Explanation("x", concept="color=red", level="image"), e) == 1.0
+    half = e.maps_ST.copy()
+    bg = np.flatnonzero(truth.tokens(e.sample_id)[:, CONCEPT_INDEX["region=background"]])
+    red = np.flatnonzero(e.map > 0)
+    m = np.zeros(T, np.float32)
+    m[red[:4]] = 1
+    m[bg[:4]] = 1
+    half[e.step] = m
+    e2 = type(e)(e.feature, e.sample_id, e.value, e.step, e.split, half, e.threshold)
+    assert judge.judge(Explanation("x", concept="color=red", level="token"), e2) == pytest.approx(0.5)
+
+
+# ---- the pipeline and the CLI ----------------------------------------------------------------------------
+
+
+def test_oracle_pipeline_writes_everything(planted_store, tmp_path):
+    from difflens.interpret import run_oracle_pipeline
+
+    planted = NeuronFeatures(SITE, D, name="planted")
+    planted.kind = "sae"  # stands in for a dictionary in the comparison
+    out = tmp_path / "run"
+    rep = run_oracle_pipeline({"planted": planted}, planted_store, out, n_features=8,
+                              cache_config=CacheConfig(top_n=5, n_quantiles=2))
+    names = [r["name"] for r in rep["table"]]
+    assert names == ["planted", "neurons", "random"]
+    row = rep["table"][0]
+    assert row["sampled"] == 8 and row["scored"] >= 5 and 0 < row["coverage"] <= 1
+    assert row["mean"] > rep["table"][1]["mean"]  # planted concepts beat noise neurons
+    assert rep["checks"]["sae_vs_neurons"]["diff"] > 0
+    for rel in ("comparison.md", "comparison.json", "report.md", "report.json", "score_hist.png", "hierarchy.png",
+                "hierarchy.json", "planted/scores.json", "planted/score_hist.png", "planted/features/index.json",
+                "planted/cache/cache.safetensors", "neurons/cache/cache.json"):
+        assert (out / rel).exists(), rel
+    assert (out / "planted" / "heatmaps" / "feature_0.png").exists()
+    feat = json.loads((out / "planted" / "features" / "0.json").read_text())
+    assert feat["concept"] == "color=red" and len(feat["top"]) >= 5 and len(feat["top"][0]["map"]) == T
+    assert len(feat["profile_mean"]) == len(TIMESTEPS) and feat["histogram"]["counts"]
+    h = rep["hierarchy"]["planted"]["types"]
+    assert 0 in h["color"]["features"] and h["color"]["median_peak_timestep"] == 500.0  # planted to grow late
+    md = (out / "comparison.md").read_text()
+    assert md.count("\n") >= 4 and "planted" in md and "random" in md
+
+
+def test_cli_interpret_run_cache_and_report(planted_store, tmp_path):
+    import difflens.dictionaries.sae  # noqa: F401
+    from difflens.cli import main
+    from difflens.dictionaries.config import DictConfig
+    from difflens.dictionaries.io import save
+    from difflens.dictionaries.sae import TopKSAE
+
+    sae = TopKSAE(DictConfig(arch="topk", d_in=D, width=8, k=2, site=SITE, normalization="none"))
+    with torch.no_grad():
+        sae.W_enc_FD.copy_(torch.eye(D))
+        sae.W_dec_FD.copy_(torch.eye(D))
+    save(sae, tmp_path / "sae")
+    out = tmp_path / "run"
+    rc = main(["interpret", "--dict", str(tmp_path / "sae"), "--data", str(planted_store), "--out", str(out),
+               "--baselines", "random", "--n-features", "4", "--top-n", "5", "--quantiles", "2", "--no-heatmaps"])
+    assert rc == 0
+    table = json.loads((out / "comparison.json").read_text())["rows"]
+    assert [r["name"] for r in table] == ["sae", "random"]
+    assert all(r["scored"] > 0 for r in table)  # baselines get enough mapped features for negatives
+    assert main(["interpret", "report", "--run", str(out)]) == 0
+    rc = main(["interpret", "cache", "--random", "3", "--data", str(planted_store), "--site", SITE,
+               "--out", str(tmp_path / "rc"), "--heatmaps", "2", "--top-n", "5"])
+    assert rc == 0
+    assert FeatureCache.load(tmp_path / "rc").num_features == 3
+    assert len(list((tmp_path / "rc" / "heatmaps").glob("*.png"))) == 2
+    assert main(["interpret", "--data", str(planted_store)]) == 2  # no --out: a clean error
+
+
+def test_generated_source_matches_store_layout(tmp_path):
+    """Generating afresh records every token at every step, like a full-token store."""
+    from difflens.harvest.run import world_prompts
+    from difflens.interpret.sources import generate_samples
+    from difflens.models.toy.adapter import ToyAdapter
+    from toy_fixtures import make_tiny_toy
+
+    adapter = ToyAdapter.load(folder=make_tiny_toy(tmp_path / "toy"))
+    prompts, scenes = world_prompts(3, seed=2)
+    src = generate_samples(adapter, prompts, ["transformer_blocks.1:img", "transformer_blocks.1.ff.net.0:img"],
+                           steps=2, scenes=scenes, batch_size=2)
+    assert list(src.sample_ids()) == [0, 1, 2] and src.grid_hw == (16, 16) and len(src.timesteps) == 2
+    (_, acts), = list(src.iter_acts("transformer_blocks.1:img", [2]))
+    assert acts.shape == (1, 2, 256, adapter.site_dim("transformer_blocks.1:img"))
+    assert src.token_labels([0]) is not None and src.image(1).shape == (32, 32, 3)
+    cache = build_cache(NeuronFeatures("transformer_blocks.1.ff.net.0:img", src.d("transformer_blocks.1.ff.net.0:img")),
+                        src, config=CacheConfig(top_n=1, n_quantiles=0, min_tokens=1), map_features=[0, 1])
+    assert cache.top_examples(0)[0].maps_ST.shape == (2, 256)
