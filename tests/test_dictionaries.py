@@ -211,7 +211,7 @@ def test_auxk_gradient_touches_only_dead_latents(fast):
     sae.tokens_since_fired_F.copy_(dead.long() * 10)
     sae.train()
     out = sae(x)
-    assert "auxk" in out.losses and float(out.losses["auxk"]) > 0
+    assert "auxk" in out.losses and float(out.losses["auxk"].detach()) > 0
     out.losses["auxk"].backward()
     for W in (sae.W_dec_FD, sae.W_enc_FD):
         assert W.grad[~dead].abs().max() == 0
@@ -275,20 +275,24 @@ def test_fast_and_dense_agree_on_outputs_and_gradients(arch):
         torch.testing.assert_close(p.grad, pd[name].grad, atol=1e-6, rtol=1e-4, msg=f"gradient of {name}")
 
 
-def test_fast_path_under_bf16_autocast_is_close_to_fp32():
+def test_fast_path_under_bf16_autocast_matches_the_dense_reference_under_autocast():
     x, t = data()
-    sae = make(dead_after_tokens=1, k_aux=8)
-    sae.init_from_data(x, t)
-    sae.tokens_since_fired_F[::4] = 10
-    sae.train()
-    ref = sae(x)
+    fast, dense = make(dead_after_tokens=1, k_aux=8), make(fast=False, dead_after_tokens=1, k_aux=8)
+    fast.init_from_data(x, t)
+    dense.load_state_dict(fast.state_dict())
+    for m in (fast, dense):
+        m.tokens_since_fired_F[::4] = 10
+        m.train()
+    ref32 = fast(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sae(x)
-    assert out.x_hat.dtype == torch.float32
-    rel = (out.x_hat - ref.x_hat).norm() / ref.x_hat.norm()
-    assert rel < 0.05
-    out.loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+        of, od = fast(x), dense(x)
+    assert of.x_hat.dtype == torch.float32
+    # same bf16 GEMM -> same selection; the sparse decode differs from the dense one by rounding only
+    assert float((of.indices.sort(1).values == od.codes.topk(K, dim=1).indices.sort(1).values).float().mean()) > 0.95
+    assert float((of.x_hat - od.x_hat).norm() / od.x_hat.norm()) < 0.02
+    assert float((of.x_hat - ref32.x_hat).norm() / ref32.x_hat.norm()) < 0.2  # near-ties may flip in bf16
+    of.loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in fast.parameters())
 
 
 # ---- normalisation --------------------------------------------------------------------------------------------

@@ -105,22 +105,26 @@ def test_itda_adds_exactly_the_rows_above_tau_with_provenance():
     g = torch.Generator().manual_seed(0)
     first = torch.randn(16, 8, generator=g)
     itda = _itda()
+    itda.init_from_data(first)
+    above0 = itda.normalized_loss(first) > itda.cfg.itda_tau  # against no atoms: ℓ = ‖x‖² / var
     itda.partial_fit(first, None, {"sample_id": torch.arange(16), "token": torch.arange(16) + 100})
-    assert itda.num_atoms == 16  # empty dictionary: every row is badly reconstructed
-    x = torch.cat([first[:6] * 2.0, torch.randn(10, 8, generator=g)])  # rescaled atoms are free; new rows are not
+    n0 = itda.num_atoms
+    assert n0 == int(above0.sum()) > 0
+    assert sorted(itda.provenance["sample_id"].tolist()) == above0.nonzero().squeeze(1).tolist()
+    assert torch.equal(itda.provenance["token"], itda.provenance["sample_id"] + 100)
+    kept = above0.nonzero().squeeze(1)[:6]
+    x = torch.cat([first[kept] * 2.0, torch.randn(10, 8, generator=g)])  # rescaled atoms are free; new rows are not
     loss = itda.normalized_loss(x)
     above = loss > itda.cfg.itda_tau
-    assert 0 < int(above.sum()) < 16 and not above[:6].any()
+    assert 0 < int(above.sum()) < 16 and not above[: len(kept)].any()
     stats = itda.partial_fit(x, None, {"sample_id": torch.arange(16) + 1000, "token": torch.arange(16)})
-    assert stats["added"] == int(above.sum()) and itda.num_atoms == 16 + int(above.sum())
-    new = itda.atoms_AD[16:]
+    assert stats["added"] == int(above.sum()) and itda.num_atoms == n0 + int(above.sum())
+    new = itda.atoms_AD[n0:]
     expected = x[above] / x[above].norm(dim=1, keepdim=True)
-    # order: worst reconstructed first
-    order = loss[above].argsort(descending=True)
+    order = loss[above].argsort(descending=True)  # worst reconstructed first
     torch.testing.assert_close(new, expected[order])
     prov = itda.provenance
-    assert prov["sample_id"][:16].tolist() == list(range(16))
-    assert sorted(prov["sample_id"][16:].tolist()) == (above.nonzero().squeeze(1) + 1000).tolist()
+    assert prov["sample_id"][n0:].tolist() == (above.nonzero().squeeze(1)[order] + 1000).tolist()
     torch.testing.assert_close(itda.atoms_AD.norm(dim=1), torch.ones(itda.num_atoms))
 
 

@@ -102,17 +102,21 @@ def test_grid_and_layer_sweep_learn_in_lockstep(store, tmp_path):
         assert len(evals[-1]["by_timestep"]) == 4
         header = (folder / "metrics.csv").read_text().splitlines()[0].split(",")
         assert header[:3] == ["kind", "step", "tokens"] and "fvu" in header
-    # the SAEs learn: held-out FVU well below the trivial 1.0 (predicting the mean)
-    for name in ("topk-w16-k2", "batchtopk-w16-k2", "layer2", "itda-w200-k2"):
-        final = [r for r in records(out / name) if r["kind"] == "final"][0]
-        assert final["fvu"] < 0.6, (name, final["fvu"])
-    relu = [r for r in records(out / "relu-w16") if r["kind"] == "train"]
+    name = {(s.arch, s.site): s.name for s in specs}
+    assert name[("topk", SITE_A)] == "blocks.1-img-topk-w16-k2"  # the site varies, so it is in the name
+    assert name[("topk", SITE_B)] == "layer2"
+    # the dictionaries learn: held-out FVU well below the trivial 1.0 (predicting the mean)
+    for key in (("topk", SITE_A), ("batchtopk", SITE_A), ("topk", SITE_B), ("itda", SITE_A)):
+        final = [r for r in records(out / name[key]) if r["kind"] == "final"][0]
+        assert final["fvu"] < 0.6, (key, final["fvu"])
+    relu = [r for r in records(out / name[("relu", SITE_A)]) if r["kind"] == "train"]
     assert relu[-1]["loss"] < relu[0]["loss"] and "loss_l1" in relu[-1]
-    topk_train = [r for r in records(out / "topk-w16-k2") if r["kind"] == "train"]
+    topk_train = [r for r in records(out / name[("topk", SITE_A)]) if r["kind"] == "train"]
     assert [r["step"] for r in topk_train] == list(range(2, 31, 2))
     assert topk_train[-1]["l0"] <= 2.0 and topk_train[-1]["loss"] < topk_train[0]["loss"]
-    assert trained["itda-w200-k2"].num_atoms > 0
-    prov = trained["itda-w200-k2"].provenance
+    itda = trained[name[("itda", SITE_A)]]
+    assert itda.num_atoms > 0
+    prov = itda.provenance
     assert set(prov) >= {"sample_id", "step", "token"} and not torch.isin(prov["sample_id"], torch.tensor([0, 1])).any()
 
 

@@ -26,7 +26,8 @@ CONFIG = {
         "dead_after_tokens": 300, "scale_lr": False, "log_every": 1, "progress": False,
     },
     "defaults": {"site": "blocks.1:img", "width": 16, "k": 2},
-    "dictionaries": [{"arch": "topk"}, {"arch": "tide"}, {"arch": "itda", "width": 0, "itda_tau": 0.3}],
+    # wide TopK with k=1: most latents never fire, so they turn dead after 2 steps and AuxK trains them
+    "dictionaries": [{"arch": "topk", "width": 256, "k": 1}, {"arch": "tide"}, {"arch": "itda", "width": 0, "itda_tau": 0.3}],
 }
 
 
@@ -60,14 +61,13 @@ def test_two_processes_match_one(tmp_path):
 
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2
-    for name in ("topk-w16-k2", "tide-w16-k2"):
+    for name in ("topk-w256-k1", "tide-w16-k2"):
         one, two = load_file(str(tmp_path / "one" / name / "weights.safetensors")), load_file(
             str(tmp_path / "two" / name / "weights.safetensors")
         )
         assert one.keys() == two.keys()
         for k in one:
             assert torch.allclose(one[k].double(), two[k].double(), rtol=1e-4, atol=1e-5), (name, k)
-        assert bool((one["tokens_since_fired_F"] > 0).any())  # some latents were idle: AuxK had work
         # the logged global-batch loss agrees too
         logs = [
             [json.loads(x)["loss"] for x in (tmp_path / r / name / "metrics.jsonl").read_text().splitlines()
@@ -75,6 +75,10 @@ def test_two_processes_match_one(tmp_path):
             for r in ("one", "two")
         ]
         assert len(logs[0]) == 3 and torch.allclose(torch.tensor(logs[0]), torch.tensor(logs[1]), rtol=1e-4)
+    topk = load_file(str(tmp_path / "two" / "topk-w256-k1" / "weights.safetensors"))
+    assert bool((topk["tokens_since_fired_F"] >= 512).any())  # counted in global tokens on both ranks
+    last = json.loads((tmp_path / "two" / "topk-w256-k1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["kind"] == "train" and last["loss_auxk"] > 0  # dead latents were trained by AuxK
     one, two = (load_file(str(tmp_path / r / "itda-k2" / "weights.safetensors")) for r in ("one", "two"))
     assert one["atoms_AD"].shape == two["atoms_AD"].shape and one["atoms_AD"].shape[0] > 0
     assert torch.allclose(_by_provenance(one), _by_provenance(two), atol=1e-5)

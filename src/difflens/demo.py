@@ -47,12 +47,92 @@ def stage_generate(out: Path, summary: dict) -> None:
     }
 
 
+MAIN_SITE = "transformer_blocks.1:img"
+NEURON_SITE = "transformer_blocks.1.ff.net.0:img"
+
+
+def _cli(argv: list[str]) -> None:
+    """Run a stage through the real CLI, so the demo exercises what users type."""
+    from difflens.cli import main
+
+    rc = main(argv)
+    if rc:
+        raise SystemExit(f"demo stage failed: difflens {' '.join(argv)} (exit {rc})")
+
+
+def stage_harvest(out: Path, summary: dict) -> None:
+    store = out / "store"
+    _cli(["harvest", "--model", "toy", "--num-prompts", "160", "--steps", "12", "--timesteps", "0,3,6,9,11",
+          "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE}",
+          "--dtype", "bf16", "--batch-size", "32", "--out", str(store)]
+         + (["--resume"] if (store / "manifest.json").exists() else []))
+    from difflens.store import Store
+
+    s = Store(store)
+    summary["harvest"] = {"store": str(store), "rows_per_site": {site: s.num_rows(site) for site in s.sites}}
+
+
+def stage_train(out: Path, summary: dict) -> None:
+    config = {
+        "defaults": {"site": MAIN_SITE, "width": 1024, "k": 16},
+        "dictionaries": [
+            {"name": "topk", "arch": "topk"},
+            {"name": "tide", "arch": "tide"},
+            {"name": "itda", "arch": "itda"},
+        ],
+    }
+    cfg_path = out / "train_config.json"
+    atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
+    run = out / "dicts"
+    _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--steps", "400",
+          "--batch-size", "1024", "--out", str(run)] + (["--resume"] if run.exists() else []))
+    summary["train"] = {"dictionaries": {n: str(run / n) for n in ("topk", "tide", "itda")}}
+
+
+def stage_evaluate(out: Path, summary: dict) -> None:
+    dicts = summary["train"]["dictionaries"]
+    args = ["evaluate", "--data", str(out / "store"), "--out", str(out / "evaluate" / "eval.json"), "--splice", "--model", "toy"]
+    for d in dicts.values():
+        args += ["--dict", d]
+    (out / "evaluate").mkdir(exist_ok=True)
+    _cli(args)
+    summary["evaluate"] = {"report": str(out / "evaluate" / "eval.json")}
+
+
+def stage_interpret(out: Path, summary: dict) -> None:
+    from difflens.interpret import run_oracle_pipeline
+
+    report = run_oracle_pipeline(summary["train"]["dictionaries"], out / "store", out / "interpret",
+                                 neuron_site=NEURON_SITE, n_features=48)
+    summary["interpret"] = {"out": str(out / "interpret"), "table": report.get("table", report)}
+
+
+def stage_intervene(out: Path, summary: dict) -> None:
+    import difflens
+    from difflens.intervene.experiments import run_demo
+    from difflens.models.toy.adapter import ToyAdapter
+    from difflens.store import Store
+
+    sae = difflens.load(summary["train"]["dictionaries"]["topk"])
+    summary["intervene"] = run_demo(out / "intervene", ToyAdapter.load(), sae, store=Store(out / "store"))
+
+
+STAGES = [
+    ("generate", stage_generate),
+    ("harvest", stage_harvest),
+    ("train", stage_train),
+    ("evaluate", stage_evaluate),
+    ("interpret", stage_interpret),
+    ("intervene", stage_intervene),
+]
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
     t0 = time.time()
-    for name, stage in [("generate", stage_generate)]:
+    for name, stage in STAGES:
         t = time.time()
         print(f"== demo: {name}", flush=True)
         stage(out, summary)

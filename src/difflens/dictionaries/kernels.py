@@ -28,9 +28,6 @@ from torch import Tensor
 
 GROUP = 32  # group size of the two-stage top-k
 
-# sampled_addmm needs a CSR tensor; torch warns once that CSR support is "beta" — it is used here
-# only as a container for the pattern, which is well-tested.
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
 @dataclass
@@ -108,13 +105,15 @@ def sddmm(G_BD: Tensor, W_FD: Tensor, pat: Pattern) -> Tensor:
     """[N] = ⟨G[row(n)], W[latent(n)]⟩ for every entry (the grad of the code values)."""
     G, W = G_BD.float(), W_FD.float()
     if G.device.type == "cpu" or G.device.type == "cuda":
-        csr = torch.sparse_csr_tensor(
-            pat.offsets_B1,
-            pat.indices_N,
-            torch.zeros(pat.indices_N.shape[0], dtype=G.dtype, device=G.device),
-            size=(pat.batch, pat.num_latents),
-            check_invariants=False,
-        )
+        with warnings.catch_warnings():  # torch calls CSR "beta"; here it only carries the pattern
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+            csr = torch.sparse_csr_tensor(
+                pat.offsets_B1,
+                pat.indices_N,
+                torch.zeros(pat.indices_N.shape[0], dtype=G.dtype, device=G.device),
+                size=(pat.batch, pat.num_latents),
+                check_invariants=False,
+            )
         return torch.sparse.sampled_addmm(csr, G, W.T, beta=0.0).values()
     return (G[pat.rows_N()] * W[pat.indices_N]).sum(1)  # pragma: no cover - other devices
 

@@ -125,12 +125,12 @@ def plot_timestep(result: dict, path: str | Path) -> bool:
         axes[0].plot(ts, [r.get("fvu") for r in rows], marker="o", label=d["name"])
         axes[1].plot(ts, [r.get("l0") for r in rows], marker="o", label=d["name"])
     for ax, what in zip(axes, ("FVU", "L0")):
-        ax.set_xlabel("timestep (1 = pure noise)")
+        ax.set_xlabel("timestep (scheduler value; higher = noisier)")
         ax.set_ylabel(what)
         ax.grid(alpha=0.3)
     axes[0].set_title("reconstruction error by timestep")
     axes[1].set_title("active latents by timestep")
-    axes[1].legend(fontsize="small", loc="best")
+    axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     atomic_write_bytes(path, _png(fig))
     plt.close(fig)
     return True
@@ -163,7 +163,7 @@ def plot_layer(result: dict, path: str | Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].set_title("reconstruction error by layer")
     axes[1].set_title("active latents by layer")
-    axes[1].legend(fontsize="small", loc="best")
+    axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     atomic_write_bytes(path, _png(fig))
     plt.close(fig)
     return True
@@ -174,7 +174,7 @@ def write_reports(result: dict, json_path: str | Path) -> dict[str, str]:
     json_path = Path(json_path)
     stem = json_path.with_suffix("")
     written = {}
-    md = stem.with_suffix(".md")
+    md = Path(f"{stem}.md")  # not with_suffix: names may contain dots
     atomic_write_text(md, markdown(result))
     written["markdown"] = str(md)
     ts_png = Path(f"{stem}_timestep.png")

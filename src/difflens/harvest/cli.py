@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--stream", choices=["img", "txt"], default=None, help="stream for sites given without one")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="storage dtype of activations")
     p.add_argument("--model-dtype", default="fp32", help="dtype to run the model in (fp32 or bf16 on CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 transformer (CUDA + bitsandbytes)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generate() call (one store unit)")
     p.add_argument("--both-branches", action="store_true", help="record the unconditional CFG rows too")
     p.add_argument("--out", required=True, help="store folder")
@@ -58,7 +60,7 @@ def run(args) -> int:
     else:
         prompts = read_prompts(args.prompts, args.prompt_column)
         source = args.prompts
-    adapter = load_adapter(args.model, dtype=args.model_dtype)
+    adapter = load_adapter(args.model, dtype=args.model_dtype, device=args.device, quantize=args.quantize)
     patterns = args.sites or adapter.default_site()
     if args.stream:
         patterns = ",".join(p if ":" in p else f"{p}:{args.stream}" for p in patterns.split(","))

@@ -162,7 +162,8 @@ def default_name(spec: dict, varying: set[str]) -> str:
         if spec.get(key):
             parts.append(f"{key[0]}{spec[key]}")
     for key in sorted(varying - {"site", "arch", "width", "k"}):
-        parts.append(f"{key}{spec.get(key)}")
+        if key in spec:
+            parts.append(f"{key}{spec[key]}")
     return re.sub(r"[^A-Za-z0-9._-]", "_", "-".join(parts))
 
 
@@ -183,8 +184,9 @@ def expand_specs(entries: list[dict], defaults: dict | None = None) -> list[Dict
                 raise DifflensError(f"dictionary config: {key!r} is an empty list; give at least one value")
             combos = [{**c, key: v} for c in combos for v in values]
         flat.extend(combos)
+    # a key is in the generated names when the entries that set it disagree on its value
     varying = {
-        k for k in {k for spec in flat for k in spec if k != "name"} if len({repr(s.get(k)) for s in flat}) > 1
+        k for k in {k for spec in flat for k in spec if k != "name"} if len({repr(s[k]) for s in flat if k in s}) > 1
     }
     specs = []
     for spec in flat:

@@ -17,6 +17,11 @@ from difflens.errors import DifflensError
 from difflens.utils import atomic_write_bytes, write_json
 
 
+def _file(stem: Path, suffix: str) -> Path:
+    """`stem` + suffix (names may contain dots, so no with_suffix)."""
+    return stem.parent / (stem.name + suffix)
+
+
 def save_optimizer(opt: torch.optim.Optimizer, stem: str | Path) -> None:
     """Write `<stem>.safetensors` (state tensors) and `<stem>.json` (groups, non-tensor state)."""
     stem = Path(stem)
@@ -32,16 +37,16 @@ def save_optimizer(opt: torch.optim.Optimizer, stem: str | Path) -> None:
     groups = []
     for g in sd["param_groups"]:
         groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()})
-    atomic_write_bytes(stem.with_suffix(".safetensors"), st_save(tensors))
-    write_json(stem.with_suffix(".json"), {"param_groups": groups, "scalars": scalars, "tensor_keys": sorted(tensors)})
+    atomic_write_bytes(_file(stem, ".safetensors"), st_save(tensors))
+    write_json(_file(stem, ".json"), {"param_groups": groups, "scalars": scalars, "tensor_keys": sorted(tensors)})
 
 
 def load_optimizer(opt: torch.optim.Optimizer, stem: str | Path) -> None:
     """Inverse of `save_optimizer`; refuses a state written for different parameters."""
     stem = Path(stem)
     try:
-        meta = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
-        tensors = st_load(stem.with_suffix(".safetensors").read_bytes())
+        meta = json.loads(_file(stem, ".json").read_text(encoding="utf-8"))
+        tensors = st_load(_file(stem, ".safetensors").read_bytes())
     except (OSError, ValueError) as e:
         raise DifflensError(f"optimizer state {stem}.* is unreadable ({e}); delete train_state/ and start over") from e
     state: dict[int, dict] = {}

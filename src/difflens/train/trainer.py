@@ -473,7 +473,7 @@ def _batch_sums(x: torch.Tensor, out, n_local: int, env: ddp.DistEnv) -> dict:
         buf[4] = float(out.loss.detach()) * n_local
         buf[5:] = x64.sum(0)
         losses = {f"loss_{k}": float(v.detach()) * n_local for k, v in (out.losses or {}).items()}
-    names = sorted(losses)
+    names = _union_of_names(losses, env)  # ranks without rows (or without a term) still join in
     lbuf = torch.tensor([losses.get(k, 0.0) for k in names], dtype=torch.float64)
     ddp.all_reduce_sum_(buf, env)
     if names:
@@ -491,6 +491,15 @@ def _batch_sums(x: torch.Tensor, out, n_local: int, env: ddp.DistEnv) -> dict:
         "l0": float(buf[3]) / n,
         "losses": {k: float(v) / n for k, v in zip(names, lbuf.tolist())},
     }
+
+
+def _union_of_names(local: dict, env: ddp.DistEnv) -> list[str]:
+    """Sorted union of the loss names over ranks, without pickling (names travel as bytes)."""
+    if not env.active:
+        return sorted(local)
+    blob = torch.tensor(list((";".join(sorted(local)) + "\n").encode()), dtype=torch.uint8)
+    text = bytes(ddp.all_gather_rows(blob, env).tolist()).decode()
+    return sorted({n for part in text.split("\n") for n in part.split(";") if n})
 
 
 def train(store, specs: list[DictSpec], cfg: TrainConfig, out, *, resume: bool = False, on_step=None) -> dict:

@@ -1,0 +1,72 @@
+"""`difflens train` flags and config files, and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_train_fixtures import SITE_A, SITE_B, make_store
+
+from difflens.cli import build_parser, main
+from difflens.errors import DifflensError
+from difflens.train.cli import build_from_args
+
+
+def parse(*argv):
+    return build_parser().parse_args(["train", "--data", "d", "--out", "o", *argv])
+
+
+def test_flags_make_a_grid_and_a_config():
+    specs, cfg = build_from_args(
+        parse("--site", f"{SITE_A},{SITE_B}", "--arch", "topk", "--width", "32", "--k", "4,8", "--steps", "5",
+              "--timestep-range", "100:600", "--denoise-steps", "0:3", "--normalize", "pca-whiten",
+              "--option", "k_aux=3", "--no-auxk", "--decay", "cosine")
+    )
+    assert [s.name for s in specs] == [
+        "blocks.1-img-topk-w32-k4", "blocks.1-img-topk-w32-k8", "blocks.2-img-topk-w32-k4", "blocks.2-img-topk-w32-k8",
+    ]
+    assert specs[0].options == {"normalization": "pca-whiten", "k_aux": 3}
+    assert cfg.steps == 5 and cfg.timestep_range == (100.0, 600.0) and cfg.denoise_steps == [0, 1, 2]
+    assert cfg.auxk is False and cfg.decay == "cosine" and cfg.batch_size == 1024
+
+
+def test_toml_config_with_cli_overrides(tmp_path):
+    path = tmp_path / "grid.toml"
+    path.write_text(
+        '[train]\nsteps = 100\nlr = 1e-3\n\n[defaults]\nsite = "blocks.1:img"\nwidth = 64\n\n'
+        '[[dictionaries]]\narch = "topk"\nk = [4, 8]\n\n[[dictionaries]]\narch = "itda"\nk = 4\nname = "atoms"\n'
+    )
+    specs, cfg = build_from_args(parse("--config", str(path), "--tokens", "4096", "--batch-size", "512"))
+    assert [s.name for s in specs] == ["topk-w64-k4", "topk-w64-k8", "atoms"]
+    assert cfg.steps is None and cfg.total_steps() == 8 and cfg.lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--arch", "topk", "--width", "8", "--k", "16", "--site", "s", "--steps", "1"), "k=16 is larger than width=8"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--steps", "1"), "missing site"),
+        (("--arch", "topk", "--width", "8", "--k", "x", "--site", "s", "--steps", "1"), "comma-separated list of integers"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--steps", "1", "--timestep-range", "5"), "lo:hi"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--steps", "1", "--option", "x"), "KEY=VALUE"),
+    ],
+)
+def test_bad_flags_explain_the_fix(argv, message):
+    with pytest.raises(DifflensError, match=message):
+        build_from_args(parse(*argv))
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    store = make_store(tmp_path / "s", units=2)
+    base = ["train", "--data", str(store.root), "--arch", "topk", "--width", "8", "--k", "2", "--steps", "2",
+            "--batch-size", "32", "--eval-tokens", "32", "--quiet", "--out", str(tmp_path / "run")]
+    assert main([*base, "--site", "nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "available sites: blocks.1:img, blocks.2:img" in err
+    assert main(["train", "--data", str(tmp_path / "none"), *base[3:], "--site", SITE_A]) == 2
+    assert "no activation store at" in capsys.readouterr().err
+    assert main([*base, "--site", SITE_A]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["dictionaries"][0]["name"] == "topk-w8-k2"
+    assert main([*base, "--site", SITE_A, "--resume", "--lr", "0.5"]) == 2
+    assert "--resume with a different configuration" in capsys.readouterr().err
+    assert main([*base, "--site", SITE_A, "--resume"]) == 0  # finished: nothing to do, still fine
