@@ -42,7 +42,7 @@ def cli(setup, monkeypatch):
 
 def test_steer_sweep_writes_grid_and_json(cli, tmp_path, capsys):
     out = tmp_path / "sweep.png"
-    rc = cli("steer", "--feature", "3", "--scales", "-4,0,4", "--scale-mode", "absolute", "--steps", ":2",
+    rc = cli("steer", "--feature", "3", "--scales=-4,0,4", "--scale-mode", "absolute", "--steps", ":2",
              "--region", "0,0,16,16", "--prompt", PROMPT, "--seed", "1", "--out", str(out))
     assert rc == 0
     assert out.is_file()

@@ -1,11 +1,12 @@
 """Metric definitions against hand-computed values (DESIGN.md §3: FVU, EV, L0, dead)."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from difflens.evaluate.metrics import ReconAccumulator, cosine_rows, fvu
+from difflens.evaluate.metrics import ReconAccumulator, SparseCodes, cosine_rows, fvu
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 X_HAT = torch.tensor([[1.0, 1.0], [2.0, 4.0]])
@@ -98,3 +99,19 @@ def test_cosine_rows_zero_vectors():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="must both be"):
         ReconAccumulator().update(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_sparse_codes_give_the_same_numbers_as_dense():
+    dense = torch.tensor([[0.0, 1.5, 0.0, 0.0], [2.0, 0.0, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    sparse = SparseCodes(torch.tensor([[1.5, 0.0], [2.0, 0.5], [0.0, 0.0]]), torch.tensor([[1, 0], [0, 3], [0, 0]]), 4)
+    x = torch.randn(3, 2)
+    t, st = torch.tensor([5.0, 5.0, 7.0]), torch.tensor([0, 0, 1])
+    results = []
+    for codes in (dense, sparse):
+        acc = ReconAccumulator(dead_window=2)
+        acc.update(x[:2], x[:2] * 0.5, codes[:2], timestep=t[:2], step=st[:2])
+        acc.update(x[2:], x[2:] * 0.5, codes[2:], timestep=t[2:], step=st[2:])
+        results.append((acc.result(), acc.dead_mask().tolist()))
+    assert json.dumps(results[0]) == json.dumps(results[1])  # (NaN-safe equality)
+    assert results[0][1] == [False, True, True, False]  # last 2 tokens: latents 0 and 3 fired
+    assert results[0][0]["l0"] == pytest.approx(1.0)

@@ -120,6 +120,7 @@ def test_grid_and_layer_sweep_learn_in_lockstep(store, tmp_path):
     assert set(prov) >= {"sample_id", "step", "token"} and not torch.isin(prov["sample_id"], torch.tensor([0, 1])).any()
 
 
+@pytest.mark.filterwarnings("ignore:ITDA dictionary reached its cap")
 def test_resume_after_kill_and_sigterm_gives_identical_weights(store, tmp_path):
     specs = expand_specs(
         [{"arch": ["topk", "tide"], "k": 2}, {"arch": "itda", "k": 2, "width": 100}], defaults={"site": SITE_A, "width": 16}

@@ -85,7 +85,7 @@ def stage_train(out: Path, summary: dict) -> None:
     atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
     run = out / "dicts"
     _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--steps", "400",
-          "--batch-size", "1024", "--out", str(run)] + (["--resume"] if run.exists() else []))
+          "--batch-size", "1024", "--dead-after-tokens", "100000", "--out", str(run)] + (["--resume"] if run.exists() else []))
     summary["train"] = {"dictionaries": {n: str(run / n) for n in ("topk", "tide", "itda")}}
 
 

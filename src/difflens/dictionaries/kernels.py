@@ -74,10 +74,11 @@ class Pattern:
     def latent_major(self) -> tuple[Tensor, Tensor, Tensor]:
         """(perm, rows sorted by latent, latent offsets [F + 1]): the CSC view for weight gradients."""
         if "csc" not in self._cache:
-            perm = torch.argsort(self.indices_N)
+            keys = self.indices_N.to(torch.int32) if self.num_latents < 2**31 else self.indices_N
+            perm = keys.sort().indices  # int32 keys sort ~2x faster than int64
             offsets = torch.zeros(self.num_latents + 1, dtype=torch.long, device=perm.device)
             offsets[1:] = self.counts_F().cumsum(0)
-            self._cache["csc"] = (perm, self.rows_N()[perm], offsets)
+            self._cache["csc"] = (perm, self.rows_N().index_select(0, perm), offsets)
         return self._cache["csc"]
 
     def to_dense(self, values_N: Tensor) -> Tensor:
@@ -97,7 +98,8 @@ def spmm_t(values_N: Tensor, pat: Pattern, Y_BD: Tensor) -> Tensor:
     """Sᵀ @ Y: [F, D] = Σ over a latent's entries of value · Y[row]."""
     perm, rows, offsets = pat.latent_major()
     return F.embedding_bag(
-        rows, Y_BD, offsets, mode="sum", per_sample_weights=values_N[perm].to(Y_BD.dtype), include_last_offset=True
+        rows, Y_BD, offsets, mode="sum", per_sample_weights=values_N.index_select(0, perm).to(Y_BD.dtype),
+        include_last_offset=True,
     )
 
 
@@ -193,7 +195,7 @@ class SparseSAEFunction(torch.autograd.Function):
             gpre_M = sddmm(ga, W_dead, aux.pattern) * (aux.pre_M > 0)
             dW_dec.index_add_(0, ids, spmm_t(aux.pre_M.relu(), aux.pattern, ga.to(cd)).to(W_dec.dtype))
             dW_enc.index_add_(0, ids, spmm_t(gpre_M, aux.pattern, x_c_cd).to(W_enc.dtype))
-            db_enc.index_add_(0, ids[aux.pattern.indices_N], gpre_M.to(W_enc.dtype))
+            db_enc.index_add_(0, ids.index_select(0, aux.pattern.indices_N), gpre_M.to(W_enc.dtype))
             if dx is not None:
                 dx = dx + spmm(gpre_M, aux.pattern, W_enc.index_select(0, ids).to(cd)).to(x.dtype)
         # b_dec: + in the decoder, − inside the encoder: Σ_rows gpre_dense @ W_enc = db_enc @ W_enc

@@ -132,13 +132,19 @@ def run(args: argparse.Namespace) -> int:
         dead_window=args.dead_window,
         show_progress=not args.quiet,
     )
+    out = Path(args.out)
     if splice is not None:
         adapter = _load_adapter(args.model)
         result["splice"] = splice.evaluate_splice(
-            [it.module for it in items], store, adapter, steps=splice_steps, max_tokens=args.max_tokens
+            {it.name: it.module for it in items},  # the same names as the reconstruction table
+            store,
+            adapter,
+            steps=splice_steps,
+            max_tokens=args.max_tokens,
+            out_dir=Path(f"{out.with_suffix('')}_splice"),
+            show_progress=not args.quiet,
         )
     result = json_safe(result)
-    out = Path(args.out)
     write_json(out, result)
     written = report.write_reports(result, out)
     print(report.text_table(result))

@@ -26,6 +26,31 @@ _EPS = 1e-12
 
 
 @dataclass
+class SparseCodes:
+    """Codes as (values [B, K], indices [B, K]) over `width` latents; value 0 = inactive (padding).
+
+    Wide dictionaries (65k latents) must never be densified per batch: 4096 × 65536 floats is 1 GB.
+    """
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    width: int
+
+    def __getitem__(self, sel) -> SparseCodes:
+        return SparseCodes(self.values[sel], self.indices[sel], self.width)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (int(self.values.shape[0]), self.width)
+
+
+def _active_count(codes) -> float:
+    if isinstance(codes, SparseCodes):
+        return float((codes.values.detach() != 0).sum())
+    return float((codes.detach() != 0).sum())
+
+
+@dataclass
 class _Sums:
     """Sufficient statistics for one evaluation set (overall, or one timestep bucket)."""
 
@@ -51,7 +76,7 @@ class _Sums:
         self.sum_sq_err += float(err)
         self.sum_cos += float(cosine_rows(x, x_hat).sum())
         if codes is not None:
-            self.sum_l0 += float((codes.detach() != 0).sum())
+            self.sum_l0 += _active_count(codes)
         if t is not None:
             self.sum_t += float(t.detach().to(torch.float64).sum())
             self.n_t += int(t.numel())
@@ -118,7 +143,7 @@ class ReconAccumulator:
         self,
         x: torch.Tensor,
         x_hat: torch.Tensor,
-        codes: torch.Tensor | None = None,
+        codes: torch.Tensor | SparseCodes | None = None,
         *,
         timestep: torch.Tensor | None = None,
         step: torch.Tensor | None = None,
@@ -151,9 +176,16 @@ class ReconAccumulator:
             self.width = int(codes.shape[1])
         if self._last_fired is None:
             self._last_fired = torch.zeros(self.width, dtype=torch.int64)
-        active = codes.detach() != 0  # [B, F]
         pos = torch.arange(1, codes.shape[0] + 1, dtype=torch.int64).unsqueeze(1)
-        last_in_batch = (active.to(torch.int64) * pos).amax(0)  # 0 where never active in batch
+        if isinstance(codes, SparseCodes):
+            active = codes.values.detach() != 0  # [B, K]
+            rows = pos.expand_as(active)[active]
+            last_in_batch = torch.zeros(self.width, dtype=torch.int64).scatter_reduce_(
+                0, codes.indices.detach()[active].to(torch.int64), rows, reduce="amax"
+            )
+        else:
+            active = codes.detach() != 0  # [B, F]
+            last_in_batch = (active.to(torch.int64) * pos).amax(0)  # 0 where never active in batch
         fired = last_in_batch > 0
         self._last_fired[fired] = last_in_batch[fired] + n_before
 

@@ -16,6 +16,7 @@ import torch
 from difflens.errors import DifflensError
 from difflens.evaluate.metrics import ReconAccumulator
 from difflens.train.data import Filters
+from difflens.train.members import reconstruct
 
 READ_COLUMNS = ("acts", "timestep", "step", "sample_id")
 
@@ -155,11 +156,7 @@ def _evaluate_site(group, store, site, max_tokens, batch_size, split, filters, d
             if len(idx) == 0:
                 continue
             x, t, st = batch["acts"][idx], batch["timestep"][idx], batch["step"][idx]
-            module = p["it"].module
-            module.eval()
-            with torch.no_grad():
-                codes = module.encode(x, t)
-                x_hat = module.decode(codes, t)
+            x_hat, codes = reconstruct(p["it"].module, x, t)
             p["acc"].update(x, x_hat, codes, timestep=t, step=st)
         bar.n = min(p["acc"].overall.n for p in plans)
         bar.refresh()

@@ -65,7 +65,8 @@ def register(subparsers) -> None:
     p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
     sc = p.add_mutually_exclusive_group(required=True)
     sc.add_argument("--scale", type=float, help="steering scale (see --scale-mode)")
-    sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image, e.g. -8,-4,0,4,8")
+    sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image; write it with '=' when "
+                    "the first is negative: --scales=-8,-4,0,4,8")
     p.add_argument("--scale-mode", choices=["absolute", "token-norm", "feature-max"], default="token-norm",
                    help="token-norm (default): scale x mean image-token norm; absolute: raw units; "
                    "feature-max: scale x the feature's max activation in --data")
@@ -147,12 +148,12 @@ def parse_pairs(text: str, what: str) -> list[tuple[int, float]]:
         if not part.strip():
             continue
         f, sep, v = part.partition("=")
+        if not sep:
+            raise DifflensError(f"{what} {text!r}: each entry needs =value, e.g. {what} 12=3.5,40=0")
         try:
             out.append((int(f), float(v)))
         except ValueError:
             raise DifflensError(f"{what} {text!r}: write F=V pairs separated by commas, e.g. {what} 12=3.5,40=0") from None
-        if not sep:
-            raise DifflensError(f"{what} {text!r}: each entry needs =value, e.g. 12=3.5")
     if not out:
         raise DifflensError(f"{what} names no feature")
     return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from difflens.errors import DifflensError
@@ -23,6 +24,7 @@ _TRAIN_FLAGS = {
     "seed": "seed",
     "timestep_range": "timestep_range",
     "denoise_steps": "denoise_steps",
+    "init_tokens": "init_tokens",
     "eval_tokens": "eval_tokens",
     "eval_every": "eval_every",
     "checkpoint_every": "checkpoint_every",
@@ -64,6 +66,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, help="data order and initialisation seed (default 0)")
     p.add_argument("--timestep-range", help="train only on timesteps lo:hi (inclusive)")
     p.add_argument("--denoise-steps", help="train only on these step indices: 0,1,2 or 0:3 (end excluded)")
+    p.add_argument("--init-tokens", type=int,
+                   help="rows for data-dependent init: normalisation statistics, b_dec (default 16384; PCA needs > 2·d)")
     p.add_argument("--eval-tokens", type=int, help="held-out tokens for evaluation (default 8192; 0 = none)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
@@ -181,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
 
     specs, cfg = build_from_args(args)
     env = ddp.init_from_env()
+    if not env.is_main:  # every rank runs the same code: let rank 0 alone speak
+        warnings.simplefilter("ignore")
     try:
         if env.is_main and cfg.progress:
             names = ", ".join(s.name for s in specs)

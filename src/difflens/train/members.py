@@ -35,6 +35,11 @@ def dict_config(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfi
             f"dictionary {spec.name}: unknown option(s) {', '.join(unknown)}; "
             f"dictionary options are {', '.join(sorted(fields - set(kwargs)))}"
         )
+    reserved = sorted({"d_in", "model"} & set(spec.options))
+    if reserved:
+        raise DifflensError(
+            f"dictionary {spec.name}: {', '.join(reserved)} come(s) from the store; remove it from the options"
+        )
     kwargs.update(spec.options)
     # training-loop settings the dictionary owns (dead tracking, AuxK) unless set per dictionary
     if "dead_after_tokens" in fields and "dead_after_tokens" not in spec.options:
@@ -89,10 +94,23 @@ def partial_fit(module, x: torch.Tensor, t: torch.Tensor, provenance: dict[str, 
 
 
 @torch.no_grad()
-def encode_decode(module, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes and reconstruction without touching training statistics (dead counters)."""
-    codes = module.encode(x, t)
-    return codes, module.decode(codes, t)
+def reconstruct(module, x: torch.Tensor, t: torch.Tensor):
+    """(x_hat, codes) in eval mode, codes sparse when the dictionary is (never densified).
+
+    `forward` in eval mode leaves training statistics (dead counters, BatchTopK's threshold)
+    untouched and uses inference-time selection, like `encode`.
+    """
+    from difflens.evaluate.metrics import SparseCodes
+
+    was_training = module.training
+    module.eval()
+    try:
+        out = module(x, t)
+    finally:
+        module.train(was_training)
+    if out.values is not None and out.indices is not None:
+        return out.x_hat, SparseCodes(out.values, out.indices, int(out.num_latents))
+    return out.x_hat, out.codes
 
 
 def dead_fraction(module) -> float | None:

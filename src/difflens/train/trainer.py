@@ -313,7 +313,7 @@ class Trainer:
             if log_now and env.is_main:
                 with torch.no_grad():
                     acc = ReconAccumulator()
-                    codes, x_hat = mem.encode_decode(m.module, gx, gt)
+                    x_hat, codes = mem.reconstruct(m.module, gx, gt)
                     acc.update(gx, x_hat, codes)
                     r = acc.result()
                 extra = {"atoms": mem.current_width(m.module)}
@@ -361,13 +361,9 @@ class Trainer:
             if sl is None or len(sl) == 0:
                 continue
             acc = ReconAccumulator(per_bucket=final)
-            was_training = m.module.training
-            m.module.eval()
-            with torch.no_grad():
-                for x, t, st in sl.chunks(EVAL_CHUNK):
-                    codes, x_hat = mem.encode_decode(m.module, x, t)
-                    acc.update(x, x_hat, codes, timestep=t, step=st)
-            m.module.train(was_training)
+            for x, t, st in sl.chunks(EVAL_CHUNK):
+                x_hat, codes = mem.reconstruct(m.module, x, t)
+                acc.update(x, x_hat, codes, timestep=t, step=st)
             r = acc.result()
             rec = {"kind": "final" if final else "eval", "step": self.step, "tokens": self.tokens}
             rec.update({k: r[k] for k in ("fvu", "explained_variance", "mse", "cosine", "l0") if k in r})
@@ -431,7 +427,11 @@ class Trainer:
     # ---- interruption ---------------------------------------------------------------------------
     def _install_signal_handlers(self):
         def handler(signum, frame):  # noqa: ARG001
+            if self._stop and signum == signal.SIGINT:  # a second Ctrl-C: stop now, lose this step
+                raise KeyboardInterrupt
             self._stop = True
+            if self.env.is_main:
+                print("\nstopping after this step (checkpoint, then exit); Ctrl-C again to abort", file=sys.stderr)
 
         old = {}
         try:
