@@ -229,6 +229,21 @@ def test_auxk_off_or_no_dead_latents_gives_no_aux_loss():
         assert "auxk" not in sae(x).losses
 
 
+def test_training_reuses_one_preactivation_buffer_and_eval_frees_it():
+    x, t = data()
+    sae = make()
+    sae.init_from_data(x, t)
+    sae.train()
+    sae(x)
+    ptr = sae._ws.data_ptr()
+    sae(x)
+    assert sae._ws.data_ptr() == ptr and sae._ws.shape == (x.shape[0], F)
+    sae.eval()
+    assert sae._ws is None
+    sae(x)
+    assert sae._ws is None  # inference keeps no buffer
+
+
 def test_lr_scale_follows_width():
     assert make(width=2**14, k=4).lr_scale() == pytest.approx(1.0)
     assert make(width=2**12, k=4).lr_scale() == pytest.approx(2.0)
@@ -450,7 +465,7 @@ def test_topk_sae_learns_a_planted_dictionary():
     true = torch.randn(n_feat, d, generator=g)
     true /= true.norm(dim=1, keepdim=True)
 
-    def batch(n=512):
+    def batch(n=256):
         idx = torch.rand(n, n_feat, generator=g).topk(k, dim=1).indices
         codes = torch.zeros(n, n_feat).scatter_(1, idx, torch.rand(n, k, generator=g) + 0.5)
         return codes @ true
@@ -460,7 +475,7 @@ def test_topk_sae_learns_a_planted_dictionary():
     sae.init_from_data(batch(2048))
     opt = torch.optim.Adam(sae.parameters(), lr=3e-3, betas=(0.0, 0.99))
     sae.train()
-    for _ in range(400):
+    for _ in range(300):
         opt.zero_grad()
         sae(batch()).loss.backward()
         sae.before_optimizer_step()
@@ -472,6 +487,6 @@ def test_topk_sae_learns_a_planted_dictionary():
         x_hat = sae(x).x_hat
     fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
     assert fvu < 0.1
-    # most planted directions are matched by some decoder row
+    # the planted directions are recovered by decoder rows
     cos = (true @ sae.decoder_directions().T).amax(1)
-    assert float((cos > 0.9).float().mean()) > 0.7
+    assert float((cos > 0.9).float().mean()) > 0.9

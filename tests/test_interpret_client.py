@@ -224,6 +224,7 @@ def test_vlm_pipeline_against_local_server(tmp_path, monkeypatch):
         # a re-run is served from the cache: no new requests, same scores
         rep2 = run_pipeline({"planted": NeuronFeatures(SITE, D, name="planted")}, store, out, **kw)
         assert len(server.requests) == n_req
+        assert any("reused the feature cache" in n for n in rep2["notes"])
         assert rep2["vlm"]["tally"]["http_requests"] == 0 and rep2["table"][0]["mean"] == rep["table"][0]["mean"]
         assert grep_secret(out) == []
         assert (out / "vlm_requests.jsonl").exists()

@@ -11,6 +11,7 @@ import torch
 
 from difflens.errors import DifflensError
 from difflens.intervene.experiments import (
+    ABSENT,
     features_by_concept,
     label_features,
     object_region,
@@ -35,6 +36,11 @@ def test_success_rate_counts_only_eligible_cases():
     r = success_rate(before, after, target, mode="leave")  # leave red: eligible = 0, 2 -> only #2 left
     assert (r["eligible"], r["successes"], r["success_rate"]) == (2, 1, 0.5)
     assert success_rate(["red"], ["red"], ["red"])["success_rate"] is None
+    # An erased object is not a colour change, and no object before means nothing to steer.
+    r = success_rate(["red", "red", ABSENT], [ABSENT, "blue", "red"], ["red", "red", "red"], mode="leave")
+    assert (r["eligible"], r["successes"], r["vanished"]) == (2, 1, 1)
+    r = success_rate([ABSENT, "blue"], ["red", ABSENT], ["red", "red"])
+    assert (r["eligible"], r["successes"], r["vanished"]) == (1, 0, 1)
 
 
 class FakeStore:
@@ -160,3 +166,21 @@ def test_labelling_from_a_real_store(adapter, tmp_path):
     assert scores["rows"] == 2 * 3 * 256  # 2 images x 3 steps x 256 tokens
     assert all(c in V.CONCEPT_ID for c in labels.values())
     assert all(c.split("=")[0] in ("color", "object") for c in labels.values())
+
+
+def test_ablation_uses_per_concept_rankings_and_variants(adapter, tmp_path):
+    from test_intervene import tiny_sae
+
+    from difflens.intervene.experiments import run_ablation_study
+    from difflens.world.classifier import FactorClassifier
+
+    ranking = {"color=red": [3, 9, 12], "color=blue": [7, 3], "object=circle": [5]}
+    res = run_ablation_study(
+        adapter, tiny_sae(adapter.site_dim(SITE)), {3: "color=red"}, tmp_path, concept_features=ranking,
+        features_per_value=2, prompts_per_value=2, variants=[("invert", "scale", -1.0, "cond")],
+        classifier=FactorClassifier().eval(), steps=3, show_progress=False,
+    )
+    assert res["features"] == {"color=blue": [7, 3], "color=red": [3, 9]}
+    assert res["feature_source"] == "ranked by F1 per concept" and res["n_cases"] == 4
+    assert list(res["variants"]) == ["invert"] and res["ablation"]["total"] == 4
+    assert (tmp_path / "ablation.json").is_file() and (tmp_path / "ablation_examples.png").is_file()

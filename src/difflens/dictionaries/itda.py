@@ -131,7 +131,7 @@ class ITDA(Dictionary):
                 warnings.warn(
                     f"ITDA dictionary reached its cap of {self.cap} atoms; further above-τ activations "
                     "are not added (raise width to allow more)",
-                    stacklevel=2,
+                    stacklevel=3,  # the caller of partial_fit (through the no_grad wrapper)
                 )
                 self._warned_full = True
             cand, new = cand[:room], new[:room]

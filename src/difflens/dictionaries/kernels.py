@@ -29,7 +29,6 @@ from torch import Tensor
 GROUP = 32  # group size of the two-stage top-k
 
 
-
 @dataclass
 class Pattern:
     """Which (row, latent) entries are active, as CSR over rows (entries of a row are contiguous)."""
@@ -75,7 +74,9 @@ class Pattern:
         """(perm, rows sorted by latent, latent offsets [F + 1]): the CSC view for weight gradients."""
         if "csc" not in self._cache:
             keys = self.indices_N.to(torch.int32) if self.num_latents < 2**31 else self.indices_N
-            perm = keys.sort().indices  # int32 keys sort ~2x faster than int64
+            # int32 keys sort ~2x faster than int64; stable keeps each latent's rows in order, which
+            # makes the embedding-bag gathers of the weight gradients walk memory forwards
+            perm = keys.sort(stable=True).indices
             offsets = torch.zeros(self.num_latents + 1, dtype=torch.long, device=perm.device)
             offsets[1:] = self.counts_F().cumsum(0)
             self._cache["csc"] = (perm, self.rows_N().index_select(0, perm), offsets)

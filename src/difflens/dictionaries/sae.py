@@ -155,7 +155,7 @@ class SAE(Dictionary):
             d = self.norm.invert_linear(self.W_dec_FD.detach())
             return d / d.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
-    def _output(self, x, t, xn, xn_hat, losses, **kw) -> DictOutput:
+    def _output(self, t, xn_hat, losses, **kw) -> DictOutput:
         loss = sum(losses.values()) if losses else xn_hat.new_zeros(())
         return DictOutput(x_hat=self.norm.invert(xn_hat, t), loss=loss, losses=losses, num_latents=self.num_latents, **kw)
 
@@ -207,7 +207,7 @@ class _SparseSAE(SAE):
             losses["auxk"] = self.cfg.auxk_coef * F.mse_loss(self._from_sae_space_linear(aux_hat, film), e)
         vals, idx = self._padded(pat, pre_N.detach().relu())
         l0 = (pre_N.detach() > 0).sum().float() / x.shape[0]
-        return self._output(x, t, xn, xn_hat, losses, values=vals, indices=idx, l0=l0)
+        return self._output(t, xn_hat, losses, values=vals, indices=idx, l0=l0)
 
     def _core_fast(self, x_in: Tensor):
         cd = compute_dtype(self.W_enc_FD.dtype, x_in.device)
@@ -236,6 +236,11 @@ class _SparseSAE(SAE):
     def release_workspace(self) -> None:
         """Free the cached training buffer (it is rebuilt on the next training step)."""
         self._ws = None
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.release_workspace()  # eval() gives the memory back
+        return super().train(mode)
 
     def _core_dense(self, x_in: Tensor):
         """Reference: dense codes, autograd through everything (same maths as the fast path)."""
@@ -379,4 +384,4 @@ class ReLUSAE(SAE):
             "l1": self.cfg.l1_coeff / self.d_in * (z @ dec_norm_F).mean(),
         }
         l0 = active.sum().float() / x.shape[0]
-        return self._output(x, t, xn, xn_hat, losses, dense_codes=z, l0=l0)
+        return self._output(t, xn_hat, losses, dense_codes=z, l0=l0)

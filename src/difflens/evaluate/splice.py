@@ -226,7 +226,8 @@ def evaluate_splice(
         "definitions": (
             "mse: mean squared pixel error vs the clean image, pixels in [0,1]; psnr_db = 10 log10(1/mse); "
             "fidelity_recovered = 1 - mse(splice)/mse(mean ablation) (1 = clean, 0 = mean ablation); "
-            "fidelity_recovered_adherence = (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)); "
+            "fidelity_recovered_adherence = (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)) for whole prompts, "
+            "and per factor where mean ablation loses adherence; "
             "error_term_check: splice with x - x_hat added back, must equal the clean run"
         ),
         "classifier": "factor classifier (prompt adherence)" if classifier is not None else clf_note,
@@ -258,11 +259,8 @@ def evaluate_splice(
         mse = float(image_mse(sp_imgs, clean_imgs).mean())
         mean = result["mean_ablation"][site]
         adh = _adherence(prompts, sp_imgs, classifier)
-        rec_adh = None
-        if adh is not None and mean["adherence"] is not None:
-            c, m, s_ = result["clean"]["adherence"].get("prompt"), mean["adherence"].get("prompt"), adh.get("prompt")
-            if None not in (c, m, s_) and c - m > 1e-9:
-                rec_adh = float((s_ - m) / (c - m))
+        rec_adh = _recovered_adherence(result["clean"]["adherence"], mean["adherence"], adh)
+        rec_prompt = rec_adh.pop("prompt", None) if rec_adh else None
         pix = int(np.abs(chk_imgs.astype(int) - clean_imgs.astype(int)).max())
         lat_diff = float((chk_lat - clean_lat).abs().max()) if chk_lat is not None and clean_lat is not None else None
         entry = {
@@ -273,7 +271,8 @@ def evaluate_splice(
             "k": getattr(d.cfg, "k", None),
             "splice": {"mse": mse, "psnr_db": psnr_db(mse), "adherence": adh},
             "fidelity_recovered": _recovered(mse, mean["mse"]),
-            "fidelity_recovered_adherence": rec_adh,
+            "fidelity_recovered_adherence": rec_prompt,
+            "fidelity_recovered_adherence_by_factor": rec_adh,
             "error_term_check": {
                 "mse": float(image_mse(chk_imgs, clean_imgs).mean()),
                 "max_pixel_diff_levels": pix,
@@ -287,6 +286,19 @@ def evaluate_splice(
     if out_dir is not None:
         result["grids"] = _write_grids(Path(out_dir), prompts, clean_imgs, grids)
     return result
+
+
+def _recovered_adherence(clean, mean, splice) -> dict | None:
+    """Per factor (and "prompt"): (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)), where mean
+    ablation is worse than clean; other factors are left out (nothing to recover)."""
+    if clean is None or mean is None or splice is None:
+        return None
+    out = {}
+    for k, c in clean.items():
+        m, s_ = mean.get(k), splice.get(k)
+        if None not in (c, m, s_) and c - m > 1e-9:
+            out[k] = round(float((s_ - m) / (c - m)), 4)
+    return out
 
 
 def _store_stats(store, site: str):

@@ -105,7 +105,11 @@ def harvest(
     out = Path(out)
     if out.exists() and (out / "manifest.json").exists() and not (resume or append):
         raise DifflensError(f"{out} already holds a store; pass --resume to continue that harvest or choose a new --out")
+    # Every rank checks before any rank creates the store (else late ranks see rank 0's fresh
+    # manifest and refuse), and nobody writes until all have opened it (opening cleans temp files).
+    _barrier(world)
     writer = StoreWriter.open(out, model=adapter.model_id, sites=dims, dtype=cfg.dtype, harvest_config=cfg.to_json(), append=append)
+    _barrier(world)
     done = writer.done_units()
 
     samples = plan_samples(prompts, cfg.seeds, scenes, is_toy)
@@ -144,10 +148,7 @@ def harvest(
         bar.update(len(batch))
         bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
     bar.close()
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
+    _barrier(world)
     manifest = writer.finalize() if rank == 0 else None
     return {
         "store": str(out),
@@ -157,6 +158,13 @@ def harvest(
         "seconds": time.time() - t0,
         "manifest": manifest,
     }
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _labels_and_records(batch: list[Sample], is_toy: bool, tokenizer):

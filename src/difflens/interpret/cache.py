@@ -375,16 +375,22 @@ def build_cache(
         nonpos += (flat <= 0).sum(0)
         if labels is not None:
             L = torch.from_numpy(cm_all[rows].reshape(b * T, C)).float()  # [bT, C]
-            A = act.permute(1, 0, 2, 3).reshape(S, b * T, F).float()  # [S, bT, F]
-            row_split = torch.from_numpy(np.repeat(split[rows], T))
+            row_split = torch.from_numpy(np.repeat(split[rows], T).astype(np.int64))
+            act_SnF = act.permute(1, 0, 2, 3).reshape(S, b * T, F)
+            if float(act.float().mean()) < 0.05:  # sparse features (SAE, ITDA): add label rows per active entry
+                s_i, n_i, f_i = act_SnF.nonzero(as_tuple=True)
+                slot = (row_split[n_i] * S + s_i) * F + f_i
+                tp.view(-1, C).index_add_(0, slot, L[n_i].double())
+                act_cnt.view(-1).index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
+            else:  # dense features (neurons, random directions): matrix products
+                A = act_SnF.float()  # [S, bT, F]
+                for k in (0, 1):
+                    mk = (row_split == k).float()
+                    if mk.any():
+                        tp[k] += torch.einsum("snf,nc->sfc", A, L * mk[:, None]).double()
+                        act_cnt[k] += (A * mk[None, :, None]).sum(1).double()
             for k in (0, 1):
-                mk = (row_split == k).float()
-                if not mk.any():
-                    continue
-                Lk = L * mk[:, None]
-                tp[k] += torch.einsum("snf,nc->sfc", A, Lk).double()
-                act_cnt[k] += (A * mk[None, :, None]).sum(1).double()
-                con_cnt[k] += Lk.sum(0).double()[None, :]
+                con_cnt[k] += L[row_split == k].sum(0).double()[None, :]
         bar.update(b)
     bar.close()
 
@@ -500,3 +506,22 @@ def build_cache(
     if out is not None:
         cache.save(out)
     return cache
+
+
+def feature_maps(features: FeatureSource, data: SampleSource, want: dict[int, set[int] | list[int]], *,
+                 rows_per_batch: int = 8192) -> dict[tuple[int, int], np.ndarray]:
+    """{(feature, sample_id): [steps, tokens]} for the requested pairs, in one pass over those images
+    (e.g. a feature's activation on the negatives of its test set)."""
+    ts = torch.tensor(data.timesteps, dtype=torch.float32)
+    out: dict[tuple[int, int], np.ndarray] = {}
+    if not want:
+        return out
+    bar = progress(total=len(want), desc=f"{features.name}: maps of test images", unit="img")
+    for b_sids, acts in data.iter_acts(features.site, sorted(want), rows_per_batch):
+        codes = _encode(features, acts, ts).numpy()
+        for i, s in enumerate(b_sids.tolist()):
+            for f in want[s]:
+                out[(int(f), s)] = np.ascontiguousarray(codes[i, :, :, int(f)])
+        bar.update(len(b_sids))
+    bar.close()
+    return out

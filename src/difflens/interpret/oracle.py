@@ -1,11 +1,13 @@
 """The offline oracle for the toy world: an explainer and a judge that read ground-truth labels.
 
 Explainer: names the concept whose labels best match where (token level) or whether (image
-level) the feature is active, on the explain split only. Token level: per step, F1 between
-"token active" (activation > thr_f) and "token has concept c", best step kept. Image level: F1
-between "image qualifies" and "image has concept c". The token reading is preferred unless the
-image reading is clearly better (token F1 < `token_preference` x image F1), because it also says
-where. With evidence="top" it instead reads only the same top images a VLM explainer would see.
+level) the feature is active, on the explain split only (regions only at token level: every
+image has object and background pixels). Token level: per step, the Matthews correlation (MCC)
+between "token active" (activation > thr_f) and "token has concept c", best step kept. Image
+level: MCC between "image qualifies" and "image has concept c". MCC rather than F1/IoU because
+those reward a feature that fires everywhere with the most common concept. The token reading
+is preferred unless the image reading is clearly better (token MCC < `token_preference` x
+image MCC), because it also says where. With evidence="top" it instead reads only the same top images a VLM explainer would see.
 
 Judge: image level, s = 1 if the held-out image has the concept, else 0. Token level (graded),
 s = the share of the shown heatmap's active tokens that carry the concept, i.e. whether the
@@ -21,25 +23,44 @@ from difflens.interpret.concepts import CONCEPT_INDEX, CONCEPT_NAMES, explanatio
 from difflens.interpret.scoring import Explanation, Task, Truth, active_tokens
 
 
+_IMAGE_CANDIDATE = np.array([not c.startswith("region=") for c in CONCEPT_NAMES])
+
+
 def _f1(tp, a, p):
     den = a + p
     return np.where(den > 0, 2.0 * tp / np.maximum(den, 1e-12), 0.0)
 
 
-def concept_f1(cache: FeatureCache, f: int, split: int = 0) -> dict[str, np.ndarray]:
-    """Token-level F1 per (step, concept) and image-level F1 per concept of feature f on one split."""
+def mcc(tp, a, p, n):
+    """Matthews correlation between "active" (a positives) and "has concept" (p positives) over n items.
+
+    Chance-corrected, unlike F1 or IoU: a feature active everywhere scores 0 with every concept,
+    where F1 would favour whichever concept is most common (size=large is in ~60% of toy images).
+    """
+    tp, a, p, n = (np.asarray(x, np.float64) for x in (tp, a, p, n))
+    fp, fn = a - tp, p - tp
+    tn = n - a - p + tp
+    den = np.sqrt(np.maximum(a * (n - a) * p * (n - p), 0.0))
+    return np.where(den > 0, (tp * tn - fp * fn) / np.maximum(den, 1e-300), 0.0)
+
+
+def concept_match(cache: FeatureCache, f: int, split: int = 0) -> dict[str, np.ndarray]:
+    """How well feature f matches each concept on one split: token level per (step, concept) and
+    image level per concept, as MCC (used to choose) and F1 (reported)."""
     if not cache.has_concepts:
         raise ValueError("this cache has no concept statistics (samples without toy-world labels)")
-    tp = cache["concept_tp"][split, :, f, :]  # [S, C]
-    a = cache["concept_active"][split, :, f]  # [S]
-    p = cache["concept_count"][split]  # [S, C]
-    tok = _f1(tp, a[:, None], p)
+    T = cache.grid_hw[0] * cache.grid_hw[1]
     in_split = cache.split == split
+    n_tok = float(in_split.sum()) * T
+    tp = cache["concept_tp"][split, :, f, :]  # [S, C]
+    a = cache["concept_active"][split, :, f][:, None]  # [S, 1]
+    p = cache["concept_count"][split]  # [S, C]
     q = cache["sample_qualifies"][in_split, f]
     img = cache["image_concepts"][in_split]  # [n_split, C]
     tp_img = (q[:, None] & img).sum(0).astype(np.float64)
-    img_f1 = _f1(tp_img, float(q.sum()), img.sum(0).astype(np.float64))
-    return {"token": tok, "image": img_f1}
+    q_n, img_n = float(q.sum()), img.sum(0).astype(np.float64)
+    return {"token": mcc(tp, a, p, n_tok), "image": mcc(tp_img, q_n, img_n, float(in_split.sum())),
+            "token_f1": _f1(tp, a, p), "image_f1": _f1(tp_img, q_n, img_n)}
 
 
 class OracleExplainer:
@@ -56,33 +77,37 @@ class OracleExplainer:
 
     def explain(self, cache: FeatureCache, task: Task) -> Explanation:
         if self.evidence == "split":
-            m = concept_f1(cache, task.feature, 0)
+            m = concept_match(cache, task.feature, 0)
             tok_SC, img_C = m["token"], m["image"]
             tok_C = tok_SC.max(0)
             tok_step = tok_SC.argmax(0)
         else:
-            tok_C, img_C, tok_step = self._from_top(task)
+            tok_C, img_C, tok_step = self._from_top(cache, task)
+        img_C = np.where(_IMAGE_CANDIDATE, img_C, 0.0)  # every image has object and background pixels
         ct, ci = int(np.argmax(tok_C)), int(np.argmax(img_C))
         if tok_C[ct] <= 0 and img_C[ci] <= 0:
-            return Explanation("", ok=False, error="the feature matches no concept")
+            return Explanation("", ok=False, error="the feature matches no concept better than chance")
         if tok_C[ct] >= self.token_preference * img_C[ci]:
-            c, level, f1 = ct, "token", float(tok_C[ct])
+            c, level, score = ct, "token", float(tok_C[ct])
         else:
-            c, level, f1 = ci, "image", float(img_C[ci])
+            c, level, score = ci, "image", float(img_C[ci])
         concept = CONCEPT_NAMES[c]
         order = np.argsort(-tok_C)[:3]
         meta = {
-            "f1": f1,
-            "token_f1": float(tok_C[ct]),
-            "image_f1": float(img_C[ci]),
+            "match": score,  # MCC of the chosen reading (evidence "top": mean per-image MCC / presence lift)
+            "token_match": float(tok_C[ct]),
+            "image_match": float(img_C[ci]),
             "best_step": int(tok_step[c]) if level == "token" else None,
-            "runner_up": [{"concept": CONCEPT_NAMES[i], "token_f1": float(tok_C[i])} for i in order],
+            "runner_up": [{"concept": CONCEPT_NAMES[i], "token_match": float(tok_C[i])} for i in order],
             "evidence": self.evidence,
         }
+        if self.evidence == "split":
+            meta["f1"] = float(m["token_f1"][tok_step[c], c] if level == "token" else m["image_f1"][c])
         return Explanation(explanation_text(concept, level), concept=concept, level=level, meta=meta)
 
-    def _from_top(self, task: Task):
-        """Token IoU of each shown heatmap with each concept mask, and concept presence, averaged."""
+    def _from_top(self, cache: FeatureCache, task: Task):
+        """From the explainer's images only: per-image token MCC with each concept mask (averaged),
+        and concept presence among them minus its base rate in the explain split."""
         C = len(CONCEPT_NAMES)
         tok = np.zeros(C)
         img = np.zeros(C)
@@ -92,13 +117,12 @@ class OracleExplainer:
             if cm is None:
                 continue
             a = active_tokens(e.map, e.threshold)
-            inter = (a[:, None] & cm).sum(0)
-            union = (a[:, None] | cm).sum(0)
-            tok += np.where(union > 0, inter / np.maximum(union, 1), 0.0)
+            tok += mcc((a[:, None] & cm).sum(0), a.sum(), cm.sum(0), len(a))
             img += cm.any(0)
             n += 1
         n = max(n, 1)
-        return tok / n, img / n, np.zeros(C, int)
+        base = cache["image_concepts"][cache.split == 0].mean(0) if cache.has_concepts else 0.0
+        return tok / n, img / n - base, np.zeros(C, int)
 
     def explain_many(self, cache, tasks):
         return {t.feature: self.explain(cache, t) for t in tasks}

@@ -72,6 +72,26 @@ def _site_mean(src: SampleSource, site: str):
     return None
 
 
+def _reusable_cache(folder: Path, fs: FeatureSource, src: SampleSource, cfg: CacheConfig, sids):
+    """The saved cache in `folder` if it was built from exactly these inputs, else None."""
+    import json
+    from dataclasses import asdict
+
+    from difflens.interpret.cache import CACHE_VERSION, FeatureCache
+
+    try:
+        info = json.loads((folder / "cache.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    same = (info.get("version") == CACHE_VERSION and info.get("source") == json.loads(json.dumps(fs.describe()))
+            and info.get("data") == json.loads(json.dumps(src.description)) and info.get("config") == asdict(cfg)
+            and src.description.get("kind") == "store")  # generated samples differ run to run
+    if not same:
+        return None
+    cache = FeatureCache.load(folder)
+    return cache if np.array_equal(cache.sample_ids, np.sort(np.asarray(sids, np.int64))) else None
+
+
 def _named_sources(dicts) -> list[FeatureSource]:
     items = dicts.items() if isinstance(dicts, Mapping) else [(None, d) for d in (dicts or [])]
     out, seen = [], set()
@@ -142,11 +162,15 @@ def run_pipeline(
     adherent_only: bool = False,
     evidence: str = "split",
     random_width: int | None = None,
+    reuse_caches: bool = True,
+    negative_overlay: str = "feature",
 ) -> dict:
     """Score dictionaries (name -> Dictionary | checkpoint path) and baselines on the same images.
 
     n_features live features per source are sampled with `seed` and scored (the paper scores a
     random sample, not the best). Returns the report dict; its "table" holds one row per source.
+    A cache already in <out>/<source>/cache built from the same features, data, samples and
+    cache config is reused (re-judging with another backend costs no recomputation).
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -205,7 +229,7 @@ def run_pipeline(
                                    vlm_cache=vlm_cache, evidence=evidence)
     cfg = cache_config or CacheConfig()
 
-    rows, scores, kinds, hier, per_source = [], {}, {}, {}, {}
+    rows, scores, scores_all, kinds, hier, per_source = [], {}, {}, {}, {}, {}
     for fs in sources:
         chosen: dict = {}
 
@@ -220,13 +244,20 @@ def run_pipeline(
             return live
 
         folder = out / fs.name
-        cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed)
+        cache = _reusable_cache(folder / "cache", fs, src, cfg, sids) if reuse_caches else None
+        if cache is not None and set(pick(cache.arrays).tolist()) <= set(cache.map_features.tolist()):
+            notes.append(f"{fs.name}: reused the feature cache in {folder / 'cache'}")
+        else:
+            cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed)
         selected = chosen["selected"]
-        tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed)
+        tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed,
+                                     feature_fn=fs, source=src, negative_overlay=negative_overlay,
+                                     rows_per_batch=cfg.rows_per_batch)
         results = score_features(cache, tasks, ex, ju, truth=truth)
         row = summarize(fs.name, cache, results, selected, skipped)
         rows.append(row)
         scores[fs.name] = [r["score"] for r in results if r["score"] is not None]
+        scores_all[fs.name] = scores[fs.name] + [0.5] * (len(selected) - len(scores[fs.name]))
         kinds[fs.name] = fs.kind
         hier[fs.name] = hierarchy(cache)
         write_json(folder / "scores.json", {"summary": row, "source": fs.describe(), "selected": [int(x) for x in selected],
@@ -254,10 +285,12 @@ def run_pipeline(
         "explainer": explainer or judge,
         "evidence": evidence if (explainer or judge) == "oracle" else None,
         "n_features": n_features,
-        "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed},
+        "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed,
+                     "negative_overlay": negative_overlay},
         "cache_config": cfg.__dict__,
         "table": rows,
         "scores": scores,
+        "scores_all": scores_all,
         "kinds": kinds,
         "hierarchy": hier,
         "notes": notes,
@@ -283,8 +316,10 @@ def render_report(out_dir) -> dict:
     run = read_json(out / "run.json")
     rows, scores, kinds = run["table"], run["scores"], run["kinds"]
     checks = paper_checks(scores, kinds, seed=run["protocol"]["seed"])
+    checks_all = paper_checks(run.get("scores_all") or scores, kinds, seed=run["protocol"]["seed"])
     table_md = markdown_table(rows)
-    write_json(out / "comparison.json", {"site": run["site"], "judge": run["judge"], "rows": rows, "checks": checks})
+    write_json(out / "comparison.json", {"site": run["site"], "judge": run["judge"], "rows": rows, "checks": checks,
+                                         "checks_unscored_at_chance": checks_all})
     (out / "comparison.md").write_text(table_md + "\n", encoding="utf-8")
     plot_scores(scores, out / "score_hist.png")
     hier = {k: v for k, v in run["hierarchy"].items() if v}
@@ -298,29 +333,36 @@ def render_report(out_dir) -> dict:
           f"{run['protocol']['n_neg']} top images of other features); 0.5 = chance.", "",
           table_md, "", "![scores](score_hist.png)", "", "## Checks against the papers", ""]
     for key, label in (("sae_vs_neurons", "SAE vs MLP neurons"), ("itda_vs_sae", "ITDA vs SAE")):
-        c = checks.get(key)
-        if c:
-            md.append(f"- **{label}**: {c['verdict']} — mean {c['mean_a']} vs {c['mean_b']}, difference {c['diff']} "
-                      f"(95% CI {c['ci95'][0]}..{c['ci95'][1]}), Mann-Whitney p = {c['mann_whitney_p']} (n = {c['n_a']}, {c['n_b']})")
-        else:
-            md.append(f"- **{label}**: not enough scored features (or the source is missing) to compare")
+        for which, ch in (("scored features", checks), ("all sampled features, unscored = 0.5", checks_all)):
+            c = ch.get(key)
+            if c:
+                md.append(f"- **{label}** ({which}): {c['verdict']} — mean {c['mean_a']} vs {c['mean_b']}, difference "
+                          f"{c['diff']} (95% CI {c['ci95'][0]}..{c['ci95'][1]}), Mann-Whitney p = {c['mann_whitney_p']} "
+                          f"(n = {c['n_a']}, {c['n_b']})")
+            else:
+                md.append(f"- **{label}** ({which}): not enough scored features (or the source is missing) to compare")
     for n, c in (checks.get("vs_random") or {}).items():
         if c:
             md.append(f"- {n} vs random directions: difference {c['diff']} (95% CI {c['ci95'][0]}..{c['ci95'][1]})")
     md += ["", "## Timestep hierarchy", "",
-           "Per concept type: the median timestep at which the type's best-matching features (token F1, top 5) "
-           "peak in mean activation, and the timestep where one feature matches the type best. Timesteps count "
-           "down from 1000 (pure noise).", ""]
+           "Per concept type, its best-matching features (top 5 by token MCC with a concept of the type, >= 0.2): "
+           "the median timestep at which their mean activation peaks, the median timestep at which they match "
+           "their concept best, and the step at which any one feature matches the type best. Timesteps count "
+           "down from 1000 (pure noise). Coarse-to-fine would mean position/background (coarse) peaking at higher "
+           "timesteps than digit identity (and colour/shape: fine).", ""]
     for name, h in hier.items():
-        md.append(f"**{name}**" + (f" — coarse-to-fine holds: {h['coarse_to_fine']['holds']} (position/background peak "
-                                   f"{h['coarse_to_fine']['position_background_peak']}, digit peak {h['coarse_to_fine']['digit_peak']})"
-                                   if h.get("coarse_to_fine") else ""))
+        md.append(f"**{name}**")
         md.append("")
-        md.append("| type | features | median peak timestep | best-match timestep | best F1 |")
-        md.append("|---|---|---|---|---|")
+        for key, what in (("median_peak_timestep", "activation peak"), ("median_match_timestep", "best match")):
+            c = h.get("coarse_to_fine", {}).get(key)
+            if c:
+                md.append(f"- by {what}: coarse {c['coarse']}, digit {c['digit']}, fine (digit/shape/colour) {c['fine']} — "
+                          f"digits later: {c['digit_later']}, fine later: {c['fine_later']}" + (f" ({c['note']})" if c.get("note") else ""))
+        md += ["", "| type | features | activation peak (median t) | best match (median t) | best single-feature step t | best MCC |",
+               "|---|---|---|---|---|---|"]
         for t, e in h["types"].items():
-            md.append(f"| {t} | {len(e['features'])} | {e.get('median_peak_timestep', '–')} | {e.get('best_step_timestep') or '–'} | "
-                      f"{max([x for x in e['best_f1_by_step'] if x is not None], default=0):.3f} |")
+            md.append(f"| {t} | {len(e['features'])} | {e.get('median_peak_timestep', '–')} | {e.get('median_match_timestep', '–')} | "
+                      f"{e.get('best_step_timestep') or '–'} | {e['best_match'] or 0:.3f} |")
         md.append("")
     md += ["![hierarchy](hierarchy.png)", ""]
     if run.get("vlm"):
@@ -331,7 +373,7 @@ def render_report(out_dir) -> dict:
     if run.get("notes"):
         md += ["## Notes", ""] + [f"- {n}" for n in run["notes"]] + [""]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
-    report = {"table": rows, "checks": checks, "hierarchy": hier, "out_dir": str(out), "notes": run.get("notes", []),
+    report = {"table": rows, "checks": checks, "checks_unscored_at_chance": checks_all, "hierarchy": hier, "out_dir": str(out), "notes": run.get("notes", []),
               "vlm": run.get("vlm"), "seconds": run.get("seconds")}
     write_json(out / "report.json", report)
     return report

@@ -45,6 +45,8 @@ def summarize(name: str, cache: FeatureCache, results: list[dict], selected, ski
         "mean": _r(scores.mean()) if len(scores) else None,
         "median": _r(np.median(scores)) if len(scores) else None,
         "share_above_0.8": _r((scores > HIGH).mean()) if len(scores) else None,
+        # over every sampled feature, an unscored one counted at chance: corrects for coverage
+        "mean_all": _r((scores.sum() + 0.5 * (len(sel) - len(scores))) / len(sel)) if len(sel) else None,
         "localisation": _r(np.mean(loc)) if loc else None,
         "skipped": len(skipped),
         "explain_failures": int(sum(not r["explanation_ok"] for r in results)),
@@ -54,7 +56,8 @@ def summarize(name: str, cache: FeatureCache, results: list[dict], selected, ski
 
 TABLE_COLS = [("name", "source"), ("kind", "kind"), ("site", "site"), ("features", "F"), ("live_share", "live"),
               ("sampled", "sampled"), ("scored", "scored"), ("coverage", "coverage"), ("mean", "mean"),
-              ("median", "median"), ("share_above_0.8", ">0.8"), ("localisation", "loc. IoU")]
+              ("median", "median"), ("share_above_0.8", ">0.8"), ("mean_all", "mean (unscored = 0.5)"),
+              ("localisation", "loc. IoU")]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -145,49 +148,64 @@ def paper_checks(scores: dict[str, list[float]], kinds: dict[str, str], seed: in
 # ---- timestep hierarchy ------------------------------------------------------------------------------
 
 
-def hierarchy(cache: FeatureCache, *, top_k: int = 5, min_f1: float = 0.2) -> dict | None:
-    """Per concept type: the best-matching features (token F1 over both splits, best step), their
-    timestep-profile peaks, and the step at which a single feature best matches the type."""
+COARSE = ("position", "bgcolor", "bg")
+FINE = ("digit", "shape", "color")
+
+
+def hierarchy(cache: FeatureCache, *, top_k: int = 5, min_match: float = 0.2) -> dict | None:
+    """Per concept type: its best-matching features (token MCC over both splits, best step) with
+    the timesteps where their mean activation peaks and where they match their concept best,
+    and the step at which one feature matches the type best."""
     if not cache.has_concepts:
         return None
+    from difflens.interpret.oracle import mcc
+
+    T = cache.grid_hw[0] * cache.grid_hw[1]
     tp = cache["concept_tp"].sum(0)  # [S, F, C]
     act = cache["concept_active"].sum(0)  # [S, F]
     cnt = cache["concept_count"].sum(0)  # [S, C]
-    den = act[:, :, None] + cnt[:, None, :]
-    f1 = np.where(den > 0, 2 * tp / np.maximum(den, 1e-12), 0.0)  # [S, F, C]
+    n_tok = float(len(cache.sample_ids) * T)
+    m = mcc(tp, act[:, :, None], cnt[:, None, :], n_tok)  # [S, F, C]
     ts = np.asarray(cache.timesteps, float)
     live = cache.live()
-    best_c = f1.max(0).argmax(1)  # [F]
-    best_f1 = f1.max(0).max(1)
+    best_c = m.max(0).argmax(1)  # [F]
+    best_m = m.max(0).max(1)
     ctypes = np.array([concept_type(c) for c in CONCEPT_NAMES])
     prof = cache["profile_mean"]
-    out = {"timesteps": ts.tolist(), "top_k": top_k, "min_f1": min_f1, "types": {}}
+    out = {"timesteps": ts.tolist(), "top_k": top_k, "min_match": min_match, "metric": "token MCC", "types": {}}
     for t in TYPES:
         cols = np.flatnonzero(ctypes == t)
-        cand = np.flatnonzero(live & np.isin(best_c, cols) & (best_f1 >= min_f1))
-        cand = cand[np.argsort(-best_f1[cand])][:top_k]
-        curve = f1[:, :, cols].max(axis=(1, 2))  # [S]
-        entry = {"features": cand.tolist(), "f1": [_r(best_f1[f]) for f in cand],
+        cand = np.flatnonzero(live & np.isin(best_c, cols) & (best_m >= min_match))
+        cand = cand[np.argsort(-best_m[cand])][:top_k]
+        curve = m[:, :, cols].max(axis=(1, 2))  # [S]
+        entry = {"features": cand.tolist(), "match": [_r(best_m[f]) for f in cand],
                  "concepts": [CONCEPT_NAMES[best_c[f]] for f in cand],
-                 "best_f1_by_step": [_r(x) for x in curve],
+                 "best_match_by_step": [_r(x) for x in curve], "best_match": _r(curve.max()),
                  "best_step_timestep": _r(ts[int(curve.argmax())], 2) if curve.max() > 0 else None}
         if len(cand):
             peaks = ts[prof[cand].argmax(1)]
+            match_peaks = ts[m[:, cand, best_c[cand]].argmax(0)]
             norm = prof[cand] / np.maximum(np.abs(prof[cand]).max(1, keepdims=True), 1e-12)
             entry.update(peak_timesteps=[_r(p, 2) for p in peaks], median_peak_timestep=_r(np.median(peaks), 2),
-                         mean_profile=[_r(x) for x in norm.mean(0)])
+                         median_match_timestep=_r(np.median(match_peaks), 2), mean_profile=[_r(x) for x in norm.mean(0)])
         out["types"][t] = entry
-    med = {t: e.get("median_peak_timestep") for t, e in out["types"].items()}
-    coarse = [med[t] for t in ("position", "bgcolor", "bg") if med.get(t) is not None]
-    if coarse and med.get("digit") is not None:
-        out["coarse_to_fine"] = {
-            "position_background_peak": _r(float(np.median(coarse)), 2),
-            "digit_peak": med["digit"],
-            "holds": bool(np.median(coarse) > med["digit"]),
-            "note": "timesteps count down from high noise; 'holds' = position/background features peak at a "
-                    "higher timestep (noisier) than digit-identity features",
-        }
+    out["coarse_to_fine"] = {k: _coarse_fine(out["types"], k) for k in ("median_peak_timestep", "median_match_timestep")}
     return out
+
+
+def _coarse_fine(types: dict, key: str) -> dict:
+    """Do position/background features peak at noisier timesteps than object identity (digits)?"""
+    coarse = [types[t][key] for t in COARSE if types[t].get(key) is not None]
+    digit = types["digit"].get(key)
+    fine = [types[t][key] for t in FINE if types[t].get(key) is not None]
+    res = {"coarse": _r(float(np.median(coarse)), 2) if coarse else None, "digit": digit,
+           "fine": _r(float(np.median(fine)), 2) if fine else None}
+    res["digit_later"] = None if res["coarse"] is None or digit is None else bool(res["coarse"] > digit)
+    res["fine_later"] = None if res["coarse"] is None or res["fine"] is None else bool(res["coarse"] > res["fine"])
+    if digit is None:
+        res["note"] = (f"untestable for digits: no feature matches a digit with token MCC >= the threshold "
+                       f"(best {types['digit']['best_match']})")
+    return res
 
 
 def plot_hierarchy(hier: dict[str, dict], path: str | Path) -> Path | None:
@@ -211,7 +229,10 @@ def plot_hierarchy(hier: dict[str, dict], path: str | Path) -> Path | None:
         ax.set_xlim(ts.max() + 20, ts.min() - 20)  # high noise on the left
         ax.set_xlabel("timestep (high noise → low)")
         ax.set_title(name)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no feature matches a concept", ha="center", transform=ax.transAxes, fontsize=8)
     axes[0][0].set_ylabel("normalised mean activation")
     fig.tight_layout()
     path = Path(path)

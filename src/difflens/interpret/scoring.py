@@ -3,8 +3,9 @@
 Per feature (Shabalin et al. 2025): the explainer sees its top `n_explain` images (explain
 split); the judge sees one image at a time with the explanation and returns s in [0, 1]. The
 test set is `n_pos` positives (the feature's top images of the held-out split) and `n_neg`
-negatives (the best held-out image of `n_neg` other features not already in the test set, each shown with *its own*
-feature's overlay, so an overlay's presence or strength gives nothing away).
+negatives (the best held-out image of `n_neg` other features that is not already in the test
+set and, where possible, does not qualify for the evaluated feature),
+each shown with the evaluated feature's own activation on it (by default; see `build_tasks`).
 
     score = mean( mean_{positives} s , mean_{negatives} (1 - s) )
 
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from difflens.interpret.cache import Example, FeatureCache
-from difflens.interpret.concepts import CONCEPT_INDEX, CONCEPT_NAMES, concept_matrix, concepts_in_text, mask_for_concepts
+from difflens.interpret.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text, mask_for_concepts
 
 
 @dataclass
@@ -33,8 +34,9 @@ class Explanation:
 
 @dataclass
 class TestItem:
-    example: Example
+    example: Example  # the image and the map shown to the judge
     positive: bool
+    from_feature: int  # whose top image it is (the feature itself for positives)
 
 
 @dataclass
@@ -54,18 +56,35 @@ def feature_score(s_pos, s_neg) -> float | None:
 
 
 def build_tasks(cache: FeatureCache, features, *, n_explain: int = 5, n_pos: int = 5, n_neg: int = 5,
-                seed: int = 0, pool=None) -> tuple[list[Task], dict[int, str]]:
+                seed: int = 0, pool=None, feature_fn=None, source=None, negative_overlay: str = "feature",
+                rows_per_batch: int = 8192) -> tuple[list[Task], dict[int, str]]:
     """Tasks for `features`; a feature without enough qualifying images is skipped with the reason.
 
-    Negatives are drawn from `pool` (default: every feature with token maps).
+    Negatives are the best held-out images of other features drawn from `pool` (default: every
+    feature with token maps), preferring images on which the evaluated feature does not qualify
+    (in a small world the top image of another feature often shows this feature's concept too;
+    such an image is no negative). Only a feature that qualifies nearly everywhere gets
+    negatives it fires on. negative_overlay="feature" (default) shows on them the *evaluated*
+    feature's own activation, computed with `feature_fn` over `source` in one extra pass, so a
+    feature whose activation says nothing about the image scores 0.5 whatever it is called;
+    "other" shows the other feature's map instead (no extra pass).
     """
+    if negative_overlay not in ("feature", "other"):
+        raise ValueError("negative_overlay must be 'feature' or 'other'")
+    if negative_overlay == "feature" and (feature_fn is None or source is None):
+        raise ValueError("negative_overlay='feature' needs feature_fn and source to compute the maps")
     pool = cache.map_features if pool is None else pool
     pool = [int(g) for g in pool if cache.has_maps(int(g)) and int(cache["top_sample"][int(g), 1, 0]) >= 0]
-    tasks, skipped = [], {}
+    plans, skipped = [], {}
     for f in (int(x) for x in features):
         if not cache.has_maps(f):
             skipped[f] = "no token maps in the cache"
             continue
+        col = cache["sample_qualifies"][:, f]
+
+        def qualifies(sid: int, col=col) -> bool:
+            return bool(col[int(np.searchsorted(cache.sample_ids, sid))])
+
         explain = cache.top_examples(f, 0)[:n_explain]
         pos = cache.top_examples(f, 1)[:n_pos]
         if len(explain) < n_explain or len(pos) < n_pos:
@@ -74,32 +93,56 @@ def build_tasks(cache: FeatureCache, features, *, n_explain: int = 5, n_pos: int
         used = {e.sample_id for e in pos}
         rng = np.random.default_rng([seed, f])
         negs: list[Example] = []
-        for g in rng.permutation(pool).tolist():
-            if g == f:
-                continue
-            # the other feature's best held-out image not already in the test set
-            e = next((x for x in cache.top_examples(g, 1) if x.sample_id not in used), None)
+        spare: list[list[Example]] = []
+        order = [g for g in rng.permutation(pool).tolist() if g != f]
+        for g in order:
+            # the other feature's best held-out image not in the test set on which f does not qualify
+            cands = [x for x in cache.top_examples(g, 1) if x.sample_id not in used]
+            e = next((x for x in cands if not qualifies(x.sample_id)), None)
             if e is None:
+                spare.append(cands)
                 continue
             used.add(e.sample_id)
             negs.append(e)
             if len(negs) == n_neg:
                 break
+        for cands in spare:  # f fires almost everywhere: take such images rather than none
+            if len(negs) == n_neg:
+                break
+            e = next((x for x in cands if x.sample_id not in used), None)
+            if e is not None:
+                used.add(e.sample_id)
+                negs.append(e)
         if len(negs) < n_neg:
             skipped[f] = f"only {len(negs)} negatives available from other features (need {n_neg})"
             continue
-        test = [TestItem(e, True) for e in pos] + [TestItem(e, False) for e in negs]
-        tasks.append(Task(f, explain, test))
+        plans.append((f, explain, pos, negs))
+    if negative_overlay == "feature" and plans:
+        from difflens.interpret.cache import feature_maps
+
+        want: dict[int, set[int]] = {}
+        for f, _, _, negs in plans:
+            for e in negs:
+                want.setdefault(e.sample_id, set()).add(f)
+        maps = feature_maps(feature_fn, source, want, rows_per_batch=rows_per_batch)
+        thr = cache["threshold"]
+        for i, (f, explain, pos, negs) in enumerate(plans):
+            own = []
+            for e in negs:
+                m = maps[(f, e.sample_id)]
+                step = int(m.max(1).argmax()) if m.max() > 0 else pos[0].step
+                own.append(Example(f, e.sample_id, float(m[step].max()), step, e.split, m, float(thr[f])))
+            plans[i] = (f, explain, pos, list(zip(own, negs)))
+    else:
+        plans = [(f, ex, pos, [(e, e) for e in negs]) for f, ex, pos, negs in plans]
+    tasks = [Task(f, explain, [TestItem(e, True, f) for e in pos] + [TestItem(shown, False, other.feature) for shown, other in negs])
+             for f, explain, pos, negs in plans]
     return tasks, skipped
 
 
 def active_tokens(map_T: np.ndarray, threshold: float) -> np.ndarray:
-    """The thresholded heatmap; if nothing passes, the peak token (when positive)."""
-    m = np.asarray(map_T, np.float32).reshape(-1)
-    a = m > threshold
-    if not a.any() and m.max() > 0:
-        a = m >= m.max()
-    return a
+    """The thresholded heatmap (tokens above the feature's threshold)."""
+    return np.asarray(map_T, np.float32).reshape(-1) > threshold
 
 
 class Truth:
@@ -167,8 +210,8 @@ def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, 
             "level": ex.level,
             "explanation_meta": ex.meta,
             "explain_samples": [e.sample_id for e in t.explain],
-            "test": [{"sample_id": it.example.sample_id, "positive": it.positive, "from_feature": it.example.feature,
-                      "s": v} for it, v in zip(t.test, s)],
+            "test": [{"sample_id": it.example.sample_id, "positive": it.positive, "from_feature": it.from_feature,
+                      "shown_feature": it.example.feature, "step": it.example.step, "s": v} for it, v in zip(t.test, s)],
             "s_pos": s_pos,
             "s_neg": s_neg,
             "judge_failures": int(sum(v is None for v in s)) if ex.ok else len(t.test),
@@ -178,5 +221,5 @@ def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, 
     return out
 
 
-__all__ = ["CONCEPT_NAMES", "Explanation", "Task", "TestItem", "Truth", "build_tasks", "feature_score",
+__all__ = ["Explanation", "Task", "TestItem", "Truth", "build_tasks", "feature_score",
            "localisation", "score_features", "active_tokens"]

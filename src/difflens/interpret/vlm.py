@@ -116,7 +116,9 @@ class VLMJudge:
         self.failures: list[dict] = []
 
     def messages(self, cache, explanation: str, example) -> list:
-        img = vlm_image(self.image_of(example.sample_id), example.map, cache.grid_hw)
+        # one colour scale per feature (its max over all images): a weak activation looks weak
+        vmax = max(float(cache["max"][example.feature]), float(example.map.max()), 1e-12)
+        img = vlm_image(self.image_of(example.sample_id), example.map, cache.grid_hw, vmax=vmax)
         return [{"role": "user", "content": [
             {"type": "text", "text": fill(self.template, explanation=explanation)},
             {"type": "image_url", "image_url": {"url": data_url(img)}},

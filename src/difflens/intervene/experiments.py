@@ -57,7 +57,7 @@ def label_features(
     `labels` column (toy-world ground truth). F1 is computed for every (feature, concept) pair
     of the chosen factors over (up to `max_rows`) image-token rows; each feature takes its best
     concept. Labels are ordered by F1, best first. With `return_scores`, also returns
-    {"f1": {f: score}, "by_concept": {concept: [[f, f1], ...top 5]}, "rows": n}.
+    {"f1": {f: score}, "by_concept": {concept: [[f, f1], ...top 10]}, "rows": n}.
     """
     from difflens.world.labels import concept_token_matrix
 
@@ -105,7 +105,7 @@ def label_features(
         return labels
     by_concept = {}
     for j, c in enumerate(concepts):
-        top = torch.argsort(f1[:, j], descending=True)[:5].tolist()
+        top = torch.argsort(f1[:, j], descending=True)[:10].tolist()
         by_concept[c] = [[int(f), round(float(f1[f, j]), 4)] for f in top]
     scores = {"f1": {int(f): round(float(score[f]), 4) for f in labels}, "by_concept": by_concept, "rows": int(rows.size)}
     return labels, scores
@@ -211,26 +211,46 @@ def _classifier(classifier):
         raise DifflensError(f"the intervention study judges images with the factor classifier: {e}") from None
 
 
+ABSENT = "(none)"  # the reading when the classifier sees no object at the slot
+
+
 def read_at(classifier, images, factor: str, positions: Sequence[str]) -> list[str]:
-    """The factor read at each image's own object position."""
+    """The factor read at each image's own object position, or ABSENT when no object is there
+    (presence <= 0.5): an edit that erases the object must not count as changing its colour."""
+    from difflens.world.classifier import PRESENCE_THRESHOLD
+
     readings = classifier.classify(np.asarray(images))
-    return [r["slots"][p][factor] for r, p in zip(readings, positions)]
+    out = []
+    for r, p in zip(readings, positions):
+        slot = r["slots"][p]
+        out.append(slot[factor] if slot["p"] > PRESENCE_THRESHOLD else ABSENT)
+    return out
 
 
 def success_rate(before: Sequence[str], after: Sequence[str], target: Sequence[str], *, mode: str = "reach") -> dict:
-    """mode "reach": success = after == target among cases where before != target;
-    mode "leave": success = after != target among cases where before == target."""
+    """Over cases with an object before the intervention:
+    mode "reach": success = after == target, among cases where before != target;
+    mode "leave": success = after is another value (object still there), among cases where
+    before == target. `vanished` counts eligible cases whose object disappeared."""
     before, after, target = list(before), list(after), list(target)
+    present = [i for i in range(len(before)) if before[i] != ABSENT]
     if mode == "reach":
-        eligible = [i for i in range(len(before)) if before[i] != target[i]]
+        eligible = [i for i in present if before[i] != target[i]]
         hits = [i for i in eligible if after[i] == target[i]]
     elif mode == "leave":
-        eligible = [i for i in range(len(before)) if before[i] == target[i]]
-        hits = [i for i in eligible if after[i] != target[i]]
+        eligible = [i for i in present if before[i] == target[i]]
+        hits = [i for i in eligible if after[i] not in (target[i], ABSENT)]
     else:
         raise ValueError(mode)
     n = len(eligible)
-    return {"success_rate": (len(hits) / n) if n else None, "successes": len(hits), "eligible": n, "total": len(before)}
+    vanished = sum(1 for i in eligible if after[i] == ABSENT)
+    return {
+        "success_rate": (len(hits) / n) if n else None,
+        "successes": len(hits),
+        "eligible": n,
+        "total": len(before),
+        "vanished": vanished,
+    }
 
 
 def _pixel_change(clean: np.ndarray, new: np.ndarray, masks: Sequence[np.ndarray]) -> dict:
@@ -300,6 +320,8 @@ def run_steering_study(
     features_per_concept: int = 1,
     prompts_per_feature: int = 6,
     use_region: bool = True,
+    branch: str = "both",
+    compare_branches: Sequence[str] = (),
     steps: int | None = None,
     guidance: float | None = None,
     stats=None,
@@ -338,7 +360,8 @@ def run_steering_study(
         for r in regions
     ]
     window_names = list(windows)
-    n_configs = len(scales) + len(window_names)
+    compare_branches = [b for b in compare_branches if b != branch]
+    n_configs = len(scales) * (1 + len(compare_branches)) + len(window_names) - 1
     bar = _bar(len(items) * (1 + n_configs), "steering study", show_progress)
     clean = generate_items(adapter, items, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
 
@@ -353,9 +376,10 @@ def run_steering_study(
 
     before = readings(clean)
 
-    def run(scale: float, window: Window):
+    def run(scale: float, window: Window, branch: str = branch):
         def make(k, j):
-            return [Steer(dictionary, [cases[k][0]], scale, mode=mode, window=window, region=regions[k], samples=[j], stats=stats)]
+            return [Steer(dictionary, [cases[k][0]], scale, mode=mode, window=window, region=regions[k], samples=[j],
+                          stats=stats, branch=branch)]
 
         imgs = generate_items(adapter, items, make, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
         after = readings(imgs)
@@ -388,9 +412,16 @@ def run_steering_study(
             continue
         res, _, _ = run(best_scale, windows[name])
         by_window.append({"scale": best_scale, "window": name, **res})
+    by_branch = {}
+    for b in compare_branches:
+        by_branch[b] = []
+        for sc in scales:
+            res, _, _ = run(float(sc), windows[first], b)
+            by_branch[b].append({"scale": float(sc), "window": first, "branch": b, **res})
     bar.close()
     result = {
         "mode": mode,
+        "branch": branch,
         "region": "object box" if use_region else "all tokens",
         "steps": steps,
         "n_cases": len(items),
@@ -399,6 +430,7 @@ def run_steering_study(
         "by_scale": by_scale,
         "window_scale": best_scale,
         "by_window": by_window,
+        "by_scale_other_branches": by_branch,
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -451,6 +483,9 @@ def _plot_steering(result: dict, path: Path) -> bool:
         ys = [r["by_factor"].get(fac, {}).get("success_rate") for r in result["by_scale"]]
         if any(y is not None for y in ys):
             axes[0].plot(xs, [np.nan if y is None else y for y in ys], "s--", label=fac)
+    for b, rs in result.get("by_scale_other_branches", {}).items():
+        axes[0].plot([r["scale"] for r in rs], [np.nan if r["success_rate"] is None else r["success_rate"] for r in rs],
+                     "^:", label=f"all, {b} branch only")
     axes[0].set_xscale("log" if all(x > 0 for x in xs) else "linear")
     axes[0].set_xlabel(f"scale ({result['mode']})")
     axes[0].set_ylabel("steering success rate")
@@ -469,6 +504,14 @@ def _plot_steering(result: dict, path: Path) -> bool:
 
 
 # ---- ablation ------------------------------------------------------------------------------------
+ABLATION_VARIANTS: tuple[tuple[str, str, float | None, str], ...] = (
+    ("ablate", "ablate", None, "both"),
+    ("ablate, cond branch", "ablate", None, "cond"),
+    ("invert (x-1)", "scale", -1.0, "both"),
+    ("invert (x-1), cond branch", "scale", -1.0, "cond"),
+)
+
+
 def run_ablation_study(
     adapter,
     dictionary,
@@ -476,7 +519,10 @@ def run_ablation_study(
     out_dir: str | Path | None = None,
     *,
     factor: str = "color",
+    concept_features: Mapping[str, Sequence[int]] | None = None,
+    features_per_value: int = 5,
     prompts_per_value: int = 6,
+    variants: Sequence[tuple[str, str, float | None, str]] = ABLATION_VARIANTS,
     window: Window | None = None,
     control: bool = True,
     steps: int | None = None,
@@ -486,14 +532,33 @@ def run_ablation_study(
     batch_size: int = 32,
     show_progress: bool = True,
 ) -> dict:
-    """Ablate the features of the prompt's own colour (object, ...): how often does it change?"""
+    """Remove the features of the prompt's own colour (object, ...): how often does it change?
+
+    For concept c the features are the top `features_per_value` of `concept_features[c]` (a
+    ranking by F1 for c, as `label_features(..., return_scores=True)["by_concept"]` gives —
+    a colour is often spread over features shared with neighbouring colours), else the features
+    labelled c. Each variant is (name, op, value, branch): op "ablate" sets the codes to 0, op
+    "scale" multiplies them (−1 inverts); branch "cond" edits only the conditional CFG rows, which
+    guidance then amplifies. Success = the object no longer reads c, among images that read c
+    before. The control applies the same edit to as many random features labelled with no value
+    of the factor.
+    """
     clf = _classifier(classifier)
     steps = default_steps(adapter) if steps is None else int(steps)
     by_concept = features_by_concept(feature_labels, (factor,))
+    if concept_features:
+        ranked = {c: [int(f) for f in fs][:features_per_value] for c, fs in concept_features.items()
+                  if c.startswith(factor + "=") and c in V.CONCEPT_ID}
+        by_concept = {c: fs for c, fs in ranked.items() if fs}
+    else:
+        by_concept = {c: fs[:features_per_value] for c, fs in by_concept.items()}
     if not by_concept:
         raise DifflensError(f"no feature is labelled with a {factor} concept: label features first")
+    if not variants:
+        raise DifflensError("run_ablation_study needs at least one variant (name, op, value, branch)")
     rng = np.random.default_rng(seed + 1)
     labelled = {f for f, c in feature_labels.items() if str(c).startswith(factor + "=")}
+    labelled |= {f for fs in by_concept.values() for f in fs}
     pool = np.array([f for f in range(dictionary.num_latents) if f not in labelled])
     cases = []
     for concept, feats in sorted(by_concept.items()):
@@ -504,43 +569,59 @@ def run_ablation_study(
     items = [c[3] for c in cases]
     values = [c[0].split("=", 1)[1] for c in cases]
     positions = [it.position for it in items]
-    bar = _bar(len(items) * (2 + int(control)), "ablation study", show_progress)
+    bar = _bar(len(items) * (1 + len(variants) * (1 + int(control))), "ablation study", show_progress)
     win = window or Window.all()
     clean = generate_items(adapter, items, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
-    ablated = generate_items(
-        adapter, items, lambda k, j: [CodeEdit(dictionary, [("ablate", cases[k][1], None)], window=win, samples=[j])],
-        steps=steps, guidance=guidance, batch_size=batch_size, bar=bar,
-    )
     before = read_at(clf, clean, factor, positions)
-    after = read_at(clf, ablated, factor, positions)
+
+    def edit(which: int, op: str, value, branch: str):
+        def make(k, j):
+            feats = cases[k][which]
+            return [CodeEdit(dictionary, [(op, feats, value)], window=win, branch=branch, samples=[j])] if feats else []
+
+        return generate_items(adapter, items, make, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
+
     res = {
         "factor": factor,
         "window": win.describe(),
-        "features": {c: f for c, f in sorted(by_concept.items())},
+        "features": {c: list(f) for c, f in sorted(by_concept.items())},
+        "feature_source": "ranked by F1 per concept" if concept_features else "labelled features",
         "n_cases": len(items),
         "before_correct_rate": float(np.mean([b == v for b, v in zip(before, values)])) if items else None,
-        "ablation": success_rate(before, after, values, mode="leave"),
-        "became": _counts([a for a, b, v in zip(after, before, values) if b == v and a != v]),
+        "variants": {},
     }
+    shown = {}
+    for name, op, value, branch in variants:
+        imgs = edit(1, op, value, branch)
+        after = read_at(clf, imgs, factor, positions)
+        entry = success_rate(before, after, values, mode="leave")
+        entry["became"] = _counts([a for a, b, v in zip(after, before, values) if b == v and a != v])
+        if control:
+            ctrl = read_at(clf, edit(2, op, value, branch), factor, positions)
+            entry["control_random_features"] = success_rate(before, ctrl, values, mode="leave")
+        res["variants"][name] = entry
+        shown[name] = (imgs, after)
+    first = variants[0][0]
+    res["ablation"] = {k: v for k, v in res["variants"][first].items() if k in ("success_rate", "successes", "eligible", "total", "vanished")}
     if control:
-        ctrl_imgs = generate_items(
-            adapter, items, lambda k, j: [CodeEdit(dictionary, [("ablate", cases[k][2], None)], window=win, samples=[j])] if cases[k][2] else [],
-            steps=steps, guidance=guidance, batch_size=batch_size, bar=bar,
-        )
-        res["control_random_features"] = success_rate(before, read_at(clf, ctrl_imgs, factor, positions), values, mode="leave")
+        res["control_random_features"] = res["variants"][first]["control_random_features"]
     bar.close()
     if out_dir is not None:
         from difflens.viz import labelled_grid
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        idx = [i for i in range(len(items)) if before[i] == values[i]][:8] or list(range(min(8, len(items))))
+        idx = [i for i in range(len(items)) if before[i] == values[i]][:6] or list(range(min(6, len(items))))
         imgs, labs = [], []
         for i in idx:
-            imgs += [clean[i], ablated[i]]
-            labs += [f"clean {items[i].color} {items[i].object}: reads {before[i]}", f"ablate {cases[i][0]} ({len(cases[i][1])} f): {after[i]}"]
+            imgs.append(clean[i])
+            labs.append(f"clean {items[i].color} {items[i].object}: reads {before[i]}")
+            for name in shown:
+                imgs.append(shown[name][0][i])
+                labs.append(f"{name}: {shown[name][1][i]}")
         path = out / "ablation_examples.png"
-        save_image(path, labelled_grid(imgs, labs, cols=4, label_lines=3, title=f"ablating the prompt's {factor} features"))
+        save_image(path, labelled_grid(imgs, labs, cols=1 + len(shown), label_lines=3,
+                                       title=f"removing the prompt's {factor} features ({features_per_value} per value)"))
         res["files"] = {"examples": str(path)}
         write_json(out / "ablation.json", res)
     return res
@@ -585,7 +666,8 @@ def run_transfer_study(
                     position=V.POSITIONS[i % len(V.POSITIONS)], bgcolor=V.BG_COLORS[i % len(V.BG_COLORS)])
         key = "obj" if factor == "object" else factor
         tgt = make_item(**{**base, key: str(a)}, seed=seed * 1000 + 700 + i)
-        ref = make_item(**{**base, key: str(b)}, seed=seed * 1000 + 800 + i)
+        # Same seed: the pair differs only in the factor, so codes that carry the noise state agree too.
+        ref = make_item(**{**base, key: str(b)}, seed=seed * 1000 + 700 + i)
         pairs.append((tgt, ref))
     targets = [t for t, _ in pairs]
     refs = [r for _, r in pairs]
@@ -596,7 +678,12 @@ def run_transfer_study(
     ref_imgs = generate_items(adapter, refs, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
     before = read_at(clf, clean, factor, positions)
     ref_read = read_at(clf, ref_imgs, factor, positions)
-    res = {"factor": factor, "mode": mode, "n_pairs": len(pairs), "features": feats, "reference_correct_rate": float(np.mean([r == w for r, w in zip(ref_read, want)]))}
+    res = {
+        "factor": factor, "mode": mode, "n_pairs": len(pairs), "features": feats,
+        "reference_correct_rate": float(np.mean([r == w for r, w in zip(ref_read, want)])),
+        "mse_inside_reference_vs_target": _pixel_change(clean, ref_imgs, [
+            object_region(p).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for p in positions])["mse_inside"],
+    }
     examples = {}
     for name, chosen in ((f"{factor} features", feats), ("all features", None)):
         def make(k, j, chosen=chosen):
@@ -607,6 +694,10 @@ def run_transfer_study(
         after = read_at(clf, imgs, factor, positions)
         ok = [i for i in range(len(pairs)) if ref_read[i] == want[i]]  # the reference shows what we transfer
         res[name] = success_rate([before[i] for i in ok], [after[i] for i in ok], [want[i] for i in ok])
+        # Did the box become the reference, or just something the classifier reads as its colour?
+        boxes = [object_region(p).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for p in positions]
+        res[name]["mse_inside_to_reference"] = _pixel_change(ref_imgs, imgs, boxes)["mse_inside"]
+        res[name]["mse_inside_to_target"] = _pixel_change(clean, imgs, boxes)["mse_inside"]
         examples[name] = (imgs, after)
     bar.close()
     if out_dir is not None:
@@ -667,9 +758,14 @@ def run_intervention_study(
     common = dict(steps=steps, guidance=guidance, classifier=clf, seed=seed, show_progress=show_progress)
     summary: dict = {"labelled_features": len(feature_labels), "dictionary": {"arch": dictionary.cfg.arch, "width": dictionary.cfg.width, "site": dictionary.cfg.site}}
     summary["steering"] = run_steering_study(
-        adapter, dictionary, feature_labels, out, scales=scales, mode=mode, prompts_per_feature=n, stats=stats, **common
+        adapter, dictionary, feature_labels, out, scales=scales, mode=mode, prompts_per_feature=n, stats=stats,
+        compare_branches=() if quick else ("cond",), **common
     )
-    summary["ablation"] = run_ablation_study(adapter, dictionary, feature_labels, out, prompts_per_value=n, **common)
+    ranking = {c: [f for f, _ in fs] for c, fs in label_info["by_concept"].items()} if label_info else None
+    summary["ablation"] = run_ablation_study(
+        adapter, dictionary, feature_labels, out, prompts_per_value=n, concept_features=ranking,
+        variants=ABLATION_VARIANTS[:1] + ABLATION_VARIANTS[3:] if quick else ABLATION_VARIANTS, **common
+    )
     summary["transfer"] = run_transfer_study(adapter, dictionary, feature_labels, out, n_pairs=2 * n, **common)
     write_json(out / "summary.json", summary)
     (out / "summary.md").write_text(summary_markdown(summary), encoding="utf-8")
@@ -690,29 +786,41 @@ def summary_markdown(s: dict) -> str:
         "",
         f"## Steering ({st['mode']}, {st['region']}, {st['n_cases']} cases)",
         "",
-        "| scale | window | success | n | pixel MSE inside | outside |",
-        "|---|---|---|---|---|---|",
+        "| scale | window | CFG branch | success | n | object gone | pixel MSE inside | outside |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in st["by_scale"] + st["by_window"][1:]:
+    rows = [dict(r, branch=st.get("branch", "both")) for r in st["by_scale"] + st["by_window"][1:]]
+    for b, rs in st.get("by_scale_other_branches", {}).items():
+        rows += rs
+    for r in rows:
         lines.append(
-            f"| {r['scale']:g} | {r['window']} | {_pct(r['success_rate'])} | {r['eligible']} | "
-            f"{r['mse_inside']:.4f} | {r['mse_outside']:.4f} |"
+            f"| {r['scale']:g} | {r['window']} | {r['branch']} | {_pct(r['success_rate'])} | {r['eligible']} | "
+            f"{r.get('vanished', 0)} | {r['mse_inside']:.4f} | {r['mse_outside']:.4f} |"
         )
     lines += [
         "",
-        "Success: the classifier reads the target value at the object after steering and did not before.",
+        "Success: the classifier reads the target value at the object after steering and did not before "
+        "(object gone: the classifier sees no object at the slot any more).",
         "",
-        f"## Ablation of the prompt's {ab['factor']} features ({ab['window']})",
+        f"## Removing the prompt's {ab['factor']} features ({ab['window']}; {ab.get('feature_source', '')})",
         "",
-        f"- changed: {_pct(ab['ablation']['success_rate'])} of {ab['ablation']['eligible']} correctly generated cases",
+        "| edit | changed (object kept) | n | object gone | control: random features |",
+        "|---|---|---|---|---|",
     ]
-    if "control_random_features" in ab:
-        c = ab["control_random_features"]
-        lines.append(f"- control (as many random unlabelled features): {_pct(c['success_rate'])} of {c['eligible']}")
+    for name, r in ab.get("variants", {"ablate": ab["ablation"]}).items():
+        c = r.get("control_random_features")
+        lines.append(
+            f"| {name} | {_pct(r['success_rate'])} | {r['eligible']} | {r.get('vanished', 0)} | "
+            f"{_pct(c['success_rate']) if c else '-'} |"
+        )
     lines += ["", f"## Transfer of {tr['factor']} from a reference ({tr['mode']}, object box)", ""]
     for k in (f"{tr['factor']} features", "all features"):
         r = tr[k]
-        lines.append(f"- {k}: {_pct(r['success_rate'])} of {r['eligible']}")
+        lines.append(
+            f"- {k}: {_pct(r['success_rate'])} of {r['eligible']}; pixel MSE in the box to the reference "
+            f"{r['mse_inside_to_reference']:.4f}, to the clean target {r['mse_inside_to_target']:.4f} "
+            f"(reference vs target: {tr['mse_inside_reference_vs_target']:.4f})"
+        )
     return "\n".join(lines) + "\n"
 
 
