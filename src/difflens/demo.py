@@ -117,6 +117,17 @@ def stage_intervene(out: Path, summary: dict) -> None:
     summary["intervene"] = run_demo(out / "intervene", ToyAdapter.load(), sae, store=Store(out / "store"))
 
 
+def stage_browse(out: Path, summary: dict) -> None:
+    """Export the feature browser over the demo's dictionaries, interpretation and evaluation."""
+    site = out / "site"
+    args = ["browse", "export", "--out", str(site), "--interp", str(out / "interpret"),
+            "--eval", str(out / "evaluate" / "eval.json"), "--store", str(out / "store")]
+    for d in summary["train"]["dictionaries"].values():
+        args += ["--dict", d]
+    _cli(args)
+    summary["browse"] = {"site": str((site / "index.html").resolve())}
+
+
 STAGES = [
     ("generate", stage_generate),
     ("harvest", stage_harvest),
@@ -124,6 +135,7 @@ STAGES = [
     ("evaluate", stage_evaluate),
     ("interpret", stage_interpret),
     ("intervene", stage_intervene),
+    ("browse", stage_browse),
 ]
 
 
@@ -141,4 +153,6 @@ def run(args) -> int:
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"demo outputs: {out.resolve()}")
+    if "browse" in summary:
+        print(f"feature browser: {summary['browse']['site']}")
     return 0

@@ -1,0 +1,336 @@
+"""`difflens browse serve`: the exported site over HTTP, plus the playground's JSON API.
+
+Security model: binds 127.0.0.1 unless told otherwise; serves files only from the site folder
+(the request path is decoded, resolved and must stay inside it — `..`, encoded `%2e%2e`,
+absolute paths, NUL bytes and symlinks leading out are refused); sends a Content-Security-Policy
+that allows only the site's own script; the API takes small JSON bodies, validates every field and
+answers errors as JSON `{"error": message}` (no tracebacks).
+
+API (POST, JSON body):
+    /api/generate  {prompt, seed, steps, dict}                 -> image + per step / per token top features
+    /api/steer     {prompt, seed, steps, dict, feature, scale} -> image generated with the feature steered
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import shutil
+import tempfile
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from difflens.browse.export import CSP, export_site, read_site_manifest
+from difflens.errors import DifflensError
+
+MAX_BODY = 64 * 1024
+MAX_PROMPT = 500
+MAX_STEPS = 50
+TOP_PER_TOKEN = 5
+TOP_PER_STEP = 12
+MIME = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
+        ".png": "image/png", ".json": "application/json", ".svg": "image/svg+xml"}
+
+
+def _png_data_url(img_HW3, scale: int) -> str:
+    from PIL import Image
+
+    from difflens.viz import enlarge
+
+    a = np.asarray(img_HW3, np.uint8)
+    if scale > 1:
+        a = enlarge(a, scale)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+class Playground:
+    """The model (loaded once) and the dictionaries it can encode with; one generation at a time."""
+
+    def __init__(self, adapter, dictionaries: dict, *, default_steps: int | None = None):
+        self.adapter = adapter
+        self.dicts = dictionaries  # slug -> Dictionary
+        self.lock = threading.Lock()
+        cfg = getattr(getattr(adapter, "model", None), "cfg", None)
+        self.default_steps = int(default_steps or getattr(cfg, "steps_default", 0) or 8)
+
+    # ---- request validation ----------------------------------------------------------------------------
+    def _parse(self, body: dict, steer: bool) -> dict:
+        if not isinstance(body, dict):
+            raise DifflensError("the request body must be a JSON object")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DifflensError("prompt is empty: type a prompt")
+        if len(prompt) > MAX_PROMPT:
+            raise DifflensError(f"prompt is {len(prompt)} characters; keep it under {MAX_PROMPT}")
+        seed = body.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, (int, float)) or seed != int(seed) or not 0 <= seed < 2**31:
+            raise DifflensError(f"seed must be an integer in 0..{2**31 - 1}, got {seed!r}")
+        steps = body.get("steps", self.default_steps)
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or steps != int(steps) or not 1 <= steps <= MAX_STEPS:
+            raise DifflensError(f"steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        slug = body.get("dict")
+        if slug is None and len(self.dicts) == 1:
+            slug = next(iter(self.dicts))
+        if slug not in self.dicts:
+            raise DifflensError(f"unknown dictionary {slug!r}: use one of {', '.join(self.dicts)}")
+        req = {"prompt": prompt.strip(), "seed": int(seed), "steps": int(steps), "dict": slug}
+        if steer:
+            f, scale = body.get("feature"), body.get("scale")
+            n = int(self.dicts[slug].num_latents)
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or f != int(f) or not 0 <= f < n:
+                raise DifflensError(f"feature must be an integer in 0..{n - 1}, got {f!r}")
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or abs(scale) > 100:
+                raise DifflensError(f"scale must be a number in -100..100, got {scale!r}")
+            req.update(feature=int(f), scale=float(scale))
+        return req
+
+    # ---- the two actions ------------------------------------------------------------------------------------
+    def generate(self, body: dict) -> dict:
+        import torch
+
+        from difflens.intervene.core import record_activations
+
+        req = self._parse(body, steer=False)
+        d = self.dicts[req["dict"]]
+        site = str(d.cfg.site)
+        with self.lock, torch.no_grad():
+            rec = record_activations(self.adapter, [req["prompt"]], [req["seed"]], site, steps=req["steps"])
+            steps_out = []
+            p = next(iter(d.parameters()), None)
+            dev = p.device if p is not None else torch.device("cpu")
+            for (step, _call), (acts, is_cond, sample_index) in sorted(rec.acts.items()):
+                rows = torch.nonzero(is_cond & (sample_index == 0)).flatten()
+                if len(rows) == 0:
+                    continue
+                x = acts[rows[0]].to(dev, torch.float32)  # [tokens, D]
+                t = torch.full((x.shape[0],), float(rec.timesteps[step]), device=dev)
+                codes = d.encode(x, t).float().cpu()  # [tokens, F]
+                k = min(TOP_PER_TOKEN, codes.shape[1])
+                v, i = torch.topk(codes, k, dim=1)
+                tokens = [[[int(f), round(float(a), 4)] for f, a in zip(ii, vv) if a > 0] for ii, vv in zip(i.tolist(), v.tolist())]
+                total = codes.clamp_min(0).sum(0)
+                kt = min(TOP_PER_STEP, codes.shape[1])
+                tv, ti = torch.topk(total, kt)
+                top = [[int(f), round(float(a), 4)] for f, a in zip(ti.tolist(), tv.tolist()) if a > 0]
+                steps_out.append({"step": int(step), "timestep": float(rec.timesteps[step]), "top": top, "tokens": tokens})
+        img = np.asarray(rec.images[0])
+        scale = max(1, 320 // max(img.shape[:2]))
+        grid = list(getattr(self.adapter, "grid_hw", (16, 16)))
+        return {"image": _png_data_url(img, scale), "grid_hw": grid, "steps": steps_out, "slug": req["dict"],
+                "prompt": req["prompt"], "seed": req["seed"]}
+
+    def steer(self, body: dict) -> dict:
+        import torch
+
+        from difflens.intervene.core import Steer, generate_with
+
+        req = self._parse(body, steer=True)
+        d = self.dicts[req["dict"]]
+        with self.lock, torch.no_grad():
+            iv = Steer(d, [req["feature"]], req["scale"], mode="token-norm")
+            gen = generate_with(self.adapter, [req["prompt"]], [req["seed"]], [iv], steps=req["steps"])
+        img = np.asarray(gen.images[0])
+        scale = max(1, 320 // max(img.shape[:2]))
+        return {"image": _png_data_url(img, scale), "feature": req["feature"], "scale": req["scale"], "slug": req["dict"]}
+
+
+def resolve_in_site(root: Path, url_path: str) -> Path | None:
+    """The file a URL path names inside `root`, or None when it would leave it (or is odd)."""
+    path = unquote(urlsplit(url_path).path, errors="strict")
+    if "\x00" in path or "\\" in path:
+        return None
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        return None
+    rel = "/".join(parts) or "index.html"
+    root = root.resolve()
+    target = (root / rel).resolve()
+    try:
+        target.relative_to(root)
+    except ValueError:
+        return None
+    if target.is_dir():
+        target = target / "index.html"
+    return target
+
+
+def _make_handler(root: Path, playground: Playground | None, quiet: bool):
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "difflens-browse"
+        sys_version = ""
+
+        def log_message(self, fmt, *args):  # noqa: A003 - stdlib name
+            if not quiet:
+                super().log_message(fmt, *args)
+
+        def _headers(self, status: int, ctype: str, length: int) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(length))
+            self.send_header("Content-Security-Policy", CSP)
+            self.send_header("X-Content-Type-Options", "nosniff")
+            self.send_header("Referrer-Policy", "no-referrer")
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+
+        def _send(self, status: int, body: bytes, ctype: str, head: bool = False) -> None:
+            self._headers(status, ctype, len(body))
+            if not head:
+                self.wfile.write(body)
+
+        def _json(self, status: int, obj) -> None:
+            self._send(status, json.dumps(obj, allow_nan=False).encode("utf-8"), "application/json")
+
+        def _error(self, status: int, message: str, head: bool = False) -> None:
+            self._send(status, (message + "\n").encode("utf-8"), "text/plain; charset=utf-8", head)
+
+        def _file(self, head: bool) -> None:
+            raw = self.path
+            if not raw.startswith("/"):  # absolute-form or odd request targets
+                return self._error(403, "forbidden", head)
+            try:
+                target = resolve_in_site(root, raw)
+            except UnicodeDecodeError:
+                target = None
+            if target is None:
+                return self._error(403, "forbidden", head)
+            if not target.is_file():
+                return self._error(404, "not found", head)
+            ctype = MIME.get(target.suffix.lower())
+            if ctype is None:
+                return self._error(404, "not found", head)
+            self._send(200, target.read_bytes(), ctype, head)
+
+        def do_GET(self):  # noqa: N802 - stdlib name
+            self._file(head=False)
+
+        def do_HEAD(self):  # noqa: N802
+            self._file(head=True)
+
+        def do_POST(self):  # noqa: N802
+            route = urlsplit(self.path).path
+            if route not in ("/api/generate", "/api/steer"):
+                return self._json(404, {"error": f"no API endpoint {route}"})
+            if playground is None:
+                return self._json(503, {"error": "the playground is off (served with --no-playground)"})
+            try:
+                n = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                n = -1
+            if not 0 < n <= MAX_BODY:
+                return self._json(400, {"error": f"send a JSON body of at most {MAX_BODY} bytes"})
+            try:
+                body = json.loads(self.rfile.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                return self._json(400, {"error": "the body is not valid JSON"})
+            try:
+                out = playground.generate(body) if route == "/api/generate" else playground.steer(body)
+            except DifflensError as e:
+                return self._json(400, {"error": str(e)})
+            except Exception as e:  # noqa: BLE001 - answer, never dump a traceback to the client
+                self.log_error("playground failed: %r", e)
+                return self._json(500, {"error": f"generation failed ({type(e).__name__}); see the server log"})
+            self._json(200, out)
+
+    return Handler
+
+
+def make_server(site: str | Path, *, host: str = "127.0.0.1", port: int = 0, playground: Playground | None = None,
+                quiet: bool = False) -> ThreadingHTTPServer:
+    """An HTTP server (not started) over an exported site folder; `server.server_address` has the port."""
+    root = Path(site)
+    read_site_manifest(root)
+    try:
+        httpd = ThreadingHTTPServer((host, int(port)), _make_handler(root.resolve(), playground, quiet))
+    except OSError as e:
+        raise DifflensError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port (0 = any free one)") from None
+    httpd.daemon_threads = True
+    return httpd
+
+
+def build_playground(dict_paths, model: str = "toy", device: str = "cpu", adapter=None):
+    """(Playground, page config) for the dictionaries that fit the model's sites."""
+    import difflens
+    from difflens.browse.data import resolve_inputs
+
+    if adapter is None:
+        from difflens.models import load_adapter
+
+        adapter = load_adapter(model, device=device)
+    inputs = resolve_inputs(dict_paths)
+    dicts, notes = {}, []
+    sites = set(adapter.site_bindings())
+    for e in inputs.dicts:
+        if e.site not in sites:
+            notes.append(f"{e.name}: site {e.site} is not a site of the model; not in the playground")
+            continue
+        if int(e.cfg.get("d_in") or 0) != adapter.site_dim(e.site):
+            notes.append(f"{e.name}: d_in {e.cfg.get('d_in')} does not match the model's width at {e.site}; not in the playground")
+            continue
+        dicts[e.slug] = difflens.load(e.path).eval()
+    if not dicts:
+        raise DifflensError("no dictionary fits the playground's model (site and width must match): pass --model with the "
+                            "model the dictionaries were trained on, or --no-playground")
+    pg = Playground(adapter, dicts)
+    hint = "The toy model knows only its prompt grammar's words (e.g. 'a small red circle in the top left on a black plain background')." \
+        if getattr(adapter, "name", "") == "toy" else ""
+    config = {"model": getattr(adapter, "model_id", model), "slugs": list(dicts), "default_steps": pg.default_steps,
+              "max_steps": MAX_STEPS, "hint": hint, "notes": notes,
+              "example_prompt": "a large red circle in the center on a black plain background" if hint else ""}
+    return pg, config
+
+
+def playground_page_extras(site_rows: dict, slugs) -> dict:
+    """Which features have pages (links) and their explanations, for the playground's lists."""
+    pages, expl = {}, {}
+    for s in slugs:
+        rows = site_rows.get(s, [])
+        pages[s] = [r["f"] for r in rows]
+        expl[s] = {str(r["f"]): r["expl"] for r in rows if r.get("expl")}
+    return {"pages": pages, "explanations": expl}
+
+
+def serve(dicts, *, host: str = "127.0.0.1", port: int = 8000, out=None, interp=None, evaluation=None, store=None,
+          neighbours: int = 8, max_features: int | None = None, title: str = "difflens feature browser",
+          model: str | None = "toy", device: str = "cpu") -> None:
+    """Export (into `out` or a temporary folder), load the model once, serve until Ctrl-C."""
+    from difflens.browse.data import resolve_inputs
+    from difflens.browse.export import _feature_rows
+
+    pg, config = (None, None)
+    if model is not None:
+        pg, config = build_playground(dicts, model=model, device=device)
+        inputs = resolve_inputs(dicts, interp=interp, evaluation=evaluation, store=store)
+        rows = {e.slug: _feature_rows(e, max_features) for e in inputs.dicts}
+        config.update(playground_page_extras(rows, config["slugs"]))
+    tmp = None
+    if out is None:
+        tmp = Path(tempfile.mkdtemp(prefix="difflens-site-"))
+        out = tmp / "site"
+    try:
+        site = export_site(dicts, out, interp=interp, evaluation=evaluation, store=store, neighbours=neighbours,
+                           max_features=max_features, playground=config, title=title)
+        httpd = make_server(site, host=host, port=port, playground=pg)
+        h, p = httpd.server_address[:2]
+        shown = f"[{h}]" if ":" in str(h) else h
+        print(f"serving {site} at http://{shown}:{p}/ (Ctrl-C to stop)", flush=True)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"warning: listening on {host}: anyone who can reach this address can use the playground", flush=True)
+        try:
+            httpd.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            httpd.server_close()
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

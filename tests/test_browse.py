@@ -1,0 +1,488 @@
+"""Feature browser: discovery, the static export (content, escaping, atomic replace), the server
+(path traversal, API validation, generation and steering), the CLI, and headless Chromium
+(Debian's chromium + chromedriver driven by Selenium) on the exported site and the server.
+
+The browser tests are skipped, with the reason, when chromium, chromedriver or selenium is
+missing (`make test` tries to install them). One module, so the tiny world is built once."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SITE = "transformer_blocks.1:img"
+XSS_SCRIPT = "<script>window.__pwned=1</script>"
+XSS_IMG = '<img src=x onerror="window.__pwned=1">'
+XSS = f"{XSS_SCRIPT} red {XSS_IMG}"
+PLANTED = 1  # the topk feature whose explanation carries the XSS payload
+
+
+def _harvest(toy: Path, out: Path, n: int = 8, steps: int = 2):
+    from difflens.harvest.config import HarvestConfig
+    from difflens.harvest.run import harvest, world_prompts
+    from difflens.models.toy.adapter import ToyAdapter
+
+    adapter = ToyAdapter.load(folder=toy)
+    prompts, scenes = world_prompts(n, seed=3)
+    harvest(out, HarvestConfig(model=str(toy), sites=[SITE], steps=steps, batch_size=n), prompts, scenes=scenes,
+            adapter=adapter)
+    return adapter
+
+
+def _plant_prompt(store: Path, sid: int, text: str) -> None:
+    """Put `text` into the store's record of sample `sid` (prompts are data the browser must escape)."""
+    for f in sorted((store / "samples").rglob("*")):
+        if not f.is_file():
+            continue
+        lines = f.read_text(encoding="utf-8").splitlines()
+        out, hit = [], False
+        for line in lines:
+            if line.strip():
+                rec = json.loads(line)
+                if int(rec["sample_id"]) == sid:
+                    rec["prompt"], hit = text, True
+                line = json.dumps(rec)
+            out.append(line)
+        if hit:
+            f.write_text("\n".join(out) + "\n", encoding="utf-8")
+            return
+    raise AssertionError(f"sample {sid} not found in {store}")
+
+
+def _dicts(store: Path, root: Path, d: int):
+    """A random TopK SAE and an ITDA built from the store's rows (with provenance), saved as folders."""
+    from difflens.dictionaries import ITDA, DictConfig, TopKSAE, save
+    from difflens.store import Store
+
+    sae = TopKSAE(DictConfig(arch="topk", d_in=d, width=24, k=4, site=SITE, normalization="none", init_seed=0))
+    save(sae, root / "topk")
+    st = Store(store)
+    m = st.meta(SITE, ["sample_id", "step", "token", "timestep"])
+    x = st.read_rows(SITE, np.arange(st.num_rows(SITE)))
+    itda = ITDA(DictConfig(arch="itda", d_in=d, width=64, k=3, site=SITE, normalization="none", itda_tau=0.5))
+    g = torch.Generator().manual_seed(0)
+    pick = torch.randperm(x.shape[0], generator=g)[:64]
+    itda.partial_fit(x[pick], torch.as_tensor(m["timestep"][pick.numpy()], dtype=torch.float32),
+                     provenance={k: torch.as_tensor(m[k][pick.numpy()], dtype=torch.long) for k in ("sample_id", "step", "token")})
+    assert itda.num_atoms > 0
+    save(itda, root / "itda")
+    return [root / "topk", root / "itda"]
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A demo-shaped folder: toy model, store, dicts/{topk,itda}, interpret/ (oracle), with XSS planted."""
+    from toy_fixtures import make_tiny_toy
+
+    from difflens.interpret import CacheConfig, run_oracle_pipeline
+
+    root = tmp_path_factory.mktemp("browse")
+    toy = make_tiny_toy(root / "toy")
+    adapter = _harvest(toy, root / "store")
+    dicts = _dicts(root / "store", root / "dicts", adapter.site_dim(SITE))
+    run_oracle_pipeline({"topk": dicts[0], "itda": dicts[1]}, root / "store", root / "interpret", baselines=(),
+                        n_features=6, cache_config=CacheConfig(top_n=4, n_quantiles=2, min_tokens=2), grids=True)
+    # plant markup in an explanation (index + feature page) and in a prompt
+    idx_path = root / "interpret" / "topk" / "features" / "index.json"
+    idx = json.loads(idx_path.read_text())
+    row = next(r for r in idx["features"] if r["feature"] == PLANTED)
+    row["explanation"], row["score"] = XSS, 0.75
+    idx_path.write_text(json.dumps(idx))
+    fpath = root / "interpret" / "topk" / "features" / f"{PLANTED}.json"
+    feat = json.loads(fpath.read_text())
+    feat["explanation"], feat["score"] = XSS, 0.75
+    fpath.write_text(json.dumps(feat))
+    xss_sid = int(feat["top"][0]["sample_id"])
+    _plant_prompt(root / "store", xss_sid, f"prompt {XSS}")
+    return {"root": root, "toy": toy, "adapter": adapter, "dicts": dicts, "xss_sid": xss_sid}
+
+
+@pytest.fixture(scope="session")
+def site(world, tmp_path_factory):
+    from difflens.browse import export_site
+
+    out = tmp_path_factory.mktemp("site") / "site"
+    return export_site(world["dicts"], out, show_progress=False)
+
+
+def page_data(path: Path) -> dict:
+    m = re.search(r'<script type="application/json" id="difflens-data">(.*?)</script>', path.read_text(encoding="utf-8"), re.S)
+    assert m, path
+    return json.loads(m.group(1))
+
+
+# ---- export ----------------------------------------------------------------------------------------------------
+def test_export_discovers_and_writes_pages(world, site):
+    man = json.loads((site / "site.json").read_text())
+    assert [d["name"] for d in man["dictionaries"]] == ["topk", "itda"]
+    # interpretation, store found by the demo layout (dicts/<name> next to interpret/, store/)
+    assert all(d["interp"] for d in man["dictionaries"]) and man["store"] and man["images"] > 0
+    for f in ("index.html", "compare.html", "app.js", "style.css"):
+        assert (site / f).is_file()
+    assert not (site / "playground.html").exists()  # static export: no playground
+    idx = page_data(site / "index.html")
+    rows = idx["rows"]["topk"]
+    live = json.loads((world["root"] / "interpret/topk/features/index.json").read_text())["features"]
+    assert [r["f"] for r in rows] == [r["feature"] for r in live]  # every live feature is listed
+    assert any(r["expl"] == XSS for r in rows)
+    # a feature page with its images, histogram, profile, neighbours
+    fp = page_data(site / "features" / "topk" / f"{PLANTED}.html")
+    assert fp["explanation"] == XSS and fp["top"] and all(t["img"] for t in fp["top"])
+    for t in fp["top"]:
+        assert (site / "img" / f"{t['sid']}.png").is_file()
+        assert len(np.frombuffer(__import__("base64").b64decode(t["map"]["b"]), np.uint8)) == 256
+    assert fp["histogram"]["counts"] and len(fp["profile_mean"]) == 2
+    # neighbours: same dictionary, by decoder cosine, best first, never itself
+    from difflens import load
+
+    W = load(world["dicts"][0]).decoder_directions()
+    W = W / W.norm(dim=1, keepdim=True)
+    own = [n for n in fp["neighbours"] if n["slug"] == "topk"]
+    cos = (W @ W[PLANTED]).numpy()
+    cos[PLANTED] = -np.inf
+    assert own[0]["feature"] == int(np.argmax(cos)) and own[0]["cos"] == pytest.approx(float(cos.max()), abs=1e-3)
+    assert PLANTED not in [n["feature"] for n in own]
+    assert [n["cos"] for n in own] == sorted([n["cos"] for n in own], reverse=True)
+    # ITDA atoms show where they came from
+    itda_pages = sorted((site / "features" / "itda").glob("*.html"))
+    provs = [page_data(p).get("provenance") for p in itda_pages]
+    assert any(p and p["img"] and isinstance(p["token"], int) for p in provs)
+    comp = page_data(site / "compare.html")
+    assert [d["name"] for d in comp["dicts"]] == ["topk", "itda"] and comp["interp"]["rows"]
+
+
+def test_export_escapes_planted_markup(world, site):
+    """No data string reaches the HTML unescaped: the raw payload never appears in any page."""
+    for page in [site / "index.html", site / "compare.html", *site.glob("features/*/*.html")]:
+        text = page.read_text(encoding="utf-8")
+        assert "<script>window" not in text and "onerror=" not in text.replace("onerror=\\", "")  # noqa: B005
+        assert "<img" not in text
+    # the JSON still round-trips to the exact planted strings
+    fp = page_data(site / "features" / "topk" / f"{PLANTED}.html")
+    assert fp["explanation"] == XSS
+    assert any((t["prompt"] or "").endswith(XSS) for t in fp["top"])
+    js = (site / "app.js").read_text()
+    assert "innerHTML" not in js and "document.write" not in js and "eval(" not in js
+    assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js
+    assert "https://" not in (site / "style.css").read_text() and "@import" not in (site / "style.css").read_text()
+
+
+def test_json_for_script_cannot_close_the_element():
+    from difflens.browse.export import json_for_script, page_html
+
+    s = json_for_script({"x": "</script><!-- & \u2028"})
+    assert "<" not in s and ">" not in s and "&" not in s and json.loads(s)["x"] == "</script><!-- & \u2028"
+    page = page_html("<b>t</b>", "index", {})
+    assert "<title>&lt;b&gt;t&lt;/b&gt;</title>" in page
+
+
+def test_export_replaces_only_previous_sites(world, tmp_path):
+    from difflens.browse import export_site
+    from difflens.errors import DifflensError
+
+    out = tmp_path / "s"
+    export_site(world["dicts"][:1], out, show_progress=False, max_features=3, neighbours=2)
+    assert len(list((out / "features" / "topk").glob("*.html"))) == 3
+    (out / "stale.txt").write_text("x")
+    export_site(world["dicts"][:1], out, show_progress=False, max_features=2)  # a re-export replaces the old site
+    assert not (out / "stale.txt").exists() and len(list((out / "features" / "topk").glob("*.html"))) == 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep me")
+    with pytest.raises(DifflensError, match="not a site exported by difflens"):
+        export_site(world["dicts"][:1], user, show_progress=False)
+    assert (user / "notes.txt").read_text() == "keep me"
+    with pytest.raises(DifflensError, match="no cfg.json"):
+        export_site([tmp_path], tmp_path / "x", show_progress=False)
+    with pytest.raises(DifflensError, match="--interp"):
+        export_site(world["dicts"][:1], tmp_path / "y", interp=tmp_path, show_progress=False)
+
+
+def test_cli_export(world, tmp_path, capsys):
+    from difflens.cli import main
+
+    out = tmp_path / "cli_site"
+    rc = main(["browse", "export", "--dict", str(world["dicts"][1]), "--interp", str(world["root"] / "interpret"),
+               "--store", str(world["root"] / "store"), "--out", str(out), "--max-features", "4"])
+    assert rc == 0
+    assert f"site: {(out / 'index.html').resolve()}" in capsys.readouterr().out
+    assert len(list((out / "features" / "itda").glob("*.html"))) == 4
+    assert main(["browse", "export", "--dict", str(tmp_path / "nope"), "--out", str(tmp_path / "z")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+
+
+# ---- server ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def served(world, tmp_path_factory):
+    """The site (with playground) served on a free port by a background thread."""
+    from difflens.browse.export import _feature_rows, export_site
+    from difflens.browse.data import resolve_inputs
+    from difflens.browse.server import build_playground, make_server, playground_page_extras
+
+    pg, config = build_playground(world["dicts"], adapter=world["adapter"])
+    inputs = resolve_inputs(world["dicts"])
+    config.update(playground_page_extras({e.slug: _feature_rows(e, None) for e in inputs.dicts}, config["slugs"]))
+    config["default_steps"] = 2
+    site = export_site(world["dicts"], tmp_path_factory.mktemp("served") / "site", playground=config, show_progress=False)
+    (site.parent / "secret.txt").write_text("outside the site")
+    httpd = make_server(site, port=0, playground=pg, quiet=True)
+    th = threading.Thread(target=httpd.serve_forever, daemon=True)
+    th.start()
+    yield {"httpd": httpd, "port": httpd.server_address[1], "site": site, "pg": pg}
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _request(port, method, path, body=None):
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    c.request(method, path, body=None if body is None else json.dumps(body).encode(),
+              headers={"Content-Type": "application/json"} if body is not None else {})
+    r = c.getresponse()
+    data = r.read()
+    c.close()
+    return r.status, r.getheader("Content-Type"), data
+
+
+def test_server_binds_localhost_and_serves_only_its_files(served):
+    port = served["port"]
+    assert served["httpd"].server_address[0] == "127.0.0.1"
+    st, ct, body = _request(port, "GET", "/")
+    assert st == 200 and ct.startswith("text/html") and b'data-page="index"' in body
+    assert _request(port, "GET", "/features/topk/0.html")[0] == 200
+    assert _request(port, "GET", "/playground.html")[0] == 200
+    for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/%2E%2E/%2e%2e/etc/passwd", "/features/../../secret.txt",
+                "/..%2fsecret.txt", "//etc/passwd", "/%2fetc%2fpasswd", "/img/%00.png"):
+        st, _, body = _request(port, "GET", bad)
+        assert st in (403, 404), bad
+        assert b"outside the site" not in body and b"root:" not in body
+    # an absolute-form request target is refused too
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.putrequest("GET", "http://example.org/../secret.txt", skip_host=True)
+    c.endheaders()
+    r = c.getresponse()
+    assert r.status == 403 and b"outside" not in r.read()
+    c.close()
+
+
+def test_resolve_in_site_rejects_symlinks_out(tmp_path):
+    from difflens.browse.server import resolve_in_site
+
+    root = tmp_path / "site"
+    root.mkdir()
+    (tmp_path / "secret").write_text("x")
+    (root / "link").symlink_to(tmp_path / "secret")
+    assert resolve_in_site(root, "/link") is None
+    assert resolve_in_site(root, "/a/b.html") == (root / "a" / "b.html").resolve()
+
+
+def test_api_generate_and_steer(served, world):
+    port = served["port"]
+    prompt = "a large red circle in the center on a black plain background"
+    st, _, body = _request(port, "POST", "/api/generate", {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk"})
+    assert st == 200, body
+    out = json.loads(body)
+    assert out["image"].startswith("data:image/png;base64,") and len(out["steps"]) == 2
+    step = out["steps"][-1]
+    assert len(step["tokens"]) == 256 and step["top"]
+    # the per-token features agree with encoding the recorded activation directly
+    from difflens.intervene.core import record_activations
+
+    rec = record_activations(world["adapter"], [prompt], [1], SITE, steps=2)
+    d = served["pg"].dicts["topk"]
+    acts, is_cond, _ = rec.acts[(1, 0)]
+    x = acts[torch.nonzero(is_cond).flatten()[0]]
+    codes = d.encode(x, torch.full((x.shape[0],), rec.timesteps[1]))
+    tok = int(np.argmax([sum(v for _, v in t) for t in step["tokens"]]))
+    want = torch.topk(codes[tok], len(step["tokens"][tok])).indices.tolist()
+    assert [f for f, _ in step["tokens"][tok]] == want
+    st, _, body = _request(port, "POST", "/api/steer", {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk",
+                                                        "feature": 3, "scale": 4.0})
+    assert st == 200, body
+    assert json.loads(body)["image"] != out["image"]  # steering changed the picture
+    # bad inputs: a 400 with the message, not a traceback
+    for req, msg in (({"prompt": f"a red {XSS_SCRIPT}", "steps": 2, "dict": "topk"}, "word"),
+                     ({"prompt": prompt, "steps": 0, "dict": "topk"}, "steps"),
+                     ({"prompt": prompt, "steps": 2, "dict": "nope"}, "unknown dictionary"),
+                     ({"prompt": prompt, "steps": 2, "dict": "topk", "feature": 10**6, "scale": 1}, "feature")):
+        path = "/api/steer" if "feature" in req else "/api/generate"
+        st, ct, body = _request(port, "POST", path, req)
+        assert st == 400 and ct == "application/json", body
+        assert msg in json.loads(body)["error"] and "Traceback" not in body.decode()
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    c.request("POST", "/api/generate", body=b"{not json", headers={"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 400 and "JSON" in json.loads(r.read())["error"]
+    c.close()
+
+
+# ---- headless Chromium ------------------------------------------------------------------------------------------
+CHROMIUM = os.environ.get("DIFFLENS_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("DIFFLENS_CHROMEDRIVER", "/usr/bin/chromedriver")
+WAIT = 90  # seconds; the CI machine may be busy
+
+
+def _missing() -> str | None:
+    if not (Path(CHROMIUM).is_file() or shutil.which("chromium")):
+        return f"chromium not found at {CHROMIUM} (Debian: apt-get install chromium chromium-driver; `make test` tries this as root)"
+    if not (Path(CHROMEDRIVER).is_file() or shutil.which("chromedriver")):
+        return f"chromedriver not found at {CHROMEDRIVER} (Debian: apt-get install chromium-driver)"
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        return "selenium is not installed (pip install selenium; it is in the dev extras)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def driver():
+    why = _missing()
+    if why:
+        pytest.skip(f"browser tests skipped: {why}")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="difflens-chromium-")
+    opts = Options()
+    opts.binary_location = CHROMIUM if Path(CHROMIUM).is_file() else shutil.which("chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(CHROMEDRIVER if Path(CHROMEDRIVER).is_file() else shutil.which("chromedriver"))
+    try:
+        drv = webdriver.Chrome(service=service, options=opts)
+    except Exception as e:  # noqa: BLE001 - a browser that cannot start is an environment problem
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.skip(f"browser tests skipped: chromium did not start ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    drv.set_page_load_timeout(WAIT)
+    yield drv
+    drv.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def _wait(drv, cond, what: str):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(drv, WAIT, poll_frequency=0.2).until(lambda d: cond(d), message=what)
+
+
+def _severe(drv, allow=()) -> list[str]:
+    logs = drv.get_log("browser")
+    return [e["message"] for e in logs if e["level"] == "SEVERE" and not any(a in e["message"] for a in allow)]
+
+
+def _rendered(drv):
+    _wait(drv, lambda d: d.execute_script("return document.body.getAttribute('data-rendered')") == "1", "page rendered")
+
+
+def _check_index_and_feature(drv, base: str):
+    from selenium.webdriver.common.by import By
+
+    drv.get(base + "index.html")
+    _rendered(drv)
+    rows = drv.find_elements(By.CSS_SELECTOR, "#features tbody tr")
+    n_all = len(rows)
+    assert n_all > 5
+    # search filters: the planted explanation matches a word only it has
+    box = drv.find_element(By.ID, "search")
+    box.send_keys("__pwned")
+    _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#features tbody tr")) == 1, "search filters to one row")
+    row = drv.find_element(By.CSS_SELECTOR, "#features tbody tr")
+    assert row.find_element(By.CSS_SELECTOR, "td.expl").text == XSS  # shown literally, not run
+    assert drv.execute_script("return typeof window.__pwned") == "undefined"
+    box.clear()
+    box.send_keys("zzz-no-such-feature")
+    _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#features tbody tr")) == 0, "search shows nothing")
+    box.clear()
+    box.send_keys(" ")
+    _wait(drv, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#features tbody tr")) == n_all, "search cleared")
+    # sorting by feature id, ascending
+    drv.find_element(By.CSS_SELECTOR, "#features th[data-key='f']").click()
+    ids = [int(td.text.lstrip("#")) for td in drv.find_elements(By.CSS_SELECTOR, "#features tbody tr td:nth-child(2)")]
+    topk = [i for i, td in zip(ids, drv.find_elements(By.CSS_SELECTOR, "#features tbody tr td:first-child")) if td.text == "topk"]
+    assert topk == sorted(topk)
+
+    # the planted feature's page: images with heatmaps, the explanation and prompt as text
+    drv.get(base + f"features/topk/{PLANTED}.html")
+    _rendered(drv)
+    cards = drv.find_elements(By.CSS_SELECTOR, "#top-images canvas")
+    assert cards
+    _wait(drv, lambda d: all(c.get_attribute("data-loaded") == "1" for c in d.find_elements(By.CSS_SELECTOR, "#top-images canvas")),
+          "top images loaded")
+    assert drv.find_element(By.ID, "explanation").text == XSS
+    prompts = [e.text for e in drv.find_elements(By.CSS_SELECTOR, "#top-images .prompt")]
+    assert any(XSS_SCRIPT in p and XSS_IMG in p for p in prompts)
+    assert drv.find_elements(By.CSS_SELECTOR, "#histogram svg rect") and drv.find_elements(By.CSS_SELECTOR, "#profile svg polyline")
+    assert drv.find_elements(By.CSS_SELECTOR, "#neighbours tr td a")
+    assert drv.execute_script("return typeof window.__pwned") == "undefined"
+    assert not drv.find_elements(By.CSS_SELECTOR, "img[src='x']")
+
+    drv.get(base + "compare.html")
+    _rendered(drv)
+    assert len(drv.find_elements(By.CSS_SELECTOR, "#metrics tr")) == 3  # header + topk + itda
+
+
+def test_static_site_from_file_system(driver, site):
+    from selenium.webdriver.common.by import By
+
+    driver.get_log("browser")  # drop anything earlier
+    _check_index_and_feature(driver, site.resolve().as_uri() + "/")
+    # an ITDA atom page shows its source image with the token outlined
+    for page in sorted((site / "features" / "itda").glob("*.html")):
+        if '"provenance"' in page.read_text():
+            driver.get(page.resolve().as_uri())
+            _rendered(driver)
+            _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, "#provenance canvas").get_attribute("data-loaded") == "1",
+                  "provenance image loaded")
+            break
+    else:
+        pytest.fail("no ITDA page with provenance")
+    assert _severe(driver) == []
+
+
+def test_server_and_playground(driver, served):
+    from selenium.webdriver.common.by import By
+
+    base = f"http://127.0.0.1:{served['port']}/"
+    driver.get_log("browser")
+    _check_index_and_feature(driver, base)
+    driver.get(base + "playground.html")
+    _rendered(driver)
+    driver.find_element(By.ID, "steps").clear()
+    driver.find_element(By.ID, "steps").send_keys("2")
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "pg-image").get_attribute("data-ready") == "1"
+          or d.find_element(By.ID, "error").text, "generated image")
+    assert driver.find_element(By.ID, "error").text == ""
+    assert driver.find_elements(By.CSS_SELECTOR, "#step-features li")
+    driver.find_element(By.ID, "pg-image").click()  # pick the centre token
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#token-features li"), "token features")
+    assert "token" in driver.find_element(By.ID, "token-label").text
+    driver.find_element(By.ID, "steer").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "pg-steered").is_displayed() or d.find_element(By.ID, "error").text, "steered image")
+    assert driver.find_element(By.ID, "error").text == ""
+    assert _severe(driver) == []
+    # a prompt with markup: the server's error message comes back and is shown as text
+    box = driver.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(f"a red {XSS_IMG} {XSS_SCRIPT}")
+    driver.find_element(By.ID, "generate").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "error").text, "error shown")
+    err = driver.find_element(By.ID, "error").text
+    assert "unknown word" in err and ("<img" in err or "<script>" in err)
+    assert driver.execute_script("return typeof window.__pwned") == "undefined"
+    assert not driver.find_elements(By.CSS_SELECTOR, "img[src='x']")
+    assert _severe(driver, allow=("status of 400",)) == []  # the refused request itself is logged by the browser
