@@ -21,6 +21,7 @@ VERB_MODULES = [
     "difflens.harvest.cli",
     "difflens.train.cli",
     "difflens.evaluate.cli",
+    "difflens.evaluate.study",
     "difflens.interpret.cli",
     "difflens.intervene.cli",
     "difflens.browse.cli",

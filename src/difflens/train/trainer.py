@@ -217,7 +217,7 @@ class Trainer:
         if getattr(module, "trainable", True):
             scale = float(module.lr_scale()) if cfg.scale_lr else 1.0
             m.base_lr = cfg.lr * scale
-            m.opt = torch.optim.Adam(module.parameters(), lr=m.base_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+            m.opt = make_adam(module.parameters(), lr=m.base_lr, betas=(float(cfg.beta1), float(cfg.beta2)), eps=cfg.eps)
         if self.env.is_main:
             m.log = MetricsLog(self.out / spec.name)
         return m
@@ -449,6 +449,36 @@ class Trainer:
         flag = torch.tensor([1.0 if self._stop else 0.0])
         ddp.all_reduce_sum_(flag, self.env)
         return bool(flag.item() > 0)
+
+
+_FUSED_CPU_ADAM: bool | None = None
+
+
+def _fused_cpu_adam_works() -> bool:
+    """Whether this torch build runs Adam(fused=True) on CPU (probed once on a 2-element tensor)."""
+    global _FUSED_CPU_ADAM
+    if _FUSED_CPU_ADAM is None:
+        try:
+            p = torch.nn.Parameter(torch.ones(2))
+            p.grad = torch.ones(2)
+            torch.optim.Adam([p], lr=0.5, fused=True).step()
+            _FUSED_CPU_ADAM = bool(torch.isfinite(p).all() and (p < 1).all())
+        except Exception:  # noqa: BLE001 - any failure means "not supported here"
+            _FUSED_CPU_ADAM = False
+    return _FUSED_CPU_ADAM
+
+
+def make_adam(params, **kwargs) -> torch.optim.Adam:
+    """Adam, fused on CPU when the build supports it (3-7x faster step than foreach on large
+    matrices, docs/dictionaries.md); otherwise torch's default implementation."""
+    params = list(params)
+    on_cpu = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+    if on_cpu and _fused_cpu_adam_works():
+        try:
+            return torch.optim.Adam(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    return torch.optim.Adam(params, **kwargs)
 
 
 def _sync_grads(params: list[torch.nn.Parameter], env: ddp.DistEnv) -> None:
