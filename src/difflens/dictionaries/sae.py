@@ -126,11 +126,6 @@ class SAE(Dictionary):
         """Latents that have not fired in the last `dead_after_tokens` training tokens."""
         return self.tokens_since_fired_F >= self.cfg.dead_after_tokens
 
-    def sync_dead_stats(self, env=None) -> None:
-        """DDP: a latent is alive if it fired on any rank (min of the counters)."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.tokens_since_fired_F, op=torch.distributed.ReduceOp.MIN)
-
     # ---- shared encode/decode pieces ----------------------------------------------------------------
     def _pre(self, x_in_BD: Tensor) -> Tensor:
         return torch.addmm(self.b_enc_F, x_in_BD - self.b_dec_D, self.W_enc_FD.T)

@@ -37,6 +37,10 @@ class ToyConfig:
     # noisy pixels as Flux Fill / Kontext concatenate conditioning channels: RoPE alone only gives
     # relative positions, and "top left" needs absolute ones.
     coord_channels: int = 8
+    # One-hot row and column channels (2 x grid), so the patch embedding learns an absolute
+    # position embedding per row and column. The 8 smooth sin/cos channels only resolve coarse
+    # position: v3 (without these) placed and coloured objects but drew every shape as a blob.
+    position_onehot: bool = True
     guidance_default: float = 3.0
     steps_default: int = 12
     extra: dict = field(default_factory=dict)
@@ -44,6 +48,11 @@ class ToyConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch
+
+    @property
+    def extra_channels(self) -> int:
+        """Fixed position channels concatenated to the noisy pixels of each token."""
+        return self.coord_channels + (2 * self.grid if self.position_onehot else 0)
 
     @property
     def token_channels(self) -> int:
@@ -57,6 +66,7 @@ class ToyConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ToyConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known.setdefault("position_onehot", False)  # configs written before the option existed
         if "axes_dims_rope" in known:
             known["axes_dims_rope"] = tuple(known["axes_dims_rope"])
         return cls(**known)
@@ -100,6 +110,14 @@ def coordinate_channels(grid: int, n: int) -> torch.Tensor:
     return torch.cat([rows, cols], -1).reshape(1, grid * grid, n)
 
 
+def onehot_position_channels(grid: int) -> torch.Tensor:
+    """[1, grid*grid, 2*grid]: one-hot row then one-hot column of each token."""
+    eye = torch.eye(grid)
+    rows = eye[:, None, :].expand(grid, grid, grid)
+    cols = eye[None, :, :].expand(grid, grid, grid)
+    return torch.cat([rows, cols], -1).reshape(1, grid * grid, 2 * grid)
+
+
 class ToyT2I(nn.Module):
     """Predicts the rectified-flow velocity (noise - image) for packed pixel tokens."""
 
@@ -110,7 +128,7 @@ class ToyT2I(nn.Module):
         self.text_encoder = ToyTextEncoder(len(self.tokenizer.vocab), cfg.max_text_length, cfg.text_dim, cfg.text_layers)
         self.transformer = FluxTransformer2DModel(
             patch_size=1,
-            in_channels=cfg.token_channels + cfg.coord_channels,
+            in_channels=cfg.token_channels + cfg.extra_channels,
             out_channels=cfg.token_channels,
             num_layers=cfg.num_layers,
             num_single_layers=cfg.num_single_layers,
@@ -123,7 +141,10 @@ class ToyT2I(nn.Module):
         )
         self.register_buffer("img_ids", image_ids(cfg.grid, cfg.rope_scale), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(cfg.max_text_length, 3), persistent=False)
-        self.register_buffer("coords", coordinate_channels(cfg.grid, cfg.coord_channels), persistent=False)
+        coords = coordinate_channels(cfg.grid, cfg.coord_channels)
+        if cfg.position_onehot:
+            coords = torch.cat([coords, onehot_position_channels(cfg.grid)], dim=-1)
+        self.register_buffer("coords", coords, persistent=False)
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenizer(prompts)
@@ -132,7 +153,7 @@ class ToyT2I(nn.Module):
 
     def forward(self, x_BND: torch.Tensor, sigma_B: torch.Tensor, text_BTD: torch.Tensor, pooled_BD: torch.Tensor) -> torch.Tensor:
         # The Flux transformer scales its timestep input by 1000 internally: pass sigma in [0, 1].
-        if self.cfg.coord_channels:
+        if self.cfg.extra_channels:
             x_BND = torch.cat([x_BND, self.coords.to(x_BND.dtype).expand(x_BND.shape[0], -1, -1)], dim=-1)
         return self.transformer(
             hidden_states=x_BND,
