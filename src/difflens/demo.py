@@ -139,6 +139,39 @@ STAGES = [
 ]
 
 
+def _first_table(path: Path) -> str:
+    """The first markdown table of a report, as written by the stage itself."""
+    if not path.exists():
+        return f"(missing: {path})"
+    lines, started = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+            started = True
+        elif started:
+            break
+    return "\n".join(lines)
+
+
+def _readable_summary(out: Path, summary: dict) -> str:
+    """What a person wants at the end of the demo: the tables, not the JSON."""
+    parts = ["", "== demo summary"]
+    adh = summary.get("generate", {}).get("prompt_adherence (classifier)")
+    if adh:
+        parts.append("toy model prompt adherence on the demo grid: " + ", ".join(f"{k} {v:.0%}" for k, v in adh.items()))
+    parts += ["", "reconstruction (held-out):", _first_table(out / "evaluate" / "eval.md")]
+    parts += ["", "oracle autointerpretation vs baselines:", _first_table(out / "interpret" / "comparison.md")]
+    iv = summary.get("intervene", {})
+    if iv:
+        parts += ["", "steering (TopK SAE colour features; the classifier reads the target after, not before):",
+                  _first_table(out / "intervene" / "summary.md")]
+        parts += ["interventions: " + ", ".join(f"{k} {v}" for k, v in iv.items()
+                                                if k.endswith("success") or k.endswith("random"))]
+    secs = summary.get("seconds", {})
+    parts += ["", "stage seconds: " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
+    return "\n".join(parts)
+
+
 def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -151,8 +184,8 @@ def run(args) -> int:
         summary.setdefault("seconds", {})[name] = round(time.time() - t, 1)
     summary["seconds"]["total"] = round(time.time() - t0, 1)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"demo outputs: {out.resolve()}")
+    print(_readable_summary(out, summary))
+    print(f"demo outputs: {out.resolve()} (all numbers: {out.resolve() / 'summary.json'})")
     if "browse" in summary:
         print(f"feature browser: {summary['browse']['site']}")
     return 0
