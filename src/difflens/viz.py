@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import textwrap
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+
+def save_figure(fig, path, *, dpi: int = 110) -> Path:
+    """Write a matplotlib figure as PNG atomically (no half-written plot beside the JSON) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from difflens.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
 
 
 def enlarge(img_HW3: np.ndarray, scale: int) -> np.ndarray:

@@ -16,6 +16,7 @@ import numpy as np
 from difflens.interpret.cache import FeatureCache
 from difflens.interpret.concepts import CONCEPT_NAMES, TYPES, concept_type
 from difflens.utils import write_json
+from difflens.viz import save_figure
 
 HIGH = 0.8  # "share above 0.8"
 
@@ -235,11 +236,7 @@ def plot_hierarchy(hier: dict[str, dict], path: str | Path) -> Path | None:
             ax.text(0.5, 0.5, "no feature matches a concept", ha="center", transform=ax.transAxes, fontsize=8)
     axes[0][0].set_ylabel("normalised mean activation")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_scores(scores: dict[str, list[float]], path: str | Path, title: str = "autointerp scores") -> Path:
@@ -263,11 +260,7 @@ def plot_scores(scores: dict[str, list[float]], path: str | Path, title: str = "
     else:
         ax.text(0.5, 0.5, "no scored features", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- per-feature export for the browser ----------------------------------------------------------------

@@ -32,6 +32,7 @@ from difflens.intervene.core import CodeEdit, Steer, Transfer, default_steps, ge
 from difflens.intervene.region import Region, Window
 from difflens.utils import progress, save_image, write_json
 from difflens.world import vocab as V
+from difflens.viz import save_figure
 
 STUDY_FACTORS = ("color", "object")
 STUDY_OBJECTS = ("circle", "square", "triangle", "two", "five", "seven")
@@ -498,8 +499,7 @@ def _plot_steering(result: dict, path: Path) -> bool:
     axes[1].set_ylim(0, 1)
     axes[1].set_title(f"by step window (scale {result['window_scale']:g})", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
