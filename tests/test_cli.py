@@ -62,3 +62,9 @@ def test_world_sample(tmp_path):
     assert (tmp_path / "w" / "scene_00002.png").exists()
     r = run("world", "sample", "--n", "0", "--out", str(tmp_path / "w2"))
     assert r.returncode != 0 and "--n" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_zoo_train_rejects_a_negative_aux_weight(tmp_path):
+    r = run("zoo", "train", "toy", "--aux-object-weight", "-1", "--out", str(tmp_path / "t"))
+    assert r.returncode == 2 and "--aux-object-weight must be >= 0" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "t").exists()

@@ -28,6 +28,8 @@ def register(sub) -> None:
     t.add_argument("what", choices=["toy", "classifier"])
     t.add_argument("--out", default=None, help="output folder (default runs/zoo/<what>)")
     t.add_argument("--steps", type=int, default=None, help="training steps (toy; default from ToyTrainConfig)")
+    t.add_argument("--aux-object-weight", type=float, default=None,
+                   help="toy: weight of the auxiliary per-token object loss (default from ToyTrainConfig; 0 turns it off)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--ship", action="store_true", help="also install the result as the package's bundled weights")
     t.set_defaults(func=run_zoo_train)
@@ -96,6 +98,10 @@ def run_zoo_train(args) -> int:
             if args.steps < 1:
                 raise DifflensError(f"--steps must be >= 1, got {args.steps}")
             cfg = replace(cfg, steps=args.steps)
+        if args.aux_object_weight is not None:
+            if args.aux_object_weight < 0:
+                raise DifflensError(f"--aux-object-weight must be >= 0, got {args.aux_object_weight}")
+            cfg = replace(cfg, aux_object_weight=args.aux_object_weight)
         out = Path(args.out or "runs/zoo/toy")
         train_toy(out, cfg, resume=args.resume)
         target = ASSET_DIR
