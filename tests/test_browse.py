@@ -157,6 +157,12 @@ def test_export_discovers_and_writes_pages(world, site):
     itda_pages = sorted((site / "features" / "itda").glob("*.html"))
     provs = [page_data(p).get("provenance") for p in itda_pages]
     assert any(p and p["img"] and isinstance(p["token"], int) for p in provs)
+    # ... at the timestep the store recorded for that harvest step, not just the step index
+    from difflens.store import Store
+
+    m = Store(world["root"] / "store").meta(SITE, ["step", "timestep"])
+    for p in filter(None, provs):
+        assert p["timestep"] == pytest.approx(float(m["timestep"][m["step"] == p["step"]][0]), abs=0.01)
     comp = page_data(site / "compare.html")
     assert [d["name"] for d in comp["dicts"]] == ["topk", "itda"] and comp["interp"]["rows"]
 

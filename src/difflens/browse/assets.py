@@ -340,7 +340,7 @@ APP_JS = r"""/* difflens feature browser: pages are built from the JSON in #diff
       var p = d.provenance, tok = isInt(p.token) ? p.token : null;
       var where = tok === null ? "token ?" : "token " + tok + " (row " + Math.floor(tok / grid[1]) + ", column " + (tok % grid[1]) + ")";
       var fig = el("figure", { className: "card wide" }, [overlayCanvas(p, null, grid, 0, 192, tok),
-        el("figcaption", null, ["sample #" + p.sid + " · step " + p.step + " · " + where, el("br"), el("span", { className: "prompt" }, p.prompt || "")])]);
+        el("figcaption", null, ["sample #" + p.sid + " · " + (p.timestep === null || p.timestep === undefined ? "step " + p.step : "t = " + fmt(p.timestep, 0) + " (step " + p.step + ")") + " · " + where, el("br"), el("span", { className: "prompt" }, p.prompt || "")])]);
       app.appendChild(section("ITDA atom source: the activation this atom was copied from", [fig], "provenance"));
     }
     var nb = d.neighbours || [];

@@ -156,6 +156,19 @@ class _Samples:
             self.store = Store(store_path)
             self.records = {int(r["sample_id"]): r for r in self.store.samples()}
         self.used: set[int] = set()
+        self._timesteps: dict[str, dict[int, float]] = {}
+
+    def timestep(self, site: str, step) -> float | None:
+        """The timestep a harvest step index ran at (one schedule per store), from the site's rows."""
+        if self.store is None or step is None:
+            return None
+        if site not in self._timesteps:
+            try:
+                m = self.store.meta(site, ["step", "timestep"])
+                self._timesteps[site] = {int(a): float(b) for a, b in zip(*np.unique(np.stack([m["step"], m["timestep"]]), axis=1))}
+            except DifflensError:
+                self._timesteps[site] = {}
+        return self._timesteps[site].get(int(step))
 
     def prompt(self, sid: int) -> str | None:
         p = self.records.get(int(sid), {}).get("prompt")
@@ -252,7 +265,8 @@ def _feature_page_data(e: DictEntry, row: dict, detail: dict | None, samples: _S
                       "s": _num(t.get("s"), 4)} for t in test]
     prov = detail.get("provenance")
     if isinstance(prov, dict) and int(prov.get("sample_id", -1)) >= 0:
-        p = {**samples.use(prov["sample_id"]), "step": prov.get("step"), "token": prov.get("token")}
+        p = {**samples.use(prov["sample_id"]), "step": prov.get("step"), "token": prov.get("token"),
+             "timestep": _num(samples.timestep(e.site, prov.get("step")), 2)}
         d["provenance"] = _clean(p)
     return d
 

@@ -83,5 +83,6 @@ class ToyAdapter(Adapter):
                 on_step=lambda i, t: tracker.begin_step(i, t, num_steps=steps),
                 on_call=tracker.set_batch,
                 dtype=self.dtype,
+                guidance_interval=cfg.guidance_interval,
             )
         return Generation(images=images, timesteps=timesteps, grid_hw=self.grid_hw, latents=latents)

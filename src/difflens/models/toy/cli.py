@@ -30,6 +30,8 @@ def register(sub) -> None:
     t.add_argument("--steps", type=int, default=None, help="training steps (toy; default from ToyTrainConfig)")
     t.add_argument("--aux-object-weight", type=float, default=None,
                    help="toy: weight of the auxiliary per-token object loss (default from ToyTrainConfig; 0 turns it off)")
+    t.add_argument("--object-pixel-weight", type=float, default=None,
+                   help="toy: extra flow-loss weight on object pixels (default from ToyTrainConfig; 0 turns it off)")
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     t.add_argument("--ship", action="store_true", help="also install the result as the package's bundled weights")
     t.set_defaults(func=run_zoo_train)
@@ -102,6 +104,10 @@ def run_zoo_train(args) -> int:
             if args.aux_object_weight < 0:
                 raise DifflensError(f"--aux-object-weight must be >= 0, got {args.aux_object_weight}")
             cfg = replace(cfg, aux_object_weight=args.aux_object_weight)
+        if args.object_pixel_weight is not None:
+            if args.object_pixel_weight < 0:
+                raise DifflensError(f"--object-pixel-weight must be >= 0, got {args.object_pixel_weight}")
+            cfg = replace(cfg, object_pixel_weight=args.object_pixel_weight)
         out = Path(args.out or "runs/zoo/toy")
         train_toy(out, cfg, resume=args.resume)
         target = ASSET_DIR

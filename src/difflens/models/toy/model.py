@@ -41,7 +41,9 @@ class ToyConfig:
     # position embedding per row and column. The 8 smooth sin/cos channels only resolve coarse
     # position: v3 (without these) placed and coloured objects but drew every shape as a blob.
     position_onehot: bool = True
-    guidance_default: float = 3.0
+    guidance_default: float = 5.0
+    # Sigma range (lo, hi] where classifier-free guidance applies; plain conditional outside.
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
     steps_default: int = 12
     extra: dict = field(default_factory=dict)
 
@@ -61,6 +63,7 @@ class ToyConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["axes_dims_rope"] = list(self.axes_dims_rope)
+        d["guidance_interval"] = list(self.guidance_interval)
         return d
 
     @classmethod
@@ -69,6 +72,11 @@ class ToyConfig:
         known.setdefault("position_onehot", False)  # configs written before the option existed
         if "axes_dims_rope" in known:
             known["axes_dims_rope"] = tuple(known["axes_dims_rope"])
+        if "guidance_interval" in known:
+            lo, hi = (float(v) for v in known["guidance_interval"])
+            if not 0.0 <= lo < hi <= 1.0:
+                raise DifflensError(f"toy config guidance_interval must be sigmas 0 <= lo < hi <= 1, got {[lo, hi]}")
+            known["guidance_interval"] = (lo, hi)
         return cls(**known)
 
 
