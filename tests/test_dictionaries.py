@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from difflens.dictionaries.sae import geometric_median, topk_flat
 from difflens.errors import DifflensError
 
 D, F, K = 16, 128, 4
+DATA = Path(__file__).parent / "data"
 
 
 def make(arch="topk", *, fast=True, norm="scalar", width=F, k=K, **kw):
@@ -36,6 +38,79 @@ def test_config_round_trip_keeps_unknown_future_keys():
     back = DictConfig.from_dict(d)
     assert back.arch == "tide" and back.width == 32 and back.unknown == {"from_the_future": [1, 2]}
     assert back.to_dict() == d
+
+
+def test_registry_is_the_one_list_of_architectures():
+    from difflens.dictionaries import ARCHITECTURES
+    from difflens.dictionaries.config import CONFIGS, TopKConfig
+    from difflens.train.config import DictSpec
+
+    assert set(ARCHITECTURES) == set(CONFIGS) >= {"topk", "batchtopk", "relu", "tide", "itda"}
+    for name, cls in ARCHITECTURES.items():
+        assert cls.arch == name and CONFIGS[name] is cls.config_class
+        assert type(DictConfig(arch=name, d_in=8, width=32, k=2)) is cls.config_class
+    # per-architecture fields: TopK has no TIDE or ITDA knobs, TIDE extends TopK
+    assert "tide_hidden" not in TopKConfig.field_names() and "l1_coeff" not in TopKConfig.field_names()
+    with pytest.raises(TypeError):
+        DictConfig(arch="topk", d_in=8, width=32, k=2, tide_hidden=4)
+    # the trainer's spec validation asks the registry: an unknown arch lists the registered ones
+    with pytest.raises(DifflensError, match="use one of .*batchtopk.*topk"):
+        DictSpec(name="x", arch="sparse", site="s", width=8, k=2)
+    with pytest.raises(DifflensError, match="needs k"):
+        DictSpec(name="x", arch="topk", site="s", width=8)
+    assert DictSpec(name="x", arch="relu", site="s", width=8).k is None  # ReLU needs no k
+
+
+def test_a_new_architecture_registers_once_and_the_trainer_accepts_it():
+    from dataclasses import dataclass
+
+    from difflens.dictionaries import ARCHITECTURES
+    from difflens.dictionaries.base import register
+    from difflens.dictionaries.config import CONFIGS, TopKConfig
+    from difflens.dictionaries.sae import TopKSAE
+    from difflens.train.config import DictSpec
+
+    @dataclass
+    class WideConfig(TopKConfig):
+        wide_knob: int = 3
+
+    try:
+        @register("wide-test", WideConfig)
+        class Wide(TopKSAE):
+            pass
+
+        cfg = DictConfig(arch="wide-test", d_in=8, width=16, k=2, wide_knob=5)
+        assert isinstance(cfg, WideConfig) and DictConfig.from_dict(cfg.to_dict()) == cfg
+        assert isinstance(build(cfg), Wide)
+        DictSpec(name="w", arch="wide-test", site="s", width=16, k=2)
+    finally:
+        ARCHITECTURES.pop("wide-test", None)
+        CONFIGS.pop("wide-test", None)
+
+
+def test_flat_configs_of_earlier_checkpoints_load_per_architecture():
+    """cfg.json used to carry every architecture's fields; they are dropped, future keys kept."""
+    from difflens.dictionaries.config import ITDAConfig, TIDEConfig
+
+    flat = json.loads((DATA / "ckpt_v1" / "tide" / "cfg.json").read_text())["config"]
+    assert "itda_tau" in flat and "l1_coeff" in flat  # the old flat format
+    cfg = DictConfig.from_dict(flat | {"from_the_future": 1})
+    assert isinstance(cfg, TIDEConfig) and cfg.tide_hidden == 4 and cfg.unknown == {"from_the_future": 1}
+    assert "itda_tau" not in cfg.to_dict()
+    itda = DictConfig.from_dict(flat | {"arch": "itda", "width": 0, "itda_inference": "mp"})
+    assert isinstance(itda, ITDAConfig) and itda.itda_inference == "mp" and itda.unknown == {}
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "tide", "itda"])
+def test_checkpoints_written_before_the_registry_load_and_reconstruct_the_same(arch):
+    """tests/data/ckpt_v1 was written by the flat-config code (commit 4d0dedb); same x_hat now."""
+    from safetensors.torch import load_file
+
+    d = io.load(DATA / "ckpt_v1" / arch)
+    assert d.arch == arch and type(d.cfg) is d.config_class
+    ref = load_file(str(DATA / "ckpt_v1" / "expected.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(d(ref["x"], ref["t"]).x_hat, ref[f"xhat_{arch}"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -115,3 +115,15 @@ def test_metrics_log_truncates_on_resume_and_renders_csv(tmp_path):
     lines = log.csv.read_text().splitlines()
     assert lines[0] == "kind,step,loss,fvu,l0"
     assert lines[-1] == "eval,4,,0.25,3.0"
+
+
+def test_dictionary_options_are_checked_against_the_architectures_config():
+    from difflens.train import members
+
+    cfg = TrainConfig(steps=1)
+    spec = DictSpec(name="a", arch="topk", site="s", width=8, k=2, options={"tide_hidden": 4})
+    with pytest.raises(DifflensError, match="tide_hidden for arch topk"):
+        members.dict_config(spec, d_in=4, model=None, cfg=cfg)
+    ok = members.dict_config(DictSpec(name="t", arch="tide", site="s", width=8, k=2, options={"tide_hidden": 4}),
+                             d_in=4, model=None, cfg=TrainConfig(steps=1, auxk=False))
+    assert ok.tide_hidden == 4 and ok.auxk is False

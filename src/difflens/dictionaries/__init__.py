@@ -7,12 +7,11 @@
 """
 
 from difflens.dictionaries import io
-from difflens.dictionaries.base import ARCHITECTURES, Dictionary, DictOutput
-from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.base import ARCHITECTURES, Dictionary, DictOutput, architecture, register
+from difflens.dictionaries.config import DictConfig, config_class
 from difflens.dictionaries.itda import ITDA
 from difflens.dictionaries.sae import BatchTopKSAE, ReLUSAE, TopKSAE
 from difflens.dictionaries.temporal import TIDESAE
-from difflens.errors import DifflensError
 
 
 def build(cfg: DictConfig | dict, **kwargs) -> Dictionary:
@@ -20,10 +19,8 @@ def build(cfg: DictConfig | dict, **kwargs) -> Dictionary:
     the dense reference path of the SAEs."""
     if isinstance(cfg, dict):
         cfg = DictConfig.from_dict(cfg)
-    cls = ARCHITECTURES.get(cfg.arch)
-    if cls is None:  # pragma: no cover - DictConfig.validate already rejects unknown archs
-        raise DifflensError(f"unknown architecture {cfg.arch!r}")
-    if cls is ITDA:
+    cls = architecture(cfg.arch)
+    if "fast" not in cls.__init__.__code__.co_varnames:
         kwargs.pop("fast", None)
     return cls(cfg, **kwargs)
 
@@ -41,8 +38,11 @@ __all__ = [
     "ReLUSAE",
     "TIDESAE",
     "TopKSAE",
+    "architecture",
     "build",
+    "config_class",
     "io",
     "load",
+    "register",
     "save",
 ]

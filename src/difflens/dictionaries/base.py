@@ -14,22 +14,35 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.config import CONFIGS, DictConfig, register_config
 from difflens.dictionaries.normalize import Normalizer
 from difflens.errors import DifflensError
 
 ARCHITECTURES: dict[str, type[Dictionary]] = {}
 
 
-def register(name: str):
-    """Class decorator: make an architecture loadable by its cfg.arch name."""
+def register(name: str, config_cls: type[DictConfig]):
+    """Class decorator: the one place an architecture is declared. Binds the name to the module
+    class and to its config class (so `DictConfig(arch=name)`, `build` and `load` find both)."""
 
     def deco(cls):
+        if name in ARCHITECTURES and ARCHITECTURES[name] is not cls:
+            raise TypeError(f"architecture {name!r} is already registered to {ARCHITECTURES[name].__name__}")
         cls.arch = name
+        cls.config_class = config_cls
         ARCHITECTURES[name] = cls
+        register_config(name, config_cls)
         return cls
 
     return deco
+
+
+def architecture(name: str) -> type[Dictionary]:
+    """The module class registered under `name`, or a clear error listing the known ones."""
+    cls = ARCHITECTURES.get(name)
+    if cls is None or name not in CONFIGS:
+        raise DifflensError(f"architecture {name!r} is unknown; this difflens knows {', '.join(sorted(ARCHITECTURES))}")
+    return cls
 
 
 @dataclass
@@ -76,12 +89,16 @@ class Dictionary(nn.Module):
     """Base class: normalisation plumbing, input checks, dead-latent bookkeeping, lr scaling."""
 
     arch: ClassVar[str] = ""
+    config_class: ClassVar[type[DictConfig]] = DictConfig
     trainable: ClassVar[bool] = True
 
     def __init__(self, cfg: DictConfig):
         super().__init__()
-        if ARCHITECTURES.get(cfg.arch) is not type(self):
-            raise DifflensError(f"config arch {cfg.arch!r} does not match class {type(self).__name__}")
+        if ARCHITECTURES.get(cfg.arch) is not type(self) or not isinstance(cfg, self.config_class):
+            raise DifflensError(
+                f"config {type(cfg).__name__}(arch={cfg.arch!r}) does not match class {type(self).__name__}; "
+                "build the config with DictConfig(arch=...)"
+            )
         self.cfg = cfg
         self.norm = Normalizer(
             cfg.normalization,

@@ -159,7 +159,7 @@ def load(path, *, expect_site: str | None = None, expect_d_in: int | None = None
         raise DifflensError(
             f"{path / CFG_NAME}: architecture {arch!r} is unknown; this difflens knows {', '.join(sorted(ARCHITECTURES))}"
         )
-    cfg = DictConfig.from_dict(meta["config"])
+    cfg = DictConfig.from_dict({**meta["config"], "arch": arch})
     if expect_site is not None and cfg.site != expect_site:
         raise DifflensError(
             f"dictionary {path} was trained on site {cfg.site!r}, not {expect_site!r}; "

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from difflens.dictionaries.base import Dictionary, DictOutput, as_timesteps, register
-from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.config import DictConfig, ITDAConfig
 from difflens.dictionaries.pursuit import gradient_pursuit, matching_pursuit
 from difflens.errors import DifflensError
 from difflens.utils import progress
@@ -55,7 +55,7 @@ def greedy_dedupe(v_ND: Tensor, thr: float, existing_AD: Tensor | None = None, c
     return keep
 
 
-@register("itda")
+@register("itda", ITDAConfig)
 class ITDA(Dictionary):
     """Atoms are unit-norm copies of (normalised) real activations; no gradient training."""
 

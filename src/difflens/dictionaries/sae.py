@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from difflens.dictionaries.base import Dictionary, DictOutput, as_timesteps, register
-from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.config import BatchTopKConfig, ReLUConfig, SAEConfig, TopKConfig
 from difflens.dictionaries.kernels import AuxSelection, Pattern, SparseSAEFunction, topk_rows
 from difflens.errors import DifflensError
 
@@ -56,7 +56,7 @@ def compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype
 class SAE(Dictionary):
     """Shared by all SAE flavours: parameters, init, decoder-norm hooks, dead-latent tracker."""
 
-    def __init__(self, cfg: DictConfig, *, fast: bool = True):
+    def __init__(self, cfg: SAEConfig, *, fast: bool = True):
         super().__init__(cfg)
         f, d = cfg.width, cfg.d_in
         gen = torch.Generator().manual_seed(cfg.init_seed)
@@ -283,7 +283,7 @@ class _SparseSAE(SAE):
         return torch.zeros_like(pre_BF).index_put((rows, ids), pre_BF[rows, ids].relu())
 
 
-@register("topk")
+@register("topk", TopKConfig)
 class TopKSAE(_SparseSAE):
     """z = ReLU(TopK(pre)): exactly k active latents per row (fewer if some selected pre ≤ 0)."""
 
@@ -292,13 +292,13 @@ class TopKSAE(_SparseSAE):
         return Pattern.from_rows(idx, self.num_latents), vals.reshape(-1)
 
 
-@register("batchtopk")
+@register("batchtopk", BatchTopKConfig)
 class BatchTopKSAE(_SparseSAE):
     """Training: the top k·B pre-activations of the whole batch (rows get a varying number).
     Inference: a fixed threshold θ — the running average of the smallest selected activation —
     so a token's code does not depend on its batch. θ is a buffer, saved with the weights."""
 
-    def __init__(self, cfg: DictConfig, *, fast: bool = True):
+    def __init__(self, cfg: SAEConfig, *, fast: bool = True):
         super().__init__(cfg, fast=fast)
         self.register_buffer("threshold", torch.zeros(()))
         self.register_buffer("threshold_seen", torch.tensor(False))
@@ -357,7 +357,7 @@ def topk_flat(x_N: Tensor, n: int) -> tuple[Tensor, Tensor]:
     return v, cand[i]
 
 
-@register("relu")
+@register("relu", ReLUConfig)
 class ReLUSAE(SAE):
     """z = ReLU(pre), trained with MSE + L1 weighted by decoder norms (dense: codes are not k-sparse).
     Decoder rows are not renormalised by default: the norm-weighted L1 already removes the

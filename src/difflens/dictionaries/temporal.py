@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from difflens.dictionaries.base import register
-from difflens.dictionaries.config import DictConfig
+from difflens.dictionaries.config import TIDEConfig
 from difflens.dictionaries.sae import TopKSAE
 from difflens.errors import DifflensError
 
@@ -58,11 +58,11 @@ class FiLM(nn.Module):
         return s * torch.tanh(a / s), shift
 
 
-@register("tide")
+@register("tide", TIDEConfig)
 class TIDESAE(TopKSAE):
     """Timestep-conditioned TopK SAE; encode/decode/forward need t_B."""
 
-    def __init__(self, cfg: DictConfig, *, fast: bool = True):
+    def __init__(self, cfg: TIDEConfig, *, fast: bool = True):
         super().__init__(cfg, fast=fast)
         self.film = FiLM(cfg.d_in, cfg.tide_embed_dim, cfg.tide_hidden, cfg.tide_max_scale)
         # timestep range seen by init_from_data (for t-averaged decoder directions)

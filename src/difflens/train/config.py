@@ -16,7 +16,6 @@ from typing import Any
 from difflens.errors import DifflensError
 
 DECAYS = ("none", "linear", "cosine")
-ARCHS = ("topk", "batchtopk", "relu", "tide", "itda")
 
 # Fields that only change how often we look or save; a resumed run may change them freely.
 RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "progress")
@@ -125,19 +124,23 @@ class DictSpec:
     options: dict[str, Any] = field(default_factory=dict)  # other DictConfig fields
 
     def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise DifflensError(f"dictionary {self.name!r}: arch {self.arch!r} is unknown; use one of {', '.join(ARCHS)}")
-        if not isinstance(self.width, int) or self.width < 0 or (self.width == 0 and self.arch != "itda"):
+        from difflens.dictionaries import config_class  # the registry is the one list of architectures
+
+        try:
+            cls = config_class(self.arch)
+        except DifflensError as e:
+            raise DifflensError(f"dictionary {self.name!r}: {e}") from None
+        if not isinstance(self.width, int) or self.width < 0 or (self.width == 0 and not cls.width_optional):
             raise DifflensError(f"dictionary {self.name!r}: width must be a positive integer (got {self.width!r})")
         if self.k is not None:
             if not isinstance(self.k, int) or self.k <= 0:
                 raise DifflensError(f"dictionary {self.name!r}: k must be a positive integer (got {self.k!r})")
-            if self.k > self.width and self.arch != "itda":
+            if self.k > self.width and not cls.width_optional:
                 raise DifflensError(
                     f"dictionary {self.name!r}: k={self.k} is larger than width={self.width}; "
                     "choose k <= width (k is the number of active latents per token)"
                 )
-        elif self.arch in ("topk", "batchtopk", "tide", "itda"):
+        elif cls.needs_k:
             raise DifflensError(f"dictionary {self.name!r}: arch {self.arch} needs k; pass --k K")
         if not _NAME.match(self.name):
             raise DifflensError(
@@ -150,6 +153,13 @@ class DictSpec:
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SPEC_KEYS = ("name", "arch", "site", "width", "k")
+
+
+def _width_optional(arch: str) -> bool:
+    from difflens.dictionaries.config import CONFIGS  # importing the package registers every architecture
+
+    cls = CONFIGS.get(arch)
+    return bool(cls is not None and cls.width_optional)
 
 
 def default_name(spec: dict, varying: set[str]) -> str:
@@ -190,7 +200,7 @@ def expand_specs(entries: list[dict], defaults: dict | None = None) -> list[Dict
     }
     specs = []
     for spec in flat:
-        if spec.get("arch") == "itda":
+        if spec.get("arch") is not None and _width_optional(spec["arch"]):
             spec.setdefault("width", 0)
         missing = [k for k in ("arch", "site", "width") if spec.get(k) is None]
         if missing:

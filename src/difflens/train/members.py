@@ -5,35 +5,28 @@ Kept in one place so the loop stays architecture-agnostic and an API change touc
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
 from difflens.errors import DifflensError
 from difflens.train.config import DictSpec, TrainConfig
-from difflens.train.data import TRAIN_COLUMNS
 
 PROVENANCE = ("sample_id", "step", "token")
 
 
-def columns_needed(specs: list[DictSpec], site: str) -> tuple[str, ...]:  # noqa: ARG001
-    return TRAIN_COLUMNS  # sample_id for the held-out filter, step/token for ITDA provenance
-
-
 def dict_config(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfig):
     """A DictConfig from a spec; unknown option names are reported with the known ones."""
-    from difflens.dictionaries import DictConfig
+    from difflens.dictionaries import config_class
 
-    fields = {f.name for f in dataclasses.fields(DictConfig)} - {"unknown", "schema_version"}
-    kwargs = {"arch": spec.arch, "d_in": d_in, "width": spec.width, "k": spec.k, "site": spec.site}
-    if "model" in fields:
-        kwargs["model"] = model
+    cls = config_class(spec.arch)
+    fields = cls.field_names() - {"schema_version"}
+    kwargs = {"arch": spec.arch, "d_in": d_in, "width": spec.width, "k": spec.k, "site": spec.site, "model": model}
     unknown = sorted(set(spec.options) - fields)
     if unknown:
         raise DifflensError(
-            f"dictionary {spec.name}: unknown option(s) {', '.join(unknown)}; "
-            f"dictionary options are {', '.join(sorted(fields - set(kwargs)))}"
+            f"dictionary {spec.name}: unknown option(s) {', '.join(unknown)} for arch {spec.arch}; "
+            f"its options are {', '.join(sorted(fields - set(kwargs)))}"
         )
     reserved = sorted({"d_in", "model"} & set(spec.options))
     if reserved:
@@ -46,11 +39,9 @@ def dict_config(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfi
         kwargs["dead_after_tokens"] = cfg.dead_after_tokens
     if "init_seed" in fields and "init_seed" not in spec.options:
         kwargs["init_seed"] = cfg.seed
-    if not cfg.auxk:
-        for name, off in (("auxk", False), ("auxk_coef", 0.0), ("auxk_alpha", 0.0)):
-            if name in fields and name not in spec.options:
-                kwargs[name] = off
-    return DictConfig(**kwargs)
+    if not cfg.auxk and "auxk" in fields and "auxk" not in spec.options:
+        kwargs["auxk"] = False
+    return cls(**kwargs)
 
 
 def build(spec: DictSpec, *, d_in: int, model: str | None, cfg: TrainConfig, store=None):

@@ -173,7 +173,6 @@ class Trainer:
                 heldout=self.heldout,
                 rank=env.rank,
                 world_size=env.world_size,
-                columns=mem.columns_needed(self.specs, site),
             )
             for site in self.sites
         }
