@@ -309,6 +309,6 @@ def test_sites_verb_lists_sites_dims_and_default(folders, capsys):
     assert len(rows) == 16
     assert lines[-1] == "default: transformer_blocks.1:img"
 
-    assert main(["sites", "--model", str(folders["dit"]), "--dtype", "fp16"]) == 2
+    assert main(["sites", "--model", str(folders["dit"]), "--model-dtype", "fp16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "fp16" in err[0]

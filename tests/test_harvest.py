@@ -120,7 +120,7 @@ def test_other_config_refused(tmp_path, adapter):
 def test_bad_config_errors():
     with pytest.raises(DifflensError, match="tokens-per-image"):
         cfg(tokens_per_image=4, token_fraction=0.5).validate()
-    with pytest.raises(DifflensError, match="timesteps"):
+    with pytest.raises(DifflensError, match="step-window"):
         cfg(record_steps=[7]).validate()
 
 

@@ -62,9 +62,9 @@ def _cli(argv: list[str]) -> None:
 
 def stage_harvest(out: Path, summary: dict) -> None:
     store = out / "store"
-    _cli(["harvest", "--model", "toy", "--num-prompts", "160", "--steps", "12", "--timesteps", "0,3,6,9,11",
+    _cli(["harvest", "--model", "toy", "--num-prompts", "160", "--steps", "12", "--step-window", "0,3,6,9,11",
           "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE}",
-          "--dtype", "bf16", "--batch-size", "32", "--out", str(store)]
+          "--store-dtype", "bf16", "--batch-size", "32", "--out", str(store)]
          + (["--resume"] if (store / "manifest.json").exists() else []))
     from difflens.store import Store
 

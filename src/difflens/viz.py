@@ -26,9 +26,32 @@ def save_figure(fig, path, *, dpi: int = 110) -> Path:
     return path
 
 
+MAX_SIDE = 2048  # longest side of any grid we write: a display size, not a poster (no 8k PNGs)
+
+
 def enlarge(img_HW3: np.ndarray, scale: int) -> np.ndarray:
     """Nearest-neighbour upscaling: toy images are 32x32 and must stay crisp."""
     return np.asarray(img_HW3).repeat(scale, 0).repeat(scale, 1)
+
+
+def display_scale(side: int) -> int:
+    """Small images (the toy's 32 px) are enlarged to ~128 px cells; real-model images are not."""
+    return max(1, 128 // max(1, int(side)))
+
+
+def fit_cell(img_HW3: np.ndarray, scale: int | None, cols: int, rows: int, max_side: int) -> np.ndarray:
+    """Enlarge (nearest) or shrink (area average) one cell so a cols x rows grid fits in max_side px."""
+    img = np.asarray(img_HW3, dtype=np.uint8)
+    h, w = img.shape[:2]
+    scale = display_scale(max(h, w)) if scale is None else int(scale)
+    ch, cw = h * scale, w * scale
+    limit = min((max_side - 8 * (cols + 1)) / cols / cw, (max_side - 60 * rows) / rows / ch, 1.0)
+    if limit >= 1.0:
+        return enlarge(img, scale) if scale > 1 else img
+    th, tw = max(8, int(ch * limit)), max(8, int(cw * limit))
+    if scale > 1 and th >= h:
+        img = enlarge(img, scale)
+    return np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BOX if th < h else Image.Resampling.NEAREST))
 
 
 def labelled_grid(
@@ -36,17 +59,21 @@ def labelled_grid(
     labels: list[str] | None = None,
     *,
     cols: int | None = None,
-    scale: int = 4,
+    scale: int | None = None,
     label_lines: int = 3,
     title: str | None = None,
+    max_side: int = MAX_SIDE,
 ) -> np.ndarray:
-    """Tile images (enlarged) with a wrapped caption under each; returns uint8 [H, W, 3]."""
+    """Tile images with a wrapped caption under each; returns uint8 [H, W, 3].
+
+    `scale` None enlarges small images to ~128 px cells; the whole grid is kept within `max_side`
+    pixels by shrinking the cells, so a sweep of 1024-px images stays a viewable PNG."""
     n = len(images)
     if n == 0:
         raise ValueError("no images to tile")
     cols = cols or min(n, 6)
     rows = (n + cols - 1) // cols
-    cells = [enlarge(im, scale) for im in images]
+    cells = [fit_cell(im, scale, cols, rows, max_side) for im in images]
     ch, cw = cells[0].shape[:2]
     font = ImageFont.load_default()
     line_h = 11

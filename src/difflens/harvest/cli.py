@@ -2,55 +2,64 @@
 
 from __future__ import annotations
 
-import json
-
+from difflens.cli_options import (
+    STORE_DTYPES,
+    add_generation_options,
+    add_json_option,
+    add_model_options,
+    add_out_option,
+    add_seeds_option,
+    add_step_window,
+    emit_json,
+    generation_kwargs,
+    load_model,
+    out_dir,
+    parse_int_list,
+    parse_step_window,
+    say,
+)
 from difflens.errors import DifflensError
 
 
 def register(sub) -> None:
-    p = sub.add_parser("harvest", help="record activations across prompts, seeds and timesteps into a store")
-    p.add_argument("--model", default="toy", help="'toy', a local diffusers folder or a hub id")
+    p = sub.add_parser("harvest", help="record activations across prompts, seeds and timesteps into a store",
+                       description="Generate images and record activations at sites, steps and tokens into a store "
+                       "(docs/store.md). --dry-run prints the rows and bytes the settings would write, and the free "
+                       "disk, without loading the model's weights.")
+    add_model_options(p)
+    add_generation_options(p)
     p.add_argument("--sites", default=None, help="comma-separated sites or globs (default: the model's main site)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompt file: .txt (one per line), .jsonl, or hf:<dataset>[:split]")
     src.add_argument("--num-prompts", type=int, help="sample N prompts from the toy world")
     p.add_argument("--prompt-column", default=None, help="column/field holding the prompt (jsonl, datasets)")
     p.add_argument("--prompt-seed", type=int, default=1, help="seed of the toy-world prompt sampler")
-    p.add_argument("--steps", type=int, default=12, help="denoising steps")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--seeds", default="0", help="comma-separated seeds; every prompt runs with every seed")
+    add_seeds_option(p)
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokens-per-image", type=int, default=None, help="tokens kept per image, step and stream")
     tok.add_argument("--token-fraction", type=float, default=None, help="fraction of tokens kept per image and step")
-    p.add_argument("--timesteps", default="all", help="'all' or comma-separated step indices to record")
+    add_step_window(p, help="denoising step indices to record: a:b (b excluded) or 0,3,6 (default: all steps)")
     p.add_argument("--stream", choices=["img", "txt"], default=None, help="stream for sites given without one")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="storage dtype of activations")
-    p.add_argument("--model-dtype", default="fp32", help="dtype to run the model in (fp32 or bf16 on CPU)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--quantize", default=None, choices=["nf4"], help="4-bit NF4 transformer (CUDA + bitsandbytes)")
+    p.add_argument("--store-dtype", default="fp32", choices=list(STORE_DTYPES),
+                   help="dtype the store keeps activations in (default fp32; bf16 halves the bytes)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generate() call (one store unit)")
     p.add_argument("--both-branches", action="store_true", help="record the unconditional CFG rows too")
-    p.add_argument("--out", required=True, help="store folder")
+    add_out_option(p, kind="dir", help="store folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted harvest into the same store")
     p.add_argument("--append", action="store_true", help="add to a store made with another configuration")
+    p.add_argument("--dry-run", action="store_true", help="print rows, bytes on disk and free disk; write nothing")
+    add_json_option(p)
     p.set_defaults(func=run)
 
 
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise DifflensError(f"--seeds must be comma-separated integers, got {text!r}") from None
-    if not seeds or any(s < 0 for s in seeds):
-        raise DifflensError(f"--seeds must be non-negative integers, got {text!r}")
-    return seeds
-
-
 def run(args) -> int:
-    from difflens.harvest.config import HarvestConfig, parse_steps, read_prompts
+    from difflens.harvest.config import HarvestConfig, read_prompts
     from difflens.harvest.run import harvest, world_prompts
-    from difflens.models import load_adapter
 
+    gk = generation_kwargs(args)
+    seeds = parse_int_list(args.seeds, "--seeds")
+    record_steps = parse_step_window(args.step_window)
+    out_dir(args.out)
     scenes = None
     if args.num_prompts is not None:
         if args.num_prompts < 1:
@@ -60,27 +69,51 @@ def run(args) -> int:
     else:
         prompts = read_prompts(args.prompts, args.prompt_column)
         source = args.prompts
-    adapter = load_adapter(args.model, dtype=args.model_dtype, device=args.device, quantize=args.quantize)
+    if args.dry_run:
+        from difflens.harvest.plan import plan_harvest
+
+        plan = plan_harvest(args, n_prompts=len(prompts), seeds=seeds, record_steps=record_steps)
+        say(None, plan.text())
+        if args.json:
+            emit_json(plan.to_json())
+        return 0
+    adapter = load_model(args)
+    steps = gk["steps"] or _default_steps(adapter)
     patterns = args.sites or adapter.default_site()
     if args.stream:
         patterns = ",".join(p if ":" in p else f"{p}:{args.stream}" for p in patterns.split(","))
     cfg = HarvestConfig(
         model=args.model,
         sites=adapter.resolve_sites(patterns),
-        steps=args.steps,
+        steps=steps,
         guidance=args.guidance,
-        seeds=_parse_seeds(args.seeds),
+        seeds=seeds,
         tokens_per_image=args.tokens_per_image,
         token_fraction=args.token_fraction,
-        record_steps=parse_steps(args.timesteps),
+        record_steps=record_steps,
         cond_only=not args.both_branches,
-        dtype=args.dtype,
+        dtype=args.store_dtype,
         model_dtype=args.model_dtype,
         batch_size=args.batch_size,
         prompt_source=source,
         num_prompts=len(prompts),
+        height=gk["height"],
+        width=gk["width"],
     )
     summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append)
     if summary["rank"] == 0:
-        print(json.dumps({k: v for k, v in summary.items() if k != "manifest"}, indent=2))
+        result = {k: v for k, v in summary.items() if k != "manifest"}
+        if args.json:
+            emit_json(result)
+        say(args, f"harvested {result.get('rows_written', '?')} rows into {args.out}")
     return 0
+
+
+def _default_steps(adapter) -> int:
+    steps = getattr(adapter, "default_steps", None)
+    if steps is None:
+        steps = getattr(getattr(getattr(adapter, "model", None), "cfg", None), "steps_default", None)
+    if steps is None:
+        raise DifflensError(f"{adapter.model_id} declares no default number of steps: pass --steps")
+    return int(steps)
+

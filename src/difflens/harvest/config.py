@@ -26,6 +26,8 @@ class HarvestConfig:
     prompt_source: str = ""  # "world:N:seed" or a file path
     num_prompts: int = 0
     token_seed: int = 0
+    height: int | None = None  # image size; None = the model's default
+    width: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -46,9 +48,9 @@ class HarvestConfig:
         if self.record_steps is not None:
             bad = [s for s in self.record_steps if not 0 <= s < self.steps]
             if bad:
-                raise DifflensError(f"--timesteps {bad} outside 0..{self.steps - 1} (step indices of a {self.steps}-step run)")
+                raise DifflensError(f"--step-window {bad} outside 0..{self.steps - 1} (step indices of a {self.steps}-step run)")
         if self.dtype not in ("fp32", "bf16"):
-            raise DifflensError(f"--dtype must be fp32 or bf16, got {self.dtype!r}")
+            raise DifflensError(f"--store-dtype must be fp32 or bf16, got {self.dtype!r}")
 
     def tokens_kept(self, n: int) -> int:
         if self.tokens_per_image is not None:

@@ -138,7 +138,8 @@ def harvest(
         hooks = HookSet()
         for s in sites:
             hooks.add(s, rec.hook_for(s))
-        gen = adapter.generate([s.prompt for s in batch], [s.seed for s in batch], steps=cfg.steps, guidance=cfg.guidance, hooks=hooks)
+        gen = adapter.generate([s.prompt for s in batch], [s.seed for s in batch], steps=cfg.steps, guidance=cfg.guidance, hooks=hooks,
+                               **_size_kwargs(cfg))
         if is_toy:
             _add_readings(records, gen.images)
         images = {s.sample_id: _png(img) for s, img in zip(batch, gen.images)}
@@ -226,3 +227,9 @@ def _add_readings(records: list[dict], images) -> None:
         rec["reading"] = {k: reading[k] for k in ("main", "bgcolor", "bg") if k in reading}
     for i, scores in zip(scored, per_prompt):
         records[i]["adherent"] = bool(scores.get("prompt", 0.0) == 1.0)
+
+
+def _size_kwargs(cfg) -> dict:
+    """--height/--width reach generate() only when set (the toy adapter has one size)."""
+    h, w = getattr(cfg, "height", None), getattr(cfg, "width", None)
+    return {"height": h, "width": w} if (h or w) else {}

@@ -1,17 +1,18 @@
 """Model adapters: one interface (`Adapter`) over the toy model and real diffusers pipelines.
 
-`load_adapter("toy" | folder | hub id, dtype=..., device=..., quantize=...)` picks the adapter
+`load_adapter("toy" | folder | hub id, dtype=..., device=..., quantize=..., offload=..., max_text_length=...)` picks the adapter
 from the pipeline's model_index.json. Heavy imports (diffusers, transformers) happen on load.
 """
 
 from difflens.models.base import Adapter, Generation
 
 
-def load_adapter(model: str, *, dtype="fp32", device="cpu", quantize: str | None = None) -> Adapter:
+def load_adapter(model: str, *, dtype="fp32", device="cpu", quantize: str | None = None, offload: str | None = "none",
+                 max_text_length: int | None = None) -> Adapter:
     """Load "toy", a local diffusers pipeline folder or a hub id; errors say how to fix the input."""
     from difflens.models._loading import load_adapter as _load
 
-    return _load(model, dtype=dtype, device=device, quantize=quantize)
+    return _load(model, dtype=dtype, device=device, quantize=quantize, offload=offload, max_text_length=max_text_length)
 
 
 __all__ = ["Adapter", "Generation", "load_adapter"]

@@ -1,4 +1,4 @@
-"""Turning a user's `--model/--dtype/--device/--quantize` into a loaded adapter.
+"""Turning a user's model options (`difflens.cli_options.add_model_options`) into a loaded adapter.
 
 Models are "toy", a local diffusers pipeline folder, or a hub id. The family is read from
 `model_index.json` (`_class_name`), never guessed from the name. Every way this can go wrong
@@ -65,7 +65,7 @@ def parse_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
         raise DifflensError(f"dtype {resolved} is not supported: use fp32 or bf16 (fp16 on GPUs only)")
     if resolved == torch.float16 and device.type == "cpu":
         raise DifflensError(
-            "fp16 is not supported on CPU (slow and numerically unsafe there): use --dtype bf16 or --dtype fp32"
+            "fp16 is not supported on CPU (slow and numerically unsafe there): use --model-dtype bf16 or fp32"
         )
     return resolved
 
@@ -81,6 +81,10 @@ def quantization_config(quantize: str | None, dtype: torch.dtype, device: torch.
         importlib.import_module("bitsandbytes")
     except ImportError:
         missing.append("the bitsandbytes package (pip install 'difflens[quant]')")
+    try:
+        importlib.import_module("accelerate")
+    except ImportError:
+        missing.append("the accelerate package (pip install 'difflens[quant]')")
     if not torch.cuda.is_available():
         missing.append("a CUDA GPU (this torch sees none)")
     elif device.type != "cuda":
@@ -190,26 +194,58 @@ def _toy_adapter_class():
     return ToyAdapter
 
 
+def check_offload(offload: str | None, device: torch.device) -> str:
+    """'none' | 'model' | 'sequential'; offloading needs a GPU to offload from and accelerate."""
+    mode = "none" if offload in (None, "") else str(offload).lower()
+    if mode not in ("none", "model", "sequential"):
+        raise DifflensError(f"unknown --offload {offload!r}: use none, model or sequential")
+    if mode == "none":
+        return mode
+    if device.type != "cuda":
+        raise DifflensError(
+            f"--offload {mode} keeps parts of the pipeline on the CPU and moves them to the GPU when needed: it needs "
+            f"--device cuda (you asked for {device}); on the CPU drop --offload"
+        )
+    try:
+        importlib.import_module("accelerate")
+    except ImportError:
+        raise DifflensError(f"--offload {mode} needs the accelerate package: pip install 'difflens[quant]'") from None
+    return mode
+
+
 def load_adapter(
     model: str,
     *,
     dtype: str | torch.dtype = "fp32",
     device: str | torch.device = "cpu",
     quantize: str | None = None,
+    offload: str | None = "none",
+    max_text_length: int | None = None,
 ):
-    """Load "toy", a local pipeline folder or a hub id behind the `Adapter` interface."""
+    """Load "toy", a local pipeline folder or a hub id behind the `Adapter` interface.
+
+    Every option is checked before any weight is read; a pipeline whose components do not all load
+    in `dtype` is refused with the component's name (see `_pipeline.enforce_dtype`)."""
     dev = parse_device(device)
     torch_dtype = parse_dtype(dtype, dev)
-    if str(model).strip().lower() == "toy":
+    offload_mode = check_offload(offload, dev)
+    if max_text_length is not None and int(max_text_length) < 1:
+        raise DifflensError(f"--max-text-length must be >= 1, got {max_text_length}")
+    is_toy = str(model).strip().lower() == "toy"
+    source = None if is_toy else resolve_source(model)
+    if is_toy or source.pipeline_class == "toy":
         if quantize is not None:
             raise DifflensError("the toy model is tiny and is never quantized: drop --quantize")
+        if offload_mode != "none":
+            raise DifflensError("the toy model is tiny and is never offloaded: drop --offload")
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        return _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev))
+        adapter = _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev),
+                                            **({} if is_toy else {"folder": source.location}))
+        fixed = getattr(getattr(getattr(adapter, "model", None), "cfg", None), "max_text_length", None)
+        if max_text_length is not None and fixed is not None and int(max_text_length) != int(fixed):
+            raise DifflensError(f"the toy model's text length is fixed at {fixed} tokens: drop --max-text-length")
+        return adapter
     qconfig = quantization_config(quantize, torch_dtype, dev)
-    source = resolve_source(model)
-    if source.pipeline_class == "toy":
-        names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-        return _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev), folder=source.location)
     cls = adapter_class(source.pipeline_class)
     return cls.from_pretrained(
         source.location,
@@ -219,6 +255,8 @@ def load_adapter(
         device=dev,
         quantization_config=qconfig,
         local_files_only=source.is_local or _offline(),
+        offload=offload_mode,
+        max_text_length=max_text_length,
     )
 
 
@@ -249,3 +287,54 @@ def describe_sites(model: str, *, dtype: str | torch.dtype = "fp32", device: str
         [(site, b.dim) for site, b in bindings.items()],
         cls.default_site_for(transformer),
     )
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a run will see, from configs alone: sites, token counts at a size, default steps."""
+
+    model_id: str
+    family: str
+    sites: dict[str, int]
+    default_site: str
+    height: int
+    width: int
+    image_tokens: int
+    text_tokens: int
+    default_steps: int
+    has_labels: bool  # toy-world concept bitmasks are stored per row
+
+
+def describe_model(model: str, *, height: int | None = None, width: int | None = None,
+                   max_text_length: int | None = None) -> ModelPlan:
+    """Sizes for planning (`harvest --dry-run`) without reading a pipeline's weights."""
+    if str(model).strip().lower() == "toy" or resolve_source(model).pipeline_class == "toy":
+        adapter = load_adapter(model)
+        cfg = adapter.model.cfg
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != cfg.image_size:
+                raise DifflensError(f"the toy model makes {cfg.image_size}x{cfg.image_size} images; drop --{name}")
+        gh, gw = adapter.grid_hw
+        return ModelPlan(adapter.model_id, "toy", {s: adapter.site_dim(s) for s in adapter.sites()},
+                         adapter.default_site(), cfg.image_size, cfg.image_size, gh * gw, int(cfg.max_text_length),
+                         int(cfg.steps_default), True)
+    import diffusers
+
+    source = resolve_source(model)
+    cls = adapter_class(source.pipeline_class)
+    with torch.device("meta"):
+        transformer = getattr(diffusers, cls.transformer_class).from_config(source.read_json("transformer/config.json"))
+    vae_scale = 2 ** (len(source.read_json("vae/config.json").get("block_out_channels", [0])) - 1)
+    side = cls.default_side_for(transformer, vae_scale)
+    h, w = int(height or side), int(width or side)
+    px = cls.token_px_for(transformer, vae_scale)
+    if h % px or w % px:
+        raise DifflensError(f"image size {h}x{w} must be multiples of {px} px for this {cls.name} model")
+    clip_length = 77
+    if source.pipeline_class.startswith("StableDiffusion3"):
+        clip_length = int(source.read_json("tokenizer/tokenizer_config.json").get("model_max_length", 77))
+    bindings = cls.bindings_for(transformer)
+    return ModelPlan(source.model_id, cls.name, {site: b.dim for site, b in bindings.items()},
+                     cls.default_site_for(transformer), h, w, (h // px) * (w // px),
+                     cls.text_tokens_for(max_text_length, clip_length),
+                     cls.default_steps_for(source.pipeline_class, transformer), False)

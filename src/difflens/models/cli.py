@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from difflens.cli_options import MODEL_DTYPES
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -13,7 +15,7 @@ def register(subparsers) -> None:
         "then the default site. Weights are not loaded for diffusers pipelines.",
     )
     p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder, or a hub id (default: toy)")
-    p.add_argument("--dtype", default="fp32", help="fp32 or bf16 (fp16 on GPUs only); default fp32")
+    p.add_argument("--model-dtype", default="fp32", choices=MODEL_DTYPES, help="fp32 or bf16 (fp16 on GPUs only); default fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; default cpu")
     p.set_defaults(func=run)
 
@@ -21,7 +23,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from difflens.models._loading import describe_sites
 
-    listing = describe_sites(args.model, dtype=args.dtype, device=args.device)
+    listing = describe_sites(args.model, dtype=args.model_dtype, device=args.device)
     width = max(len(site) for site, _ in listing.sites)
     for site, dim in listing.sites:
         print(f"{site:<{width}}  {dim}")

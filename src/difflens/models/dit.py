@@ -13,16 +13,16 @@ import copy
 from torch import nn
 
 from difflens.errors import DifflensError
-from difflens.hooks import HookSet, SiteBinding
+from difflens.hooks import SiteBinding
 from difflens.models._pipeline import PipelineAdapter
 from difflens.models._sites import image_block_sites, middle_block, mlp_sites, model_width
-from difflens.models.base import Generation
 
 
 class DiTAdapter(PipelineAdapter):
     name = "dit"
     pipeline_classes = ("DiTPipeline",)
     transformer_class = "DiTTransformer2DModel"
+    text_length_kwarg = None  # class labels, no text encoder
 
     @classmethod
     def bindings_for(cls, transformer: nn.Module) -> dict[str, SiteBinding]:
@@ -34,18 +34,14 @@ class DiTAdapter(PipelineAdapter):
     def default_site_for(cls, transformer: nn.Module) -> str:
         return f"transformer_blocks.{middle_block(len(transformer.transformer_blocks))}:img"
 
-    def _native_size(self) -> int:
-        return int(self.transformer.config.sample_size * self.vae_scale_factor)
-
-    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        side = self._native_size()
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        side = self.default_size()[0]
         for name, value in (("height", height), ("width", width)):
             if value is not None and int(value) != side:
                 raise DifflensError(
                     f"{name}={value}: this DiT checkpoint only generates {side}x{side} images; leave the size unset"
                 )
-        g = int(self.transformer.config.sample_size) // int(self.transformer.config.patch_size)
-        return g, g
+        return side, side
 
     def class_ids(self, prompts: list[str]) -> list[int]:
         """Map class ids or ImageNet names to ids, with an error that shows valid examples."""
@@ -70,35 +66,20 @@ class DiTAdapter(PipelineAdapter):
                 )
         return out
 
-    def timesteps(self, steps: int) -> list[float]:
+    def timesteps(self, steps: int | None = None, *, height: int | None = None, width: int | None = None) -> list[float]:
+        steps = self.default_steps if steps is None else steps
         self.check_steps(steps)
+        self._size(height, width)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         scheduler.set_timesteps(int(steps))
         return [float(t) for t in scheduler.timesteps]
 
-    def generate(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int,
-        guidance: float | None = None,
-        hooks: HookSet | None = None,
-        height: int | None = None,
-        width: int | None = None,
-    ) -> Generation:
-        """`guidance` is the CFG scale (pipeline default 4.0; <= 1 turns CFG off)."""
-        self.check_request(prompts, seeds, steps)
-        grid = self.grid_hw(height, width)
-        kwargs = dict(
-            class_labels=self.class_ids(prompts),
-            num_inference_steps=int(steps),
-            generator=self.generators(seeds),
-        )
+    def call_kwargs(self, prompts: list[str], height: int, width: int, *, guidance: float | None) -> dict:
+        """`guidance` is the CFG scale (pipeline default 4.0; <= 1 turns CFG off); prompts are classes."""
+        kwargs = dict(class_labels=self.class_ids(prompts))
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
-        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid)
-        return Generation(images=images, timesteps=timesteps, grid_hw=grid)
+        return kwargs
 
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if call_index != 0:

@@ -17,10 +17,9 @@ import numpy as np
 from torch import nn
 
 from difflens.errors import DifflensError
-from difflens.hooks import HookSet, SiteBinding
+from difflens.hooks import SiteBinding
 from difflens.models._pipeline import PipelineAdapter
 from difflens.models._sites import joint_block_sites, mlp_sites, model_width
-from difflens.models.base import Generation
 
 
 def flux_site_bindings(transformer: nn.Module) -> dict[str, SiteBinding]:
@@ -60,25 +59,28 @@ class FluxAdapter(PipelineAdapter):
     def default_site_for(cls, transformer: nn.Module) -> str:
         return flux_default_site(transformer)
 
+    @classmethod
+    def default_steps_for(cls, pipeline_class: str, transformer: nn.Module) -> int:
+        """schnell (no guidance embedding) is distilled for 4 steps; dev's pipeline default is 28."""
+        return 28 if transformer.config.guidance_embeds else 4
+
     # Flux packs 2x2 latent patches into one token, on top of the VAE's downsampling.
-    def _token_px(self) -> int:
-        return self.vae_scale_factor * 2
+    @classmethod
+    def token_px_for(cls, transformer: nn.Module, vae_scale: int) -> int:
+        return vae_scale * 2
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = int(self.pipe.default_sample_size * self.vae_scale_factor)
-        h, w = int(height or default), int(width or default)
-        px = self._token_px()
-        if h % px or w % px or h <= 0 or w <= 0:
-            raise DifflensError(f"image size {h}x{w} must be positive multiples of {px} px for this Flux model")
-        return h, w
+    @classmethod
+    def default_side_for(cls, transformer: nn.Module, vae_scale: int) -> int:
+        return 128 * vae_scale  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
 
-    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        h, w = self._size(height, width)
-        return h // self._token_px(), w // self._token_px()
+    @classmethod
+    def text_tokens_for(cls, max_text_length: int | None, clip_length: int) -> int:
+        return int(max_text_length or 512)  # T5 pads every prompt to max_sequence_length
 
-    def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
+    def timesteps(self, steps: int | None = None, *, height: int | None = None, width: int | None = None) -> list[float]:
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
+        steps = self.default_steps if steps is None else steps
         self.check_steps(steps)
         gh, gw = self.grid_hw(height, width)
         scheduler = copy.deepcopy(self.pipe.scheduler)
@@ -94,30 +96,19 @@ class FluxAdapter(PipelineAdapter):
         ts, _ = retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
         return [float(t) for t in ts]
 
-    def generate(
+    def call_kwargs(
         self,
         prompts: list[str],
-        seeds: list[int],
+        height: int,
+        width: int,
         *,
-        steps: int,
-        guidance: float | None = None,
-        hooks: HookSet | None = None,
-        height: int | None = None,
-        width: int | None = None,
+        guidance: float | None,
         true_cfg_scale: float | None = None,
         negative_prompt: str | None = None,
-    ) -> Generation:
+    ) -> dict:
         """`guidance` is dev's distilled guidance (embedded, default 3.5); `true_cfg_scale` > 1
         turns on real classifier-free guidance against `negative_prompt` (default "")."""
-        self.check_request(prompts, seeds, steps)
-        h, w = self._size(height, width)
-        kwargs = dict(
-            prompt=list(prompts),
-            height=h,
-            width=w,
-            num_inference_steps=int(steps),
-            generator=self.generators(seeds),
-        )
+        kwargs = dict(prompt=prompts, height=height, width=width, **self.text_kwargs())
         if self.transformer.config.guidance_embeds:
             if guidance is not None:
                 kwargs["guidance_scale"] = float(guidance)
@@ -131,8 +122,7 @@ class FluxAdapter(PipelineAdapter):
             if true_cfg_scale > 1:
                 kwargs["negative_prompt"] = [negative_prompt or ""] * len(prompts)
         self._true_cfg = bool(true_cfg_scale is not None and true_cfg_scale > 1)
-        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=self.grid_hw(h, w))
-        return Generation(images=images, timesteps=timesteps, grid_hw=self.grid_hw(h, w))
+        return kwargs
 
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if rows != n:

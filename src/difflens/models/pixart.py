@@ -13,11 +13,9 @@ import math
 
 from torch import nn
 
-from difflens.errors import DifflensError
-from difflens.hooks import HookSet, SiteBinding
+from difflens.hooks import SiteBinding
 from difflens.models._pipeline import PipelineAdapter
 from difflens.models._sites import image_block_sites, middle_block, mlp_sites, model_width
-from difflens.models.base import Generation
 
 
 class PixArtAdapter(PipelineAdapter):
@@ -35,59 +33,34 @@ class PixArtAdapter(PipelineAdapter):
     def default_site_for(cls, transformer: nn.Module) -> str:
         return f"transformer_blocks.{middle_block(len(transformer.transformer_blocks))}:img"
 
-    def _token_px(self) -> int:
-        return self.vae_scale_factor * int(self.transformer.config.patch_size)
+    def size_multiple(self) -> int:
+        return math.lcm(8, self._token_px())  # the pipeline itself insists on multiples of 8
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = int(self.transformer.config.sample_size * self.vae_scale_factor)
-        h, w = int(height or default), int(width or default)
-        px = math.lcm(8, self._token_px())  # the pipeline itself insists on multiples of 8
-        if h % px or w % px or h <= 0 or w <= 0:
-            raise DifflensError(f"image size {h}x{w} must be positive multiples of {px} px for this PixArt model")
-        return h, w
-
-    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        h, w = self._size(height, width)
-        return h // self._token_px(), w // self._token_px()
-
-    def timesteps(self, steps: int) -> list[float]:
+    def timesteps(self, steps: int | None = None, *, height: int | None = None, width: int | None = None) -> list[float]:
         from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import retrieve_timesteps
 
+        steps = self.default_steps if steps is None else steps
         self.check_steps(steps)
+        self._size(height, width)  # the schedule does not depend on the size, but a bad size is still an error
         ts, _ = retrieve_timesteps(copy.deepcopy(self.pipe.scheduler), steps, "cpu")
         return [float(t) for t in ts]
 
-    def generate(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int,
-        guidance: float | None = None,
-        hooks: HookSet | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | None = None,
-    ) -> Generation:
+    def call_kwargs(self, prompts: list[str], height: int, width: int, *, guidance: float | None,
+                    negative_prompt: str | None = None) -> dict:
         """`guidance` is the CFG scale (pipeline default 4.5; <= 1 turns CFG off)."""
-        self.check_request(prompts, seeds, steps)
-        h, w = self._size(height, width)
         kwargs = dict(
-            prompt=list(prompts),
-            height=h,
-            width=w,
-            num_inference_steps=int(steps),
-            generator=self.generators(seeds),
+            prompt=prompts,
+            height=height,
+            width=width,
             use_resolution_binning=False,
             clean_caption=False,  # keep prompts verbatim so token positions match the text
+            **self.text_kwargs(),
         )
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = negative_prompt
-        grid = self.grid_hw(h, w)
-        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid)
-        return Generation(images=images, timesteps=timesteps, grid_hw=grid)
+        return kwargs
 
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if call_index != 0:

@@ -12,11 +12,9 @@ import copy
 
 from torch import nn
 
-from difflens.errors import DifflensError
-from difflens.hooks import HookSet, SiteBinding
+from difflens.hooks import SiteBinding
 from difflens.models._pipeline import PipelineAdapter
 from difflens.models._sites import joint_block_sites, middle_block, mlp_sites, model_width
-from difflens.models.base import Generation
 
 
 class SD3Adapter(PipelineAdapter):
@@ -34,27 +32,17 @@ class SD3Adapter(PipelineAdapter):
     def default_site_for(cls, transformer: nn.Module) -> str:
         return f"transformer_blocks.{middle_block(len(transformer.transformer_blocks))}:img"
 
-    def _token_px(self) -> int:
-        return self.vae_scale_factor * int(self.transformer.config.patch_size)
+    @classmethod
+    def text_tokens_for(cls, max_text_length: int | None, clip_length: int) -> int:
+        return int(clip_length) + int(max_text_length or 256)  # CLIP tokens, then T5 padded to max_sequence_length
 
-    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = int(self.pipe.default_sample_size * self.vae_scale_factor)
-        h, w = int(height or default), int(width or default)
-        px = self._token_px()
-        if h % px or w % px or h <= 0 or w <= 0:
-            raise DifflensError(f"image size {h}x{w} must be positive multiples of {px} px for this SD3 model")
-        return h, w
-
-    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        h, w = self._size(height, width)
-        return h // self._token_px(), w // self._token_px()
-
-    def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
+    def timesteps(self, steps: int | None = None, *, height: int | None = None, width: int | None = None) -> list[float]:
         from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
             calculate_shift,
             retrieve_timesteps,
         )
 
+        steps = self.default_steps if steps is None else steps
         self.check_steps(steps)
         scheduler = copy.deepcopy(self.pipe.scheduler)
         cfg = scheduler.config
@@ -71,35 +59,15 @@ class SD3Adapter(PipelineAdapter):
         ts, _ = retrieve_timesteps(scheduler, steps, "cpu", **extra)
         return [float(t) for t in ts]
 
-    def generate(
-        self,
-        prompts: list[str],
-        seeds: list[int],
-        *,
-        steps: int,
-        guidance: float | None = None,
-        hooks: HookSet | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        negative_prompt: str | None = None,
-    ) -> Generation:
+    def call_kwargs(self, prompts: list[str], height: int, width: int, *, guidance: float | None,
+                    negative_prompt: str | None = None) -> dict:
         """`guidance` is the CFG scale (pipeline default 7.0; <= 1 turns CFG off)."""
-        self.check_request(prompts, seeds, steps)
-        h, w = self._size(height, width)
-        kwargs = dict(
-            prompt=list(prompts),
-            height=h,
-            width=w,
-            num_inference_steps=int(steps),
-            generator=self.generators(seeds),
-        )
+        kwargs = dict(prompt=prompts, height=height, width=width, **self.text_kwargs())
         if guidance is not None:
             kwargs["guidance_scale"] = float(guidance)
         if negative_prompt is not None:
             kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
-        grid = self.grid_hw(h, w)
-        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid)
-        return Generation(images=images, timesteps=timesteps, grid_hw=grid)
+        return kwargs
 
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if call_index != 0:

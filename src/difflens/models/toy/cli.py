@@ -6,20 +6,36 @@ import json
 import shutil
 from pathlib import Path
 
+from difflens.cli_options import (
+    add_generation_options,
+    add_json_option,
+    add_model_options,
+    add_out_option,
+    emit_json,
+    generation_kwargs,
+    load_model,
+    out_dir,
+    out_file,
+    parse_int_list,
+    say,
+)
 from difflens.errors import DifflensError
 
 
 def register(sub) -> None:
-    g = sub.add_parser("generate", help="generate images from prompts (toy model by default)")
-    g.add_argument("--model", default="toy", help="'toy', a local diffusers folder or a hub id")
+    g = sub.add_parser("generate", help="generate images from prompts (toy model by default)",
+                       description="Generate one image per prompt. Each image gets a JSON sidecar (same name, .json) "
+                       "with its prompt, seed and settings. --out FILE.png writes one image (or the --grid); "
+                       "--out DIR writes DIR/000.png, DIR/001.png, ... when there are several prompts.")
+    add_model_options(g)
+    add_generation_options(g)
     g.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    g.add_argument("--seed", type=int, action="append", help="seed (repeat to match prompts; default 0,1,...)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (model default when omitted)")
-    g.add_argument("--guidance", type=float, default=None, help="guidance scale (model default when omitted)")
+    g.add_argument("--seed", action="append", help="noise seed(s): repeat, or a comma list, to match the prompts "
+                   "(one seed applies to every prompt; default 0,1,...)")
     g.add_argument("--grid", action="store_true", help="write one labelled grid instead of one file per prompt")
-    g.add_argument("--dtype", default="fp32", help="fp32 or bf16")
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--out", required=True, help="output PNG path")
+    g.add_argument("--batch-size", type=int, default=8, help="images per model call (default 8)")
+    add_out_option(g, kind="file-or-dir", help="FILE.png (one prompt, or --grid) or a folder (one PNG per prompt)")
+    add_json_option(g)
     g.set_defaults(func=run_generate)
 
     z = sub.add_parser("zoo", help="train or evaluate the shipped toy models (text-to-image, classifier)")
@@ -27,7 +43,7 @@ def register(sub) -> None:
     t = zsub.add_parser("train", help="train a zoo model from scratch")
     t.add_argument("what", choices=["toy", "classifier"])
     t.add_argument("--out", default=None, help="output folder (default runs/zoo/<what>)")
-    t.add_argument("--steps", type=int, default=None, help="training steps (toy; default from ToyTrainConfig)")
+    t.add_argument("--train-steps", type=int, default=None, help="optimizer steps (toy; default from ToyTrainConfig)")
     t.add_argument("--aux-object-weight", type=float, default=None,
                    help="toy: weight of the auxiliary per-token object loss (default from ToyTrainConfig; 0 turns it off)")
     t.add_argument("--object-pixel-weight", type=float, default=None,
@@ -38,53 +54,92 @@ def register(sub) -> None:
     e = zsub.add_parser("eval", help="measure the toy model's prompt adherence with the factor classifier")
     e.add_argument("--model", default=None, help="toy model folder (default: the bundled weights)")
     e.add_argument("--n", type=int, default=200, help="prompts per form (single-object, two-object)")
-    e.add_argument("--steps", type=int, default=None)
+    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 12)")
     e.add_argument("--guidance", type=float, default=None)
     e.add_argument("--seed", type=int, default=10_000, help="first seed (held out from training's seeds)")
-    e.add_argument("--out", default=None, help="write the JSON report and a sample grid here")
+    e.add_argument("--out", default=None, metavar="DIR", help="folder for the JSON report and sample grids")
     e.set_defaults(func=run_zoo_eval)
     z.set_defaults(func=lambda a: z.print_help() or 2)
 
 
-def _out_path(path: str) -> Path:
-    out = Path(path)
-    if out.suffix.lower() != ".png":
-        raise DifflensError(f"--out {path!r} must end in .png")
-    if out.parent and not out.parent.exists():
-        raise DifflensError(f"folder {out.parent} does not exist; create it or choose another --out")
-    return out
+def _seeds(values: list[str] | None, n: int) -> list[int]:
+    if not values:
+        return list(range(n))
+    seeds = [v for text in values for v in parse_int_list(text, "--seed")]
+    if len(seeds) == 1 and n > 1:
+        seeds = seeds * n
+    if len(seeds) != n:
+        raise DifflensError(f"{n} prompts but {len(seeds)} seeds; give one --seed per --prompt, or one for all")
+    return seeds
+
+
+def _targets(out: str, n: int, grid: bool) -> tuple[Path | None, Path | None]:
+    """(file, folder): one image or grid goes to FILE.png, several images into a folder."""
+    path = Path(out)
+    if path.suffix.lower() == ".png":
+        if n > 1 and not grid:
+            raise DifflensError(f"--out {out} is one file but there are {n} prompts: add --grid, or pass a folder "
+                                "to get one PNG per prompt")
+        out_file(path, ".png")
+        if not path.parent.exists():
+            raise DifflensError(f"folder {path.parent} does not exist; create it or choose another --out")
+        return path, None
+    if path.suffix:
+        raise DifflensError(f"--out {out!r}: give FILE.png for one image or a grid, or a folder for one PNG per prompt")
+    if n == 1 and not grid:
+        raise DifflensError(f"--out {out!r} is a folder but there is one prompt: give a file name ending in .png")
+    if grid:
+        raise DifflensError(f"--grid writes one image: give --out a file name ending in .png, not {out!r}")
+    return None, out_dir(path)
 
 
 def run_generate(args) -> int:
-    from difflens.models import load_adapter
-    from difflens.utils import save_image
+    from difflens.utils import progress, save_image, write_json
     from difflens.viz import labelled_grid
 
-    out = _out_path(args.out)
     prompts = args.prompt
-    seeds = args.seed or list(range(len(prompts)))
-    if len(seeds) == 1 and len(prompts) > 1:
-        seeds = seeds * len(prompts)
-    if len(seeds) != len(prompts):
-        raise DifflensError(f"{len(prompts)} prompts but {len(seeds)} seeds; give one --seed per --prompt, or one for all")
-    if any(s < 0 for s in seeds):
-        raise DifflensError(f"seeds must be >= 0, got {seeds}")
-    if args.steps is not None and args.steps < 1:
-        raise DifflensError(f"--steps must be >= 1, got {args.steps}")
-    adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
-    gen = adapter.generate(prompts, seeds, steps=args.steps, guidance=args.guidance)
-    if args.grid or len(prompts) == 1:
-        if len(prompts) == 1 and not args.grid:
-            save_image(out, gen.images[0])
-        else:
+    seeds = _seeds(args.seed, len(prompts))
+    if args.batch_size < 1:
+        raise DifflensError(f"--batch-size must be >= 1, got {args.batch_size}")
+    gk = generation_kwargs(args)
+    file, folder = _targets(args.out, len(prompts), args.grid)
+    adapter = load_model(args)
+    images, timesteps = [], []
+    bar = progress(total=len(prompts), desc="generate", unit="img")
+    for i in range(0, len(prompts), args.batch_size):
+        gen = adapter.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size], **gk)
+        images.extend(gen.images)
+        timesteps = gen.timesteps
+        bar.update(len(gen.images))
+    bar.close()
+    settings = {
+        "model": args.model, "model_id": getattr(adapter, "model_id", args.model), "steps": len(timesteps),
+        "guidance": args.guidance, "height": int(images[0].shape[0]), "width": int(images[0].shape[1]),
+        "model_dtype": args.model_dtype, "device": args.device, "quantize": args.quantize,
+        "max_text_length": args.max_text_length, "timesteps": [float(t) for t in timesteps],
+    }
+    written = []
+    if file is not None:
+        if args.grid:
             labels = [f"{p} (seed {s})" for p, s in zip(prompts, seeds)]
-            save_image(out, labelled_grid(list(gen.images), labels, scale=4 if gen.images.shape[1] <= 64 else 1))
-        print(out)
+            save_image(file, labelled_grid(images, labels))
+            meta = {"prompts": prompts, "seeds": seeds, **settings}
+        else:
+            save_image(file, images[0])
+            meta = {"prompt": prompts[0], "seed": seeds[0], **settings}
+        write_json(file.with_suffix(".json"), meta)
+        written.append(str(file))
     else:
-        for i, img in enumerate(gen.images):
-            p = out.with_name(f"{out.stem}_{i}{out.suffix}")
-            save_image(p, img)
-            print(p)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (img, p, s) in enumerate(zip(images, prompts, seeds)):
+            path = folder / f"{i:03d}.png"
+            save_image(path, img)
+            write_json(path.with_suffix(".json"), {"prompt": p, "seed": s, **settings})
+            written.append(str(path))
+    if args.json:
+        emit_json({"images": written, **settings})
+    for w in written:
+        say(args, f"wrote {w} (+ .json)")
     return 0
 
 
@@ -96,10 +151,10 @@ def run_zoo_train(args) -> int:
         from difflens.models.toy.train import ToyTrainConfig, train_toy
 
         cfg = ToyTrainConfig()
-        if args.steps is not None:
-            if args.steps < 1:
-                raise DifflensError(f"--steps must be >= 1, got {args.steps}")
-            cfg = replace(cfg, steps=args.steps)
+        if args.train_steps is not None:
+            if args.train_steps < 1:
+                raise DifflensError(f"--train-steps must be >= 1, got {args.train_steps}")
+            cfg = replace(cfg, steps=args.train_steps)
         if args.aux_object_weight is not None:
             if args.aux_object_weight < 0:
                 raise DifflensError(f"--aux-object-weight must be >= 0, got {args.aux_object_weight}")
