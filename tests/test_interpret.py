@@ -266,6 +266,104 @@ def test_score_arithmetic():
     assert feature_score([None], [0.0]) is None and feature_score([1.0], []) is None
 
 
+def test_calibrated_score_and_control_items(planted_cache):
+    from difflens.interpret.scoring import calibrated_score, control_items
+
+    assert calibrated_score(1.0, 0.8) == 1.0 and calibrated_score(0.8, 0.8) == 0.5
+    assert calibrated_score(0.7, 0.5) == pytest.approx(0.7)  # chance 0.5: unchanged
+    assert calibrated_score(0.6, 0.8) == pytest.approx(0.0) and calibrated_score(0.99, 0.97) is None
+    assert calibrated_score(None, 0.5) is None and calibrated_score(0.5, None) is None
+    src, cache, fs = planted_cache
+    (t,), _ = build_tasks(cache, [0], seed=1, feature_fn=fs, source=src)
+    every = control_items(t, "all")
+    assert len(every) == 100 and sum(it.positive for it in every) == 50
+    for k, it in enumerate(every):  # map of item k // 10 over the image of item k % 10
+        m, img = t.test[k // 10].example, t.test[k % 10].example
+        assert it.example.maps_ST is m.maps_ST and it.example.sample_id == img.sample_id
+        assert it.positive == t.test[k // 10].positive
+    two = control_items(t, 2, seed=3)
+    assert len(two) == 20 and all(it.example.sample_id != t.test[i // 2].example.sample_id for i, it in enumerate(two))
+
+
+def random_acts(cm_TC: np.ndarray, step: int, rng) -> np.ndarray:
+    """Planted random features: dims 0-7 sparse (a 5x5 blob on half the images, silent elsewhere), 8-15 dense."""
+    x = np.zeros((T, D), np.float32)
+    for f in range(D // 2):
+        if rng.random() < 0.5:
+            r, c = rng.integers(0, 12, 2)
+            g = np.zeros((16, 16), np.float32)
+            g[r : r + 5, c : c + 5] = rng.uniform(0.5, 1.5)
+            x[:, f] = g.reshape(-1)
+    x[:, D // 2 :] = rng.random((T, D - D // 2))
+    return x
+
+
+class FixedExplainer:
+    """Names the same concept for every feature: an explanation unrelated to the feature by construction."""
+
+    def __init__(self, concept, level="token"):
+        self.concept, self.level = concept, level
+
+    def explain_many(self, cache, tasks):
+        from difflens.interpret.concepts import explanation_text
+        from difflens.interpret.scoring import Explanation
+
+        return {t.feature: Explanation(explanation_text(self.concept, self.level), concept=self.concept, level=self.level)
+                for t in tasks}
+
+
+def test_chance_is_half_for_sparse_and_dense_random_features(tmp_path):
+    """Issue 20: before the correction a sparse feature silent on its negatives scored above 0.5
+    with any token-level explanation (0.9 with "background"); the calibrated score is 0.5 for both."""
+    path = world_store(tmp_path / "random", n=48, acts_fn=random_acts, seed=5, unit=16)
+    src = StoreSource(path, sites=[SITE])
+    fs = NeuronFeatures(SITE, D, name="random-planted")
+    cache = build_cache(fs, src, config=CacheConfig(top_n=5, n_quantiles=0))
+    truth = Truth(src)
+    judge = OracleJudge(truth)
+    tasks, skipped = build_tasks(cache, range(D), seed=0, feature_fn=fs, source=src)
+    assert len(tasks) == D, skipped
+    raw, cal = {"sparse": [], "dense": []}, {"sparse": [], "dense": []}
+    silent = []
+    concepts = ("region=background", "region=object", "bgcolor=black", "bgcolor=gray", "color=red", "size=large",
+                "position=center", "object=circle")
+    for c in concepts:
+        for r in score_features(cache, tasks, FixedExplainer(c), judge, truth=truth):
+            kind = "sparse" if r["feature"] < D // 2 else "dense"
+            if kind == "sparse":  # mostly silent on negatives: the raw score's free 1 - s = 1
+                silent += [s == 0.0 for s in r["s_neg"]]
+            raw[kind].append(r["raw_score"])
+            if r["score"] is not None:
+                cal[kind].append(r["score"])
+            if c == "region=background" and kind == "sparse":
+                assert r["raw_score"] > 0.8  # the bias being corrected
+    assert np.mean(silent) > 0.8
+    assert np.mean(raw["sparse"]) > 0.6 and abs(np.mean(raw["dense"]) - 0.5) < 0.03
+    assert len(cal["sparse"]) >= 0.8 * len(raw["sparse"])
+    assert abs(np.mean(cal["sparse"]) - 0.5) < 0.08, np.mean(cal["sparse"])
+    assert abs(np.mean(cal["dense"]) - 0.5) < 0.03, np.mean(cal["dense"])
+    # the same holds for the oracle's own choice of explanation and at image level
+    res = score_features(cache, tasks, OracleExplainer(token_preference=0.0), judge, truth=truth)
+    assert abs(np.mean([r["score"] for r in res if r["score"] is not None]) - 0.5) < 0.08
+    res = score_features(cache, tasks, FixedExplainer("color=red", "image"), judge, truth=truth)
+    assert all(r["chance"] == pytest.approx(0.5) and r["score"] == pytest.approx(r["raw_score"]) for r in res)
+
+
+def test_statistics_are_scipys():
+    from difflens.interpret.report import bootstrap_diff, mann_whitney, mean_ci
+
+    a = np.array([0.9, 0.8, 0.85, 0.7, 0.95, 0.6, 0.8])
+    b = np.array([0.5, 0.55, 0.4, 0.6, 0.5, 0.45])
+    u, p = mann_whitney(a, b)
+    # independent: U = number of (a, b) pairs with a > b (+ half the ties), normal approximation
+    u_ref = sum((x > y) + 0.5 * (x == y) for x in a for y in b)
+    assert u == u_ref and 0 < p < 0.01
+    d, lo, hi = bootstrap_diff(a, b)
+    assert d == pytest.approx(a.mean() - b.mean()) and lo < d < hi and lo > 0
+    lo, hi = mean_ci(a)
+    assert lo < a.mean() < hi and hi - lo < 0.2 and mean_ci([1.0]) is None and mean_ci([0.5, 0.5]) == (0.5, 0.5)
+
+
 def test_concepts_in_text():
     assert set(concepts_in_text("A red circle in the top left")) == {"color=red", "object=circle", "position=top left"}
     assert concepts_in_text("the digit 7") == ["object=seven"]
@@ -302,14 +400,15 @@ def test_oracle_names_planted_concepts_and_random_scores_half(planted_cache):
     assert red["s_pos"] == [1.0] * 5 and red["localisation"] == pytest.approx(1.0)
     # negatives are other features' top images on which the red feature does not fire: no red
     has_red = [truth.image(it["sample_id"])[CONCEPT_INDEX["color=red"]] for it in red["test"] if not it["positive"]]
-    assert not any(has_red) and red["s_neg"] == [0.0] * 5 and red["score"] == 1.0
+    assert not any(has_red) and red["s_neg"] == [0.0] * 5 and red["score"] == 1.0 and red["raw_score"] == 1.0
+    assert 0.5 <= red["chance"] < 0.8  # its maps over other images hit red tokens only by accident
     assert red["explanation_meta"]["best_step"] in (0, 1)
     noise = [res[f]["score"] for f in NOISE]
     assert abs(np.mean(noise) - 0.5) < 0.1, noise
     # background is named and localised exactly, but it fires on the background of *every* image,
     # negatives included, so the protocol cannot tell its images apart: chance
     assert res[1]["concept"] == "region=background" and res[1]["localisation"] == pytest.approx(1.0)
-    assert res[1]["score"] == pytest.approx(0.5)
+    assert res[1]["raw_score"] == pytest.approx(0.5) and res[1]["score"] == pytest.approx(0.5, abs=0.05)
     # the "top images only" oracle (what a VLM sees) also finds the planted concept
     top = score_features(cache, tasks[:1], OracleExplainer(truth, evidence="top"), OracleJudge(truth), truth=truth)[0]
     assert top["concept"] == "color=red" and top["score"] == 1.0
@@ -318,7 +417,7 @@ def test_oracle_names_planted_concepts_and_random_scores_half(planted_cache):
     other, _ = build_tasks(cache, feats, seed=1, negative_overlay="other")
     assert all(it.example.feature == it.from_feature for t in other for it in t.test)
     res_o = {r["feature"]: r for r in score_features(cache, other, OracleExplainer(), OracleJudge(truth), truth=truth)}
-    assert res_o[0]["score"] == 1.0 and res_o[1]["score"] > 0.55
+    assert res_o[0]["score"] == 1.0 and res_o[1]["raw_score"] > 0.55
 
 
 def planted_store_path(src):

@@ -59,6 +59,9 @@ def register(subparsers) -> None:
                    help="oracle explainer reads the whole explain split (default) or only the top images a VLM sees")
     p.add_argument("--negative-overlay", default="feature", choices=["feature", "other"],
                    help="negatives show the evaluated feature's activation (default) or the other feature's map")
+    p.add_argument("--chance-controls", default=None, metavar="all|N|none",
+                   help="permutation baseline per feature: each shown map judged over other test images (default: all "
+                        "pairs for the oracle, 1 per test item for a VLM; 'none' reports raw scores)")
     p.add_argument("--no-reuse", action="store_true", help="rebuild feature caches even if a matching one is in --out")
     p.add_argument("--adherent-only", action="store_true", help="only samples whose image the classifier read as the prompt")
     p.add_argument("--no-heatmaps", action="store_true", help="skip the per-feature PNG grids")
@@ -181,7 +184,7 @@ def run(args) -> int:
         n_explain=args.n_explain, n_pos=args.n_pos, n_neg=args.n_neg, seed=args.seed, client_config=client_config,
         explainer_prompt=args.explainer_prompt, judge_prompt=args.judge_prompt, vlm_cache=args.vlm_cache,
         grids=not args.no_heatmaps, adherent_only=args.adherent_only, evidence=args.evidence,
-        negative_overlay=args.negative_overlay, reuse_caches=not args.no_reuse,
+        negative_overlay=args.negative_overlay, reuse_caches=not args.no_reuse, chance_controls=args.chance_controls,
     )
     from difflens.interpret.report import markdown_table
 

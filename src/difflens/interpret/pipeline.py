@@ -164,6 +164,7 @@ def run_pipeline(
     random_width: int | None = None,
     reuse_caches: bool = True,
     negative_overlay: str = "feature",
+    chance_controls: int | str | None = None,
 ) -> dict:
     """Score dictionaries (name -> Dictionary | checkpoint path) and baselines on the same images.
 
@@ -171,6 +172,10 @@ def run_pipeline(
     random sample, not the best). Returns the report dict; its "table" holds one row per source.
     A cache already in <out>/<source>/cache built from the same features, data, samples and
     cache config is reused (re-judging with another backend costs no recomputation).
+    chance_controls: the permutation baseline that measures each feature's chance level
+    (scoring.py): None = every (map, image) pair of the test set for the oracle and one other
+    image per test item for a VLM (10 extra judgements per feature); "all", an int, or "none"
+    (raw scores, for comparison only).
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -228,6 +233,12 @@ def run_pipeline(
                                    out_dir=out, explainer_prompt=explainer_prompt, judge_prompt=judge_prompt,
                                    vlm_cache=vlm_cache, evidence=evidence)
     cfg = cache_config or CacheConfig()
+    if chance_controls is None:
+        chance_controls = "all" if judge == "oracle" else 1
+    chance = None if chance_controls in ("none", 0) else chance_controls
+    if chance not in (None, "all") and (not str(chance).isdigit() or int(chance) < 1):
+        raise DifflensError(f"chance_controls must be 'all', 'none' or a positive integer, got {chance_controls!r}")
+    chance = chance if chance in (None, "all") else int(chance)
 
     rows, scores, scores_all, kinds, hier, per_source = [], {}, {}, {}, {}, {}
     for fs in sources:
@@ -253,8 +264,8 @@ def run_pipeline(
         tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed,
                                      feature_fn=fs, source=src, negative_overlay=negative_overlay,
                                      rows_per_batch=cfg.rows_per_batch)
-        results = score_features(cache, tasks, ex, ju, truth=truth)
-        row = summarize(fs.name, cache, results, selected, skipped)
+        results = score_features(cache, tasks, ex, ju, truth=truth, chance=chance, seed=seed)
+        row = summarize(fs.name, cache, results, selected, skipped, seed=seed)
         rows.append(row)
         scores[fs.name] = [r["score"] for r in results if r["score"] is not None]
         scores_all[fs.name] = scores[fs.name] + [0.5] * (len(selected) - len(scores[fs.name]))
@@ -286,7 +297,7 @@ def run_pipeline(
         "evidence": evidence if (explainer or judge) == "oracle" else None,
         "n_features": n_features,
         "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed,
-                     "negative_overlay": negative_overlay},
+                     "negative_overlay": negative_overlay, "chance_controls": chance},
         "cache_config": cfg.__dict__,
         "table": rows,
         "scores": scores,
@@ -306,6 +317,17 @@ def run_oracle_pipeline(dicts, store_path, out_dir, *, baselines=BASELINES, neur
     """The offline toy-world pipeline: ground-truth explainer and judge; returns the report dict."""
     return run_pipeline(dicts, store_path, out_dir, judge="oracle", baselines=baselines, neuron_site=neuron_site,
                         n_features=n_features, **kw)
+
+
+def _chance_text(chance) -> str:
+    if chance is None:
+        return "No chance correction (raw scores): 0.5 is NOT chance for sparse features."
+    if chance == "unset":
+        return "Run before the chance correction: raw scores, whose chance level is not 0.5 for sparse features."
+    how = "every (map, image) pair of the test set" if chance == "all" else f"{chance} other test image(s) per shown map"
+    return (f"Chance per feature = the raw score of the same explanation with each shown map laid over other test "
+            f"images ({how}); score = 0.5 + 0.5 (raw - chance) / (1 - chance), so 0.5 = chance, 1 = perfect. "
+            "Mean with a 95% bootstrap CI.")
 
 
 def render_report(out_dir) -> dict:
@@ -329,8 +351,8 @@ def render_report(out_dir) -> dict:
           f"Site `{run['site']}`" + (f", neurons `{run['neuron_site']}`" if run.get("neuron_site") else "")
           + f"; {run['num_samples']} images from {run['data'].get('path') or run['data'].get('kind')}; "
           f"{run['n_features']} live features sampled per source (seed {run['protocol']['seed']}). "
-          f"Score = mean(mean s on {run['protocol']['n_pos']} held-out top images, mean (1 - s) on "
-          f"{run['protocol']['n_neg']} top images of other features); 0.5 = chance.", "",
+          f"Raw score = mean(mean s on {run['protocol']['n_pos']} held-out top images, mean (1 - s) on "
+          f"{run['protocol']['n_neg']} top images of other features). " + _chance_text(run["protocol"].get("chance_controls", "unset")), "",
           table_md, "", "![scores](score_hist.png)", "", "## Checks against the papers", ""]
     for key, label in (("sae_vs_neurons", "SAE vs MLP neurons"), ("itda_vs_sae", "ITDA vs SAE")):
         for which, ch in (("scored features", checks), ("all sampled features, unscored = 0.5", checks_all)):

@@ -1,7 +1,8 @@
 """Reports: score distributions, the comparison table, the paper checks, the timestep hierarchy, exports.
 
 Claims from the literature are *tested* here, not assumed: whether SAE features beat MLP neurons
-(difference of mean scores with a bootstrap CI and a Mann-Whitney U test), whether ITDA is
+(difference of mean scores with a bootstrap CI and a Mann-Whitney U test, both from
+scipy.stats), whether ITDA is
 comparable to the SAE, and whether features form a coarse-to-fine hierarchy over timesteps (per
 concept type, the timestep at which its best-matching features peak).
 """
@@ -25,13 +26,16 @@ def _r(x, nd=4):
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else round(float(x), nd)
 
 
-def summarize(name: str, cache: FeatureCache, results: list[dict], selected, skipped: dict) -> dict:
-    """One row of the comparison table."""
+def summarize(name: str, cache: FeatureCache, results: list[dict], selected, skipped: dict, *, seed: int = 0) -> dict:
+    """One row of the comparison table (scores are chance-corrected; raw and chance beside them)."""
     scores = np.array([r["score"] for r in results if r["score"] is not None], np.float64)
+    raw = np.array([r.get("raw_score") for r in results if r["score"] is not None and r.get("raw_score") is not None])
+    chance = np.array([r.get("chance") for r in results if r["score"] is not None and r.get("chance") is not None])
     loc = [r["localisation"] for r in results if r["score"] is not None and r["localisation"] is not None]
     live = cache.live()
     sel = np.asarray(list(selected), np.int64)
     src = cache.info["source"]
+    ci = mean_ci(scores, seed=seed)
     return {
         "name": name,
         "kind": src.get("kind"),
@@ -44,10 +48,13 @@ def summarize(name: str, cache: FeatureCache, results: list[dict], selected, ski
         "scored": int(len(scores)),
         "coverage": _r(len(scores) / len(sel)) if len(sel) else None,
         "mean": _r(scores.mean()) if len(scores) else None,
+        "ci95": [_r(ci[0]), _r(ci[1])] if ci else None,
         "median": _r(np.median(scores)) if len(scores) else None,
         "share_above_0.8": _r((scores > HIGH).mean()) if len(scores) else None,
         # over every sampled feature, an unscored one counted at chance: corrects for coverage
         "mean_all": _r((scores.sum() + 0.5 * (len(sel) - len(scores))) / len(sel)) if len(sel) else None,
+        "raw_mean": _r(raw.mean()) if len(raw) else None,
+        "chance_mean": _r(chance.mean()) if len(chance) else None,
         "localisation": _r(np.mean(loc)) if loc else None,
         "skipped": len(skipped),
         "explain_failures": int(sum(not r["explanation_ok"] for r in results)),
@@ -55,9 +62,18 @@ def summarize(name: str, cache: FeatureCache, results: list[dict], selected, ski
     }
 
 
+def _fmt(v) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, list):
+        return "–" if None in v else f"{v[0]:.2f}..{v[1]:.2f}"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
 TABLE_COLS = [("name", "source"), ("kind", "kind"), ("site", "site"), ("features", "F"), ("live_share", "live"),
               ("sampled", "sampled"), ("scored", "scored"), ("coverage", "coverage"), ("mean", "mean"),
-              ("median", "median"), ("share_above_0.8", ">0.8"), ("mean_all", "mean (unscored = 0.5)"),
+              ("ci95", "95% CI"), ("median", "median"), ("share_above_0.8", ">0.8"),
+              ("mean_all", "mean (unscored = 0.5)"), ("raw_mean", "raw mean"), ("chance_mean", "chance"),
               ("localisation", "loc. IoU")]
 
 
@@ -66,50 +82,53 @@ def markdown_table(rows: list[dict]) -> str:
     sep = "|" + "|".join("---" for _ in TABLE_COLS) + "|"
     lines = [head, sep]
     for r in rows:
-        cells = []
-        for k, _ in TABLE_COLS:
-            v = r.get(k)
-            cells.append("–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for k, _ in TABLE_COLS) + " |")
     return "\n".join(lines)
 
 
-# ---- statistics -------------------------------------------------------------------------------------
+# ---- statistics (scipy.stats) ---------------------------------------------------------------------------
+
+
+def mean_ci(x, *, n: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the mean (None for fewer than 2 values)."""
+    from scipy import stats
+
+    x = np.asarray(x, float)
+    if len(x) < 2:
+        return None
+    if np.all(x == x[0]):
+        return float(x[0]), float(x[0])
+    res = stats.bootstrap((x,), np.mean, n_resamples=n, confidence_level=level, method="percentile",
+                          random_state=np.random.default_rng(seed), vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def bootstrap_diff(a, b, *, n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """mean(a) - mean(b) and its 95% percentile bootstrap interval."""
+    """mean(a) - mean(b) and its 95% percentile bootstrap interval (independent resampling of a and b)."""
+    from scipy import stats
+
     a, b = np.asarray(a, float), np.asarray(b, float)
-    rng = np.random.default_rng(seed)
-    ia = rng.integers(0, len(a), (n, len(a)))
-    ib = rng.integers(0, len(b), (n, len(b)))
-    d = a[ia].mean(1) - b[ib].mean(1)
-    return float(a.mean() - b.mean()), float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
+    d = float(a.mean() - b.mean())
+    if np.all(a == a[0]) and np.all(b == b[0]):
+        return d, d, d
+
+    def stat(x, y, axis=-1):
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    res = stats.bootstrap((a, b), stat, n_resamples=n, method="percentile", paired=False,
+                          random_state=np.random.default_rng(seed), vectorized=True)
+    return d, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def mann_whitney(a, b) -> tuple[float, float]:
-    """(U of a, two-sided p) with the normal approximation and tie correction."""
+    """(U of a, two-sided p): normal approximation with tie correction, no continuity correction."""
+    from scipy import stats
+
     a, b = np.asarray(a, float), np.asarray(b, float)
-    n1, n2 = len(a), len(b)
-    allv = np.concatenate([a, b])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    sv = allv[order]
-    i = 0
-    while i < len(sv):
-        j = i
-        while j + 1 < len(sv) and sv[j + 1] == sv[i]:
-            j += 1
-        ranks[order[i : j + 1]] = 0.5 * (i + j) + 1
-        i = j + 1
-    u = ranks[:n1].sum() - n1 * (n1 + 1) / 2
-    _, counts = np.unique(allv, return_counts=True)
-    N = n1 + n2
-    var = n1 * n2 / 12 * ((N + 1) - (counts**3 - counts).sum() / (N * (N - 1))) if N > 1 else 0.0
-    if var <= 0:
-        return float(u), 1.0
-    z = (u - n1 * n2 / 2) / math.sqrt(var)
-    return float(u), float(math.erfc(abs(z) / math.sqrt(2)))
+    if np.all(np.concatenate([a, b]) == a[0]):
+        return float(len(a) * len(b) / 2), 1.0
+    r = stats.mannwhitneyu(a, b, alternative="two-sided", use_continuity=False, method="asymptotic")
+    return float(r.statistic), float(r.pvalue)
 
 
 def compare(name_a: str, a, name_b: str, b, seed: int = 0) -> dict | None:

@@ -1,4 +1,4 @@
-"""The autointerp protocol, shared by the VLM and the oracle: tasks, score arithmetic, localisation.
+"""The autointerp protocol, shared by the VLM and the oracle: tasks, score arithmetic, chance, localisation.
 
 Per feature (Shabalin et al. 2025): the explainer sees its top `n_explain` images (explain
 split); the judge sees one image at a time with the explanation and returns s in [0, 1]. The
@@ -7,9 +7,20 @@ negatives (the best held-out image of `n_neg` other features that is not already
 set and, where possible, does not qualify for the evaluated feature),
 each shown with the evaluated feature's own activation on it (by default; see `build_tasks`).
 
-    score = mean( mean_{positives} s , mean_{negatives} (1 - s) )
+    raw = mean( mean_{positives} s , mean_{negatives} (1 - s) )
 
-A chance-level explanation scores 0.5, a perfect one 1.
+The raw score's chance level is not 0.5 for sparse features: a judge that reads the heatmap
+gives s = 0 to a map with no active token, and a sparse feature is silent on most negatives,
+so it earns 1 - s = 1 there whatever its explanation. The chance level is therefore measured
+per feature by a permutation baseline: the same judge, the same explanation, each shown map
+laid over the *other* test images (their pixels and labels). If the explanation says nothing
+about where the feature fires, pairing a map with its own image is no better than with another,
+so E[raw] = chance. The reported score is the chance-corrected (kappa-style) score
+
+    score = 0.5 + 0.5 * (raw - chance) / (1 - chance)
+
+which is 0.5 in expectation for an unrelated explanation (sparse or dense features alike), 1 for
+a perfect one, and can go below 0 when the explanation is worse than chance.
 """
 
 from __future__ import annotations
@@ -53,6 +64,45 @@ def feature_score(s_pos, s_neg) -> float | None:
     if not p or not n:
         return None
     return 0.5 * (float(np.mean(p)) + float(np.mean([1.0 - s for s in n])))
+
+
+def calibrated_score(raw: float | None, chance: float | None, *, max_chance: float = 0.95) -> float | None:
+    """0.5 + 0.5 (raw - chance) / (1 - chance): chance maps to 0.5, a perfect raw score to 1.
+
+    None when either is missing or chance >= max_chance (the test set cannot tell this
+    explanation from a shuffled one: every pairing already scores almost 1).
+    """
+    if raw is None or chance is None or chance >= max_chance:
+        return None
+    return 0.5 + 0.5 * (float(raw) - float(chance)) / (1.0 - float(chance))
+
+
+def control_items(task: Task, per_item: int | str = "all", seed: int = 0) -> list[TestItem]:
+    """The permutation baseline's items: each test item's shown map laid over other test images.
+
+    per_item="all": every (map, image) pair of the test set, own image included (the exact mean
+    over all permutations; cheap for the oracle). An int k: k other images per map, drawn with
+    `seed` (one extra judgement per item and k for a VLM). The item keeps the *map's* polarity.
+    """
+    test = task.test
+    n = len(test)
+    if per_item == "all":
+        pairs = [(i, j) for i in range(n) for j in range(n)]
+    else:
+        k = int(per_item)
+        if k < 1:
+            raise ValueError("per_item must be 'all' or a positive number of controls per test item")
+        rng = np.random.default_rng([seed, task.feature, 7])
+        pairs = []
+        for i in range(n):
+            others = [j for j in range(n) if j != i]
+            pairs += [(i, int(j)) for j in rng.choice(others, size=min(k, len(others)), replace=False)]
+    out = []
+    for i, j in pairs:
+        m, img = test[i].example, test[j].example
+        shown = Example(m.feature, img.sample_id, m.value, m.step, img.split, m.maps_ST, m.threshold)
+        out.append(TestItem(shown, test[i].positive, test[j].from_feature))
+    return out
 
 
 def build_tasks(cache: FeatureCache, features, *, n_explain: int = 5, n_pos: int = 5, n_neg: int = 5,
@@ -190,17 +240,32 @@ def localisation(expl: Explanation, examples: list[Example], truth: Truth | None
     return float(np.mean(ious)) if ious else None
 
 
-def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, truth: Truth | None = None) -> list[dict]:
-    """Explain every task's feature, judge its test set, and return one result dict per feature."""
+def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, truth: Truth | None = None,
+                   chance: int | str | None = "all", seed: int = 0) -> list[dict]:
+    """Explain every task's feature, judge its test set (and the permutation controls that measure
+    its chance level, see the module docstring), and return one result dict per feature.
+
+    chance: "all" pairs (oracle), k controls per test item (VLM), or None (no baseline: the raw
+    score is reported, as before the correction; only for comparisons).
+    """
     explanations = explainer.explain_many(cache, tasks)
     judged = judge.judge_many(cache, tasks, explanations)
+    controls = {t.feature: control_items(t, chance, seed) for t in tasks} if chance is not None else {}
+    judged_c = judge.judge_many(cache, [Task(t.feature, t.explain, controls[t.feature]) for t in tasks],
+                                explanations) if controls else {}
     out = []
     for t in tasks:
         ex = explanations[t.feature]
         s = judged.get(t.feature) or [None] * len(t.test)
         s_pos = [v for v, it in zip(s, t.test) if it.positive]
         s_neg = [v for v, it in zip(s, t.test) if not it.positive]
-        score = feature_score(s_pos, s_neg) if ex.ok else None
+        raw = feature_score(s_pos, s_neg) if ex.ok else None
+        ch = None
+        if controls and ex.ok:
+            c_items, c_s = controls[t.feature], judged_c.get(t.feature) or []
+            ch = feature_score([v for v, it in zip(c_s, c_items) if it.positive],
+                               [v for v, it in zip(c_s, c_items) if not it.positive])
+        score = calibrated_score(raw, ch) if controls else raw
         out.append({
             "feature": t.feature,
             "explanation": ex.text,
@@ -215,11 +280,16 @@ def score_features(cache: FeatureCache, tasks: list[Task], explainer, judge, *, 
             "s_pos": s_pos,
             "s_neg": s_neg,
             "judge_failures": int(sum(v is None for v in s)) if ex.ok else len(t.test),
+            "raw_score": raw,
+            "chance": ch,
+            "chance_controls": (None if not controls else
+                                {"per_item": chance, "n": len(controls[t.feature]),
+                                 "failures": int(sum(v is None for v in (judged_c.get(t.feature) or [])))}),
             "score": score,
             "localisation": localisation(ex, [it.example for it in t.test if it.positive], truth),
         })
     return out
 
 
-__all__ = ["Explanation", "Task", "TestItem", "Truth", "build_tasks", "feature_score",
+__all__ = ["Explanation", "Task", "TestItem", "Truth", "build_tasks", "calibrated_score", "control_items", "feature_score",
            "localisation", "score_features", "active_tokens"]
