@@ -220,9 +220,9 @@ def test_cli_export(world, tmp_path, capsys):
 
     out = tmp_path / "cli_site"
     rc = main(["browse", "export", "--dict", str(world["dicts"][1]), "--interp", str(world["root"] / "interpret"),
-               "--store", str(world["root"] / "store"), "--out", str(out), "--max-features", "4"])
+               "--data", str(world["root"] / "store"), "--out", str(out), "--max-features", "4"])
     assert rc == 0
-    assert f"site: {(out / 'index.html').resolve()}" in capsys.readouterr().out
+    assert f"site: {(out / 'index.html').resolve()}" in capsys.readouterr().err
     assert len(list((out / "features" / "itda").glob("*.html"))) == 4
     assert main(["browse", "export", "--dict", str(tmp_path / "nope"), "--out", str(tmp_path / "z")]) == 2
     assert "no such folder" in capsys.readouterr().err

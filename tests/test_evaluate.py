@@ -60,7 +60,7 @@ def test_metrics_equal_a_direct_computation_on_heldout_rows(trained):
 def test_cli_writes_json_table_and_plots(trained, tmp_path, capsys):
     store, run, names = trained
     out = tmp_path / "ev" / "eval.json"
-    rc = main(["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(out), "--quiet"])
+    rc = main(["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(tmp_path / "ev"), "--quiet"])
     assert rc == 0
     result = json.loads(out.read_text())
     assert [d["name"] for d in result["dictionaries"]] == names
@@ -99,10 +99,10 @@ def test_site_and_width_mismatch_are_explained(trained, tmp_path):
 
 def test_splice_flag(trained, tmp_path, monkeypatch, capsys):
     store, run, _ = trained
-    args = ["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(tmp_path / "e.json"), "--quiet"]
+    args = ["evaluate", "--dict", str(run), "--data", str(store.root), "--out", str(tmp_path / "e"), "--quiet"]
     assert main([*args, "--splice"]) == 2
     assert "--splice needs --model" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "difflens.evaluate.splice", None)  # as if the module were absent
     assert main([*args, "--splice", "--model", "toy"]) == 2
     assert "splice evaluation isn't available" in capsys.readouterr().err
-    assert not (tmp_path / "e.json").exists()
+    assert not (tmp_path / "e").exists()

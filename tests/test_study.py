@@ -13,7 +13,7 @@ from difflens.errors import DifflensError
 from difflens.evaluate.study import StudyConfig, run_study
 
 K = 2
-ARGS = ["--width", "16", "--k", str(K), "--steps", "8", "--batch-size", "64", "--eval-every", "4",
+ARGS = ["--width", "16", "--k", str(K), "--train-steps", "8", "--batch-size", "64", "--eval-every", "4",
         "--eval-tokens", "128", "--init-tokens", "256", "--lr", "1e-3", "--dead-after-tokens", "512", "--quiet"]
 
 

@@ -18,8 +18,8 @@ def parse(*argv):
 
 def test_flags_make_a_grid_and_a_config():
     specs, cfg = build_from_args(
-        parse("--site", f"{SITE_A},{SITE_B}", "--arch", "topk", "--width", "32", "--k", "4,8", "--steps", "5",
-              "--timestep-range", "100:600", "--denoise-steps", "0:3", "--normalize", "pca-whiten",
+        parse("--site", f"{SITE_A},{SITE_B}", "--arch", "topk", "--width", "32", "--k", "4,8", "--train-steps", "5",
+              "--timestep-range", "100:600", "--step-window", "0:3", "--normalization", "pca-whiten",
               "--option", "k_aux=3", "--no-auxk", "--decay", "cosine")
     )
     assert [s.name for s in specs] == [
@@ -44,11 +44,11 @@ def test_toml_config_with_cli_overrides(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (("--arch", "topk", "--width", "8", "--k", "16", "--site", "s", "--steps", "1"), "k=16 is larger than width=8"),
-        (("--arch", "topk", "--width", "8", "--k", "2", "--steps", "1"), "missing site"),
-        (("--arch", "topk", "--width", "8", "--k", "x", "--site", "s", "--steps", "1"), "comma-separated list of integers"),
-        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--steps", "1", "--timestep-range", "5"), "lo:hi"),
-        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--steps", "1", "--option", "x"), "KEY=VALUE"),
+        (("--arch", "topk", "--width", "8", "--k", "16", "--site", "s", "--train-steps", "1"), "k=16 is larger than width=8"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--train-steps", "1"), "missing site"),
+        (("--arch", "topk", "--width", "8", "--k", "x", "--site", "s", "--train-steps", "1"), "comma-separated list of integers"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--train-steps", "1", "--timestep-range", "5"), "lo:hi"),
+        (("--arch", "topk", "--width", "8", "--k", "2", "--site", "s", "--train-steps", "1", "--option", "x"), "KEY=VALUE"),
     ],
 )
 def test_bad_flags_explain_the_fix(argv, message):
@@ -58,7 +58,7 @@ def test_bad_flags_explain_the_fix(argv, message):
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
     store = make_store(tmp_path / "s", units=2)
-    base = ["train", "--data", str(store.root), "--arch", "topk", "--width", "8", "--k", "2", "--steps", "2",
+    base = ["train", "--data", str(store.root), "--arch", "topk", "--width", "8", "--k", "2", "--train-steps", "2",
             "--batch-size", "32", "--eval-tokens", "32", "--quiet", "--out", str(tmp_path / "run")]
     assert main([*base, "--site", "nope"]) == 2
     err = capsys.readouterr().err.strip()
@@ -70,3 +70,26 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main([*base, "--site", SITE_A, "--resume", "--lr", "0.5"]) == 2
     assert "--resume with a different configuration" in capsys.readouterr().err
     assert main([*base, "--site", SITE_A, "--resume"]) == 0  # finished: nothing to do, still fine
+
+
+def test_every_config_field_is_a_documented_flag():
+    """Flags come from TrainConfig: a new field gets a flag, and its documentation is the help."""
+    import dataclasses
+
+    from difflens.train.cli import field_docs
+    from difflens.train.config import TrainConfig
+
+    docs = field_docs(TrainConfig)
+    fields = [f.name for f in dataclasses.fields(TrainConfig)]
+    assert set(fields) <= set(docs), f"undocumented TrainConfig fields: {set(fields) - set(docs)}"
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" train"))
+    dests = {a.dest for a in train._actions}
+    assert {f"cfg_{f}" for f in fields if f != "progress"} <= dests
+    helps = {a.dest: a.help for a in train._actions}
+    assert docs["grad_clip"] in helps["cfg_grad_clip"]
+    # --steps is denoising steps everywhere: optimizer steps are --train-steps
+    assert "--steps" not in train._option_string_actions and "--train-steps" in train._option_string_actions
+    _, cfg = build_from_args(parse("--site", "s", "--arch", "topk", "--width", "8", "--k", "2", "--train-steps", "3",
+                                   "--no-scale-lr", "--beta2", "0.9"))
+    assert cfg.steps == 3 and cfg.scale_lr is False and cfg.beta2 == 0.9

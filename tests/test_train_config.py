@@ -20,7 +20,7 @@ def test_defaults_follow_the_flux_paper():
 
 def test_tokens_give_steps_and_length_is_required():
     assert TrainConfig(tokens=2049, batch_size=1024).total_steps() == 3
-    with pytest.raises(DifflensError, match="--steps"):
+    with pytest.raises(DifflensError, match="--train-steps"):
         TrainConfig().total_steps()
     with pytest.raises(DifflensError, match="either steps or tokens"):
         TrainConfig(steps=1, tokens=5)

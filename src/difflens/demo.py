@@ -84,14 +84,14 @@ def stage_train(out: Path, summary: dict) -> None:
     cfg_path = out / "train_config.json"
     atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
     run = out / "dicts"
-    _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--steps", "400",
+    _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--train-steps", "400",
           "--batch-size", "1024", "--dead-after-tokens", "100000", "--out", str(run)] + (["--resume"] if run.exists() else []))
     summary["train"] = {"dictionaries": {n: str(run / n) for n in ("topk", "tide", "itda")}}
 
 
 def stage_evaluate(out: Path, summary: dict) -> None:
     dicts = summary["train"]["dictionaries"]
-    args = ["evaluate", "--data", str(out / "store"), "--out", str(out / "evaluate" / "eval.json"), "--splice", "--model", "toy"]
+    args = ["evaluate", "--data", str(out / "store"), "--out", str(out / "evaluate"), "--splice", "--model", "toy"]
     for d in dicts.values():
         args += ["--dict", d]
     (out / "evaluate").mkdir(exist_ok=True)
@@ -121,7 +121,7 @@ def stage_browse(out: Path, summary: dict) -> None:
     """Export the feature browser over the demo's dictionaries, interpretation and evaluation."""
     site = out / "site"
     args = ["browse", "export", "--out", str(site), "--interp", str(out / "interpret"),
-            "--eval", str(out / "evaluate" / "eval.json"), "--store", str(out / "store")]
+            "--eval", str(out / "evaluate" / "eval.json"), "--data", str(out / "store")]
     for d in summary["train"]["dictionaries"].values():
         args += ["--dict", d]
     _cli(args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from difflens.cli_options import add_data_option, add_model_options, add_out_option, load_model, out_dir, say
 from difflens.errors import DifflensError
 
 
@@ -14,7 +15,7 @@ def _common(p) -> None:
                    "<dict>/../../interpret or <dict>/../interpret when it exists")
     p.add_argument("--eval", dest="evaluation", metavar="FILE", help="eval.json of `difflens evaluate`; default: "
                    "<interp>/../evaluate/eval.json when it exists")
-    p.add_argument("--store", metavar="DIR", help="store with the images and prompts (default: the interpretation's)")
+    add_data_option(p, required=False, help="activation store with the images and prompts (default: the interpretation's)")
     p.add_argument("--neighbours", type=int, default=8, help="nearest features by decoder cosine per feature (8)")
     p.add_argument("--max-features", type=int, default=None, metavar="N",
                    help="at most N feature pages per dictionary (scored first, then the most frequent); default all")
@@ -28,15 +29,14 @@ def register(sub) -> None:
     bsub = p.add_subparsers(dest="browse_cmd", metavar="<command>")
     e = bsub.add_parser("export", help="write a self-contained static site")
     _common(e)
-    e.add_argument("--out", required=True, metavar="SITE", help="site folder to write (replaced if it is a previous export)")
+    add_out_option(e, kind="dir", help="site folder to write (replaced if it is a previous export)")
     e.set_defaults(func=run_export)
     s = bsub.add_parser("serve", help="serve the site plus a playground (generate, inspect, steer)")
     _common(s)
-    s.add_argument("--out", metavar="SITE", help="where to write the site (default: a temporary folder, removed on exit)")
+    add_out_option(s, kind="dir", required=False, help="where to write the site (default: a temporary folder, removed on exit)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000, help="port (0 = pick a free one; default 8000)")
-    s.add_argument("--model", default="toy", help="model for the playground: 'toy' (default), a pipeline folder or hub id")
-    s.add_argument("--device", default="cpu")
+    add_model_options(s, help_suffix="of the playground")
     s.add_argument("--no-playground", action="store_true", help="serve the pages only, load no model")
     s.set_defaults(func=run_serve)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
@@ -45,9 +45,9 @@ def register(sub) -> None:
 def run_export(args) -> int:
     from difflens.browse.export import export_site
 
-    out = export_site(args.dicts, Path(args.out), interp=args.interp, evaluation=args.evaluation, store=args.store,
+    out = export_site(args.dicts, out_dir(args.out), interp=args.interp, evaluation=args.evaluation, store=args.data,
                       neighbours=args.neighbours, max_features=args.max_features, title=args.title)
-    print(f"site: {(out / 'index.html').resolve()}")
+    say(args, f"site: {(out / 'index.html').resolve()}")
     return 0
 
 
@@ -56,7 +56,8 @@ def run_serve(args) -> int:
 
     if not 0 <= args.port <= 65535:
         raise DifflensError(f"--port must be in 0..65535, got {args.port}")
+    adapter = None if args.no_playground else load_model(args)
     serve(args.dicts, host=args.host, port=args.port, out=args.out, interp=args.interp, evaluation=args.evaluation,
-          store=args.store, neighbours=args.neighbours, max_features=args.max_features, title=args.title,
-          model=None if args.no_playground else args.model, device=args.device)
+          store=args.data, neighbours=args.neighbours, max_features=args.max_features, title=args.title,
+          model=None if args.no_playground else args.model, device=args.device, adapter=adapter)
     return 0

@@ -11,7 +11,7 @@ Rules (also in docs/browse.md):
 * evaluation: `--eval FILE` (an eval.json of `difflens evaluate`); without it
   `<interp>/../evaluate/eval.json` and `<dict>/../../evaluate/eval.json`. Rows are matched by the
   dictionary's path, then by name.
-* images and prompts: `--store DIR`; without it the store the interpretation was built from
+* images and prompts: `--data DIR`; without it the store the interpretation was built from
   (run.json `data.path`, tried as written, relative to the interpretation's parent folders, and
   `<interp>/../store`), accepted only when its fingerprint matches.
 """
@@ -123,14 +123,14 @@ def _find_store(run: dict | None, interp_root: Path | None, given: str | Path | 
     if given is not None:
         p = Path(given)
         if not (p / "manifest.json").exists():
-            raise DifflensError(f"--store {p}: not an activation store (no manifest.json); pass the store the "
+            raise DifflensError(f"--data {p}: not an activation store (no manifest.json); pass the store the "
                                 "interpretation was built from")
         return p
     data = (run or {}).get("data") or {}
     if data.get("kind") != "store":
         if run is not None:
             notes.append(f"the interpretation used {data.get('kind', 'unknown')} samples, not a store: top images are "
-                         "shown from the interpretation's heatmap grids only (pass --store for prompts)")
+                         "shown from the interpretation's heatmap grids only (pass --data for prompts)")
         return None
     want = data.get("fingerprint")
     cands = []
@@ -150,7 +150,7 @@ def _find_store(run: dict | None, interp_root: Path | None, given: str | Path | 
             except Exception:  # an unreadable store is just not the one we want
                 continue
             return c
-    notes.append(f"the store of the interpretation ({data.get('path')}) was not found: pass --store DIR to show "
+    notes.append(f"the store of the interpretation ({data.get('path')}) was not found: pass --data DIR to show "
                  "images and prompts")
     return None
 

@@ -301,14 +301,14 @@ def playground_page_extras(site_rows: dict, slugs) -> dict:
 
 def serve(dicts, *, host: str = "127.0.0.1", port: int = 8000, out=None, interp=None, evaluation=None, store=None,
           neighbours: int = 8, max_features: int | None = None, title: str = "difflens feature browser",
-          model: str | None = "toy", device: str = "cpu") -> None:
-    """Export (into `out` or a temporary folder), load the model once, serve until Ctrl-C."""
+          model: str | None = "toy", device: str = "cpu", adapter=None) -> None:
+    """Export (into `out` or a temporary folder), load the model once (or use `adapter`), serve until Ctrl-C."""
     from difflens.browse.data import resolve_inputs
     from difflens.browse.export import _feature_rows
 
     pg, config = (None, None)
     if model is not None:
-        pg, config = build_playground(dicts, model=model, device=device)
+        pg, config = build_playground(dicts, model=model, device=device, adapter=adapter)
         inputs = resolve_inputs(dicts, interp=interp, evaluation=evaluation, store=store)
         rows = {e.slug: _feature_rows(e, max_features) for e in inputs.dicts}
         config.update(playground_page_extras(rows, config["slugs"]))

@@ -7,6 +7,17 @@ import importlib
 import math
 from pathlib import Path
 
+from difflens.cli_options import (
+    add_data_option,
+    add_json_option,
+    emit_json,
+    add_model_options,
+    add_out_option,
+    add_step_window,
+    load_model,
+    out_dir,
+    say,
+)
 from difflens.errors import DifflensError
 
 
@@ -19,19 +30,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("--dict", dest="dicts", action="append", required=True, metavar="DIR",
                    help="a dictionary folder (repeat for several; a training run folder adds all its dictionaries)")
-    p.add_argument("--data", required=True, help="activation store folder")
-    p.add_argument("--out", required=True, help="result JSON path (FILE.md and FILE_*.png are written next to it)")
+    add_data_option(p)
+    add_out_option(p, kind="dir", help="output folder: eval.json, eval.md, eval_*.png (and splice/ with --splice)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per dictionary")
     p.add_argument("--split", choices=["auto", "heldout", "all"], default="auto",
                    help="auto (default): the held-out samples when the dictionary was trained on this store, else all rows")
     p.add_argument("--timestep-range", help="only timesteps lo:hi (inclusive)")
-    p.add_argument("--denoise-steps", help="only these step indices: 0,1,2 or 0:3")
+    add_step_window(p, help="only these denoising step indices: 0,1,2 or 0:3")
     p.add_argument("--dead-window", type=int, help="N of 'dead = no activation over the last N tokens' (default: all evaluated)")
     p.add_argument("--batch-size", type=int, default=4096, help="rows per forward pass (default 4096)")
     p.add_argument("--splice", action="store_true", help="also splice the reconstructions into generation (needs --model)")
-    p.add_argument("--model", help="model for --splice (hub id, local folder, or 'toy')")
-    p.add_argument("--splice-steps", help="denoising steps a:b during which the reconstruction replaces the activation")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--splice-window", metavar="A:B",
+                   help="denoising step indices a:b during which the reconstruction replaces the activation")
+    add_model_options(p, default=None, help_suffix="for --splice")
+    add_json_option(p)
     p.set_defaults(func=run)
 
 
@@ -70,24 +82,15 @@ def _splice_module():
         raise
 
 
-def _load_adapter(model: str):
-    try:
-        from difflens.models import load_adapter
-    except ImportError:
-        raise DifflensError("model adapters aren't available in this installation (difflens.models.load_adapter); "
-                            "run without --splice") from None
-    return load_adapter(model)
-
-
 def parse_splice_steps(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     try:
         a, b = (int(v) for v in text.split(":"))
     except ValueError:
-        raise DifflensError(f"--splice-steps {text!r}: write a:b (step indices, end excluded), e.g. 0:5") from None
+        raise DifflensError(f"--splice-window {text!r}: write a:b (step indices, end excluded), e.g. 0:5") from None
     if not 0 <= a < b:
-        raise DifflensError(f"--splice-steps {text!r}: need 0 <= a < b")
+        raise DifflensError(f"--splice-window {text!r}: need 0 <= a < b")
     return a, b
 
 
@@ -112,15 +115,16 @@ def run(args: argparse.Namespace) -> int:
 
     if args.splice and not args.model:
         raise DifflensError("--splice needs --model (the model the dictionaries were trained on)")
-    if (args.model or args.splice_steps) and not args.splice:
-        raise DifflensError("--model/--splice-steps only apply with --splice; add --splice or drop them")
-    splice_steps = parse_splice_steps(args.splice_steps)
+    if (args.model or args.splice_window) and not args.splice:
+        raise DifflensError("--model/--splice-window only apply with --splice; add --splice or drop them")
+    splice_steps = parse_splice_steps(args.splice_window)
+    out_folder = out_dir(args.out)
     splice = _splice_module() if args.splice else None  # fail before the long part
     store = open_store(args.data)
     items = load_items(expand_dict_paths(args.dicts), store)
     filters = Filters(
         parse_range(args.timestep_range) if args.timestep_range else None,
-        tuple(parse_steps(args.denoise_steps)) if args.denoise_steps else None,
+        tuple(parse_steps(args.step_window)) if args.step_window else None,
     )
     result = evaluate(
         items,
@@ -132,21 +136,24 @@ def run(args: argparse.Namespace) -> int:
         dead_window=args.dead_window,
         show_progress=not args.quiet,
     )
-    out = Path(args.out)
+    out = out_folder / "eval.json"
     if splice is not None:
-        adapter = _load_adapter(args.model)
+        adapter = load_model(args)
         result["splice"] = splice.evaluate_splice(
             {it.name: it.module for it in items},  # the same names as the reconstruction table
             store,
             adapter,
             steps=splice_steps,
             max_tokens=args.max_tokens,
-            out_dir=Path(f"{out.with_suffix('')}_splice"),
+            out_dir=out_folder / "splice",
             show_progress=not args.quiet,
         )
     result = json_safe(result)
     write_json(out, result)
     written = report.write_reports(result, out)
-    print(report.text_table(result))
-    print(f"wrote {out}, " + ", ".join(written.values()))
+    if args.json:
+        emit_json(result)
+    else:
+        print(report.text_table(result))  # the result: stdout; messages go to stderr
+    say(args, f"wrote {out}, " + ", ".join(written.values()))
     return 0

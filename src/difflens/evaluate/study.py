@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -421,7 +422,7 @@ def register(subparsers) -> None:
     d.add_argument("--out", required=True, help="output folder (the trained dictionaries go to OUT/run/)")
     d.add_argument("--width", type=int, default=1024, help="SAE latents (default 1024)")
     d.add_argument("--k", type=int, default=16, help="active latents per token, and ITDA's L0 (default 16)")
-    d.add_argument("--steps", type=int, default=1000, help="training steps (default 1000)")
+    d.add_argument("--train-steps", type=int, default=1000, help="optimizer steps (default 1000)")
     d.add_argument("--batch-size", type=int, default=1024, help="tokens per step (default 1024)")
     d.add_argument("--lr", type=float, default=2e-4, help="base lr, times the width's lr scale (default 2e-4)")
     d.add_argument("--warmup-steps", type=int, default=100, help="linear lr warm-up steps (default 100)")
@@ -441,7 +442,6 @@ def register(subparsers) -> None:
                    help="time axis of the time-to-FVU table and plot: process CPU seconds (default; robust on a "
                    "shared machine) or wall seconds; both are recorded")
     d.add_argument("--overwrite", action="store_true", help="replace an earlier study in --out")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run)
 
 
@@ -461,7 +461,7 @@ def _targets(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = StudyConfig(
-        site=args.site, width=args.width, k=args.k, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        site=args.site, width=args.width, k=args.k, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_tokens=args.eval_tokens, init_tokens=args.init_tokens,
         dead_after_tokens=args.dead_after_tokens, normalization=args.normalization, itda_cap=args.itda_cap,
         itda_tau=args.itda_tau, fvu_targets=_targets(args.fvu_targets), seed=args.seed, clock=args.clock,
@@ -474,9 +474,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         study = run_study(args.data, cfg, args.out, overwrite=args.overwrite)
     except Interrupted:
-        print("difflens study: interrupted; the partial run is in OUT/run, start again with --overwrite")
+        print("difflens study: interrupted; the partial run is in OUT/run, start again with --overwrite", file=sys.stderr)
         return 130
     out = Path(args.out)
     print(markdown(study))
-    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}")
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'}, {out / 'study.png'}", file=sys.stderr)
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from difflens.cli_options import add_generation_options, add_model_options, generation_kwargs, load_model, say
 from difflens.errors import DifflensError
 
 
@@ -27,10 +28,10 @@ def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="activation store with every image token (harvest without --tokens-per-image)")
     g.add_argument("--generate", type=int, metavar="N", help="instead of --data: generate N toy-world prompts afresh")
-    g.add_argument("--model", default="toy", help="model for --generate (default: the toy model)")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps for --generate")
-    g.add_argument("--seeds", default="0", help="comma-separated seeds for --generate")
+    g.add_argument("--seeds", default="0", help="comma-separated noise seeds for --generate")
     g.add_argument("--prompt-seed", type=int, default=1, help="seed of the toy-world prompt sampler for --generate")
+    add_model_options(p, help_suffix="for --generate")
+    add_generation_options(p)
 
 
 def register(subparsers) -> None:
@@ -124,14 +125,18 @@ def _data(args, sites: list[str]):
     from difflens.harvest.run import world_prompts
     from difflens.interpret.features import neuron_site_for
     from difflens.interpret.sources import generate_samples
-    from difflens.models import load_adapter
 
-    adapter = load_adapter(args.model)
+    gk = generation_kwargs(args)
+    if gk["height"] or gk["width"]:
+        raise DifflensError("interpret --generate records at the model's default image size: drop --height/--width "
+                            "(or harvest a store at that size and pass --data)")
+    adapter = load_model(args)
+    steps = gk["steps"] or getattr(adapter, "default_steps", None)
     sites = [s for s in sites if s] or [adapter.default_site()]
     extra = [neuron_site_for(s, adapter.sites()) for s in sites]
     prompts, scenes = world_prompts(args.generate, args.prompt_seed)
     return generate_samples(adapter, prompts, sorted(set(sites + [e for e in extra if e])), seeds=_seeds(args.seeds),
-                            steps=args.steps, scenes=scenes)
+                            steps=steps, scenes=scenes, guidance=gk["guidance"])
 
 
 def _dict_sites(paths: list[str]) -> list[str]:
@@ -189,7 +194,7 @@ def run(args) -> int:
     from difflens.interpret.report import markdown_table
 
     print(markdown_table(report["table"]))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    say(args, f"report: {Path(args.out) / 'report.md'}")
     return 0
 
 
@@ -217,13 +222,13 @@ def run_cache(args) -> int:
         fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=_site_mean(src, site))
     cache = build_cache(fs, src, config=_cache_config(args), out=args.out, seed=args.seed)
     live = cache.live()
-    print(f"{fs.name}: {cache.num_features} features, {int(live.sum())} live, {cache.info['num_samples']} images -> {args.out}")
+    say(args, f"{fs.name}: {cache.num_features} features, {int(live.sum())} live, {cache.info['num_samples']} images -> {args.out}")
     if args.heatmaps:
         from difflens.interpret.features import sample_live_features
 
         feats = sample_live_features(cache["frequency"], args.heatmaps, args.seed)
         paths = write_feature_grids(cache, feats, _Images(src), Path(args.out) / "heatmaps")
-        print(f"{len(paths)} heatmap grids in {Path(args.out) / 'heatmaps'}")
+        say(args, f"{len(paths)} heatmap grids in {Path(args.out) / 'heatmaps'}")
     return 0
 
 

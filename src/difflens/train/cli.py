@@ -10,26 +10,87 @@ from pathlib import Path
 from difflens.errors import DifflensError
 from difflens.train.config import TrainConfig, expand_specs
 
-# flag dest -> TrainConfig field (all default to None so a --config file can fill them)
-_TRAIN_FLAGS = {
-    "batch_size": "batch_size",
-    "steps": "steps",
-    "tokens": "tokens",
-    "lr": "lr",
-    "warmup_steps": "warmup_steps",
-    "decay": "decay",
-    "decay_fraction": "decay_fraction",
-    "grad_clip": "grad_clip",
-    "dead_after_tokens": "dead_after_tokens",
-    "seed": "seed",
-    "timestep_range": "timestep_range",
-    "denoise_steps": "denoise_steps",
-    "init_tokens": "init_tokens",
-    "eval_tokens": "eval_tokens",
-    "eval_every": "eval_every",
-    "checkpoint_every": "checkpoint_every",
-    "log_every": "log_every",
-}
+# TrainConfig fields whose flag is not just --field-name: the CLI's vocabulary keeps `--steps` for
+# denoising steps and calls a subset of step indices a step window (difflens.cli_options).
+FLAG_NAMES = {"steps": "train-steps", "denoise_steps": "step-window"}
+NOT_FLAGS = ("progress",)  # -q/--quiet sets it
+METAVARS = {int: "N", float: "X", str: "TEXT", "timestep_range": "LO:HI", "denoise_steps": "W"}
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Help text of each dataclass field: its docstring (a string right after the field) or its
+    trailing `# comment`, so the config class is the one place a training option is documented."""
+    import ast
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {tok.start[0]: tok.string.lstrip("# ").strip()
+                for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    body = ast.parse(source).body[0].body
+    docs = {}
+    for i, node in enumerate(body):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                    and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+            elif node.lineno in comments:
+                docs[node.target.id] = comments[node.lineno]
+    return docs
+
+
+def _field_type(f) -> type | None:
+    """int / float / str / bool for a simple field annotation (also 'int | None'); None otherwise."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    parts = {t.strip() for t in text.split("|")} - {"None"}
+    if len(parts) == 1:
+        return {"int": int, "float": float, "str": str, "bool": bool}.get(parts.pop())
+    return None
+
+
+def _flag(name: str, prefix: str = "") -> str:
+    return "--" + prefix + FLAG_NAMES.get(name, name.replace("_", "-"))
+
+
+def _parsers() -> dict:
+    """Fields whose flag text needs parsing into the field's value (anything not int/float/str/bool)."""
+    return {"timestep_range": parse_range, "denoise_steps": lambda t: parse_steps(t, _flag("denoise_steps"))}
+
+
+def add_config_flags(p, cls=TrainConfig) -> dict[str, str]:
+    """One flag per dataclass field, its help the field's documentation; returns dest -> field.
+
+    Every flag defaults to None so a --config file can fill what the command line leaves out; a
+    field added to the config class gets its flag here without touching this file."""
+    import dataclasses
+
+    from difflens.train import config as config_module
+
+    docs = field_docs(cls)
+    g = p.add_argument_group("training (TrainConfig fields; also settable in the --config file's [train] table)")
+    dests = {}
+    for f in dataclasses.fields(cls):
+        if f.name in NOT_FLAGS:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        doc = docs.get(f.name, "")
+        kind = _field_type(f)
+        dest = f"cfg_{f.name}"
+        if kind is bool:
+            g.add_argument(_flag(f.name, "no-" if default else ""), dest=dest, action="store_const",
+                           const=not default, default=None,
+                           help=f"{doc} (on by default; this flag turns it off)" if default else doc)
+        else:
+            choices = getattr(config_module, f.name.upper() + "S", None)  # e.g. DECAYS for `decay`
+            choices = list(choices) if isinstance(choices, tuple) and kind is str else None
+            g.add_argument(_flag(f.name), dest=dest, type=kind if kind in (int, float) else str, default=None,
+                           choices=choices, metavar=None if choices else METAVARS.get(f.name, METAVARS.get(kind, "VALUE")),
+                           help=f"{doc} (default {default})" if default is not None else doc)
+        dests[dest] = f.name
+    return dests
 
 
 def register(subparsers) -> None:
@@ -47,33 +108,12 @@ def register(subparsers) -> None:
     p.add_argument("--arch", help="topk | batchtopk | relu | tide | itda (comma list for a grid)")
     p.add_argument("--width", help="number of latents (comma list for a grid); for ITDA the atom cap")
     p.add_argument("--k", help="active latents per token (comma list for a grid)")
-    p.add_argument("--normalize", choices=["none", "scalar", "per-timestep", "pca-whiten"],
+    p.add_argument("--normalization", choices=["none", "scalar", "per-timestep", "pca-whiten"],
                    help="input normalisation inside the dictionaries (default scalar; pca-whiten as in the Flux paper)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="any other dictionary option, e.g. --option tau=0.3 (JSON values)")
-    length = p.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps")
-    length.add_argument("--tokens", type=int, help="training tokens (steps = tokens / batch size)")
-    p.add_argument("--batch-size", type=int, help="tokens per step across all processes (default 1024)")
-    p.add_argument("--lr", type=float, help="base learning rate (default 2e-4, times each dictionary's lr scale)")
-    p.add_argument("--no-lr-scale", action="store_true", help="use --lr as is for every width")
-    p.add_argument("--warmup-steps", type=int, help="linear lr warm-up (default 100)")
-    p.add_argument("--decay", choices=["none", "linear", "cosine"], help="lr decay to 0 at the end (default none)")
-    p.add_argument("--decay-fraction", type=float, help="share of the steps the decay spans (default 0.2)")
-    p.add_argument("--grad-clip", type=float, help="max grad norm (default 10; 0 = off)")
-    p.add_argument("--no-auxk", action="store_true", help="disable the dead-latent auxiliary loss")
-    p.add_argument("--dead-after-tokens", type=int, help="tokens without activation before a latent counts as dead")
-    p.add_argument("--seed", type=int, help="data order and initialisation seed (default 0)")
-    p.add_argument("--timestep-range", help="train only on timesteps lo:hi (inclusive)")
-    p.add_argument("--denoise-steps", help="train only on these step indices: 0,1,2 or 0:3 (end excluded)")
-    p.add_argument("--init-tokens", type=int,
-                   help="rows for data-dependent init: normalisation statistics, b_dec (default 16384; PCA needs > 2·d)")
-    p.add_argument("--eval-tokens", type=int, help="held-out tokens for evaluation (default 8192; 0 = none)")
-    p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default 500)")
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints (default 1000)")
-    p.add_argument("--log-every", type=int, help="steps between training-loss records (default 10)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(p)
     p.set_defaults(func=run)
 
 
@@ -85,14 +125,13 @@ def parse_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
-def parse_steps(text: str) -> list[int]:
-    try:
-        if ":" in text:
-            a, b = (int(v) for v in text.split(":"))
-            return list(range(a, b))
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise DifflensError(f"--denoise-steps {text!r}: write 0,1,2 or 0:3") from None
+def parse_steps(text: str, flag: str = "--step-window") -> list[int]:
+    from difflens.cli_options import parse_step_window
+
+    steps = parse_step_window(text, flag)
+    if steps is None:
+        raise DifflensError(f"{flag} {text!r}: give step indices (a:b or 0,1,2), or leave the flag out for all steps")
+    return steps
 
 
 def read_config_file(path: str) -> dict:
@@ -141,24 +180,21 @@ def _options(items: list[str]) -> dict:
 
 def build_from_args(args) -> tuple[list, TrainConfig]:
     """The dictionaries and TrainConfig the flags (and --config file) describe."""
+    import dataclasses
+
     file = read_config_file(args.config) if args.config else {}
     train = dict(file.get("train", {}))
-    for dest, name in _TRAIN_FLAGS.items():
-        value = getattr(args, dest, None)
+    parsers = _parsers()
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f"cfg_{f.name}", None)
         if value is None:
             continue
-        if dest == "timestep_range":
-            value = parse_range(value)
-        elif dest == "denoise_steps":
-            value = parse_steps(value)
-        if name in ("steps", "tokens"):  # a length flag replaces the file's length, whichever it was
+        if f.name in parsers:
+            value = parsers[f.name](value)
+        if f.name in ("steps", "tokens"):  # a length flag replaces the file's length, whichever it was
             train.pop("steps", None)
             train.pop("tokens", None)
-        train[name] = value
-    if args.no_lr_scale:
-        train["scale_lr"] = False
-    if args.no_auxk:
-        train["auxk"] = False
+        train[f.name] = value
     if args.quiet:
         train["progress"] = False
     cfg = TrainConfig.from_dict(train)
@@ -168,7 +204,7 @@ def build_from_args(args) -> tuple[list, TrainConfig]:
         "arch": _csv(args.arch),
         "width": _csv(args.width, int),
         "k": _csv(args.k, int),
-        "normalization": args.normalize,
+        "normalization": args.normalization,
         **_options(args.option),
     }
     cli_dict = {k: v for k, v in cli_dict.items() if v is not None}

@@ -28,18 +28,18 @@ class TrainConfig:
     batch_size: int = 1024  # tokens per optimizer step, global across DDP ranks
     steps: int | None = None  # optimizer steps; or give `tokens`
     tokens: int | None = None  # total training tokens (→ steps = ceil(tokens / batch_size))
-    lr: float = 2e-4
+    lr: float = 2e-4  # base Adam learning rate, times each dictionary's lr_scale() unless scale_lr is off
     scale_lr: bool = True  # multiply lr by each dictionary's lr_scale()
-    beta1: float = 0.0
-    beta2: float = 0.99
-    eps: float = 1e-8
+    beta1: float = 0.0  # Adam beta1 (0: no momentum, as in the Flux SAE paper)
+    beta2: float = 0.99  # Adam beta2
+    eps: float = 1e-8  # Adam epsilon
     warmup_steps: int = 100  # linear warm-up from 0
     decay: str = "none"  # "none" | "linear" | "cosine" (to 0 over the last decay_fraction)
-    decay_fraction: float = 0.2
+    decay_fraction: float = 0.2  # share of the steps the lr decay spans
     grad_clip: float = 10.0  # max global grad norm per dictionary; 0 disables
     auxk: bool = True  # dead-latent auxiliary loss (dictionaries that support it)
     dead_after_tokens: int = 10_000_000  # a latent silent this long counts as dead (lower it for small stores)
-    seed: int = 0
+    seed: int = 0  # data order and initialisation seed
     timestep_range: tuple[float, float] | None = None  # train only on t in [lo, hi]
     denoise_steps: list[int] | None = None  # train only on these denoising step indices
     init_tokens: int = 16384  # rows for data-dependent init (normalisation stats, b_dec); PCA wants > 2·d
@@ -48,7 +48,7 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (0 = only at the end)
     log_every: int = 10  # steps between training-loss records
     keep_checkpoints: int = 2  # resumable checkpoints kept under train_state/
-    progress: bool = True
+    progress: bool = True  # progress bar (the CLI's -q turns it off)
 
     def __post_init__(self) -> None:
         if self.timestep_range is not None:
@@ -93,7 +93,7 @@ class TrainConfig:
             return self.steps
         if self.tokens is not None:
             return math.ceil(self.tokens / self.batch_size)
-        raise DifflensError("training length missing: pass --steps N or --tokens T")
+        raise DifflensError("training length missing: pass --train-steps N or --tokens T")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -1,0 +1,105 @@
+"""One CLI vocabulary (difflens/cli_options.py): the same word means the same thing on every verb,
+-q/-v everywhere, and exit codes tell usage errors (2) from runtime failures (1)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from difflens.cli import build_parser, main
+
+# Spellings the vocabulary retired, with what replaced them.
+RETIRED = {
+    "--dtype": "--model-dtype / --store-dtype",
+    "--store": "--data",
+    "--num-steps": "--steps",
+    "--normalize": "--normalization",
+    "--denoise-steps": "--step-window",
+    "--splice-steps": "--splice-window",
+    "--timesteps": "--step-window (indices) or --timestep-range (values)",
+}
+# verbs whose --steps is not denoising steps, or whose flags another module still owns
+NOT_YET = {"steer", "edit", "transfer", "intervene-study", "trace"}  # intervene/cli.py adopts cli_options itself
+
+
+def leaves(parser: argparse.ArgumentParser, prefix: str = ""):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if parser.get_default("func") is not None or not subs:
+        yield prefix.strip(), parser
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from leaves(sub, f"{prefix} {name}")
+
+
+VERBS = [(name, p) for name, p in leaves(build_parser()) if name and name.split()[0] not in NOT_YET]
+
+
+@pytest.mark.parametrize("name, parser", VERBS, ids=[n for n, _ in VERBS])
+def test_one_word_one_meaning(name, parser):
+    opts = parser._option_string_actions
+    assert "-q" in opts and "-v" in opts and "--quiet" in opts, f"{name}: -q/-v missing"
+    for old, new in RETIRED.items():
+        assert old not in opts, f"{name}: {old} is retired, use {new}"
+    if "--steps" in opts:
+        assert "denoising" in (opts["--steps"].help or ""), f"{name}: --steps must mean denoising steps"
+    if "--model" in opts and name not in ("zoo eval",):
+        for flag in ("--device", "--model-dtype"):
+            assert flag in opts, f"{name} loads a model but lacks {flag}"
+
+
+MODEL_VERBS = ["generate", "harvest", "evaluate", "interpret", "browse serve"]
+
+
+@pytest.mark.parametrize("name", MODEL_VERBS)
+def test_verbs_that_load_a_model_share_the_model_options(name):
+    parser = dict(VERBS)[name]
+    opts = parser._option_string_actions
+    for flag in ("--model", "--device", "--model-dtype", "--quantize", "--offload", "--max-text-length"):
+        assert flag in opts, f"{name} lacks {flag}"
+    assert opts["--offload"].choices == ["none", "model", "sequential"] or tuple(opts["--offload"].choices) == (
+        "none", "model", "sequential")
+    if name in ("generate", "harvest", "interpret"):
+        for flag in ("--steps", "--guidance", "--height", "--width"):
+            assert flag in opts, f"{name} lacks {flag}"
+        assert opts["--steps"].default is None  # the model's own default
+
+
+def test_exit_codes(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:  # argparse: a usage error
+        main(["harvest", "--no-such-flag"])
+    assert e.value.code == 2
+    assert main(["generate", "--prompt", "a red circle", "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
+    assert "--steps must be >= 1" in capsys.readouterr().err
+
+    import difflens.cli as cli
+
+    def boom(args):
+        raise RuntimeError("the GPU caught fire\nsecond line")
+
+    real = cli.build_parser
+
+    def patched():
+        parser = real()
+        dict(leaves(parser))["generate"].set_defaults(func=boom)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", patched)
+    capsys.readouterr()
+    assert main(["generate", "--prompt", "x", "--out", str(tmp_path / "y.png")]) == 1  # a failure, not the input
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "failed: RuntimeError: the GPU caught fire" in err and "-v" in err
+
+
+def test_out_is_a_file_for_one_image_and_a_folder_for_several(tmp_path, capsys):
+    assert main(["generate", "--prompt", "a red circle", "--prompt", "a blue square", "--steps", "1",
+                 "--out", str(tmp_path / "one.png")]) == 2
+    assert "add --grid, or pass a folder" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "a red circle", "--prompt", "a blue square", "--seed", "3,4", "--steps", "1",
+                 "--out", str(tmp_path / "many")]) == 0
+    import json
+
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["000.json", "000.png", "001.json", "001.png"]
+    assert json.loads((tmp_path / "many" / "001.json").read_text())["seed"] == 4
+    captured = capsys.readouterr()
+    assert captured.out == ""  # messages on stderr; stdout is for --json
