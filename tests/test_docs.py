@@ -100,12 +100,10 @@ def test_readme_quickstart_runs_verbatim(tmp_path):
 
 
 @pytest.mark.slow
-def test_readme_gpu_users_block_on_a_tiny_saved_flux(tmp_path):
+def test_readme_gpu_users_block_on_a_tiny_saved_flux(tmp_path, tiny_folder):
     """Substitutions, and only these: the folder for the hub id, cpu for cuda and no offload (no GPU
     here), the tiny model's last block and size for FLUX's."""
-    import tiny_pipelines as tp
-
-    folder = tp.save(tp.flux_pipeline(), tmp_path / "tiny-flux-schnell")
+    folder = tiny_folder("flux")
     blocks = code_blocks(section((ROOT / "README.md").read_text(encoding="utf-8"), "GPU users"))
     block = next(b for b in blocks if "black-forest-labs/FLUX.1-schnell" in b)
     subs = {"black-forest-labs/FLUX.1-schnell": str(folder), "--device cuda": "--device cpu", " --offload model": "",

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_pipelines as tp
 from difflens.cli import main
 from difflens.errors import DifflensError
 from difflens.models import load_adapter
@@ -21,38 +20,52 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # family -> (prompt, size flags, default steps of its pipeline)
 FAMILIES = {
-    "flux": ("a red cat", ["--height", "32", "--width", "32"], 4),  # schnell-type: 4 steps
+    "flux": ("a red cat", ["--height", "32", "--width", "32", "--max-text-length", "16"], 4),  # schnell: 4 steps
     "sd3": ("a red cat", [], 28),
     "pixart": ("a red cat", [], 20),
     "dit": ("207", [], 50),
 }
 
 
+class _Folders:
+    def __init__(self, get):
+        self.get = get
+
+    def __getitem__(self, family):
+        return self.get(family)
+
+
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipes")
-    builders = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline, "dit": tp.dit_pipeline}
-    return {name: tp.save(build(), root / name) for name, build in builders.items()}
+def folders(tiny_folder):
+    return _Folders(tiny_folder)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_generate_bf16_default_steps_and_sidecar(family, folders, tmp_path, capsys):
-    prompt, size, steps = FAMILIES[family]
+def test_each_family_knows_its_default_steps(family, folders):
+    adapter = load_adapter(str(folders[family]), dtype="bf16")
+    assert adapter.default_steps == FAMILIES[family][2]
+    assert len(adapter.timesteps()) == adapter.default_steps  # one timesteps() signature, default steps included
+    assert all(p.dtype == torch.bfloat16 for p in adapter.transformer.parameters())
+
+
+@pytest.mark.parametrize("family, steps", [("flux", []), ("dit", ["--steps", "2"])])
+def test_generate_bf16_and_sidecar(family, steps, folders, tmp_path, capsys):
+    prompt, size, default = FAMILIES[family]
     out = tmp_path / "img.png"
-    rc = main(["generate", "--model", str(folders[family]), "--model-dtype", "bf16", "--prompt", prompt, *size,
+    rc = main(["generate", "--model", str(folders[family]), "--model-dtype", "bf16", "--prompt", prompt, *size, *steps,
                "--out", str(out), "--json"])
     assert rc == 0, capsys.readouterr().err
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["prompt"] == prompt and meta["seed"] == 0 and meta["model_dtype"] == "bf16"
-    assert meta["steps"] == steps == len(meta["timesteps"])  # no --steps: the pipeline's own default
+    assert meta["steps"] == (int(steps[1]) if steps else default) == len(meta["timesteps"])
     captured = capsys.readouterr()
     assert json.loads(captured.out)["images"] == [str(out)]  # stdout: the JSON only
     assert "wrote" in captured.err
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_harvest_bf16_matches_its_dry_run(family, folders, tmp_path, capsys):
+def test_harvest_bf16_matches_its_dry_run(folders, tmp_path, capsys):
     """SD3's transformer loads in fp32 whatever diffusers is asked; it now runs in bf16 end to end."""
+    family = "sd3"
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red cat\na blue dog\na green bird\n")
     size = FAMILIES[family][1]
@@ -118,15 +131,38 @@ def test_enforce_dtype_names_the_component(folders):
         enforce_dtype(Pipe(), torch.bfloat16, model_id="m")
 
 
-def test_quant_extra_brings_what_nf4_needs():
-    """`pip install '.[quant]'` = bitsandbytes + accelerate (diffusers' 4-bit loader needs both)."""
+def test_quant_extra_brings_what_nf4_needs(monkeypatch):
+    """`pip install '.[quant]'` = bitsandbytes + accelerate (diffusers' 4-bit loader needs both); the
+    error names exactly what is missing, and the import path difflens uses resolves."""
+    import importlib
+
+    from difflens.models import _loading
+
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["quant"]
     names = {e.split(">")[0].split("=")[0].split("<")[0].strip().lower() for e in extra}
     assert {"bitsandbytes", "accelerate"} <= names
-    from diffusers import BitsAndBytesConfig
+    from diffusers import BitsAndBytesConfig  # noqa: F401  (the class quantization_config builds)
 
-    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4"
+    real = importlib.import_module
+
+    def only(present):
+        def fake(name, *a, **k):
+            if name in ("bitsandbytes", "accelerate") and name not in present:
+                raise ImportError(name)
+            return real(name, *a, **k) if name not in present else object()
+        return fake
+
+    for present, missing in [((), ("bitsandbytes", "accelerate")), (("bitsandbytes",), ("accelerate",)),
+                             (("bitsandbytes", "accelerate"), ())]:
+        if torch.cuda.is_available() and not missing:
+            continue  # on a GPU machine with both packages the config is built, not refused
+        monkeypatch.setattr(_loading.importlib, "import_module", only(present))
+        with pytest.raises(DifflensError) as e:
+            _loading.quantization_config("nf4", torch.bfloat16, torch.device("cpu"))
+        for pkg in ("bitsandbytes", "accelerate"):
+            assert (f"the {pkg} package" in str(e.value)) == (pkg in missing)
+        if not torch.cuda.is_available():
+            assert "CUDA" in str(e.value)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="NF4 loading runs on CUDA only; this machine has no GPU")

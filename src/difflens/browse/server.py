@@ -60,7 +60,7 @@ class Playground:
         self.dicts = dictionaries  # slug -> Dictionary
         self.lock = threading.Lock()
         cfg = getattr(getattr(adapter, "model", None), "cfg", None)
-        self.default_steps = int(default_steps or getattr(cfg, "steps_default", 0) or 8)
+        self.default_steps = int(default_steps or getattr(adapter, "default_steps", 0) or getattr(cfg, "steps_default", 0) or 8)
 
     # ---- request validation ----------------------------------------------------------------------------
     def _parse(self, body: dict, steer: bool) -> dict:

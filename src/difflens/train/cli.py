@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -227,11 +228,11 @@ def run(args: argparse.Namespace) -> int:
         if env.is_main and cfg.progress:
             names = ", ".join(s.name for s in specs)
             print(f"training {len(specs)} dictionar{'y' if len(specs) == 1 else 'ies'} ({names}) "
-                  f"for {cfg.total_steps()} steps of {cfg.batch_size} tokens on {env.world_size} process(es)")
+                  f"for {cfg.total_steps()} steps of {cfg.batch_size} tokens on {env.world_size} process(es)", file=sys.stderr)
         train(args.data, specs, cfg, args.out, resume=args.resume)
     except Interrupted as e:
         if env.is_main:
-            print(f"difflens train: {e}")
+            print(f"difflens train: {e}", file=sys.stderr)
         return 130
     finally:
         ddp.shutdown(env)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from difflens.cli_options import say
 from difflens.errors import DifflensError
 from difflens.utils import atomic_write_text, progress, save_image
 
@@ -64,5 +65,5 @@ def write_scenes(out: str | Path, n: int, seed: int = 0, prompt: str | None = No
 
 def run_sample(args) -> int:
     paths = write_scenes(args.out, args.n, args.seed, args.prompt)
-    print(f"wrote {len(paths)} scenes to {args.out}")
+    say(args, f"wrote {len(paths)} scenes to {args.out}")
     return 0

@@ -180,8 +180,8 @@ def run_zoo_train(args) -> int:
         for f in files:
             if (out / f).exists():
                 shutil.copy2(out / f, target / f)
-        print(f"installed {args.what} weights into {target}")
-    print(f"trained {args.what}: {out}")
+        say(args, f"installed {args.what} weights into {target}")
+    say(args, f"trained {args.what}: {out}")
     return 0
 
 
