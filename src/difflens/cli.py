@@ -26,6 +26,7 @@ VERB_MODULES = [
     "difflens.evaluate.cli",
     "difflens.evaluate.study",
     "difflens.interpret.cli",
+    "difflens.benchmark.cli",
     "difflens.intervene.cli",
     "difflens.browse.cli",
     "difflens.demo",

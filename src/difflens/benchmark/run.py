@@ -1,0 +1,327 @@
+"""`difflens benchmark`: score dictionaries at one site of a store on everything the toy world can check.
+
+One pass over whole images per source (dictionaries, the MLP neurons of the same block, the raw
+activations) gives a subsample of token rows (probing, absorption, concept matching) and streamed
+feature maps (Moran's I, localisation). Reconstruction comes from `evaluate` (its metrics, its
+held-out split), autointerp from the interpret pipeline's oracle. Metrics that need labels are
+skipped, with the reason, on stores without toy-world ground truth.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflens.benchmark.absorption import absorption
+from difflens.benchmark.probing import probe, sparse_probe
+from difflens.benchmark.spatial import SpatialAccumulator
+from difflens.errors import DifflensError
+from difflens.utils import progress, write_json
+
+KS = (1, 4, 16)
+
+
+class _Raw:
+    """The raw activations as a 'source' (probing reference only)."""
+
+    def __init__(self, site: str, d: int):
+        self.name, self.site, self.num_features, self.kind = "raw", site, d, "raw"
+
+    def __call__(self, x_ND, t_N=None):
+        return x_ND.float()
+
+
+def _items(dicts, store):
+    from difflens.evaluate.reconstruction import load_items
+
+    if isinstance(dicts, Mapping):
+        items = load_items([str(p) for p in dicts.values()], store)
+        for it, name in zip(items, dicts):
+            it.name = str(name)
+        return items
+    return load_items([str(p) for p in dicts], store)
+
+
+def _pick_rows(n_split_imgs: int, S: int, T: int, want: int, rng) -> float:
+    total = n_split_imgs * S * T
+    return 1.0 if total <= want else want / total
+
+
+def token_pass(fs, src, sids, split, labels_nTC, *, probe_rows: int, seed: int, spatial: bool, rows_per_batch: int = 8192):
+    """Codes of a probe-row subsample (both splits) and, if `spatial`, a SpatialAccumulator."""
+    S, T = len(src.steps), src.num_tokens
+    rng = np.random.default_rng([seed, 11])
+    frac = [_pick_rows(int((split == k).sum()), S, T, probe_rows, rng) for k in (0, 1)]
+    ts = torch.tensor(src.timesteps, dtype=torch.float32)
+    pos = {int(s): i for i, s in enumerate(sids)}
+    C = 0 if labels_nTC is None else labels_nTC.shape[-1]
+    acc = SpatialAccumulator(fs.num_features, src.grid_hw, C) if spatial else None
+    rows_x, rows_y, rows_split, rows_step = [], [], [], []
+    bar = progress(total=len(sids), desc=f"benchmark {fs.name}", unit="img")
+    for b_sids, acts in src.iter_acts(fs.site, sids, rows_per_batch):
+        b = acts.shape[0]
+        x = acts.reshape(-1, acts.shape[-1])
+        codes = fs(x, ts.repeat_interleave(T).repeat(b)).float().numpy().reshape(b, S, T, -1)
+        idx = [pos[int(s)] for s in b_sids]
+        for i, j in enumerate(idx):
+            keep = rng.random((S, T)) < frac[int(split[j])]
+            rows_x.append(codes[i][keep])
+            rows_step.append(np.nonzero(keep)[0])
+            rows_split.append(np.full(int(keep.sum()), split[j], np.int8))
+            if labels_nTC is not None:
+                rows_y.append(np.broadcast_to(labels_nTC[j][None], (S, T, C))[keep])
+        if acc is not None:
+            maps = codes.reshape(b * S, T, -1)
+            cm = None if labels_nTC is None else np.repeat(labels_nTC[idx], S, axis=0)
+            acc.add(maps, maps > 0, cm)
+        bar.update(b)
+    bar.close()
+    return {"x": np.concatenate(rows_x), "y": np.concatenate(rows_y) if rows_y else None,
+            "split": np.concatenate(rows_split), "step": np.concatenate(rows_step), "spatial": acc}
+
+
+def probing_table(rows, concepts: list[int], names, *, ks=KS, min_pos: int = 20, all_dims: bool = False) -> dict:
+    """Per concept, the sparse probe at each k (or one probe on all dimensions for the raw activations)."""
+    tr, te = rows["split"] == 0, rows["split"] == 1
+    out = {}
+    for c in concepts:
+        y = rows["y"][:, c]
+        if y[tr].sum() < min_pos or y[te].sum() < min_pos or (~y[tr]).sum() < min_pos:
+            continue
+        if all_dims:
+            out[names[c]] = {"all": probe(rows["x"][tr], y[tr], rows["x"][te], y[te])}
+        else:
+            out[names[c]] = {str(k): v for k, v in sparse_probe(rows["x"][tr], rows["x"][te], y[tr], y[te], ks).items()}
+    return out
+
+
+def _mean_over(per_concept: dict, key: str, metric: str):
+    v = [r[key][metric] for r in per_concept.values() if key in r]
+    return round(float(np.mean(v)), 4) if v else None
+
+
+def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_images: int = 64, probe_rows: int = 8192,
+                  ks=KS, recon_tokens: int | None = 50_000, autointerp: str = "oracle", interp_run=None,
+                  n_features: int = 48, min_match: float = 0.2, seed: int = 0, concepts=None,
+                  show_progress: bool = True) -> dict:
+    """Benchmark dictionaries (paths, or name -> path) on a store; writes benchmark.json/.md and plots.
+
+    concepts: the concept names to probe (default: every toy-world concept with >= 20 tokens per split)."""
+    from difflens.evaluate.reconstruction import evaluate
+    from difflens.interpret.concepts import CONCEPT_NAMES, concept_matrix
+    from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
+    from difflens.interpret.oracle import mcc
+    from difflens.interpret.sources import StoreSource, _split_of
+    from difflens.store import Store
+
+    t0 = time.time()
+    if concepts is None:
+        world = list(range(len(CONCEPT_NAMES)))
+    else:
+        unknown = [c for c in concepts if c not in CONCEPT_NAMES]
+        if unknown:
+            raise DifflensError(f"unknown concept(s) {unknown}: use names like color=red, object=seven, region=object")
+        world = [CONCEPT_NAMES.index(c) for c in concepts]
+    if autointerp not in ("oracle", "none"):
+        raise DifflensError(f"--autointerp must be 'oracle' or 'none', got {autointerp!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = data if isinstance(data, Store) else Store(data)
+    items = _items(dicts, store)
+    if not items:
+        raise DifflensError("benchmark needs at least one dictionary (--dict DIR)")
+    sites = sorted({it.site for it in items})
+    if len(sites) > 1:
+        raise DifflensError(f"dictionaries at several sites {sites}: benchmark one site at a time")
+    site = sites[0]
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+
+    # ---- reconstruction (evaluate's definitions and held-out split) ------------------------------------
+    t = time.time()
+    recon = evaluate(items, store, max_tokens=recon_tokens, show_progress=show_progress)
+    timings["reconstruction"] = round(time.time() - t, 1)
+    rows = {it.name: {"name": it.name, "arch": str(getattr(it.module.cfg, "arch", "?")),
+                      "width": int(it.module.num_latents), "k": getattr(it.module.cfg, "k", None)} for it in items}
+    for d in recon["dictionaries"]:
+        m = d["metrics"]
+        rows[d["name"]].update(fvu=m.get("fvu"), cosine=m.get("cosine"), l0=m.get("l0"), dead_fraction=m.get("dead_fraction"),
+                               fvu_by_timestep=[{"timestep": r.get("timestep"), "fvu": r.get("fvu")} for r in m.get("by_timestep", [])])
+
+    # ---- token-level metrics over whole images ---------------------------------------------------------
+    neuron_site = neuron_site or neuron_site_for(site, store.sites)
+    need = [site] + ([neuron_site] if neuron_site in store.sites else [])
+    try:
+        src = StoreSource(store, sites=need)
+    except DifflensError as e:
+        src = None
+        notes.append(f"token-map metrics skipped (probing, absorption, Moran's I, localisation): {e}")
+    baselines: dict[str, dict] = {}
+    labels = None
+    if src is not None:
+        all_ids = src.sample_ids()
+        rng = np.random.default_rng(seed)
+        sids = np.sort(rng.choice(all_ids, size=min(max_images, len(all_ids)), replace=False))
+        split = _split_of(src.prompt_ids(sids), seed, 0.5)
+        lab = src.token_labels(sids)
+        labels = None if lab is None else concept_matrix(lab)  # [n, T, C]
+        if labels is None:
+            notes.append("no toy-world labels: probing, absorption, localisation and autointerp skipped "
+                         "(reconstruction and Moran's I still run)")
+        sources = [(it.name, DictionaryFeatures(it.module, name=it.name, site=site), True) for it in items]
+        if neuron_site in store.sites:
+            sources.append(("neurons", NeuronFeatures(neuron_site, src.d(neuron_site)), True))
+        else:
+            notes.append(f"no MLP neuron site for {site} in the store: the neuron baseline is skipped")
+        if labels is not None:
+            sources.append(("raw", _Raw(site, src.d(site)), False))
+        for name, fs, spatial in sources:
+            t = time.time()
+            r = token_pass(fs, src, sids, split, labels, probe_rows=probe_rows, seed=seed, spatial=spatial)
+            row = rows.get(name) or baselines.setdefault(name, {"name": name, "arch": fs.kind, "width": fs.num_features})
+            if spatial:
+                moran = r["spatial"].moran()
+                fin = moran[np.isfinite(moran)]
+                row["moran_i"] = round(float(fin.mean()), 4) if len(fin) else None
+                row["moran_i_median"] = round(float(np.median(fin)), 4) if len(fin) else None
+                row["moran_features"] = int(len(fin))
+            if labels is not None:
+                y = r["y"]
+                if name == "raw":
+                    pt = probing_table(r, world, CONCEPT_NAMES, all_dims=True)
+                    row["probe"] = {"all": {"f1": _mean_over(pt, "all", "f1"), "auc": _mean_over(pt, "all", "auc")}}
+                else:
+                    pt = probing_table(r, world, CONCEPT_NAMES, ks=ks)
+                    row["probe"] = {str(k): {"f1": _mean_over(pt, str(k), "f1"), "auc": _mean_over(pt, str(k), "auc")} for k in ks}
+                row["probe_concepts"] = pt
+                if spatial:
+                    act = r["x"] > 0
+                    m = mcc(y.T.astype(np.float64) @ act.astype(np.float64), act.sum(0)[None, :].astype(np.float64),
+                            y.sum(0)[:, None].astype(np.float64), float(len(y)))  # [C, F]
+                    best_c, best_m = m.argmax(0), m.max(0)
+                    loc = r["spatial"].localisation(best_c)
+                    good = (best_m >= min_match) & np.isfinite(loc)
+                    row["matched_features"] = int(good.sum())
+                    row["localisation"] = round(float(loc[good].mean()), 4) if good.any() else None
+                    ab = absorption(act, y)
+                    row["absorption"] = ab
+                    vals = [v["mean_absorption"] for v in ab.values() if v.get("mean_absorption") is not None]
+                    row["mean_absorption"] = round(float(np.mean(vals)), 4) if vals else None
+            timings[name] = round(time.time() - t, 1)
+            del r
+
+    # ---- autointerp (oracle) ------------------------------------------------------------------------------
+    if labels is not None and autointerp == "oracle":
+        import json
+
+        t = time.time()
+        if interp_run is not None:
+            p = Path(interp_run) / "comparison.json"
+            if not p.exists():
+                raise DifflensError(f"--interp-run {interp_run} holds no comparison.json: run `difflens interpret` there first")
+            table = json.loads(p.read_text(encoding="utf-8"))["rows"]
+            notes.append(f"autointerp read from {p}")
+        else:
+            from difflens.interpret import run_oracle_pipeline
+
+            table = run_oracle_pipeline({it.name: it.module for it in items}, store, out / "autointerp",
+                                        neuron_site=neuron_site if neuron_site in store.sites else None,
+                                        baselines=("neurons", "random") if neuron_site in store.sites else ("random",),
+                                        n_features=n_features, seed=seed, grids=False)["table"]
+        for r in table:
+            row = rows.get(r["name"]) or baselines.setdefault(r["name"], {"name": r["name"], "arch": r.get("kind")})
+            row["autointerp"] = {k: r.get(k) for k in ("mean", "ci95", "share_above_0.8", "coverage", "raw_mean", "chance_mean")}
+        timings["autointerp"] = round(time.time() - t, 1)
+
+    result = {"site": site, "neuron_site": neuron_site if neuron_site in store.sites else None, "store": str(store.root),
+              "store_fingerprint": store.fingerprint(), "images": int(len(sids)) if src is not None else 0,
+              "probe_rows_per_split": probe_rows, "ks": list(ks), "min_match": min_match, "seed": seed,
+              "labels": labels is not None, "dictionaries": list(rows.values()), "baselines": list(baselines.values()),
+              "notes": notes, "seconds": timings}
+    result["seconds"]["total"] = round(time.time() - t0, 1)
+    write_json(out / "benchmark.json", result)
+    write_json(out / "reconstruction.json", recon)
+    md = markdown(result)
+    (out / "benchmark.md").write_text(md, encoding="utf-8")
+    plots(result, recon, out)
+    return result
+
+
+def _f(v, nd=3):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def markdown(res: dict) -> str:
+    ks = res["ks"]
+    head = (["source", "arch", "width", "FVU", "L0", "dead %"] + [f"probe F1@{k}" for k in ks] + [f"AUC@{k}" for k in ks]
+            + ["absorption", "Moran's I", "loc. IoU", "autointerp (95% CI)", ">0.8"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in res["dictionaries"] + res["baselines"]:
+        pr = r.get("probe") or {}
+        if "all" in pr:
+            f1s = [_f(pr["all"]["f1"])] + ["(all d)"] * (len(ks) - 1)
+            aucs = [_f(pr["all"]["auc"])] + ["(all d)"] * (len(ks) - 1)
+        else:
+            f1s = [_f((pr.get(str(k)) or {}).get("f1")) for k in ks]
+            aucs = [_f((pr.get(str(k)) or {}).get("auc")) for k in ks]
+        ai = r.get("autointerp") or {}
+        ci = ai.get("ci95")
+        ai_s = "–" if ai.get("mean") is None else f"{ai['mean']:.3f}" + (f" ({ci[0]:.2f}..{ci[1]:.2f})" if ci and None not in ci else "")
+        dead = r.get("dead_fraction")
+        lines.append("| " + " | ".join([r["name"], str(r.get("arch", "")), _f(r.get("width")), _f(r.get("fvu"), 4), _f(r.get("l0"), 1),
+                                         "–" if dead is None else f"{100 * dead:.1f}"] + f1s + aucs
+                                        + [_f(r.get("mean_absorption")), _f(r.get("moran_i")), _f(r.get("localisation")), ai_s,
+                                           _f(ai.get("share_above_0.8"), 2)]) + " |")
+    md = [f"# Benchmark at `{res['site']}`", "",
+          f"Store `{res['store']}` ({res['store_fingerprint']}); {res['images']} images for the token metrics; "
+          f"probes on {res['probe_rows_per_split']} token rows per split (split by prompt).", "", *lines, ""]
+    md += ["Columns: FVU / L0 / dead from `evaluate` (held-out rows); probe F1/AUC = mean over concepts of a logistic "
+           "probe on the best k latents (raw: all dimensions); absorption = mean over digit/shape/colour parents of the "
+           "share of a child's tokens where the parent latent is silent and a child latent fires; Moran's I = mean over "
+           "features of the spatial autocorrelation of their maps (rook adjacency, maps with >= 2 active tokens); "
+           "loc. IoU = mean IoU of active tokens with the best-matching concept (features with token MCC >= "
+           f"{res['min_match']}); autointerp = the oracle's chance-corrected score (0.5 = chance).", ""]
+    if res["notes"]:
+        md += ["Notes:", ""] + [f"- {n}" for n in res["notes"]] + [""]
+    md += ["Seconds: " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()), ""]
+    return "\n".join(md)
+
+
+def plots(res: dict, recon: dict, out: Path) -> None:
+    from difflens.evaluate.report import plot_timestep
+
+    plot_timestep(recon, out / "fvu_by_timestep.png")
+    srcs = [r for r in res["dictionaries"] + res["baselines"] if r.get("probe")]
+    if not srcs:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from difflens.viz import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for r in srcs:
+        for ax, metric in zip(axes, ("f1", "auc")):
+            if "all" in r["probe"]:
+                ax.axhline(r["probe"]["all"][metric], color="k", ls=":", lw=1, label=f"{r['name']} (all d)")
+            else:
+                ks = [int(k) for k in r["probe"]]
+                ax.plot(ks, [r["probe"][str(k)][metric] for k in ks], marker="o", label=r["name"])
+    for ax, metric in zip(axes, ("probe F1", "probe AUC")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("latents in the probe (k)")
+        ax.set_ylabel(metric + " (mean over concepts)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out / "probing.png")
