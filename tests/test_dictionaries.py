@@ -294,6 +294,54 @@ def test_auxk_gradient_touches_only_dead_latents(fast):
     assert sae.b_enc_F.grad[~dead].abs().max() == 0
 
 
+@pytest.mark.parametrize("arch, fast", [("topk", True), ("topk", False), ("batchtopk", True)])
+def test_auxk_is_gao_normalised_relative_to_the_main_loss(arch, fast):
+    """Independent computation from the weights: aux/main equals the reference's
+    (1/32)·‖ê − e‖²/‖e − ē‖² over ‖x − x̂‖²/‖x − x̄‖² (both normalised the same way)."""
+    x, t = data()
+    sae = make(arch, fast=fast, dead_after_tokens=1, k_aux=8)
+    sae.init_from_data(x, t)
+    dead = torch.arange(F) % 3 == 0
+    sae.tokens_since_fired_F.copy_(dead.long() * 10)
+    sae.train()
+    out = sae(x)
+    with torch.no_grad():
+        xn = sae.norm.apply(x, None).double()
+        W_enc, W_dec = sae.W_enc_FD.double(), sae.W_dec_FD.double()
+        pre = (xn - sae.b_dec_D.double()) @ W_enc.T + sae.b_enc_F.double()
+        if arch == "topk":
+            keep = torch.zeros_like(pre, dtype=torch.bool).scatter(1, pre.topk(K, dim=1).indices, True)
+        else:  # the k·B largest entries of the whole batch
+            keep = pre >= pre.reshape(-1).topk(K * x.shape[0]).values.min()
+        x_hat = torch.where(keep, pre, 0).relu() @ W_dec + sae.b_dec_D.double()
+        e = xn - x_hat
+        pre_dead = torch.where(dead, pre, -torch.inf)
+        kd = pre_dead.topk(8, dim=1)
+        z_aux = torch.zeros_like(pre).scatter(1, kd.indices, kd.values.clamp_min(0).nan_to_num(0))
+        e_hat = z_aux @ W_dec
+        main_ref = e.pow(2).sum() / (xn - xn.mean(0)).pow(2).sum()
+        aux_ref = (1 / 32) * (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        ratio = float(out.losses["auxk"]) / float(out.losses["mse"])
+    assert ratio == pytest.approx(float(aux_ref / main_ref), rel=1e-4)
+    # and the main term is the MSE in normalised space, as the logs have always shown it
+    assert float(out.losses["mse"].detach()) == pytest.approx(float(e.pow(2).mean()), rel=1e-4)
+
+
+def test_a_latent_selected_with_a_zero_code_does_not_count_as_firing():
+    """k = width selects every latent; latent 3's pre-activation is always < 0 so its code is 0."""
+    x, t = data(n=64)
+    sae = make(width=8, k=8, dead_after_tokens=100, auxk=False)
+    sae.init_from_data(x, t)
+    with torch.no_grad():
+        sae.b_enc_F[3] = -1e3
+        sae.b_enc_F[[0, 1, 2, 4, 5, 6, 7]] = 1e3
+    sae.train()
+    for _ in range(2):
+        out = sae(x)
+    assert (out.codes[:, 3] == 0).all() and (out.codes[:, [0, 1, 2, 4]] > 0).all()
+    assert sae.dead_mask().tolist() == [False, False, False, True, False, False, False, False]
+
+
 def test_auxk_off_or_no_dead_latents_gives_no_aux_loss():
     x, t = data()
     for kw in ({"auxk": False, "dead_after_tokens": 1}, {"dead_after_tokens": 10**9}):

@@ -191,3 +191,18 @@ def test_clear_errors(store, tmp_path):
     train(store, good, small_cfg(steps=2, eval_every=1, log_every=1), out, resume=True)
     with pytest.raises(DifflensError, match="fewer rows .* than one batch"):
         train(store, good, small_cfg(steps=2, batch_size=4096, init_tokens=64), tmp_path / "big")
+
+
+def test_width_lr_scaling_spares_tides_timestep_mlp(store, tmp_path):
+    """lr ∝ 1/√(width/2^14) is for the dictionary matrices; TIDE's MLP (width-independent) keeps lr."""
+    from difflens.train.trainer import Trainer
+
+    cfg = small_cfg(steps=1, warmup_steps=0, scale_lr=True, eval_tokens=0, checkpoint_every=0)
+    spec = DictSpec(name="tide", arch="tide", site=SITE_A, width=64, k=2)
+    tr = Trainer(store, [spec], cfg, tmp_path / "run")
+    members = tr.run()
+    groups = members[0].opt.param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-2 * (2**14 / 64) ** 0.5, 1e-2])
+    film = {id(p) for p in members[0].module.film.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == film and not film & {id(p) for p in groups[0]["params"]}
+    assert records(tmp_path / "run" / "tide")[0]["lr"] == pytest.approx(groups[0]["lr"])

@@ -27,7 +27,10 @@ CONFIG = {
     },
     "defaults": {"site": "blocks.1:img", "width": 16, "k": 2},
     # wide TopK with k=1: most latents never fire, so they turn dead after 2 steps and AuxK trains them
-    "dictionaries": [{"arch": "topk", "width": 256, "k": 1}, {"arch": "tide"}, {"arch": "itda", "width": 0, "itda_tau": 0.3}],
+    "dictionaries": [
+        {"arch": "topk", "width": 256, "k": 1}, {"arch": "tide"}, {"arch": "itda", "width": 0, "itda_tau": 0.3},
+        {"arch": "batchtopk", "width": 64, "k": 2},  # selects over the global batch (all-gathered candidates)
+    ],
 }
 
 
@@ -61,7 +64,7 @@ def test_two_processes_match_one(tmp_path):
 
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert run["world_size"] == 2
-    for name in ("topk-w256-k1", "tide-w16-k2"):
+    for name in ("topk-w256-k1", "tide-w16-k2", "batchtopk-w64-k2"):
         one, two = load_file(str(tmp_path / "one" / name / "weights.safetensors")), load_file(
             str(tmp_path / "two" / name / "weights.safetensors")
         )
@@ -82,3 +85,51 @@ def test_two_processes_match_one(tmp_path):
     one, two = (load_file(str(tmp_path / r / "itda-k2" / "weights.safetensors")) for r in ("one", "two"))
     assert one["atoms_AD"].shape == two["atoms_AD"].shape and one["atoms_AD"].shape[0] > 0
     assert torch.allclose(_by_provenance(one), _by_provenance(two), atol=1e-5)
+
+
+def _batchtopk_rank(rank: int, init: str, out: str, x: torch.Tensor) -> None:
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    from difflens.dictionaries import DictConfig, build
+    from difflens.train.distributed import BatchComm, DistEnv
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        sae = build(DictConfig(arch="batchtopk", d_in=x.shape[1], width=32, k=3, normalization="none"))
+        sae.set_batch_comm(BatchComm(DistEnv(rank, 2)))
+        sae.train()
+        half = x.shape[0] // 2
+        out_ = sae(x[rank * half : (rank + 1) * half])
+        save_file({"codes": out_.codes.detach().contiguous(), "threshold": sae.threshold.reshape(1)}, f"{out}/rank{rank}.st")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_batchtopk_under_ddp_selects_the_global_top_k_times_b(tmp_path):
+    """Two gloo ranks with different halves of a batch select exactly what one process selects on
+    the whole batch (the second half is 3x larger, so per-rank top-k·B_local would differ)."""
+    import torch.multiprocessing as mp
+
+    from difflens.dictionaries import DictConfig, build
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    x[32:] *= 3.0
+    mp.spawn(_batchtopk_rank, args=(f"file://{tmp_path}/pg", str(tmp_path), x), nprocs=2, join=True)
+    codes = torch.cat([load_file(str(tmp_path / f"rank{r}.st"))["codes"] for r in (0, 1)])
+    thr = [load_file(str(tmp_path / f"rank{r}.st"))["threshold"] for r in (0, 1)]
+
+    one = build(DictConfig(arch="batchtopk", d_in=8, width=32, k=3, normalization="none"))
+    one.train()
+    ref = one(x).codes.detach()
+    assert int((ref != 0).sum()) == 3 * 64
+    assert torch.equal(codes != 0, ref != 0)
+    torch.testing.assert_close(codes, ref)
+    assert torch.equal(thr[0], thr[1]) and float(thr[0]) == float(one.threshold)
+    # an independent count: the global cut is the 192nd largest pre-activation of the whole batch
+    pre = x @ one.W_enc_FD.detach().T
+    assert float(one.threshold) == float(pre.reshape(-1).topk(192).values.min())
+    per_rank = [(pre[h * 32 : (h + 1) * 32] >= pre[h * 32 : (h + 1) * 32].reshape(-1).topk(96).values.min()).sum()
+                for h in (0, 1)]
+    assert per_rank != [int((ref[:32] != 0).sum()), int((ref[32:] != 0).sum())]  # the old per-rank rule differs

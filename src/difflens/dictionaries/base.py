@@ -148,8 +148,16 @@ class Dictionary(nn.Module):
         return float(m.float().mean()) if m.numel() else 0.0
 
     def lr_scale(self) -> float:
-        """Suggested lr multiplier: lr ∝ 1/sqrt(width / 2^14) (DESIGN §3)."""
+        """Suggested lr multiplier for the dictionary matrices: lr ∝ 1/sqrt(width / 2^14) (Gao et al.'s
+        fit; 1.0 at 16,384 latents, 0.5 at 65,536 — see docs/training.md for the Flux paper's 2e-4)."""
         return 1.0 / math.sqrt(max(self.num_latents, 1) / 2**14)
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups, each with an ``lr_scale`` multiplier used when the trainer scales lrs.
+        Default: every parameter at `lr_scale()`; parts whose size does not grow with the width
+        (TIDE's timestep MLP) override this to keep the base lr."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr_scale": self.lr_scale()}] if params else []
 
     # ---- helpers ------------------------------------------------------------------------------------
     @property

@@ -6,9 +6,12 @@
 
 Losses are computed in the normalised space (that is what normalisation is for):
     mse   = mean over rows and dims of (x_n − x̂_n)²
-    auxk  = auxk_coef · mean (e − ê)²,  e = (x_n − x̂_n) detached, ê = W_dec z_aux (no b_dec), z_aux =
-            the top k_aux pre-activations among DEAD latents (ReLU'd). As an MSE over the same
-            elements as `mse` it is "normalised MSE of the residual, scaled to the main loss".
+    auxk  = auxk_coef · ‖ê − e‖² / ‖e − ē‖² · v   (Gao et al.'s normalised AuxK, see `auxk_loss`)
+            e = (x_n − x̂_n) detached, ê = W_dec z_aux (no b_dec), z_aux = the top k_aux
+            pre-activations among DEAD latents (ReLU'd); v = the batch's per-element variance of
+            x_n, the factor between our `mse` and the reference's normalised main loss.
+    dead  = no non-zero code for `dead_after_tokens` training tokens (a latent selected with
+            pre ≤ 0 does not count as firing).
     l1    = l1_coeff / D · mean over rows of Σ_f z_f ‖W_dec_f‖   (ReLU only; /D matches the usual
             sum-over-dims MSE convention, so l1_coeff ≈ 5 is a sensible start)
 
@@ -20,6 +23,8 @@ reference kept for tests and the benchmark.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +56,36 @@ def compute_dtype(param_dtype: torch.dtype, device: torch.device) -> torch.dtype
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return param_dtype
+
+
+def fired_latents(pat: Pattern, pre_N: Tensor, num_latents: int) -> Tensor:
+    """[F] bool: latents with a NON-ZERO code in the batch. A latent TopK selected with pre ≤ 0 has
+    code 0 after the ReLU: it did not fire, so it stays on its way to dead (and AuxK can revive it)."""
+    fired = torch.zeros(num_latents, dtype=torch.bool, device=pre_N.device)
+    fired[pat.indices_N[pre_N.detach() > 0]] = True
+    return fired
+
+
+def auxk_loss(e_hat_BD: Tensor, e_BD: Tensor, ratio: Tensor, coef: float) -> Tensor:
+    """AuxK as in Gao et al., expressed on the scale of our main loss.
+
+    The reference: main = ‖x − x̂‖² / ‖x − x̄‖² (normalised MSE) and aux = coef · ‖ê − e‖² / ‖e − ē‖².
+    Our main loss is the plain per-element MSE = v · (normalised MSE), v = ‖x − x̄‖² / (B·D), so we
+    return v · aux = coef · (‖x − x̄‖² / ‖e − ē‖²) · mean (ê − e)², with `ratio` = ‖x − x̄‖² / ‖e − ē‖²
+    (no gradient; summed over the global batch under DDP). The aux-to-main ratio, hence the
+    gradients' direction, is the reference's exactly, and Adam is invariant to the common factor v.
+    Keeping the main loss an MSE keeps ReLU's L1 and JumpReLU's L0 coefficients and the logged
+    `loss_mse` meaning what they did."""
+    return coef * ratio * F.mse_loss(e_hat_BD, e_BD)
+
+
+class BatchComm(Protocol):
+    """What a sparse SAE needs from a data-parallel group (train/distributed.py implements it):
+    BatchTopK selects over the global batch, AuxK normalises by global-batch variances."""
+
+    def sum_(self, t: Tensor) -> Tensor: ...
+
+    def gather(self, t_N: Tensor) -> Tensor: ...
 
 
 class SAE(Dictionary):
@@ -162,9 +197,40 @@ class _SparseSAE(SAE):
         """(pattern, selected pre-activations [N]) for a batch."""
         raise NotImplementedError
 
+    batch_comm: BatchComm | None = None  # set by a data-parallel trainer (`set_batch_comm`)
+
+    def set_batch_comm(self, comm: BatchComm | None) -> None:
+        """Data-parallel training: batch-level statistics (BatchTopK's selection, AuxK's variance
+        normalisation) are taken over the GLOBAL batch through `comm`, as one process would."""
+        self.batch_comm = comm
+
+    def _aux_active(self) -> bool:
+        """AuxK applies this step (the same answer on every rank: dead counters are synced)."""
+        return bool(self.training and self.cfg.auxk and self.cfg.auxk_coef > 0 and self.dead_mask().any())
+
+    @torch.no_grad()
+    def _variance_ratio(self, xn_BD: Tensor, e_BD: Tensor) -> Tensor:
+        """‖x − x̄‖² / ‖e − ē‖² over the (global) batch, from sums so ranks can add them up."""
+        d = xn_BD.shape[1]
+        x, e = xn_BD.double(), e_BD.double()
+        stats = torch.cat([x.new_tensor([x.shape[0], x.pow(2).sum(), e.pow(2).sum()]), x.sum(0), e.sum(0)])
+        if self.batch_comm is not None:
+            stats = self.batch_comm.sum_(stats)
+        n = stats[0].clamp_min(1)
+        s_x = stats[1] - stats[3 : 3 + d].pow(2).sum() / n
+        s_e = stats[2] - stats[3 + d :].pow(2).sum() / n
+        return (s_x / s_e.clamp_min(1e-12)).float()
+
+    @torch.no_grad()
+    def join_without_rows(self) -> None:
+        """Data-parallel step on a rank with no rows: take part in the step's collectives."""
+        if self.batch_comm is not None and self._aux_active():
+            z = self.b_dec_D.new_zeros(0, self.d_in)
+            self._variance_ratio(z, z)
+
     def _aux_select(self, pre_BF: Tensor) -> AuxSelection | None:
         """Top k_aux pre-activations per row among dead latents (training with AuxK only)."""
-        if not (self.training and self.cfg.auxk and self.cfg.auxk_coef > 0):
+        if not self._aux_active():
             return None
         dead_ids = self.dead_mask().nonzero().squeeze(1)
         if dead_ids.numel() == 0:
@@ -194,12 +260,14 @@ class _SparseSAE(SAE):
             y_hat, aux_hat, pat, pre_N = self._core_fast(x_in)
         else:
             y_hat, aux_hat, pat, pre_N = self._core_dense(x_in)
-        self._track(pat.counts_F() > 0, x.shape[0])
         xn_hat = self._from_sae_space(y_hat, film)
         losses = {"mse": F.mse_loss(xn_hat, xn)}
-        if aux_hat is not None:
+        if self._aux_active():  # every rank computes the global ratio, even without aux picks
             e = (xn - xn_hat).detach()
-            losses["auxk"] = self.cfg.auxk_coef * F.mse_loss(self._from_sae_space_linear(aux_hat, film), e)
+            ratio = self._variance_ratio(xn, e)
+            if aux_hat is not None:
+                losses["auxk"] = auxk_loss(self._from_sae_space_linear(aux_hat, film), e, ratio, self.cfg.auxk_coef)
+        self._track(fired_latents(pat, pre_N, self.num_latents), x.shape[0])  # after the AuxK decision
         vals, idx = self._padded(pat, pre_N.detach().relu())
         l0 = (pre_N.detach() > 0).sum().float() / x.shape[0]
         return self._output(t, xn_hat, losses, values=vals, indices=idx, l0=l0)
@@ -308,15 +376,44 @@ class BatchTopKSAE(_SparseSAE):
             return self._select_inference(pre_BF)
         b, f = pre_BF.shape
         flat = pre_BF.reshape(-1)
-        vals, ids = topk_flat(flat, min(int(self.cfg.k) * b, flat.numel()))
+        if self.batch_comm is None:
+            vals, ids = topk_flat(flat, min(int(self.cfg.k) * b, flat.numel()))
+        else:
+            vals, ids = self._select_global(flat, b)
         pat = Pattern.from_flat(ids, b, f)
         rows = pat.rows_N()
         pre_N = pre_BF[rows, pat.indices_N]
-        self._update_threshold(pre_N)
+        self._update_threshold(vals)
         return pat, pre_N
+
+    def _select_global(self, flat: Tensor, b: int) -> tuple[Tensor, Tensor]:
+        """(selected values of the whole global batch, this rank's selected flat ids).
+
+        The global top n = k·B_global lies within the union of every rank's local top n, so each
+        rank sends its top n candidates; the n-th largest of them is the global cut. Every rank
+        then keeps its entries at or above the cut (ties at the cut may add a few)."""
+        comm = self.batch_comm
+        n = int(self.cfg.k) * int(comm.sum_(torch.tensor([float(b)], dtype=torch.float64)).item())
+        cand = topk_flat(flat, min(n, flat.numel()))[0] if flat.numel() else flat
+        every = comm.gather(cand.float())
+        top = every.topk(min(n, every.numel()), sorted=False).values
+        if top.numel() == 0:
+            return top, torch.zeros(0, dtype=torch.long, device=flat.device)
+        cut = top.min().to(flat.dtype)
+        ids = (flat >= cut).nonzero().squeeze(1)
+        return top, ids
+
+    @torch.no_grad()
+    def join_without_rows(self) -> None:
+        """Data-parallel step on a rank with no rows: take part in the selection's collectives."""
+        if self.batch_comm is None or not self.training:
+            return
+        self._update_threshold(self._select_global(self.b_enc_F.new_zeros(0), 0)[0])
+        super().join_without_rows()
 
     @torch.no_grad()
     def _update_threshold(self, pre_N: Tensor) -> None:
+        """EMA of the smallest positive selected pre-activation (of the global batch under DDP)."""
         pos = pre_N[pre_N > 0]
         if pos.numel() == 0:
             return

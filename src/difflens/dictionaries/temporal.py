@@ -68,6 +68,13 @@ class TIDESAE(TopKSAE):
         # timestep range seen by init_from_data (for t-averaged decoder directions)
         self.register_buffer("t_range", torch.tensor([0.0, 1000.0]))
 
+    def param_groups(self) -> list[dict]:
+        """The timestep MLP keeps the base lr: its size does not depend on the width, so the
+        width-based lr scaling (meant for the dictionary matrices) should not shrink it."""
+        film = {id(p) for p in self.film.parameters()}
+        sae = [p for p in self.parameters() if id(p) not in film]
+        return [{"params": sae, "lr_scale": self.lr_scale()}, {"params": list(self.film.parameters()), "lr_scale": 1.0}]
+
     def _film(self, t_B: Tensor | None):
         if t_B is None:
             raise DifflensError(

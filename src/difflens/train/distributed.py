@@ -88,6 +88,20 @@ def all_gather_rows(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
+class BatchComm:
+    """The group as a dictionary sees it for batch-level statistics (BatchTopK's global selection,
+    AuxK's global-batch variances); see `dictionaries.sae.BatchComm`."""
+
+    def __init__(self, env: DistEnv) -> None:
+        self.env = env
+
+    def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum_(t, self.env)
+
+    def gather(self, t_N: torch.Tensor) -> torch.Tensor:
+        return all_gather_rows(t_N.contiguous(), self.env)
+
+
 def broadcast_module_(module: torch.nn.Module, env: DistEnv, src: int = 0) -> None:
     """Make every rank hold rank `src`'s parameters and buffers (after init, after resume)."""
     if not env.active:

@@ -141,7 +141,8 @@ class DeadCounterSync:
 
 
 def average_scalar_buffers(module, env) -> None:
-    """DDP: running scalar statistics (e.g. BatchTopK's threshold) are averaged over ranks."""
+    """DDP: running scalar statistics are averaged over ranks (BatchTopK's threshold is already the
+    same on every rank, since it selects over the global batch; averaging keeps it)."""
     from difflens.train import distributed as ddp
 
     for buf in module.buffers():

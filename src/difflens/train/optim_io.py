@@ -63,5 +63,12 @@ def load_optimizer(opt: torch.optim.Optimizer, stem: str | Path) -> None:
         groups.append(g)
     current = opt.state_dict()["param_groups"]
     if [len(g["params"]) for g in current] != [len(g["params"]) for g in groups]:
-        raise DifflensError(f"optimizer state {stem}.* was written for different parameters; the run config changed")
+        if sum(len(g["params"]) for g in current) != sum(len(g["params"]) for g in groups):
+            raise DifflensError(f"optimizer state {stem}.* was written for different parameters; the run config changed")
+        # same parameters, split into groups differently (a TIDE run saved before its timestep MLP
+        # got its own group): state is indexed by parameter, so keep it and take today's groups
+        groups = [{**groups[0], "params": g["params"]} for g in current]
+    for g, cur in zip(groups, current):  # the lr multipliers are today's (older states lack them)
+        if "lr_scale" in cur:
+            g["lr_scale"] = cur["lr_scale"]
     opt.load_state_dict({"state": state, "param_groups": groups})

@@ -214,9 +214,14 @@ class Trainer:
         cfg = self.cfg
         m = Member(spec=spec, module=module)
         if getattr(module, "trainable", True):
-            scale = float(module.lr_scale()) if cfg.scale_lr else 1.0
-            m.base_lr = cfg.lr * scale
-            m.opt = make_adam(module.parameters(), lr=m.base_lr, betas=(float(cfg.beta1), float(cfg.beta2)), eps=cfg.eps)
+            groups = [dict(g) for g in module.param_groups()]
+            for g in groups:
+                g["lr_scale"] = float(g.get("lr_scale", 1.0)) if cfg.scale_lr else 1.0
+                g["lr"] = cfg.lr * g["lr_scale"]
+            m.base_lr = groups[0]["lr"]  # the dictionary matrices' lr (logged)
+            m.opt = make_adam(groups, lr=cfg.lr, betas=(float(cfg.beta1), float(cfg.beta2)), eps=cfg.eps)
+        if self.env.active and hasattr(module, "set_batch_comm"):
+            module.set_batch_comm(ddp.BatchComm(self.env))  # global-batch selection and AuxK statistics
         if self.env.is_main:
             m.log = MetricsLog(self.out / spec.name)
         return m
@@ -319,9 +324,10 @@ class Trainer:
                 extra.update({f"itda_{k}": v for k, v in fit.items() if k != "atoms" and isinstance(v, (int, float))})
                 self._log_train(m, step, r, extra)
             return
-        lr = m.base_lr * lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
+        factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
+        lr = m.base_lr * factor
         for g in m.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * factor
         m.opt.zero_grad(set_to_none=True)
         out = None
         m.module.train()
@@ -329,6 +335,8 @@ class Trainer:
         if n_local:
             out = m.module(x, t)
             (out.loss * (n_local / n_global)).backward()
+        elif env.active and hasattr(m.module, "join_without_rows"):
+            m.module.join_without_rows()  # the batch-level collectives need every rank
         params = [p for p in m.module.parameters() if p.requires_grad]
         if env.active:
             _sync_grads(params, env)
@@ -471,7 +479,8 @@ def make_adam(params, **kwargs) -> torch.optim.Adam:
     """Adam, fused on CPU when the build supports it (3-7x faster step than foreach on large
     matrices, docs/dictionaries.md); otherwise torch's default implementation."""
     params = list(params)
-    on_cpu = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+    flat = [p for g in params for p in g["params"]] if params and isinstance(params[0], dict) else params
+    on_cpu = bool(flat) and all(p.device.type == "cpu" and p.is_floating_point() for p in flat)
     if on_cpu and _fused_cpu_adam_works():
         try:
             return torch.optim.Adam(params, fused=True, **kwargs)
