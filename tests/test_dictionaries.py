@@ -129,7 +129,7 @@ def test_config_rejects_bad_values_with_a_fix(kw, msg):
 
 
 # ---- shapes and interface ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "tide"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "tide", "jumprelu", "matryoshka"])
 def test_shapes_and_unit_decoder_directions(arch):
     x, t = data()
     sae = make(arch, norm="pca-whiten")
@@ -505,7 +505,7 @@ def test_tide_inverts_its_film_and_needs_timesteps():
 
 
 # ---- checkpoints --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "tide"])
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "tide", "jumprelu", "matryoshka"])
 def test_checkpoint_round_trip_without_pickle(arch, tmp_path):
     x, t = data()
     sae = make(arch, norm="per-timestep")
@@ -613,3 +613,77 @@ def test_topk_sae_learns_a_planted_dictionary():
     # the planted directions are recovered by decoder rows
     cos = (true @ sae.decoder_directions().T).amax(1)
     assert float((cos > 0.9).float().mean()) > 0.9
+
+
+# ---- JumpReLU and Matryoshka BatchTopK --------------------------------------------------------------
+def test_jumprelu_codes_and_straight_through_gradients_match_an_independent_computation():
+    x, t = data()
+    sae = make("jumprelu", l0_coeff=0.01, jumprelu_bandwidth=0.5)
+    sae.init_from_data(x, t)
+    sae.train()
+    out = sae(x)
+    out.loss.backward()
+    with torch.no_grad():
+        xn = sae.norm.apply(x, None).double()
+        W_enc, W_dec = sae.W_enc_FD.double(), sae.W_dec_FD.double()
+        pre = (xn - sae.b_dec_D.double()) @ W_enc.T + sae.b_enc_F.double()
+        theta, eps, lam = sae.threshold_F.double(), 0.5, 0.01
+        z = torch.where(pre > theta, pre, 0.0)
+        x_hat = z @ W_dec + sae.b_dec_D.double()
+        B = x.shape[0]
+        mse = (x_hat - xn).pow(2).mean()
+        l0 = (pre > theta).double().sum(1).mean()
+        g_z = 2 * (x_hat - xn) @ W_dec.T / xn.numel()  # d mse / d z
+        kern = ((pre - theta).abs() / eps < 0.5).double()
+        g_theta = (g_z * (-theta / eps) * kern).sum(0) + lam / B * (-kern / eps).sum(0)
+    torch.testing.assert_close(out.codes.double(), z, atol=1e-5, rtol=1e-5)
+    assert float(out.losses["mse"].detach()) == pytest.approx(float(mse), rel=1e-5)
+    assert float(out.losses["l0"].detach()) == pytest.approx(lam * float(l0), rel=1e-6)
+    assert kern.sum() > 0  # the kernel is exercised
+    torch.testing.assert_close(sae.log_threshold_F.grad.double(), g_theta * theta, atol=1e-7, rtol=1e-4)
+
+
+def test_jumprelu_thresholds_start_at_l0_k_and_the_l0_penalty_sparsifies():
+    x, t = data(n=512)
+    res = {}
+    for lam in (0.0, 0.3):
+        sae = make("jumprelu", l0_coeff=lam, k=8)
+        sae.init_from_data(x, t)
+        sae.eval()
+        assert float((sae.encode(x) != 0).sum(1).float().mean()) == pytest.approx(8, rel=0.1)
+        sae.train()
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+        for _ in range(60):
+            opt.zero_grad()
+            sae(x).loss.backward()
+            opt.step()
+        res[lam] = float(sae(x).l0)
+    assert res[0.3] < 0.7 * res[0.0]
+
+
+def test_matryoshka_losses_are_the_nested_prefix_reconstructions():
+    x, t = data()
+    sae = make("matryoshka", k=4, matryoshka_prefixes=[16, 48, F], dead_after_tokens=1, k_aux=8)
+    sae.init_from_data(x, t)
+    sae.tokens_since_fired_F[::5] = 10
+    sae.train()
+    out = sae(x)
+    with torch.no_grad():
+        xn = sae.norm.apply(x, None).double()
+        pre = (xn - sae.b_dec_D.double()) @ sae.W_enc_FD.double().T + sae.b_enc_F.double()
+        keep = pre >= pre.reshape(-1).topk(4 * x.shape[0]).values.min()
+        z = torch.where(keep, pre, 0).relu()
+        W, b = sae.W_dec_FD.double(), sae.b_dec_D.double()
+        rec = {m: z[:, :m] @ W[:m] + b for m in (16, 48, F)}
+        mse = {m: float((r - xn).pow(2).mean()) for m, r in rec.items()}
+    assert set(out.losses) == {"mse", "prefix_mse", "auxk"}
+    assert float(out.losses["mse"].detach()) == pytest.approx(mse[F], rel=1e-4)
+    assert float(out.losses["prefix_mse"].detach()) == pytest.approx(mse[16] + mse[48], rel=1e-4)
+    assert mse[16] > mse[48] > mse[F]
+    torch.testing.assert_close(out.codes.double(), z, atol=1e-5, rtol=1e-5)
+    # inference is BatchTopK's fixed threshold
+    sae.eval()
+    codes = sae.encode(x)
+    assert torch.equal(codes != 0, sae._pre(sae.norm.apply(x, None)) > sae.threshold)
+    with pytest.raises(DifflensError, match="end at width"):
+        DictConfig(arch="matryoshka", d_in=8, width=32, k=2, matryoshka_prefixes=[8, 16])

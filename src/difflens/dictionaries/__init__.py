@@ -1,4 +1,4 @@
-"""Dictionaries over DiT activations: TopK / BatchTopK / ReLU SAEs, TIDE, ITDA; checkpoints in `io`.
+"""Dictionaries over DiT activations: TopK / BatchTopK / ReLU / JumpReLU / Matryoshka SAEs, TIDE, ITDA.
 
     from difflens.dictionaries import DictConfig, build
     sae = build(DictConfig(arch="topk", d_in=3072, width=65536, k=64, site="transformer_blocks.18:img"))
@@ -10,6 +10,8 @@ from difflens.dictionaries import io
 from difflens.dictionaries.base import ARCHITECTURES, Dictionary, DictOutput, architecture, register
 from difflens.dictionaries.config import DictConfig, config_class
 from difflens.dictionaries.itda import ITDA
+from difflens.dictionaries.jumprelu import JumpReLUSAE
+from difflens.dictionaries.matryoshka import MatryoshkaSAE
 from difflens.dictionaries.sae import BatchTopKSAE, ReLUSAE, TopKSAE
 from difflens.dictionaries.temporal import TIDESAE
 
@@ -35,6 +37,8 @@ __all__ = [
     "DictOutput",
     "Dictionary",
     "ITDA",
+    "JumpReLUSAE",
+    "MatryoshkaSAE",
     "ReLUSAE",
     "TIDESAE",
     "TopKSAE",
