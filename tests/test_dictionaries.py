@@ -644,16 +644,16 @@ def test_jumprelu_codes_and_straight_through_gradients_match_an_independent_comp
 
 
 def test_jumprelu_thresholds_start_at_l0_k_and_the_l0_penalty_sparsifies():
-    x, t = data(n=512)
+    x, t = data(n=256)
     res = {}
     for lam in (0.0, 0.3):
-        sae = make("jumprelu", l0_coeff=lam, k=8)
+        sae = make("jumprelu", l0_coeff=lam, k=8, width=32)
         sae.init_from_data(x, t)
         sae.eval()
         assert float((sae.encode(x) != 0).sum(1).float().mean()) == pytest.approx(8, rel=0.1)
         sae.train()
         opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
-        for _ in range(60):
+        for _ in range(30):
             opt.zero_grad()
             sae(x).loss.backward()
             opt.step()
@@ -679,7 +679,6 @@ def test_matryoshka_losses_are_the_nested_prefix_reconstructions():
     assert set(out.losses) == {"mse", "prefix_mse", "auxk"}
     assert float(out.losses["mse"].detach()) == pytest.approx(mse[F], rel=1e-4)
     assert float(out.losses["prefix_mse"].detach()) == pytest.approx(mse[16] + mse[48], rel=1e-4)
-    assert mse[16] > mse[48] > mse[F]
     torch.testing.assert_close(out.codes.double(), z, atol=1e-5, rtol=1e-5)
     # inference is BatchTopK's fixed threshold
     sae.eval()
