@@ -39,6 +39,23 @@ def _harvest(toy: Path, out: Path, n: int = 8, steps: int = 2):
     return adapter
 
 
+def _reseal(store: Path, samples_file: Path) -> None:
+    """Update the unit record's checksum of a samples file (readers check it)."""
+    import hashlib
+
+    sha = hashlib.sha256(samples_file.read_bytes()).hexdigest()
+    unit = samples_file.name[: -len(".jsonl")]
+    rec_path = store / "units" / f"{unit}.json"
+    rec = json.loads(rec_path.read_text())
+    rec["samples_sha256"] = sha
+    rec_path.write_text(json.dumps(rec))
+    m = json.loads((store / "manifest.json").read_text())
+    for js in m["shards"]:
+        if js["unit_id"] == unit:
+            js["samples_sha256"] = sha
+    (store / "manifest.json").write_text(json.dumps(m))
+
+
 def _plant_prompt(store: Path, sid: int, text: str) -> None:
     """Put `text` into the store's record of sample `sid` (prompts are data the browser must escape)."""
     for f in sorted((store / "samples").rglob("*")):
@@ -55,6 +72,7 @@ def _plant_prompt(store: Path, sid: int, text: str) -> None:
             out.append(line)
         if hit:
             f.write_text("\n".join(out) + "\n", encoding="utf-8")
+            _reseal(store, f)  # as a prompt written at harvest time would be: the checksum matches
             return
     raise AssertionError(f"sample {sid} not found in {store}")
 
@@ -104,6 +122,12 @@ def world(tmp_path_factory):
     fpath.write_text(json.dumps(feat))
     xss_sid = int(feat["top"][0]["sample_id"])
     _plant_prompt(root / "store", xss_sid, f"prompt {XSS}")
+    from difflens.store import Store
+
+    run_path = root / "interpret" / "run.json"  # the planted prompt changed the store's fingerprint
+    run = json.loads(run_path.read_text())
+    run["data"]["fingerprint"] = Store(root / "store").fingerprint()
+    run_path.write_text(json.dumps(run))
     return {"root": root, "toy": toy, "adapter": adapter, "dicts": dicts, "xss_sid": xss_sid}
 
 
@@ -199,9 +223,13 @@ def test_export_replaces_only_previous_sites(world, tmp_path):
     out = tmp_path / "s"
     export_site(world["dicts"][:1], out, show_progress=False, max_features=3, neighbours=2)
     assert len(list((out / "features" / "topk").glob("*.html"))) == 3
-    (out / "stale.txt").write_text("x")
+    (out / "stale.txt").write_text("x")  # a file the export did not write: refused, never deleted
+    with pytest.raises(DifflensError, match="did not write.*stale.txt"):
+        export_site(world["dicts"][:1], out, show_progress=False, max_features=2)
+    assert (out / "stale.txt").read_text() == "x"
+    (out / "stale.txt").unlink()
     export_site(world["dicts"][:1], out, show_progress=False, max_features=2)  # a re-export replaces the old site
-    assert not (out / "stale.txt").exists() and len(list((out / "features" / "topk").glob("*.html"))) == 2
+    assert len(list((out / "features" / "topk").glob("*.html"))) == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
     user = tmp_path / "mine"
     user.mkdir()
@@ -277,7 +305,7 @@ def test_server_binds_localhost_and_serves_only_its_files(served):
     c.putrequest("GET", "http://example.org/../secret.txt", skip_host=True)
     c.endheaders()
     r = c.getresponse()
-    assert r.status == 403 and b"outside" not in r.read()
+    assert r.status in (403, 421) and b"outside" not in r.read()  # 421: no Host header naming this server
     c.close()
 
 

@@ -465,7 +465,7 @@ def test_truncated_shard_named_on_read(tmp_path):
     shard = path / "shards" / "u002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
     store = Store(path)
-    with pytest.raises(DifflensError, match=r"shard .*u002\.safetensors is damaged.*delete"):
+    with pytest.raises(DifflensError, match=r"shard .*u002\.safetensors is damaged.*store repair"):
         store.meta(IMG)
     with pytest.raises(DifflensError, match=r"u002\.safetensors"):
         list(store.batches(IMG, 4))

@@ -22,6 +22,7 @@ VERB_MODULES = [
     "difflens.models.cli",
     "difflens.models.toy.cli",
     "difflens.harvest.cli",
+    "difflens.store.cli",
     "difflens.train.cli",
     "difflens.evaluate.cli",
     "difflens.evaluate.study",

@@ -35,6 +35,13 @@ def _read_json(path: Path):
         raise DifflensError(f"{path} is not readable JSON ({e}): re-run the step that wrote it") from None
 
 
+def _in(root: Path, rel: str) -> Path:
+    """A file of an interpretation folder, refused when a link (or `..`) leads out of it."""
+    from difflens.store.fsio import inside
+
+    return inside(root, rel, "interpretation file")
+
+
 def slug(name: str) -> str:
     """A file-name-safe form of a dictionary name (names come from folder names users chose)."""
     s = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)).strip(".") or "dict"
@@ -70,7 +77,7 @@ class DictEntry:
     def feature_json(self, f: int) -> dict | None:
         if self.interp is None:
             return None
-        return _read_json(self.interp / "features" / f"{int(f)}.json")
+        return _read_json(_in(self.interp, f"features/{int(f)}.json"))
 
 
 @dataclass
@@ -105,8 +112,10 @@ def _match_source(root: Path, entry: DictEntry) -> Path | None:
     """The <root>/<name> folder holding this dictionary's features, when site and size agree."""
     names = [entry.name, entry.arch]
     for n in names:
+        if not n or "/" in n or n in (".", ".."):
+            continue
         folder = root / n
-        idx = _read_json(folder / "features" / "index.json")
+        idx = _read_json(_in(root, f"{n}/features/index.json"))
         if not isinstance(idx, dict):
             continue
         src = idx.get("source") or {}
@@ -190,8 +199,8 @@ def resolve_inputs(dicts, *, interp=None, evaluation=None, store=None) -> Inputs
                     break
             if interp_root:
                 break
-    run = _read_json(interp_root / "run.json") if interp_root else None
-    comparison = _read_json(interp_root / "comparison.json") if interp_root else None
+    run = _read_json(_in(interp_root, "run.json")) if interp_root else None
+    comparison = _read_json(_in(interp_root, "comparison.json")) if interp_root else None
     for e in entries:
         if interp_root is None:
             continue
@@ -201,8 +210,8 @@ def resolve_inputs(dicts, *, interp=None, evaluation=None, store=None) -> Inputs
                          f"site {e.site} and {e.num_latents} features)")
             continue
         e.interp = folder
-        e.index = _read_json(folder / "features" / "index.json")
-        e.scores = _read_json(folder / "scores.json")
+        e.index = _read_json(_in(folder, "features/index.json"))
+        e.scores = _read_json(_in(folder, "scores.json"))
     if interp_root is None:
         notes.append("no interpretation found (pass --interp DIR, the `difflens interpret --out` folder): features "
                      "have no explanations, scores or top images")

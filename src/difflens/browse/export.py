@@ -35,6 +35,8 @@ import numpy as np
 from difflens.browse.assets import APP_JS, STYLE_CSS
 from difflens.browse.data import DictEntry, Inputs, resolve_inputs
 from difflens.errors import DifflensError
+from difflens.outdir import os_error_message
+from difflens.store.fsio import inside
 from difflens.utils import progress
 
 SITE_MARKER = "site.json"
@@ -275,6 +277,8 @@ def _plots(inputs: Inputs, folder: Path) -> list[dict]:
     out = []
 
     def add(src: Path | None, name: str, caption: str):
+        if src is not None:
+            src = inside(src.parent, src.name, "plot")
         if src is not None and src.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, folder / name)
@@ -290,11 +294,44 @@ def _plots(inputs: Inputs, folder: Path) -> list[dict]:
     return out
 
 
+def _site_files(folder: Path) -> set[str]:
+    """Every file, symlink and folder entry under `folder`, as relative POSIX paths (links not followed)."""
+    found: set[str] = set()
+    for top, dirs, files in os.walk(folder, followlinks=False):
+        rel = Path(top).relative_to(folder)
+        for name in files + [d for d in dirs if (Path(top) / d).is_symlink()]:
+            found.add((rel / name).as_posix())
+    return found
+
+
+def check_site_target(out: Path) -> None:
+    """`out` may be replaced only when it is absent, empty, or an earlier export holding nothing else.
+
+    An earlier export lists every file it wrote in site.json; a folder with any other file (a user's
+    thesis next to a stray site.json) is refused, never deleted.
+    """
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise DifflensError(f"--out {out} is a file or a link, not a site folder: pass a new or empty folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    try:
+        m = json.loads((out / SITE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        m = None
+    if not isinstance(m, dict) or m.get("format") != SITE_FORMAT or not isinstance(m.get("files"), list):
+        raise DifflensError(f"--out {out} exists and is not a site exported by difflens: pass a new or empty folder "
+                            "(nothing was changed or deleted)")
+    extra = sorted(_site_files(out) - set(map(str, m["files"])) - {SITE_MARKER})
+    if extra:
+        shown = ", ".join(extra[:5]) + (" ..." if len(extra) > 5 else "")
+        raise DifflensError(f"--out {out} is an earlier export but also holds files the export did not write ({shown}): "
+                            "move them out or pass another folder (nothing was changed or deleted)")
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished site into place; an existing target must be a previous export (never a user folder)."""
     if out.exists():
-        if out.is_file() or (any(out.iterdir()) and not (out / SITE_MARKER).exists()):
-            raise DifflensError(f"--out {out} exists and is not a site exported by difflens: pass a new or empty folder")
+        check_site_target(out)  # again: the folder may have changed while the site was built
         old = out.parent / f".{out.name}.old-{os.getpid()}-{int(time.time() * 1000)}"
         os.replace(out, old)
         os.replace(tmp, out)
@@ -318,11 +355,16 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
     if neighbours < 0:
         raise DifflensError(f"--neighbours must be >= 0, got {neighbours}")
     inputs = resolve_inputs(dicts, interp=interp, evaluation=evaluation, store=store)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and (out.is_file() or (any(out.iterdir()) and not (out / SITE_MARKER).exists())):
-        raise DifflensError(f"--out {out} exists and is not a site exported by difflens: pass a new or empty folder")
+    check_site_target(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DifflensError(os_error_message(e, out.parent, "create")) from None
     samples = _Samples(inputs.store_path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise DifflensError(os_error_message(e, out.parent, "write into")) from None
     try:
         (tmp / "app.js").write_text(APP_JS, encoding="utf-8")
         (tmp / "style.css").write_text(STYLE_CSS, encoding="utf-8")
@@ -380,7 +422,7 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
             for i, r in enumerate(rows[e.slug]):
                 f = r["f"]
                 detail = e.feature_json(f) if (r["maps"] and e.interp is not None) else None
-                grid_src = e.interp / "heatmaps" / f"feature_{f}.png" if e.interp else None
+                grid_src = inside(e.interp, f"heatmaps/feature_{f}.png", "heatmap grid") if e.interp else None
                 has_grid = bool(grid_src and grid_src.is_file())
                 if has_grid:
                     shutil.copyfile(grid_src, folder / f"grid_{f}.png")
@@ -421,11 +463,15 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
                     "store": str(inputs.store_path) if inputs.store_path else None,
                     "images": len(samples.used), "heatmap_grids": grids_count, "notes": inputs.notes,
                     "playground": playground is not None}
+        manifest["files"] = sorted(_site_files(tmp) | {SITE_MARKER})
         (tmp / SITE_MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         for p in tmp.rglob("*"):  # mkdtemp made the folder 0700; give the site ordinary permissions
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         os.chmod(tmp, 0o755)
         _replace_dir(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DifflensError(os_error_message(e, out)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,10 +1,15 @@
 """`difflens browse serve`: the exported site over HTTP, plus the playground's JSON API.
 
-Security model: binds 127.0.0.1 unless told otherwise; serves files only from the site folder
-(the request path is decoded, resolved and must stay inside it — `..`, encoded `%2e%2e`,
-absolute paths, NUL bytes and symlinks leading out are refused); sends a Content-Security-Policy
-that allows only the site's own script; the API takes small JSON bodies, validates every field and
-answers errors as JSON `{"error": message}` (no tracebacks).
+Security model (docs/security.md): binds 127.0.0.1 unless told otherwise; answers only requests whose
+`Host` header names the address it serves (a DNS-rebinding page cannot read it); serves files only
+from the site folder (the request path is decoded, resolved and must stay inside it — `..`, encoded
+`%2e%2e`, absolute paths, NUL bytes and symlinks leading out are refused); sends a
+Content-Security-Policy that allows only the site's own script. The API takes POSTs only with
+`Content-Type: application/json` and, when the browser sends an `Origin`, only from the served
+origin (no cross-site form or text/plain POST can start a generation); small bodies, at most
+MAX_JSON_DEPTH levels deep, finite numbers only; every field validated; errors as JSON
+`{"error": message}` (no tracebacks). Each connection has a read timeout, so stalled clients do not
+hold threads; SIGTERM stops the server like Ctrl-C and removes its temporary site folder.
 
 API (POST, JSON body):
     /api/generate  {prompt, seed, steps, dict}                 -> image + per step / per token top features
@@ -14,10 +19,12 @@ API (POST, JSON body):
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
 import shutil
+import signal
 import tempfile
 import threading
 from http import HTTPStatus
@@ -31,6 +38,8 @@ from difflens.browse.export import CSP, export_site, read_site_manifest
 from difflens.errors import DifflensError
 
 MAX_BODY = 64 * 1024
+MAX_JSON_DEPTH = 16
+READ_TIMEOUT = 15.0  # seconds a connection may stall while sending its request
 MAX_PROMPT = 500
 MAX_STEPS = 50
 TOP_PER_TOKEN = 5
@@ -163,10 +172,85 @@ def resolve_in_site(root: Path, url_path: str) -> Path | None:
     return target
 
 
+def json_depth(text: str) -> int:
+    """Deepest nesting of [ and { outside strings (bounded work: one pass over a small body)."""
+    depth = best = 0
+    in_str = esc = False
+    for ch in text:
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+        elif ch == '"':
+            in_str = True
+        elif ch in "[{":
+            depth += 1
+            best = max(best, depth)
+        elif ch in "]}":
+            depth -= 1
+    return best
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_body(raw: bytes):
+    """The request body as JSON: UTF-8, shallow, finite numbers only; ValueError with the reason otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("the body is not UTF-8") from None
+    if json_depth(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"the body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise ValueError("the body is nested too deeply") from None
+    except ValueError as e:
+        raise ValueError(f"the body is not valid JSON ({e})") from None
+
+    def finite(v) -> bool:
+        if isinstance(v, float):
+            return math.isfinite(v)
+        if isinstance(v, dict):
+            return all(finite(x) for x in v.values())
+        if isinstance(v, list):
+            return all(finite(x) for x in v)
+        return True
+
+    if not finite(body):  # e.g. 1e999 parses to inf
+        raise ValueError("the body holds a number out of range (inf)")
+    return body
+
+
+def allowed_hosts(host: str, port: int) -> set[str]:
+    """Host header values that name this server (loopback aliases when bound to loopback)."""
+    names = {host}
+    if host in ("127.0.0.1", "localhost", "::1"):
+        names |= {"127.0.0.1", "localhost", "[::1]"}
+    if ":" in host and not host.startswith("["):
+        names.add(f"[{host}]")
+    return {f"{n}:{port}" for n in names}
+
+
 def _make_handler(root: Path, playground: Playground | None, quiet: bool):
     class Handler(BaseHTTPRequestHandler):
         server_version = "difflens-browse"
         sys_version = ""
+        timeout = READ_TIMEOUT  # socket timeout for each connection: a stalled client is dropped
+
+        def _host_ok(self) -> bool:
+            return (self.headers.get("Host") or "").lower() in self.server.allowed_hosts
+
+        def _origin_ok(self) -> bool:
+            origin = self.headers.get("Origin")
+            if origin is None:  # not a browser request (browsers send Origin on every POST)
+                return True
+            return origin.lower() in {f"http://{h}" for h in self.server.allowed_hosts}
 
         def log_message(self, fmt, *args):  # noqa: A003 - stdlib name
             if not quiet:
@@ -211,12 +295,23 @@ def _make_handler(root: Path, playground: Playground | None, quiet: bool):
             self._send(200, target.read_bytes(), ctype, head)
 
         def do_GET(self):  # noqa: N802 - stdlib name
+            if not self._host_ok():
+                return self._error(421, "misdirected request: unknown Host")
             self._file(head=False)
 
         def do_HEAD(self):  # noqa: N802
+            if not self._host_ok():
+                return self._error(421, "misdirected request: unknown Host", head=True)
             self._file(head=True)
 
         def do_POST(self):  # noqa: N802
+            if not self._host_ok():
+                return self._json(421, {"error": "misdirected request: unknown Host"})
+            if not self._origin_ok():
+                return self._json(403, {"error": "cross-origin requests are refused"})
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return self._json(415, {"error": "send the body as Content-Type: application/json"})
             route = urlsplit(self.path).path
             if route not in ("/api/generate", "/api/steer"):
                 return self._json(404, {"error": f"no API endpoint {route}"})
@@ -229,9 +324,9 @@ def _make_handler(root: Path, playground: Playground | None, quiet: bool):
             if not 0 < n <= MAX_BODY:
                 return self._json(400, {"error": f"send a JSON body of at most {MAX_BODY} bytes"})
             try:
-                body = json.loads(self.rfile.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                return self._json(400, {"error": "the body is not valid JSON"})
+                body = parse_body(self.rfile.read(n))
+            except ValueError as e:
+                return self._json(400, {"error": str(e)})
             try:
                 out = playground.generate(body) if route == "/api/generate" else playground.steer(body)
             except DifflensError as e:
@@ -254,6 +349,8 @@ def make_server(site: str | Path, *, host: str = "127.0.0.1", port: int = 0, pla
     except OSError as e:
         raise DifflensError(f"cannot listen on {host}:{port} ({e.strerror or e}): pick another --port (0 = any free one)") from None
     httpd.daemon_threads = True
+    h, p = httpd.server_address[:2]
+    httpd.allowed_hosts = allowed_hosts(str(h) if host not in ("localhost",) else host, int(p))
     return httpd
 
 
@@ -312,25 +409,43 @@ def serve(dicts, *, host: str = "127.0.0.1", port: int = 8000, out=None, interp=
         inputs = resolve_inputs(dicts, interp=interp, evaluation=evaluation, store=store)
         rows = {e.slug: _feature_rows(e, max_features) for e in inputs.dicts}
         config.update(playground_page_extras(rows, config["slugs"]))
-    tmp = None
-    if out is None:
-        tmp = Path(tempfile.mkdtemp(prefix="difflens-site-"))
-        out = tmp / "site"
-    try:
-        site = export_site(dicts, out, interp=interp, evaluation=evaluation, store=store, neighbours=neighbours,
-                           max_features=max_features, playground=config, title=title)
-        httpd = make_server(site, host=host, port=port, playground=pg)
-        h, p = httpd.server_address[:2]
-        shown = f"[{h}]" if ":" in str(h) else h
-        print(f"serving {site} at http://{shown}:{p}/ (Ctrl-C to stop)", flush=True)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            print(f"warning: listening on {host}: anyone who can reach this address can use the playground", flush=True)
+    with _sigterm_as_interrupt():
+        tmp = None
+        if out is None:
+            tmp = Path(tempfile.mkdtemp(prefix="difflens-site-"))
+            out = tmp / "site"
         try:
-            httpd.serve_forever()
-        except KeyboardInterrupt:
-            pass
+            site = export_site(dicts, out, interp=interp, evaluation=evaluation, store=store, neighbours=neighbours,
+                               max_features=max_features, playground=config, title=title)
+            httpd = make_server(site, host=host, port=port, playground=pg)
+            h, p = httpd.server_address[:2]
+            shown = f"[{h}]" if ":" in str(h) else h
+            print(f"serving {site} at http://{shown}:{p}/ (Ctrl-C to stop)", flush=True)
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                print(f"warning: listening on {host}: anyone who can reach this address can use the playground", flush=True)
+            try:
+                httpd.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                httpd.server_close()
         finally:
-            httpd.server_close()
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a service manager, `kill`) stops the server like Ctrl-C, so the finally blocks clean up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, old)

@@ -86,7 +86,10 @@ def read_prompts(path: str, column: str | None = None) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise DifflensError(f"prompts file {path} not found; pass a .txt (one prompt per line) or .jsonl file")
-    lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise DifflensError(f"prompts file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     if p.suffix == ".jsonl":
         out = []
         key = column or "prompt"

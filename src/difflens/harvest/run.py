@@ -103,18 +103,18 @@ def harvest(
     sites = [Site.parse(s) for s in cfg.sites]
     dims = {str(s): adapter.site_dim(s) for s in sites}
     out = Path(out)
-    if out.exists() and (out / "manifest.json").exists() and not (resume or append):
-        raise DifflensError(f"{out} already holds a store; pass --resume to continue that harvest or choose a new --out")
     # Every rank checks before any rank creates the store (else late ranks see rank 0's fresh
     # manifest and refuse), and nobody writes until all have opened it (opening cleans temp files).
     _barrier(world)
-    writer = StoreWriter.open(out, model=adapter.model_id, sites=dims, dtype=cfg.dtype, harvest_config=cfg.to_json(), append=append)
+    writer = StoreWriter.open(out, model=adapter.model_id, sites=dims, dtype=cfg.dtype, harvest_config=cfg.to_json(), append=append, resume=resume)
     _barrier(world)
     done = writer.done_units()
 
     samples = plan_samples(prompts, cfg.seeds, scenes, is_toy)
+    for s in samples:  # an appended configuration's samples follow the store's existing ones
+        s.sample_id += writer.first_sample_id
     units = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-    mine = [(u, batch) for u, batch in enumerate(units) if u % world == rank and f"u{u:07d}" not in done]
+    mine = [(u, batch) for u, batch in enumerate(units) if u % world == rank and writer.unit_id(u) not in done]
     text_tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
 
     rows_written = 0
@@ -144,7 +144,7 @@ def harvest(
             _add_readings(records, gen.images)
         images = {s.sample_id: _png(img) for s, img in zip(batch, gen.images)}
         rows = rec.rows()
-        writer.write_unit(f"u{u:07d}", rows, samples=records, images=images)
+        writer.write_unit(writer.unit_id(u), rows, samples=records, images=images)
         rows_written += sum(a.shape[0] for a, _ in rows.values())
         bar.update(len(batch))
         bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")

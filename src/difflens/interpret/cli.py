@@ -153,6 +153,9 @@ def _dict_sites(paths: list[str]) -> list[str]:
 def run(args) -> int:
     if not args.out:
         raise DifflensError("--out is required: the folder for caches, heatmaps, scores and the report")
+    from difflens.outdir import claim_out_dir
+
+    claim_out_dir(args.out, "interpret", accept_if=lambda p: (p / "run.json").is_file())
     from difflens.evaluate.cli import expand_dict_paths
     from difflens.interpret.pipeline import run_pipeline
 

@@ -7,12 +7,18 @@ timeouts / dropped connections (honouring Retry-After), a thread-pool concurrenc
 token / cost tally from each response's `usage`. Failures come back as `ChatResult(ok=False)`,
 never as exceptions, so one bad answer cannot stop a run of thousands.
 
-The API key is sent in the Authorization header only: it is never part of the cache key, the
-cache files, the request log, error messages or `ClientConfig.public()`.
+The API key is sent in the Authorization header only, and only to the configured origin: redirects
+are never followed (an answer 3xx is a failure naming where it pointed). It is never part of the
+cache key, the cache files, the request log, error messages or `ClientConfig.public()`. `timeout` is
+a total deadline per HTTP request (a server trickling bytes cannot hold a request longer). When most
+requests of a batch fail, `complete_many` raises DifflensError with a summary, so a run cannot
+silently report chance-level scores. The standard library is enough for this; the `openai` SDK is
+not used (no extra dependency, and these guarantees stay in one small file).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
@@ -21,8 +27,8 @@ import random
 import socket
 import threading
 import time
-import urllib.error
-import urllib.request
+import sys
+from urllib.parse import urlsplit
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ ENV_BASE_URL = "DIFFLENS_VLM_BASE_URL"
 ENV_MODEL = "DIFFLENS_VLM_MODEL"
 ENV_API_KEYS = ("DIFFLENS_VLM_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024
 
 
 @dataclass
@@ -41,7 +48,7 @@ class ClientConfig:
     base_url: str
     model: str
     api_key: str | None = field(default=None, repr=False)
-    timeout: float = 60.0  # seconds per HTTP request
+    timeout: float = 60.0  # seconds per HTTP request, in total (connect, send, wait, read)
     max_retries: int = 5  # retries after the first attempt
     backoff: float = 1.0  # first retry waits ~backoff s, then doubling
     max_backoff: float = 30.0
@@ -50,6 +57,7 @@ class ClientConfig:
     temperature: float = 0.0
     price_input: float = 0.0  # USD per 1M prompt tokens (for the tally)
     price_output: float = 0.0  # USD per 1M completion tokens
+    max_failure_fraction: float = 0.5  # complete_many stops the run when more requests than this fail
 
     @classmethod
     def from_env(cls, base_url: str | None = None, model: str | None = None, api_key: str | None = None, **kw) -> ClientConfig:
@@ -161,7 +169,26 @@ class ChatClient:
                 results[futs[fut]] = fut.result()
                 bar.update(1)
         bar.close()
+        self._check_failures([results[i] for i in uniq], desc)
         return [results[first[k]] for k in keys]
+
+    def _check_failures(self, results: list[ChatResult], desc: str) -> None:
+        """Most requests failing means the scores would be noise: stop with a summary; warn on some."""
+        failed = [r for r in results if not r.ok]
+        if not failed:
+            return
+        errors: dict[str, int] = {}
+        for r in failed:
+            key = (r.error or "unknown error")[:160]
+            errors[key] = errors.get(key, 0) + 1
+        common = "; ".join(f"{n}x {e}" for e, n in sorted(errors.items(), key=lambda kv: -kv[1])[:3])
+        summary = f"{desc}: {len(failed)} of {len(results)} VLM requests failed ({common})"
+        if len(failed) > self.config.max_failure_fraction * len(results):
+            raise DifflensError(
+                f"{summary}. Stopping: scores from so few answers would be meaningless. Check --vlm-base-url, "
+                "--vlm-model and the API key; answers that did arrive are cached, so a re-run does not pay for them again"
+            )
+        print(f"warning: {summary}; their scores count as failures", file=sys.stderr)
 
     # ---- HTTP ---------------------------------------------------------------------------------
     def _call(self, key: str, messages: list) -> ChatResult:
@@ -207,30 +234,69 @@ class ChatClient:
         return ChatResult(False, attempts=c.max_retries + 1, status=status, error=f"gave up after {c.max_retries + 1} attempts: {last}")
 
     def _post(self, body: bytes, headers: dict) -> tuple[dict, int]:
-        req = urllib.request.Request(self.config.url, data=body, headers=headers, method="POST")
+        """One POST with a total deadline of `config.timeout` seconds; redirects are never followed."""
+        c = self.config
+        u = urlsplit(c.url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise _Fatal(f"the VLM base URL must be http(s)://host[:port]/..., got scheme {u.scheme!r}")
+        conn_cls = http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection
+        conn = conn_cls(u.hostname, u.port, timeout=c.timeout)
+        fired = threading.Event()
+
+        def abort() -> None:  # the deadline: unblock whatever read or write is in progress
+            fired.set()
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+        deadline = time.monotonic() + c.timeout
+        timer = threading.Timer(c.timeout, abort)
+        timer.daemon = True
+        timer.start()
         try:
-            with urllib.request.urlopen(req, timeout=self.config.timeout) as resp:
-                raw = resp.read()
-                status = resp.status
-        except urllib.error.HTTPError as e:
-            detail = self._clean(e.read()[:300].decode("utf-8", "replace")) if e.fp else ""
-            ra = e.headers.get("Retry-After") if e.headers else None
+            conn.request("POST", u.path + (f"?{u.query}" if u.query else ""), body=body, headers=headers)
+            resp = conn.getresponse()
+            status = resp.status
+            parts, total = [], 0
+            while chunk := resp.read1(65536):
+                parts.append(chunk)
+                total += len(chunk)
+                if total > MAX_RESPONSE_BYTES:
+                    raise _Fatal(f"response larger than {MAX_RESPONSE_BYTES} bytes: refused", status)
+                if time.monotonic() > deadline:
+                    raise TimeoutError("deadline passed while reading the answer")
+            raw = b"".join(parts)
+            location = resp.getheader("Location")
+            retry_after_h = resp.getheader("Retry-After")
+        except _Fatal:
+            raise
+        except (TimeoutError, socket.timeout) as e:
+            raise _Retryable(f"timeout: no complete answer within {c.timeout:g} s ({e})") from None
+        except (ConnectionError, http.client.HTTPException, OSError) as e:
+            if fired.is_set():
+                raise _Retryable(f"timeout: no complete answer within {c.timeout:g} s") from None
+            raise _Retryable(f"connection error: {type(e).__name__} {self._clean(str(e))}") from None
+        finally:
+            timer.cancel()
+            conn.close()
+        if 300 <= status < 400:
+            to = urlsplit(location or "")
+            where = f"{to.scheme}://{to.netloc}" if to.netloc else "a relative location"
+            raise _Fatal(
+                f"HTTP {status} redirect to {where}: not followed, so the API key goes only to "
+                f"{u.scheme}://{u.netloc}; set --vlm-base-url to the address the server points to", status
+            )
+        if status >= 400:
+            detail = self._clean(raw[:300].decode("utf-8", "replace"))
             try:
-                retry_after = float(ra) if ra is not None else None
+                retry_after = float(retry_after_h) if retry_after_h is not None else None
             except ValueError:
                 retry_after = None
-            msg = f"HTTP {e.code} {detail}".strip()
-            if e.code in RETRY_STATUS or e.code >= 500:
-                raise _Retryable(msg, e.code, retry_after) from None
-            raise _Fatal(msg, e.code) from None
-        except (TimeoutError, socket.timeout) as e:
-            raise _Retryable(f"timeout after {self.config.timeout:g} s ({e})") from None
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"timeout after {self.config.timeout:g} s") from None
-            raise _Retryable(f"connection error: {self._clean(str(e.reason))}") from None
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
-            raise _Retryable(f"connection error: {type(e).__name__} {self._clean(str(e))}") from None
+            msg = f"HTTP {status} {detail}".strip()
+            if status in RETRY_STATUS or status >= 500:
+                raise _Retryable(msg, status, retry_after)
+            raise _Fatal(msg, status)
         try:
             data = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):

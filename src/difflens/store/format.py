@@ -125,9 +125,8 @@ def image_rel(sample_id: int) -> str:
 
 def damaged_shard_error(path: Path, why: str) -> DifflensError:
     """One wording for every damaged-shard problem, always with the way out."""
-    unit = path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
-    record = path.parent.parent / UNITS_DIR / f"{unit}.json"
+    root = path.parent.parent
     return DifflensError(
-        f"shard {path} is damaged ({why}). Fix: delete {path} and {record}, then re-run the "
-        "harvest with --resume to regenerate that unit"
+        f"shard {path} is damaged ({why}). Fix: run `difflens store repair {root}` (it sets damaged units aside), "
+        "then re-run the harvest with --resume to regenerate them"
     )

@@ -24,6 +24,27 @@ def temp_path(final: Path) -> Path:
     return final.parent / f".{final.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+def inside(root: Path, rel: str | os.PathLike, what: str = "path") -> Path:
+    """`root / rel`, refused (DifflensError) when it would leave `root`: absolute, `..`, or a link out.
+
+    Every file a store, an interpretation or the browser reads from a folder goes through this, so
+    a tampered record or a planted symlink cannot make difflens read (or copy, or serve) other files.
+    """
+    from difflens.errors import DifflensError
+
+    text = os.fspath(rel)
+    relp = Path(text)
+    if not text or relp.is_absolute() or ".." in relp.parts or "\x00" in text or text.startswith("~"):
+        raise DifflensError(f"{what} {text!r} is not a plain path inside {root}: refused (the record was altered?)")
+    path = Path(root) / relp
+    real_root, real = Path(root).resolve(), path.resolve()
+    if real != real_root and real_root not in real.parents:
+        raise DifflensError(
+            f"{path} leads out of {root} (a link to {real}): refused; put the file itself there instead of a link"
+        )
+    return path
+
+
 def is_temp_name(name: str) -> bool:
     return _TEMP.match(name) is not None
 

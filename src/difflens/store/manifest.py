@@ -23,6 +23,8 @@ from difflens.store.format import (
     UNITS_DIR,
     check_site,
     check_unit_id,
+    samples_rel,
+    shard_rel,
 )
 from difflens.store.fsio import dumps
 
@@ -107,10 +109,15 @@ class UnitRecord:
                 config=int(js.get("config", 0)),
                 written_at=float(js.get("written_at", 0.0)),
             )
+            if rec.shard != shard_rel(rec.unit_id) or rec.samples not in (None, samples_rel(rec.unit_id)):
+                raise ValueError(
+                    f"its paths ({rec.shard!r}, {rec.samples!r}) are not the unit's own files "
+                    f"{shard_rel(rec.unit_id)!r} / {samples_rel(rec.unit_id)!r}"
+                )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise DifflensError(
-                f"unit record {where} is malformed ({type(e).__name__}: {e}). Fix: delete it and re-run "
-                "the harvest with --resume to regenerate that unit"
+                f"unit record {where} is malformed ({type(e).__name__}: {e}). Fix: run `difflens store repair "
+                "<store>` (it sets the unit aside), then re-run the harvest with --resume to regenerate that unit"
             ) from None
         return rec
 
@@ -152,30 +159,72 @@ def load_manifest(root: Path) -> dict | None:
         raise DifflensError(
             f"{root} has store schema version {v}, this difflens reads up to {SCHEMA_VERSION}: upgrade difflens"
         )
+    check_manifest_fields(path, m)
     return m
 
 
-def load_records(root: Path, manifest: dict) -> list[UnitRecord]:
-    """Union of the manifest's consolidated records and the per-unit commit files, by unit id."""
+def check_manifest_fields(path: Path, m: dict) -> None:
+    """The fields every reader relies on, so a damaged manifest is named instead of crashing a reader."""
+    problems = []
+    if m.get("dtype") not in ACT_DTYPES:
+        problems.append(f"dtype is {m.get('dtype')!r} (must be one of {sorted(ACT_DTYPES)})")
+    sites = m.get("sites")
+    if not isinstance(sites, dict) or not sites:
+        problems.append("sites is not a non-empty {site: width} object")
+    else:
+        bad = [s for s, d in sites.items() if isinstance(d, bool) or not isinstance(d, int) or d <= 0]
+        if bad:
+            problems.append(f"sites {bad} have no positive integer width")
+    if not isinstance(m.get("configs"), list) or not m["configs"]:
+        problems.append("configs is not a non-empty list")
+    if not isinstance(m.get("shards", []), list):
+        problems.append("shards is not a list")
+    if problems:
+        raise DifflensError(
+            f"{path} is damaged: {'; '.join(problems)}. The shards are not blamed: run `difflens store repair "
+            f"{path.parent}` to restore these fields from the shards, or restore manifest.json from a backup"
+        )
+
+
+def load_records(root: Path, manifest: dict, bad: list | None = None) -> list[UnitRecord]:
+    """Union of the manifest's consolidated records and the per-unit commit files, by unit id.
+
+    With `bad` (a list), malformed records are collected there as (unit id or file, message)
+    instead of raising, so `difflens store repair` can drop them.
+    """
     by_id: dict[str, UnitRecord] = {}
-    for js in manifest.get("shards", []):
-        rec = UnitRecord.from_json(js, f"{root / MANIFEST} (shards entry)")
+
+    def take(js, where: str, unit_hint: str) -> None:
+        try:
+            if not isinstance(js, dict):
+                raise DifflensError(f"unit record {where} is malformed (not a JSON object). Fix: run `difflens store "
+                                    f"repair {root}`, then re-run the harvest with --resume")
+            rec = UnitRecord.from_json(js, where)
+        except DifflensError as e:
+            if bad is None:
+                raise
+            bad.append((str(js.get("unit_id")) if isinstance(js, dict) and js.get("unit_id") else unit_hint, str(e)))
+            return
         by_id[rec.unit_id] = rec
+
+    for i, js in enumerate(manifest.get("shards", [])):
+        take(js, f"{root / MANIFEST} (shards entry {i})", f"shards[{i}]")
     units = root / UNITS_DIR
     if units.is_dir():
-        for entry in os.scandir(units):
+        for entry in sorted(os.scandir(units), key=lambda e: e.name):
             if not entry.name.endswith(".json") or entry.name.startswith("."):
                 continue
             try:
                 with open(entry.path, encoding="utf-8") as f:
                     js = json.load(f)
-            except ValueError as e:
-                raise DifflensError(
-                    f"unit record {entry.path} is not valid JSON ({e}). Fix: delete it and re-run the "
-                    "harvest with --resume to regenerate that unit"
-                ) from None
-            rec = UnitRecord.from_json(js, entry.path)
-            by_id[rec.unit_id] = rec  # the commit file is the source of truth
+            except (ValueError, UnicodeDecodeError) as e:
+                msg = (f"unit record {entry.path} is not valid JSON ({e}). Fix: run `difflens store repair {root}`, "
+                       "then re-run the harvest with --resume to regenerate that unit")
+                if bad is None:
+                    raise DifflensError(msg) from None
+                bad.append((entry.name[: -len(".json")], msg))
+                continue
+            take(js, entry.path, entry.name[: -len(".json")])  # the commit file is the source of truth
     return [by_id[k] for k in sorted(by_id)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -25,6 +26,8 @@ from difflens.store.format import (
     image_rel,
     tensor_name,
 )
+from difflens.store.fsio import inside
+from difflens.store.integrity import check_columns, header_layout, manifest_blame, scan_shard
 from difflens.store.manifest import UnitRecord, consolidate, fingerprint, load_manifest, load_records
 from difflens.store.shardfile import SafetensorsFile, sha256_file
 from difflens.store.shuffle import (
@@ -63,19 +66,31 @@ class BatchStream:
 class Store:
     """Read a store: metadata, rows by index, shuffled batches, statistics, integrity checks."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, check_data: bool = True):
         self.root = Path(path)
+        self.check_data = check_data  # checksum + finite values once per shard per process
         if not self.root.is_dir():
             raise DifflensError(f"store {self.root} does not exist: harvest one first or fix the path")
         self.refresh()
+
+    @classmethod
+    def from_parts(cls, root: Path, manifest: dict, records: list[UnitRecord]) -> Store:
+        """A reader over an already loaded manifest and record list (used by repair)."""
+        self = cls.__new__(cls)
+        self.root, self.check_data = Path(root), True
+        self._reset(manifest, records)
+        return self
 
     def refresh(self) -> None:
         """Re-read the manifest and unit records (pick up units committed since opening)."""
         m = load_manifest(self.root)
         if m is None:
             raise DifflensError(f"{self.root} is not a difflens store (no manifest.json): point to a harvest output folder")
+        self._reset(m, load_records(self.root, m))
+
+    def _reset(self, m: dict, records: list[UnitRecord]) -> None:
         self._manifest = m
-        self._records: list[UnitRecord] = load_records(self.root, m)
+        self._records: list[UnitRecord] = records
         self._files: dict[int, SafetensorsFile] = {}
         self._checked: set[tuple[int, str]] = set()
         self._offsets: dict[str, np.ndarray] = {}
@@ -130,15 +145,22 @@ class Store:
     # ---- shard access ----------------------------------------------------------------------
 
     def _file(self, i: int, site: str) -> SafetensorsFile:
-        """Shard i, with its header checked against the record for `site` once."""
+        """Shard i, checked once per process (checksum, finite activations) and per site (header, columns)."""
         rec = self._records[i]
         if i not in self._files:
-            self._files[i] = SafetensorsFile(self.root / rec.shard, rec.bytes)
+            f = SafetensorsFile(inside(self.root, rec.shard, "shard path"), rec.bytes)
+            if self.check_data:
+                sites = [s for s in rec.rows if rec.rows[s] and tensor_name(s, "acts") in f.tensors]
+                scan_shard(f, rec.sha256, sites)
+            self._files[i] = f
         f = self._files[i]
         if (i, site) not in self._checked:
             n, d = rec.rows.get(site, 0), self.d(site)
             acts = f.info(tensor_name(site, "acts"))
             if acts.shape != (n, d) or acts.st_dtype != ACT_DTYPES[self.dtype].st:
+                blame = self._blame_manifest(site)
+                if blame is not None:
+                    raise blame
                 raise damaged_shard_error(
                     f.path, f"{site} acts are {acts.st_dtype}{list(acts.shape)}, record says {ACT_DTYPES[self.dtype].st}[{n}, {d}]"
                 )
@@ -146,8 +168,29 @@ class Store:
                 t = f.info(tensor_name(site, c))
                 if t.shape != (n,) or t.np_dtype != COLUMNS[c]:
                     raise damaged_shard_error(f.path, f"column {site}/{c} is {t.st_dtype}{list(t.shape)}, expected {n} rows")
+            if self.check_data:
+                check_columns(f, site, n, self._steps_of(rec))
             self._checked.add((i, site))
         return f
+
+    def _steps_of(self, rec: UnitRecord) -> int | None:
+        """The number of denoising steps the unit's harvest ran (None when the config does not say)."""
+        try:
+            steps = self._manifest["configs"][rec.config]["harvest_config"].get("steps")
+        except (IndexError, KeyError, TypeError, AttributeError):
+            return None
+        return int(steps) if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+
+    def _blame_manifest(self, site: str) -> DifflensError | None:
+        layouts = []
+        for rec in self._records:
+            if not rec.rows.get(site, 0):
+                continue
+            try:
+                layouts.append(header_layout(SafetensorsFile(inside(self.root, rec.shard, "shard path")), site))
+            except DifflensError:
+                layouts.append(None)
+        return manifest_blame(self.root, site, self.dtype, self.d(site), layouts)
 
     def _columns_for(self, site: str, columns) -> list[str]:
         """Validate requested metadata columns; optional ones must exist in every shard of the site."""
@@ -219,13 +262,16 @@ class Store:
             for rec in self._records:
                 if not rec.samples:
                     continue
-                path = self.root / rec.samples
+                path = inside(self.root, rec.samples, "samples path")
                 try:
-                    lines = path.read_text(encoding="utf-8").splitlines()
+                    blob = path.read_bytes()
+                    if self.check_data and rec.samples_sha256 and hashlib.sha256(blob).hexdigest() != rec.samples_sha256:
+                        raise ValueError("checksum mismatch: it changed after it was written")
+                    lines = blob.decode("utf-8").splitlines()
                     items = [json.loads(line) for line in lines if line.strip()]
                 except (OSError, ValueError) as e:
                     raise DifflensError(
-                        f"samples file {path} is unreadable ({e}). Fix: delete it and units/{rec.unit_id}.json, "
+                        f"samples file {path} is unreadable ({e}). Fix: run `difflens store repair {self.root}`, "
                         "then re-run the harvest with --resume"
                     ) from None
                 for s in items:
@@ -239,8 +285,17 @@ class Store:
             self._samples = [by_id[k][1] for k in sorted(by_id)]
         return [dict(s) for s in self._samples]
 
+    def shards_of_samples(self, site: str, sample_ids) -> list[str]:
+        """The shard files holding rows of these samples at `site` (for error messages)."""
+        want = np.unique(np.asarray(sample_ids.cpu() if isinstance(sample_ids, torch.Tensor) else sample_ids).reshape(-1))
+        out = []
+        for i, rec in enumerate(self._records):
+            if rec.rows.get(site, 0) and np.isin(self._file(i, site).read(tensor_name(site, "sample_id")), want).any():
+                out.append(str(self.root / rec.shard))
+        return out
+
     def image_path(self, sample_id: int) -> Path:
-        p = self.root / image_rel(sample_id)
+        p = inside(self.root, image_rel(sample_id), "image path")
         if not p.exists():
             raise DifflensError(f"no image for sample {sample_id} in {self.root}: harvest with images saved to get them")
         return p
@@ -271,40 +326,61 @@ class Store:
             return None
         return stats_mod.SiteStats.from_files(site, js["sites"][site], lambda name: f.read(name))
 
-    def verify(self) -> dict:
-        """Re-hash every file of every committed unit; raise naming each damaged file."""
-        problems: list[str] = []
-        total = 0
-        for i, rec in enumerate(progress(self._records, desc="verify store", unit="shard")):
-            path = self.root / rec.shard
-            if not path.exists():
-                problems.append(f"{path} (missing)")
+    def check_units(self, show_progress: bool = True) -> dict[str, list[str]]:
+        """Re-hash every file of every committed unit; {unit_id: [problems]} for the damaged ones."""
+        problems: dict[str, list[str]] = {}
+        for i, rec in enumerate(progress(self._records, desc="verify store", unit="shard", **({} if show_progress else {"disable": True}))):
+            bad = problems.setdefault(rec.unit_id, [])
+            try:
+                path = inside(self.root, rec.shard, "shard path")
+            except DifflensError as e:
+                bad.append(str(e))
                 continue
-            size = path.stat().st_size
-            total += size
-            if size != rec.bytes:
-                problems.append(f"{path} (size {size} bytes, record says {rec.bytes}: truncated or overwritten)")
+            if not path.exists():
+                bad.append(f"{path} (missing)")
+            elif path.stat().st_size != rec.bytes:
+                bad.append(f"{path} (size {path.stat().st_size} bytes, record says {rec.bytes}: truncated or overwritten)")
             elif sha256_file(path) != rec.sha256:
-                problems.append(f"{path} (checksum mismatch: corrupt)")
+                bad.append(f"{path} (checksum mismatch: corrupt)")
             else:
                 try:
+                    self._files.pop(i, None)
+                    self._checked = {k for k in self._checked if k[0] != i}
                     for site in rec.rows:
-                        self._file(i, site)
+                        if site in self._manifest["sites"]:
+                            self._file(i, site)
                 except DifflensError as e:
-                    problems.append(f"{path} ({e})")
+                    bad.append(f"{path} ({e})")
             if rec.samples:
-                sp = self.root / rec.samples
-                if not sp.exists():
-                    problems.append(f"{sp} (missing)")
-                elif sha256_file(sp) != rec.samples_sha256:
-                    problems.append(f"{sp} (checksum mismatch: corrupt)")
-            problems += [f"{self.root / image_rel(s)} (missing)" for s in rec.images if not (self.root / image_rel(s)).exists()]
-        if problems:
+                try:
+                    sp = inside(self.root, rec.samples, "samples path")
+                    if not sp.exists():
+                        bad.append(f"{sp} (missing)")
+                    elif sha256_file(sp) != rec.samples_sha256:
+                        bad.append(f"{sp} (checksum mismatch: corrupt)")
+                except DifflensError as e:
+                    bad.append(str(e))
+            for sid in rec.images:
+                try:
+                    ip = inside(self.root, image_rel(sid), "image path")
+                    if not ip.exists():
+                        bad.append(f"{ip} (missing)")
+                except DifflensError as e:
+                    bad.append(str(e))
+        return {u: v for u, v in problems.items() if v}
+
+    def verify(self) -> dict:
+        """Re-hash every file of every committed unit; raise naming each damaged file."""
+        bad = self.check_units()
+        if bad:
+            problems = [p for v in bad.values() for p in v]
             shown = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
             raise DifflensError(
-                f"store {self.root} failed verification: {shown}. Fix: delete each damaged file together with its "
-                "unit record units/<unit_id>.json, then re-run the harvest with --resume to regenerate those units"
+                f"store {self.root} failed verification ({len(bad)} damaged units: {', '.join(sorted(bad)[:10])}): "
+                f"{shown}. Fix: run `difflens store repair {self.root}` (it sets the damaged units aside), then "
+                "re-run the harvest with --resume to regenerate them"
             )
+        total = sum((self.root / r.shard).stat().st_size for r in self._records)
         return {
             "units": len(self._records),
             "bytes": total,

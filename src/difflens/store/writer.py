@@ -9,6 +9,7 @@ redone. Writers of different units never touch the same file, so ranks can write
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -66,22 +67,33 @@ _SUBDIRS = (UNITS_DIR, SHARDS_DIR, SAMPLES_DIR, IMAGES_DIR)
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _describe(cfg: StoreConfig, fields: list[str]) -> str:
+def _config_diff(old: StoreConfig, new: StoreConfig) -> str:
+    """Exactly which settings differ, with both values: 'harvest_config.steps: 4 -> 6; dtype: ...'."""
     parts = []
-    for f in fields:
-        v = getattr(cfg, f)
-        parts.append(f"{f}={v!r}" if f != "harvest_config" else f"harvest_config keys={sorted(v)}")
-    return ", ".join(parts)
+    for f in old.differences(new):
+        a, b = getattr(old, f), getattr(new, f)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                if a.get(k, "<unset>") != b.get(k, "<unset>"):
+                    parts.append(f"{f}.{k}: stored {a.get(k, '<unset>')!r}, requested {b.get(k, '<unset>')!r}")
+        else:
+            parts.append(f"{f}: stored {a!r}, requested {b!r}")
+    return "; ".join(parts)
 
 
 class StoreWriter:
     """Writes units into a store directory; one instance per process (rank)."""
 
-    def __init__(self, root: Path, config: StoreConfig, config_index: int):
+    def __init__(self, root: Path, config: StoreConfig, config_index: int, first_sample_id: int = 0):
         self.root = root
         self.config = config
         self.config_index = config_index
+        self.first_sample_id = first_sample_id  # > 0 for a configuration appended to a store
         self.act = ACT_DTYPES[config.dtype]
+
+    def unit_id(self, u: int) -> str:
+        """The id of unit number `u` of this configuration; appended configurations get fresh ids."""
+        return f"u{int(u):07d}" if self.config_index == 0 else f"c{self.config_index}-u{int(u):07d}"
 
     @classmethod
     def open(
@@ -93,30 +105,55 @@ class StoreWriter:
         dtype: str,
         harvest_config: dict,
         append: bool = False,
+        resume: bool | None = None,
     ) -> StoreWriter:
-        """Create a store, or reopen one to resume; another config needs append=True."""
+        """Create a store, or reopen one to resume; another config needs append=True.
+
+        resume=False (a plain rerun) refuses a store that already holds units; a store with a
+        manifest but no unit (a run that failed before its first commit) is taken over afresh.
+        resume=None keeps the old behaviour (reopen whatever matches).
+        """
         cfg = StoreConfig.build(model, sites, dtype, harvest_config)
         root = Path(path)
         if root.exists() and not root.is_dir():
             raise DifflensError(f"{root} is a file, not a store folder: choose another output path")
-        root.mkdir(parents=True, exist_ok=True)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            return cls._open_locked(root, cfg, append, resume)
+        except OSError as e:
+            from difflens.outdir import os_error_message
+
+            raise DifflensError(os_error_message(e, root)) from None
+
+    @classmethod
+    def _open_locked(cls, root: Path, cfg: StoreConfig, append: bool, resume: bool | None) -> StoreWriter:
         with locked(root / LOCK_FILE):
             manifest = load_manifest(root)
+            fresh = False
+            if (manifest is not None and not append and len(manifest["configs"]) == 1
+                    and cfg not in configs_of(manifest) and not load_records(root, manifest)):
+                manifest, fresh = None, True  # a run that failed before its first commit: nothing to keep
             if manifest is None:
                 strays = sorted(p.name for p in root.iterdir() if p.name != LOCK_FILE and not is_temp_name(p.name))
-                if strays:
+                if strays and not fresh:
                     raise DifflensError(
                         f"{root} is not empty ({', '.join(strays[:5])}) and holds no {MANIFEST}: "
                         "harvest into a new or empty folder"
                     )
                 write_json_atomic(root / MANIFEST, new_manifest(cfg, time.time()))
-                index = 0
+                index, first = 0, 0
             else:
+                if resume is False and not append and load_records(root, manifest):
+                    raise DifflensError(
+                        f"{root} already holds a store with committed units: pass --resume to continue that "
+                        "harvest, --append to add another configuration, or choose a new --out"
+                    )
                 index = cls._admit(root, manifest, cfg, append)
+                first = int(load_manifest(root)["configs"][index].get("first_sample_id", 0))
             for d in _SUBDIRS:
                 (root / d).mkdir(exist_ok=True)
         clean_temp_files(root, _SUBDIRS)
-        return cls(root, cfg, index)
+        return cls(root, cfg, index, first)
 
     @staticmethod
     def _admit(root: Path, manifest: dict, cfg: StoreConfig, append: bool) -> int:
@@ -124,12 +161,11 @@ class StoreWriter:
         if cfg in known:
             return known.index(cfg)
         if not append:
-            diffs = cfg.differences(known[-1])
             raise DifflensError(
-                f"{root} already holds a store with a different {', '.join(diffs)} "
-                f"(stored: {_describe(known[-1], diffs)}; requested: {_describe(cfg, diffs)}). "
-                "Fix: harvest into a new folder, or pass append=True (--append) to add units "
-                "with this configuration to the same store"
+                f"{root} already holds a store with a different {', '.join(cfg.differences(known[-1]))} "
+                f"({_config_diff(known[-1], cfg)}). "
+                "Fix: repeat the stored settings to resume, harvest into a new folder, or pass append=True "
+                "(--append) to add units with this configuration to the same store"
             )
         if cfg.dtype != manifest["dtype"]:
             raise DifflensError(
@@ -142,7 +178,9 @@ class StoreWriter:
                     f"site {s} has d={manifest['sites'][s]} in {root} but d={d} was requested: "
                     "a site's width cannot change; use a new folder"
                 )
-        manifest["configs"].append({**cfg.to_json(), "added_at": time.time()})
+        records = load_records(root, manifest)
+        first = max((_max_sample_id(root, r) for r in records), default=-1) + 1
+        manifest["configs"].append({**cfg.to_json(), "added_at": time.time(), "first_sample_id": first})
         manifest["sites"] = dict(sorted({**manifest["sites"], **cfg.sites}.items()))
         manifest["num_rows"] = {s: manifest.get("num_rows", {}).get(s, 0) for s in manifest["sites"]}
         write_json_atomic(root / MANIFEST, manifest)
@@ -163,6 +201,14 @@ class StoreWriter:
         images: dict[int, bytes] | None = None,
     ) -> UnitRecord:
         """Write a unit's shard, samples and images, then commit it; returns the commit record."""
+        try:
+            return self._write_unit(unit_id, rows, samples, images)
+        except OSError as e:  # a full disk or a folder turned read-only: the unit is simply not committed
+            from difflens.outdir import os_error_message
+
+            raise DifflensError(os_error_message(e, self.root)) from None
+
+    def _write_unit(self, unit_id: str, rows: dict, samples, images) -> UnitRecord:
         check_unit_id(unit_id)
         record_path = self.root / unit_record_rel(unit_id)
         if record_path.exists():
@@ -254,6 +300,21 @@ class StoreWriter:
             else:
                 clean_temp_files(self.root, _SUBDIRS)
         return consolidated
+
+
+def _max_sample_id(root: Path, rec: UnitRecord) -> int:
+    """The largest sample id a unit holds (from its samples file, else its images), -1 if none."""
+    best = max(rec.images, default=-1)
+    if rec.samples:
+        try:
+            from difflens.store.fsio import inside
+
+            for line in inside(root, rec.samples, "samples path").read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    best = max(best, int(json.loads(line)["sample_id"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    return best
 
 
 def _prune_orphans(root: Path, committed: set[str]) -> None:

@@ -61,10 +61,12 @@ def write(out: Path, step: int, fill, keep: int) -> Path:
     tmp.mkdir()
     fill(tmp)
     final = sd / name
-    if final.exists():  # re-checkpointing the same step (e.g. the end of a resumed, finished run)
-        shutil.rmtree(final)
+    k = 0
+    while final.exists():  # re-checkpointing the same step (the end of a resumed, finished run): a new
+        k += 1  # name, so the folder latest.json points to stays whole until the pointer moves
+        final = sd / f"{name}-{k:03d}"
     os.rename(tmp, final)
-    write_json(sd / LATEST, {"step": step, "dir": name})
+    write_json(sd / LATEST, {"step": step, "dir": final.name})
     _prune(sd, keep, final)
     return final
 

@@ -197,6 +197,27 @@ def init_sample(
     return {k: torch.cat(v) if v else torch.zeros(0) for k, v in parts.items()}
 
 
+def nonfinite_loss_error(store, site: str, batch: dict, step: int, name: str) -> DifflensError:
+    """The message for a loss that turned NaN/inf: the step, where the batch came from, what to try."""
+    sids = batch.get("sample_id")
+    origin = ""
+    if sids is not None and hasattr(store, "shards_of_samples"):
+        try:
+            shards = store.shards_of_samples(site, sids)
+            origin = f" The batch came from {', '.join(shards[:3])}{' ...' if len(shards) > 3 else ''}."
+        except DifflensError:
+            origin = ""
+    x = batch.get("acts")
+    finite_data = x is None or bool(torch.isfinite(x).all())
+    scale = f" (largest |activation| in the batch: {float(x.abs().max()):.3g})" if x is not None and finite_data and x.numel() else ""
+    hint = ("the data is finite" + scale + ": lower --lr, keep gradient clipping on, or normalise the inputs"
+            if finite_data else f"the batch holds NaN/inf activations: run `difflens store verify {getattr(store, 'root', '')}`")
+    return DifflensError(
+        f"training stopped at step {step + 1}: the loss of {name} is not finite (NaN/inf).{origin} Hint: {hint}. "
+        "The last checkpoint is intact; --resume continues from it"
+    )
+
+
 @dataclass
 class EvalSlice:
     """The held-out rows of one site, kept in memory for periodic evaluation."""

@@ -19,10 +19,22 @@ FIRST_COLUMNS = ["kind", "step", "tokens", "lr", "loss", "fvu", "explained_varia
 
 
 def _clean(v):
-    """JSON has no NaN/inf; write them as null so every line stays valid JSON."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
+    """JSON has no NaN/inf; write them as null (at any depth, numpy/torch scalars too) so every line is strict JSON."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, bool) or v is None or isinstance(v, (int, str)):
+        return v
+    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 0) == 0:  # numpy / torch scalars
+        v = v.item()
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
     return v
+
+
+def _line(record: dict) -> str:
+    return json.dumps(_clean(record), allow_nan=False) + "\n"
 
 
 class MetricsLog:
@@ -54,13 +66,13 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Keep only records up to `step` (the checkpoint a resumed run restarts from)."""
         kept = [r for r in self.records() if r.get("step", 0) <= step]
-        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.jsonl, "".join(_line(r) for r in kept))
         self.render_csv(kept)
 
     def append(self, record: dict) -> None:
-        record = {k: _clean(v) for k, v in record.items()}
+        record = _clean(record)
         with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_line(record))
             f.flush()
         if self._tb is not None:
             prefix = record.get("kind", "train")

@@ -20,11 +20,12 @@ import torch
 from difflens import __version__
 from difflens.errors import DifflensError
 from difflens.evaluate.metrics import ReconAccumulator
+from difflens.outdir import claim_out_dir
 from difflens.train import checkpoint as ckpt
 from difflens.train import distributed as ddp
 from difflens.train import members as mem
 from difflens.train.config import RESUMABLE_FIELDS, DictSpec, TrainConfig
-from difflens.train.data import Filters, SiteStream, choose_heldout, init_sample, load_eval_slice
+from difflens.train.data import Filters, SiteStream, choose_heldout, init_sample, load_eval_slice, nonfinite_loss_error
 from difflens.train.logbook import MetricsLog
 from difflens.train.optim_io import load_optimizer, save_optimizer
 from difflens.train.schedule import lr_factor
@@ -123,6 +124,7 @@ class Trainer:
         }
 
     def _prepare_out(self, resume: bool) -> Path | None:
+        claim_out_dir(self.out, "train", accept_if=lambda p: (p / RUN_JSON).is_file() or (p / ckpt.STATE_DIR).is_dir())
         found = ckpt.latest(self.out)
         if found is None:
             return None
@@ -334,6 +336,8 @@ class Trainer:
         dead_sync = mem.DeadCounterSync(m.module) if env.active else None
         if n_local:
             out = m.module(x, t)
+            if not bool(torch.isfinite(out.loss)):
+                raise nonfinite_loss_error(self.store, m.spec.site, batch, step, m.name)
             (out.loss * (n_local / n_global)).backward()
         elif env.active and hasattr(m.module, "join_without_rows"):
             m.module.join_without_rows()  # the batch-level collectives need every rank
