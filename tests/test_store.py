@@ -577,3 +577,14 @@ def test_write_validation(tmp_path):
     with pytest.raises(DifflensError, match="dtype 'fp16' is not supported"):
         open_writer(tmp_path / "t", dtype="fp16")
     assert w.done_units() == set() and not list((tmp_path / "s" / "shards").iterdir())
+
+
+def test_bf16_shards_read_with_numpy(tmp_path):
+    """The recipe in docs/store.md: bf16 words widened to float32 give exactly what the reader returns."""
+    from difflens.store.shardfile import SafetensorsFile
+
+    build(tmp_path / "s", units=[0], dtype="bf16")
+    raw = SafetensorsFile(tmp_path / "s" / "shards" / "u000.safetensors").read(f"{IMG}/acts")
+    x = (raw.astype(np.uint32) << 16).view(np.float32)
+    s = Store(tmp_path / "s")
+    assert raw.dtype == np.uint16 and np.array_equal(x, s.read_rows(IMG, np.arange(s.num_rows(IMG))).numpy())

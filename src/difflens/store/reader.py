@@ -148,11 +148,7 @@ class Store:
         """Shard i, checked once per process (checksum, finite activations) and per site (header, columns)."""
         rec = self._records[i]
         if i not in self._files:
-            f = SafetensorsFile(inside(self.root, rec.shard, "shard path"), rec.bytes)
-            if self.check_data:
-                sites = [s for s in rec.rows if rec.rows[s] and tensor_name(s, "acts") in f.tensors]
-                scan_shard(f, rec.sha256, sites)
-            self._files[i] = f
+            self._files[i] = self._open(i)
         f = self._files[i]
         if (i, site) not in self._checked:
             n, d = rec.rows.get(site, 0), self.d(site)
@@ -172,6 +168,25 @@ class Store:
                 check_columns(f, site, n, self._steps_of(rec))
             self._checked.add((i, site))
         return f
+
+    def _open(self, i: int) -> SafetensorsFile:
+        rec = self._records[i]
+        f = SafetensorsFile(inside(self.root, rec.shard, "shard path"), rec.bytes)
+        if self.check_data:
+            sites = [s for s in rec.rows if rec.rows[s] and tensor_name(s, "acts") in f.tensors]
+            scan_shard(f, rec.sha256, sites)
+        return f
+
+    def _open_many(self, indices) -> None:
+        """Open several shards at once: their first-use checks (hashing) run in parallel threads."""
+        todo = [int(i) for i in indices if int(i) not in self._files]
+        if len(todo) < 2:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(4, len(todo))) as pool:
+            for i, f in zip(todo, pool.map(self._open, todo)):
+                self._files[i] = f
 
     def _steps_of(self, rec: UnitRecord) -> int | None:
         """The number of denoising steps the unit's harvest ran (None when the config does not say)."""
@@ -194,6 +209,7 @@ class Store:
 
     def _columns_for(self, site: str, columns) -> list[str]:
         """Validate requested metadata columns; optional ones must exist in every shard of the site."""
+        self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
         have_opt = [
             c
             for c in OPTIONAL_COLUMNS
@@ -216,6 +232,7 @@ class Store:
         """All rows' metadata for a site, in store order (units sorted by id, rows as written)."""
         cols = self._columns_for(self._site(site), columns)
         offs = self._site_offsets(site)
+        self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
         parts: dict[str, list[np.ndarray]] = {c: [] for c in cols}
         for i, rec in enumerate(self._records):
             if not rec.rows.get(site, 0):
@@ -247,6 +264,7 @@ class Store:
         offs = self._site_offsets(site)
         shard_of = np.searchsorted(offs, sidx, side="right") - 1
         max_gap = GAP_BYTES // (d * act.storage.itemsize)
+        self._open_many(np.unique(shard_of).tolist())
         for s in np.unique(shard_of):
             m = shard_of == s
             rows = sidx[m] - offs[s]
@@ -447,6 +465,8 @@ class Store:
     def _select(self, site: str, spec: BatchSpec) -> list:
         """Per shard: its row count if every row is selected, else the selected local rows."""
         fcols = spec.filter_columns()
+        if fcols:
+            self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
         out: list = []
         for i, rec in enumerate(self._records):
             n = rec.rows.get(site, 0)
@@ -482,6 +502,7 @@ class Store:
         # chunk costs a single read request, for its activations.
         meta_cols = [c for c in spec.columns if c in COLUMNS]
         used = [i for i, sel in enumerate(selection) if (sel if isinstance(sel, int) else len(sel))]
+        self._open_many(used)
         files = {i: self._file(i, site) for i in used}  # headers checked here, not in I/O threads
         held = {i: {c: files[i].read(tensor_name(site, c)) for c in meta_cols} for i in used}
 
