@@ -314,7 +314,7 @@ def test_4_metrics_jsonl_is_strict_json(tmp_path):
     assert rec["loss"] is None and rec["fvu"] is None and rec["l0"] is None and rec["by_timestep"][0]["fvu"] is None
 
 
-def test_4_train_stops_on_a_nonfinite_loss(tmp_path):
+def test_4_train_stops_on_a_nonfinite_loss(tmp_path, capsys):
     """Finite but huge activations overflow the loss: training must stop naming the step and the shard."""
     from difflens.store import StoreWriter
 
@@ -327,9 +327,11 @@ def test_4_train_stops_on_a_nonfinite_loss(tmp_path):
     w.finalize()
     assert isinstance(w, StoreWriter)
     rc = main(["train", "--data", str(tmp_path / "s"), "--site", IMG, "--arch", "topk", "--width", "8", "--k", "2",
-               "--steps", "3", "--batch-size", "8", "--eval-tokens", "0", "--normalize", "none",
+               "--tokens", "24", "--batch-size", "8", "--eval-tokens", "0", "--normalization", "none",
                "--out", str(tmp_path / "run")])
-    assert rc == 2
+    err = capsys.readouterr().err
+    assert rc == 2 and "training stopped at step 1" in err and "not finite" in err, err
+    assert "shards/u00" in err and "the data is finite" in err
 
 
 # ---- 5. verify names every bad unit; repair makes --resume regenerate them exactly ------------------------------
@@ -542,7 +544,7 @@ def test_11_train_out_file_and_int8_manifest(tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("x")
     rc = main(["train", "--data", str(store), "--site", IMG, "--arch", "topk", "--width", "8", "--k", "2",
-               "--steps", "1", "--batch-size", "8", "--out", str(f)])
+               "--tokens", "8", "--batch-size", "8", "--out", str(f)])
     assert rc == 2 and "is a file" in capsys.readouterr().err and f.read_text() == "x"
     m = json.loads((store / "manifest.json").read_text())
     m["dtype"] = "int8"
