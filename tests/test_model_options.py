@@ -179,3 +179,19 @@ def test_grids_are_capped_at_a_display_size():
     assert max(grid.shape[:2]) <= MAX_SIDE
     small = labelled_grid([np.zeros((32, 32, 3), np.uint8)] * 2, ["a", "b"])
     assert small.shape[1] >= 2 * 128  # toy images are still enlarged to be seen
+
+
+def test_a_harvest_failing_before_its_first_unit_leaves_nothing(tmp_path, monkeypatch, capsys):
+    from difflens.models.toy.adapter import ToyAdapter
+
+    def broken(self, *a, **k):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ToyAdapter, "generate", broken)
+    out = tmp_path / "store"
+    assert main(["harvest", "--model", "toy", "--num-prompts", "2", "--steps", "2", "--out", str(out)]) == 1
+    assert "out of memory" in capsys.readouterr().err
+    assert not out.exists()  # the rerun is not blocked by a half-made store
+    out.mkdir()  # a folder the user made is never removed
+    assert main(["harvest", "--model", "toy", "--num-prompts", "2", "--steps", "2", "--out", str(out)]) == 1
+    assert out.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from difflens.cli_options import (
     STORE_DTYPES,
     add_generation_options,
@@ -100,7 +102,12 @@ def run(args) -> int:
         height=gk["height"],
         width=gk["width"],
     )
-    summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append)
+    created = not Path(args.out).exists()
+    try:
+        summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append)
+    except BaseException:
+        _remove_if_empty(Path(args.out), created)
+        raise
     if summary["rank"] == 0:
         result = {k: v for k, v in summary.items() if k != "manifest"}
         if args.json:
@@ -117,3 +124,18 @@ def _default_steps(adapter) -> int:
         raise DifflensError(f"{adapter.model_id} declares no default number of steps: pass --steps")
     return int(steps)
 
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A harvest that fails before committing its first unit leaves no store to block the rerun.
+
+    Only a folder this run created, holding no committed unit, and only in a single-process run
+    (with torchrun another rank may still be writing)."""
+    import os
+    import shutil
+
+    if not created or not out.is_dir() or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return
+    units = out / "units"
+    if units.is_dir() and any(units.glob("*.json")):
+        return
+    shutil.rmtree(out, ignore_errors=True)

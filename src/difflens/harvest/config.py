@@ -66,7 +66,7 @@ def parse_steps(text: str | None) -> list[int] | None:
     try:
         out = sorted({int(x) for x in text.split(",") if x.strip()})
     except ValueError:
-        raise DifflensError(f"--timesteps must be 'all' or comma-separated step indices like 0,3,6; got {text!r}") from None
+        raise DifflensError(f"--step-window must be 'all' or comma-separated step indices like 0,3,6; got {text!r}") from None
     return out
 
 

@@ -60,7 +60,7 @@ def choose_heldout(store, site: str, eval_tokens: int, filters: Filters) -> list
     sids = np.asarray(meta["sample_id"])[keep]
     if len(sids) == 0:
         raise DifflensError(
-            f"site {site}: no rows match the timestep/step filters; widen --timestep-range / --denoise-steps"
+            f"site {site}: no rows match the timestep/step filters; widen --timestep-range / --step-window"
         )
     uniq, first, counts = np.unique(sids, return_index=True, return_counts=True)
     order = np.argsort(first, kind="stable")
