@@ -49,7 +49,8 @@ def documented_commands() -> list[tuple[str, str]]:
         for block in code_blocks(path.read_text(encoding="utf-8")):
             for cmd in commands(block):
                 if "..." not in cmd:  # an elision (`difflens train ... --resume`), not a command
-                    found.append((path.name, cmd))
+                    # `[--flag value]` marks an optional part: parse the command with it
+                    found.append((path.name, re.sub(r"\[(--[^\]]*)\]", r"\1", cmd)))
     return found
 
 
