@@ -99,7 +99,8 @@ def test_out_is_a_file_for_one_image_and_a_folder_for_several(tmp_path, capsys):
                  "--out", str(tmp_path / "many")]) == 0
     import json
 
-    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["000.json", "000.png", "001.json", "001.png"]
+    made = sorted(p.name for p in (tmp_path / "many").iterdir() if not p.name.startswith("."))
+    assert made == ["000.json", "000.png", "001.json", "001.png"]
     assert json.loads((tmp_path / "many" / "001.json").read_text())["seed"] == 4
     captured = capsys.readouterr()
     assert captured.out == ""  # messages on stderr; stdout is for --json

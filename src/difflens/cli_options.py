@@ -135,11 +135,16 @@ def add_out_option(p, *, kind: str, required: bool = True, help: str | None = No
                    help=help or ("output folder" if kind == "dir" else "output file"))
 
 
-def out_dir(path: str | Path, flag: str = "--out") -> Path:
-    """A folder to write several files into: refuse an existing file."""
+def out_dir(path: str | Path, flag: str = "--out", *, kind: str | None = None, accept_if=None) -> Path:
+    """A folder to write several files into: refuse an existing file; with `kind`, also a folder
+    holding files this kind of command did not write (`difflens.outdir`; claim it before writing)."""
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise DifflensError(f"{flag} {path}: is a file, but this verb writes several files into a folder; pass a folder")
+    if kind is not None:
+        from difflens.outdir import check_out_dir
+
+        check_out_dir(p, kind, flag=flag, accept_if=accept_if)
     return p
 
 

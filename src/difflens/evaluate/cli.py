@@ -82,6 +82,11 @@ def _splice_module():
         raise
 
 
+def _ours(folder: Path) -> bool:
+    """An evaluate output written before output markers existed."""
+    return (folder / "eval.json").is_file() and (folder / "eval.md").is_file()
+
+
 def parse_splice_steps(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
@@ -118,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if (args.model or args.splice_window) and not args.splice:
         raise DifflensError("--model/--splice-window only apply with --splice; add --splice or drop them")
     splice_steps = parse_splice_steps(args.splice_window)
-    out_folder = out_dir(args.out)
+    out_folder = out_dir(args.out, kind="evaluate", accept_if=_ours)
     splice = _splice_module() if args.splice else None  # fail before the long part
     store = open_store(args.data)
     items = load_items(expand_dict_paths(args.dicts), store)
@@ -136,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
         dead_window=args.dead_window,
         show_progress=not args.quiet,
     )
+    from difflens.outdir import claim_out_dir
+
+    claim_out_dir(out_folder, "evaluate", accept_if=_ours)
     out = out_folder / "eval.json"
     if splice is not None:
         adapter = load_model(args)

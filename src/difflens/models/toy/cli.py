@@ -90,7 +90,7 @@ def _targets(out: str, n: int, grid: bool) -> tuple[Path | None, Path | None]:
         raise DifflensError(f"--out {out!r} is a folder but there is one prompt: give a file name ending in .png")
     if grid:
         raise DifflensError(f"--grid writes one image: give --out a file name ending in .png, not {out!r}")
-    return None, out_dir(path)
+    return None, out_dir(path, kind="generate")
 
 
 def run_generate(args) -> int:
@@ -130,7 +130,9 @@ def run_generate(args) -> int:
         write_json(file.with_suffix(".json"), meta)
         written.append(str(file))
     else:
-        folder.mkdir(parents=True, exist_ok=True)
+        from difflens.outdir import claim_out_dir
+
+        claim_out_dir(folder, "generate")
         for i, (img, p, s) in enumerate(zip(images, prompts, seeds)):
             path = folder / f"{i:03d}.png"
             save_image(path, img)
