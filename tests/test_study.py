@@ -36,7 +36,7 @@ def test_writes_report_files_and_dictionaries(study):
         assert (out / "run" / name / "weights.safetensors").exists()
         d = s["dictionaries"][name]
         assert d["latents"] > 0 and d["stored_floats"] > 0 and d["file_bytes"] > 0 and d["wall_seconds"] > 0 and d["cpu_seconds"] > 0
-        assert d["curve"] and [p["step"] for p in d["curve"]] == [4, 8]
+        assert d["curve"] and [p["step"] for p in d["curve"]] == [1, 2, 4, 8]  # 1, 2: early points before eval_every
     assert s["dictionaries"]["topk"]["latents"] == s["dictionaries"]["tide"]["latents"] == 16
     assert s["command"].startswith("difflens study dictionaries --data ")
     md = (out / "study.md").read_text()

@@ -2,15 +2,20 @@
 
 Building (`partial_fit`, one batch at a time; Shabalin et al. 2025 / Leask et al. 2025):
   1. normalise the batch (the dictionary's `Normalizer`, fitted on the first batch);
-  2. decompose every row with the current atoms at fixed L0 = k (gradient pursuit by default);
+  2. decompose every row with the current atoms at L0 ≤ k (gradient pursuit; a row leaves the
+     pursuit as soon as it is reconstructed within τ, and the atom scores are computed in bf16);
   3. normalised loss  ℓ(x) = ‖x − x̂‖² / mean_batch0 ‖x − mean(x)‖²  (the denominator is measured
-     once, on the first batch, so τ means the same thing for every batch size);
-  4. every row with ℓ > τ becomes a new atom x/‖x‖, with its provenance (sample id, step, token…).
+     once, on the first batch or the trainer's init sample, so τ means the same for every batch);
+  4. rows with ℓ > τ are admitted in rounds: of the first 32 candidates (in batch order), those
+     that no earlier one of them reconstructs on its own become atoms x/‖x‖ with their provenance
+     (sample id, step, token…); the other candidates are decomposed again against the grown
+     dictionary and stay candidates only if still above τ. This mimics feeding rows one at a
+     time, so the dictionary's size does not depend on the batch size (before, an empty
+     dictionary took a whole first batch: 32 atoms at batch size 32, ~1,024 at 1,024).
      Optionally (``itda_prune_cosine``) a candidate whose cosine to an existing or already
      accepted atom exceeds the threshold is skipped;
   5. the dictionary is capped (cfg.width, default 50,000 atoms): at the cap nothing more is
-     added (a warning says so once); when a batch has more candidates than room, the ones with
-     the largest loss are kept.
+     added (a warning says so once).
 Inference: gradient pursuit (``itda_inference="gp"``) or matching pursuit ("mp") at L0 = k.
 Codes are dense [B, n_atoms] with at most k non-zeros; ``num_latents`` is the current atom count.
 """
@@ -60,12 +65,16 @@ class ITDA(Dictionary):
     """Atoms are unit-norm copies of (normalised) real activations; no gradient training."""
 
     trainable = False
+    admit_per_round = 32  # rows admitted per round of `partial_fit` (see `_choose`)
+    admit_order = "batch"  # "batch": candidates in batch order (as if fed one by one); "loss": worst first
+    build_scores_dtype = torch.bfloat16  # precision of the build's atom scores (argmax only)
 
     def __init__(self, cfg: DictConfig):
         super().__init__(cfg)
         self.register_buffer("atoms_AD", torch.zeros(0, cfg.d_in))
         self.register_buffer("var_ref", torch.zeros(()))  # τ's denominator, from the first batch
         self._warned_full = False
+        self._scores_atoms: Tensor | None = None  # low-precision copy of the atoms for the build's argmax
 
     # ---- sizes ----------------------------------------------------------------------------------------
     @property
@@ -108,36 +117,88 @@ class ITDA(Dictionary):
 
     @torch.no_grad()
     def partial_fit(self, x_BD: Tensor, t_B=None, provenance: Mapping[str, Tensor] | None = None) -> dict:
-        """Add the batch's badly reconstructed rows as atoms; returns counts for logging."""
+        """Add the batch's badly reconstructed rows as atoms, in rounds (see `_admit`); returns counts."""
         x, t = self._inputs(x_BD, t_B)
         prov = self._check_provenance(provenance, x.shape[0])
         if float(self.var_ref) == 0.0:
             self.init_from_data(x, t)
         xn = self.norm.apply(x, t)
         norms = xn.norm(dim=1)
-        loss = self._loss_n(xn)
-        cand = ((loss > self.cfg.itda_tau) & (norms > 1e-8)).nonzero().squeeze(1)
-        stats = {"candidates": int(cand.numel()), "added": 0, "atoms": self.num_atoms}
-        if cand.numel() == 0:
-            return stats
-        cand = cand[loss[cand].argsort(descending=True)]  # worst reconstructed first
-        new = xn[cand] / norms[cand, None]
-        if self.cfg.itda_prune_cosine is not None:
-            keep = greedy_dedupe(new, self.cfg.itda_prune_cosine, self.atoms_AD)
-            cand, new = cand[keep], new[keep]
-        room = self.cap - self.num_atoms
-        if new.shape[0] > room:
-            if not self._warned_full:
-                warnings.warn(
-                    f"ITDA dictionary reached its cap of {self.cap} atoms; further above-τ activations "
-                    "are not added (raise width to allow more)",
-                    stacklevel=3,  # the caller of partial_fit (through the no_grad wrapper)
-                )
-                self._warned_full = True
-            cand, new = cand[:room], new[:room]
-        self._append(new, {k: v[cand] for k, v in prov.items()})
-        stats.update(added=int(new.shape[0]), atoms=self.num_atoms)
+        rows = (norms > 1e-8).nonzero().squeeze(1)
+        loss = self._screen(xn[rows])
+        above = loss > self.cfg.itda_tau
+        stats = {"candidates": int(above.sum()), "added": 0, "rounds": 0, "atoms": self.num_atoms}
+        pending, p_loss = rows[above], loss[above]
+        while pending.numel() and self.num_atoms < self.cap:
+            if self.admit_order == "loss":
+                pending = pending[p_loss.argsort(descending=True)]  # worst reconstructed first
+            chosen, skipped = self._choose(xn[pending] / norms[pending, None], norms[pending])
+            new_rows = pending[chosen]
+            new = xn[new_rows] / norms[new_rows, None]
+            if self.cfg.itda_prune_cosine is not None:
+                keep = greedy_dedupe(new, self.cfg.itda_prune_cosine, self.atoms_AD)
+                new_rows, new = new_rows[keep], new[keep]
+            room = self.cap - self.num_atoms
+            if new.shape[0] > room:
+                self._warn_full()
+                new_rows, new = new_rows[:room], new[:room]
+            self._append(new, {k: v[new_rows] for k, v in prov.items()})
+            stats["added"] += int(new.shape[0])
+            stats["rounds"] += 1
+            rest = pending[skipped]  # not chosen in this round: judge again against the new atoms
+            loss = self._screen(xn[rest])
+            pending, p_loss = rest[loss > self.cfg.itda_tau], loss[loss > self.cfg.itda_tau]
+        if pending.numel() and self.num_atoms >= self.cap:
+            self._warn_full()
+        stats["atoms"] = self.num_atoms
         return stats
+
+    def _screen(self, xn: Tensor) -> Tensor:
+        """ℓ per row, with early exit: a row leaves the pursuit as soon as ℓ ≤ τ (all construction needs)."""
+        if self.num_atoms == 0 or xn.shape[0] == 0:
+            return xn.pow(2).sum(1) / self.var_ref
+        if self._scores_atoms is None:
+            self._scores_atoms = self.atoms_AD.to(self.build_scores_dtype)
+        stop = float(self.cfg.itda_tau * self.var_ref)
+        if self.cfg.itda_inference == "mp":
+            vals, idx = matching_pursuit(xn, self.atoms_AD, int(self.cfg.k))
+            err = (xn - self._decode_n(vals, idx)).pow(2).sum(1)
+        else:
+            *_, err = gradient_pursuit(xn, self.atoms_AD, int(self.cfg.k), scores_atoms=self._scores_atoms, stop_sq=stop,
+                                       return_error=True)
+        return err / self.var_ref
+
+    def _choose(self, v_PD: Tensor, norm_P: Tensor) -> tuple[Tensor, Tensor]:
+        """This round's atoms among pending rows (in `admit_order`): at most `admit_per_round`, taken
+        in order, skipping a row that one already chosen atom reconstructs within τ on its own
+        (non-negative coefficient: ℓ = ‖x‖²(1 − cos²)/var ≤ τ). Returns (chosen, skipped) index
+        tensors into the pending rows; skipped ones are judged again against the grown dictionary.
+
+        Admitting rows one at a time (batch size 1) would be the batch-size-free rule but costs a
+        pursuit per atom; a round of m worst rows that cannot explain each other by one atom comes
+        close to it (what remains is a row explained by a chosen atom *together* with older ones),
+        and m does not depend on the batch size, so neither does the dictionary."""
+        m = min(v_PD.shape[0], self.admit_per_round)
+        cos = (v_PD[:m] @ v_PD[:m].T).clamp_min(0)
+        # row i is explained by chosen atom s if cos² ≥ 1 − τ·var/‖x_i‖²
+        need = (1 - self.cfg.itda_tau * self.var_ref / norm_P[:m].pow(2)).clamp_min(0)
+        explains = (cos.pow(2) >= need[:, None]).cpu().numpy()  # [i, s]
+        chosen: list[int] = []
+        for i in range(m):
+            if not explains[i, chosen].any():
+                chosen.append(i)
+        mask = torch.zeros(v_PD.shape[0], dtype=torch.bool, device=v_PD.device)
+        mask[chosen] = True
+        return mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+
+    def _warn_full(self) -> None:
+        if not self._warned_full:
+            warnings.warn(
+                f"ITDA dictionary reached its cap of {self.cap} atoms; further above-τ activations "
+                "are not added (raise width to allow more)",
+                stacklevel=4,  # the caller of partial_fit (through the no_grad wrapper)
+            )
+            self._warned_full = True
 
     def _check_provenance(self, provenance, n: int) -> dict[str, Tensor]:
         out = {}
@@ -161,6 +222,7 @@ class ITDA(Dictionary):
             add = prov.get(key, torch.full((n_new,), -1, dtype=torch.long, device=self.atoms_AD.device))
             self.register_buffer(name, torch.cat([old, add]))
         self.atoms_AD = torch.cat([self.atoms_AD, new_ND.to(self.atoms_AD.dtype)])
+        self._scores_atoms = None
 
     @torch.no_grad()
     def prune(self, cos_threshold: float) -> int:
@@ -169,6 +231,7 @@ class ITDA(Dictionary):
         removed = int((~keep).sum())
         if removed:
             self.atoms_AD = self.atoms_AD[keep]
+            self._scores_atoms = None
             for key, v in self.provenance.items():
                 self.register_buffer(PROV_PREFIX + key, v[keep])
         return removed
@@ -238,6 +301,7 @@ class ITDA(Dictionary):
         if tensors["atoms_AD"].ndim != 2 or tensors["atoms_AD"].shape[1] != self.d_in:
             raise DifflensError(f"ITDA atoms have shape {tuple(tensors['atoms_AD'].shape)}, expected [n, {self.d_in}]")
         self.atoms_AD = torch.empty_like(tensors["atoms_AD"])
+        self._scores_atoms = None
         for name in [k for k in tensors if k.startswith(PROV_PREFIX)]:
             v = tensors[name]
             if v.shape != (n,):

@@ -56,6 +56,7 @@ class StudyConfig:
     normalization: str = "scalar"
     itda_cap: int = 0  # 0 = the library's default cap (50,000 atoms)
     itda_tau: float = 0.3
+    itda_tokens: int = 0  # build ITDA from the first N training tokens only, then freeze it (0 = all of them)
     fvu_targets: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1])
     seed: int = 0
     clock: str = "cpu"  # "cpu" (process CPU seconds) or "wall": the time in the time-to-FVU table
@@ -75,6 +76,8 @@ class StudyConfig:
             raise DifflensError(f"study: --warmup-steps must be >= 0 (got {self.warmup_steps})")
         if self.eval_every is not None and self.eval_every <= 0:
             raise DifflensError(f"study: --eval-every must be positive (got {self.eval_every})")
+        if not isinstance(self.itda_tokens, int) or self.itda_tokens < 0:
+            raise DifflensError(f"study: --itda-tokens must be >= 0 (got {self.itda_tokens!r}; 0 = every training token)")
         if self.itda_cap < 0:
             raise DifflensError(f"study: --itda-cap must be >= 0 (got {self.itda_cap}; 0 = the default cap)")
         if self.clock not in ("cpu", "wall"):
@@ -88,7 +91,7 @@ class StudyConfig:
                  f"--width {self.width}", f"--k {self.k}", f"--steps {self.steps}", f"--batch-size {self.batch_size}"]
         d = StudyConfig(site=self.site)
         for name in ("lr", "warmup_steps", "eval_every", "eval_tokens", "init_tokens", "dead_after_tokens", "normalization",
-                     "itda_cap", "itda_tau", "seed", "clock"):
+                     "itda_cap", "itda_tau", "itda_tokens", "seed", "clock"):
             if getattr(self, name) != getattr(d, name):
                 parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
         if self.fvu_targets != d.fvu_targets:
@@ -99,19 +102,33 @@ class StudyConfig:
 # ---- the run -------------------------------------------------------------------------------------
 
 
+def early_eval_steps(every: int) -> set[int]:
+    """Extra evaluation points before the first regular one (1, 2, 4, … steps): ITDA gets most of
+    its reconstruction from its first few batches, which a steps/20 grid would not resolve."""
+    out, s = set(), 1
+    while s < every:
+        out.add(s)
+        s *= 2
+    return out
+
+
 def _timed_trainer_class():
-    """A Trainer that also keeps, per dictionary, its own update time and a held-out FVU curve."""
+    """A Trainer that also keeps, per dictionary, its own update time and a held-out FVU curve;
+    ITDA stops growing after `itda_tokens` training tokens (built from a small sample)."""
     from difflens.train import members as mem
     from difflens.train.trainer import Trainer
 
     class TimedTrainer(Trainer):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, *args, itda_tokens: int = 0, **kwargs):
             super().__init__(*args, **kwargs)
+            self.itda_tokens = itda_tokens
             self.seconds = {s.name: 0.0 for s in self.specs}
             self.cpu_seconds = {s.name: 0.0 for s in self.specs}
             self.curves = {s.name: [] for s in self.specs}
 
         def _train_member(self, m, batch, n_global, step, log_now):
+            if m.name == "itda" and self.itda_tokens and self.tokens >= self.itda_tokens:
+                return  # built from its sample; frozen from here on
             t0, c0 = time.perf_counter(), time.process_time()
             super()._train_member(m, batch, n_global, step, log_now)
             self.cpu_seconds[m.name] += time.process_time() - c0
@@ -192,7 +209,9 @@ def run_study(data, cfg: StudyConfig, out, *, overwrite: bool = False) -> dict:
     if cfg.progress:
         print(f"study: training topk, tide (width {cfg.width}, k {cfg.k}) and building itda (L0 {cfg.k}) "
               f"at {cfg.site} for {cfg.steps} steps of {cfg.batch_size} tokens; held-out FVU every {every} steps")
-    trainer = _timed_trainer_class()(store, specs, tcfg, run_dir)
+    early = early_eval_steps(every)
+    trainer = _timed_trainer_class()(store, specs, tcfg, run_dir, itda_tokens=cfg.itda_tokens,
+                                     on_step=lambda s: trainer._evaluate() if s in early else None)
     t0 = time.perf_counter()
     trainer.run()
     wall = time.perf_counter() - t0
@@ -272,6 +291,22 @@ def _bucket_table(dicts: dict) -> list[dict]:
     return rows
 
 
+def speedup(study: dict) -> dict | None:
+    """TopK's time to ITDA's final FVU over ITDA's time to it, and ITDA's EV as a fraction of TopK's."""
+    d = study["dictionaries"]
+    row = next((t for t in study["time_to_fvu"] if t["label"] == f"{LABELS['itda']}'s final FVU"), None)
+    if row is None or row["itda"] is None or row["topk"] is None or not row["itda"]["seconds"]:
+        return None
+    ev_topk = 1 - d["topk"]["metrics"]["fvu"]
+    return {
+        "target": row["target"],
+        "topk_seconds": row["topk"]["seconds"],
+        "itda_seconds": row["itda"]["seconds"],
+        "ratio": row["topk"]["seconds"] / row["itda"]["seconds"],
+        "ev_fraction": (1 - row["target"]) / ev_topk if ev_topk > 0 else float("nan"),
+    }
+
+
 def _reach(curve: list[dict], target: float, clock: str) -> dict | None:
     for p in curve:
         if p["fvu"] is not None and p["fvu"] <= target:
@@ -286,6 +321,9 @@ def _time_to_fvu(dicts: dict, fixed: list[float], clock: str) -> list[dict]:
         fvu = dicts[n]["metrics"].get("fvu")
         if fvu is not None:
             targets.append({"target": float(fvu), "label": f"{LABELS[n]}'s final FVU"})
+    fvu = dicts["topk"]["metrics"].get("fvu")
+    if fvu is not None:  # the issue-19 bar: ≥ 90 % of the SAE's final explained variance
+        targets.append({"target": 1 - 0.9 * (1 - float(fvu)), "label": f"90 % of {LABELS['topk']}'s final EV"})
     targets += [{"target": float(v), "label": f"{v:g}"} for v in fixed]
     return [{**t, **{n: _reach(dicts[n]["curve"], t["target"], clock) for n in NAMES}} for t in targets]
 
@@ -319,7 +357,8 @@ def markdown(study: dict) -> str:
         f"TopK and TIDE: width {cfg['width']}, k {cfg['k']}, {cfg['steps']} steps of {cfg['batch_size']} tokens "
         f"({study['trained_tokens']:,} training tokens), Adam lr {cfg['lr']:g} (times the width's lr scale). "
         f"ITDA: L0 {cfg['k']} (gradient pursuit), τ {cfg['itda_tau']:g}, cap "
-        f"{cfg['itda_cap'] or 'default (50,000)'}, built on the same batches. Evaluated on {n_held:,} held-out "
+        f"{cfg['itda_cap'] or 'default (50,000)'}, built on the same batches"
+        f"{' (the first ' + format(cfg['itda_tokens'], ',') + ' training tokens only, then frozen)' if cfg.get('itda_tokens') else ''}. Evaluated on {n_held:,} held-out "
         f"tokens ({study['heldout_samples']} whole samples never trained on).",
         "",
         "| dictionary | latents / atoms | stored floats | file MB | FVU | EV | cosine | L0 | dead% | train / build CPU s | wall s |",
@@ -356,14 +395,20 @@ def markdown(study: dict) -> str:
     lines += [
         "",
         f"Time to a held-out FVU ({cfg.get('clock', 'cpu')} seconds in the dictionary's own updates, and tokens seen, "
-        f"at the first evaluation point at or below the target; resolution {cfg['eval_every']} steps):",
+        f"at the first evaluation point at or below the target; points every {cfg['eval_every']} steps and at steps "
+        f"1, 2, 4, … before that):",
         "",
         "| target FVU | TopK SAE | TIDE SAE | ITDA |",
         "|---|---:|---:|---:|",
     ]
     for t in study["time_to_fvu"]:
-        label = t["label"] if t["label"][0].isdigit() else f"{t['target']:.4f} ({t['label']})"
+        label = t["label"] if t["label"] == f"{t['target']:g}" else f"{t['target']:.4f} ({t['label']})"
         lines.append(f"| {label} | {_reach_cell(t['topk'])} | {_reach_cell(t['tide'])} | {_reach_cell(t['itda'])} |")
+    speed = speedup(study)
+    if speed is not None:
+        lines += ["", f"TopK needs {speed['ratio']:.1f}x ITDA's {cfg.get('clock', 'cpu')} time to reach FVU {speed['target']:.4f} "
+                  f"(ITDA's final FVU, EV {speed['ev_fraction']:.1%} of TopK's final EV): "
+                  f"{speed['topk_seconds']:.2f} s vs {speed['itda_seconds']:.2f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -435,6 +480,8 @@ def register(subparsers) -> None:
                    help="input normalisation of all three (default scalar)")
     d.add_argument("--itda-cap", type=int, default=0, help="ITDA atom cap (default 0 = 50,000)")
     d.add_argument("--itda-tau", type=float, default=0.3, help="ITDA's add-atom loss threshold τ (default 0.3)")
+    d.add_argument("--itda-tokens", type=int, default=0,
+                   help="build ITDA from the first N training tokens, then freeze it (default 0 = all)")
     d.add_argument("--fvu-targets", default="0.5,0.3,0.2,0.1",
                    help="extra held-out FVU targets for the time-to-FVU table (comma list)")
     d.add_argument("--seed", type=int, default=0)
@@ -464,7 +511,7 @@ def run(args: argparse.Namespace) -> int:
         site=args.site, width=args.width, k=args.k, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr,
         warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_tokens=args.eval_tokens, init_tokens=args.init_tokens,
         dead_after_tokens=args.dead_after_tokens, normalization=args.normalization, itda_cap=args.itda_cap,
-        itda_tau=args.itda_tau, fvu_targets=_targets(args.fvu_targets), seed=args.seed, clock=args.clock,
+        itda_tau=args.itda_tau, itda_tokens=args.itda_tokens, fvu_targets=_targets(args.fvu_targets), seed=args.seed, clock=args.clock,
         progress=not args.quiet,
     )
     if not args.lr > 0:
