@@ -26,6 +26,7 @@ VERB_MODULES = [
     "difflens.train.cli",
     "difflens.evaluate.cli",
     "difflens.evaluate.study",
+    "difflens.compare.cli",
     "difflens.interpret.cli",
     "difflens.benchmark.cli",
     "difflens.intervene.cli",
