@@ -127,7 +127,7 @@ def _timed_trainer_class():
             self.curves = {s.name: [] for s in self.specs}
 
         def _train_member(self, m, batch, n_global, step, log_now):
-            if m.name == "itda" and self.itda_tokens and self.tokens >= self.itda_tokens:
+            if m.spec.arch == "itda" and self.itda_tokens and self.tokens >= self.itda_tokens:
                 return  # built from its sample; frozen from here on
             t0, c0 = time.perf_counter(), time.process_time()
             super()._train_member(m, batch, n_global, step, log_now)
