@@ -39,12 +39,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from difflens.cli_options import out_dir, parse_step_window
+    from difflens.cli_options import parse_step_window
     from difflens.compare.run import CompareConfig, compare, markdown, plot
     from difflens.store import Store
+    from difflens.outdir import check_out_dir, claim_out_dir
     from difflens.utils import atomic_write_text, write_json
 
-    out = out_dir(args.out)
+    out = check_out_dir(args.out, "compare")  # before the work; claimed just before writing
     if not args.overwrite and any((out / f).exists() for f in FILES):
         raise DifflensError(f"{out} already holds a comparison; pass --overwrite or choose another --out")
     stores = []
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = CompareConfig(axis=args.across, sites=sites, steps=parse_step_window(args.step_window), k=args.k, tau=args.tau,
                         tokens=args.tokens, metric_rows=args.metric_rows, seed=args.seed)
     result = compare(stores, cfg, progress=not getattr(args, "quiet", False))
-    out.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out, "compare")
     write_json(out / "compare.json", result)
     md = markdown(result)
     atomic_write_text(out / "compare.md", md)
