@@ -587,3 +587,26 @@ def test_11_recheckpoint_keeps_the_pointed_folder(tmp_path, monkeypatch):
     assert (ckpt.latest(tmp_path) / "state.json").exists()
     again = ckpt.write(tmp_path, 5, fill, keep=1)
     assert ckpt.latest(tmp_path) == again and (again / "state.json").exists()
+
+
+def test_16_harvest_both_branches_records_the_branch(tmp_path):
+    """Issue 16 item 2: --both-branches stores a branch column; readers must pick a branch."""
+    from test_browse import SITE
+    from toy_fixtures import make_tiny_toy
+
+    from difflens.harvest.config import HarvestConfig
+    from difflens.harvest.run import harvest, world_prompts
+    from difflens.models.toy.adapter import ToyAdapter
+
+    toy = make_tiny_toy(tmp_path / "toy")
+    prompts, scenes = world_prompts(1, seed=3)
+    cfg = HarvestConfig(model=str(toy), sites=[SITE], steps=1, batch_size=1, tokens_per_image=4, cond_only=False,
+                        guidance=3.0)
+    harvest(tmp_path / "s", cfg, prompts, scenes=scenes, adapter=ToyAdapter.load(folder=toy))
+    s = Store(tmp_path / "s")
+    meta = s.meta(SITE)
+    assert s.branches(SITE) == {"cond", "uncond"} and sorted(np.unique(meta["branch"]).tolist()) == [0, 1]
+    with pytest.raises(DifflensError, match="both CFG branches"):
+        s.batches(SITE, 2)
+    cond = next(iter(s.batches(SITE, 64, branch="cond", columns=("acts", "index"))))
+    assert (meta["branch"][cond["index"].numpy()] == 0).all() and len(cond["index"]) == 4

@@ -588,3 +588,48 @@ def test_bf16_shards_read_with_numpy(tmp_path):
     x = (raw.astype(np.uint32) << 16).view(np.float32)
     s = Store(tmp_path / "s")
     assert raw.dtype == np.uint16 and np.array_equal(x, s.read_rows(IMG, np.arange(s.num_rows(IMG))).numpy())
+
+
+def test_branch_column_needs_an_explicit_choice_and_padding_is_left_out(tmp_path):
+    """Issue 16 item 2: a both-branches store never mixes CFG branches silently; padding is not trained on."""
+    from difflens.train.data import Filters
+
+    w = open_writer(tmp_path / "s")
+    for u in range(2):
+        rows, samples, images = make_unit(u)
+        for site, (acts, meta) in rows.items():
+            n = len(meta["sample_id"])
+            meta["branch"] = (np.arange(n) % 2).astype(np.int8)  # odd rows: unconditional
+            meta["attn_mask"] = (np.arange(n) % 3 != 0).astype(np.int8) if site == TXT else np.ones(n, np.int8)
+        w.write_unit(f"u{u:03d}", rows, samples, images)
+    w.finalize()
+    s = Store(tmp_path / "s")
+    assert s.branches(IMG) == {"cond", "uncond"}
+    with pytest.raises(DifflensError, match="both CFG branches.*branch='cond'"):
+        s.batches(IMG, 8)
+    meta = s.meta(IMG)
+    cond = all_indices(s.batches(IMG, 8, branch="cond", columns=("acts", "index")))
+    assert sorted(cond.tolist()) == np.flatnonzero(meta["branch"] == 0).tolist()
+    assert len(all_indices(s.batches(IMG, 8, branch="both", columns=("acts", "index")))) == s.num_rows(IMG)
+    tmeta = s.meta(TXT)
+    real = all_indices(s.batches(TXT, 8, branch="both", columns=("acts", "index")))
+    assert sorted(real.tolist()) == np.flatnonzero(tmeta["attn_mask"] == 1).tolist()
+    with_pad = all_indices(s.batches(TXT, 8, branch="both", padding=True, columns=("acts", "index")))
+    assert len(with_pad) == s.num_rows(TXT)
+    assert Filters().store_kwargs()["branch"] == "cond"  # trainers and evaluation read the conditional branch
+
+
+def test_recorder_writes_branch_and_samples_only_real_text_tokens():
+    from types import SimpleNamespace
+
+    from difflens.harvest.record import UnitRecorder
+
+    rec = UnitRecorder(sample_ids=np.array([5]), prompt_ids=np.array([0]), seeds=np.array([0]), keep=lambda n: 3,
+                       record_steps=None, cond_only=False, token_seed=0)
+    valid = torch.tensor([[True, True, True, True, False, False, False, False]] * 2)
+    ctx = SimpleNamespace(step=0, timestep=1000.0, grid_hw=(2, 2), sample_index=torch.tensor([0, 0]),
+                          is_cond=torch.tensor([True, False]), text_mask=valid)
+    rec.record("b:txt", "txt", torch.randn(2, 8, 4), ctx)
+    acts, meta = rec.rows()["b:txt"]
+    assert meta["branch"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert (meta["token"] < 4).all() and meta["attn_mask"].tolist() == [1] * 6

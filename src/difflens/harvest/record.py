@@ -13,12 +13,17 @@ from difflens.hooks import HookContext, Site
 STREAM_CODE = {"img": 0, "txt": 1}
 
 
-def token_choice(n_tokens: int, k: int, sample_id: int, step: int, stream: str, seed: int) -> np.ndarray:
+def token_choice(n_tokens: int, k: int, sample_id: int, step: int, stream: str, seed: int,
+                 valid: np.ndarray | None = None) -> np.ndarray:
     """Deterministic per (sample, step, stream): every site of a stream keeps the same tokens, so
-    rows line up across sites, and a resumed harvest picks exactly what the first one did."""
+    rows line up across sites, and a resumed harvest picks exactly what the first one did.
+    With `valid` (bool [n_tokens], False = text padding) a subsample is drawn from valid tokens only."""
     if k >= n_tokens:
         return np.arange(n_tokens)
     rng = np.random.default_rng([seed, sample_id, step, STREAM_CODE[stream]])
+    if valid is not None and not valid.all():
+        cand = np.flatnonzero(valid)
+        return np.sort(rng.choice(cand, size=min(k, len(cand)), replace=False))
     return np.sort(rng.choice(n_tokens, size=k, replace=False))
 
 
@@ -54,7 +59,9 @@ class UnitRecorder:
         for r in rows.tolist():
             local = int(ctx.sample_index[r])
             sid = int(self.sample_ids[local])
-            tok = token_choice(N, k, sid, ctx.step, stream, self.token_seed)
+            mask = getattr(ctx, "text_mask", None)  # [B, N] bool when the adapter reports text padding
+            valid = mask[r].detach().cpu().numpy().astype(bool) if stream == "txt" and mask is not None else None
+            tok = token_choice(N, k, sid, ctx.step, stream, self.token_seed, valid)
             acts = acts_BND[r, torch.from_numpy(tok)].detach().to("cpu", torch.float32)
             n = len(tok)
             meta = {
@@ -68,6 +75,10 @@ class UnitRecorder:
                 "w": (tok % w_grid).astype(np.int16) if stream == "img" else np.full(n, -1, np.int16),
                 "stream": np.full(n, STREAM_CODE[stream], np.int8),
             }
+            if not self.cond_only:  # both CFG branches: say which row is which
+                meta["branch"] = np.full(n, 0 if bool(ctx.is_cond[r]) else 1, np.int8)
+            if valid is not None:
+                meta["attn_mask"] = valid[tok].astype(np.int8)
             labels = self.token_labels if stream == "img" else self.text_labels
             if labels is not None:
                 lab = labels.get(sid)

@@ -47,8 +47,11 @@ COLUMNS: dict[str, np.dtype] = {
     "w": np.dtype(np.int16),
     "stream": np.dtype(np.int8),
     "labels": np.dtype(np.int64),
+    "branch": np.dtype(np.int8),  # CFG branch: 0 conditional, 1 unconditional (only when both are recorded)
+    "attn_mask": np.dtype(np.int8),  # text tokens: 1 attended, 0 padding (only when the model reports a mask)
 }
-OPTIONAL_COLUMNS = ("labels",)
+OPTIONAL_COLUMNS = ("labels", "branch", "attn_mask")
+BRANCHES = {"cond": 0, "uncond": 1}
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in OPTIONAL_COLUMNS)
 INDEX_COLUMN = "index"  # pseudo-column: the row's global index within its site
 STREAMS = {"img": 0, "txt": 1}

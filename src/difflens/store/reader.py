@@ -16,6 +16,7 @@ from difflens.errors import DifflensError
 from difflens.store import stats as stats_mod
 from difflens.store.format import (
     ACT_DTYPES,
+    BRANCHES,
     COLUMNS,
     INDEX_COLUMN,
     OPTIONAL_COLUMNS,
@@ -418,6 +419,8 @@ class Store:
         timestep_range: tuple[float, float] | None = None,
         steps=None,
         stream: str | None = None,
+        branch: str | None = None,
+        padding: bool = False,
         columns=("acts", "timestep"),
         drop_last: bool = False,
         epochs: int | None = 1,
@@ -433,6 +436,9 @@ class Store:
 
         Filters: timestep_range is inclusive on the timestep value; steps are step indices;
         stream is "img" or "txt". rank/world_size split every epoch into disjoint parts.
+        branch: a store recorded with both CFG branches needs an explicit "cond", "uncond" or
+        "both" (else DifflensError); stores with one branch take None. Text padding tokens
+        (attn_mask 0) are left out unless padding=True.
         """
         spec = BatchSpec(
             batch_size=batch_size,
@@ -451,6 +457,8 @@ class Store:
             chunk_rows=chunk_rows,
             prefetch=prefetch,
             io_threads=io_threads,
+            branch=self._branch_choice(site, branch),
+            padding=bool(padding),
         )
         spec.check()
         self._site(site)
@@ -462,19 +470,48 @@ class Store:
         lo, hi = rank_bounds(total, spec)
         return BatchStream(self, site, spec, selection, hi - lo)
 
+    def branches(self, site: str) -> set[str]:
+        """The CFG branches a site holds: {'cond'} unless the harvest recorded both."""
+        found: set[int] = set()
+        self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
+        for i, rec in enumerate(self._records):
+            if rec.rows.get(site, 0):
+                f = self._file(i, site)
+                name = tensor_name(site, "branch")
+                found |= set(np.unique(f.read(name)).tolist()) if name in f.tensors else {0}
+        return {b for b, code in BRANCHES.items() if code in found}
+
+    def _branch_choice(self, site: str, branch: str | None) -> str:
+        if branch is not None:
+            if branch not in ("cond", "uncond", "both"):
+                raise DifflensError(f"branch must be 'cond', 'uncond' or 'both', got {branch!r}")
+            return branch
+        if self.branches(site) == {"cond", "uncond"}:
+            raise DifflensError(
+                f"site {site} of {self.root} holds both CFG branches (harvested with --both-branches): choose one "
+                "explicitly with branch='cond' (what the image follows), 'uncond' or 'both'"
+            )
+        return "all"
+
     def _select(self, site: str, spec: BatchSpec) -> list:
         """Per shard: its row count if every row is selected, else the selected local rows."""
         fcols = spec.filter_columns()
-        if fcols:
-            self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
+        self._open_many(i for i, r in enumerate(self._records) if r.rows.get(site, 0))
         out: list = []
         for i, rec in enumerate(self._records):
             n = rec.rows.get(site, 0)
-            if n == 0 or not fcols:
+            if n == 0:
                 out.append(n)
                 continue
             f = self._file(i, site)
-            mask = spec.mask({c: f.read(tensor_name(site, c)) for c in fcols})
+            mask = spec.mask({c: f.read(tensor_name(site, c)) for c in fcols}) if fcols else np.ones(n, bool)
+            if spec.branch in ("cond", "uncond"):
+                name = tensor_name(site, "branch")
+                code = f.read(name) if name in f.tensors else np.zeros(n, np.int8)
+                mask &= code == BRANCHES[spec.branch]
+            name = tensor_name(site, "attn_mask")
+            if not spec.padding and name in f.tensors:
+                mask &= f.read(name) == 1
             out.append(n if mask.all() else np.flatnonzero(mask))
         return out
 
@@ -485,7 +522,7 @@ class Store:
         ts = np.unique(m["timestep"])
         return (
             f"no rows of site {site} match timestep_range={spec.timestep_range}, steps={spec.steps}, "
-            f"stream={spec.stream}: the store has timesteps {ts.min():g}..{ts.max():g} and steps "
+            f"stream={spec.stream}, branch={spec.branch}: the store has branches {sorted(self.branches(site))}, timesteps {ts.min():g}..{ts.max():g} and steps "
             f"{sorted(set(np.unique(m['step']).tolist()))}; widen the filters"
         )
 

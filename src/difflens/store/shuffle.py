@@ -47,6 +47,8 @@ class BatchSpec:
     chunk_rows: int | None = None
     prefetch: bool = True  # fill the next shuffle buffer in a background thread
     io_threads: int = 4  # concurrent chunk reads while filling a buffer (1 = one at a time)
+    branch: str = "all"  # "cond" | "uncond" | "both"; "all" = every row (stores with one branch)
+    padding: bool = False  # include text padding tokens (rows with attn_mask 0)
 
     def check(self) -> None:
         def bad(msg: str):
@@ -70,6 +72,8 @@ class BatchSpec:
         unknown = [c for c in self.columns if c not in known]
         if unknown or not self.columns:
             bad(f"unknown columns {unknown}; choose from {sorted(known)}")
+        if self.branch not in ("all", "both", "cond", "uncond"):
+            bad(f"branch must be 'cond', 'uncond' or 'both', got {self.branch!r}")
         if not isinstance(self.io_threads, int) or self.io_threads < 1:
             bad(f"io_threads must be an int >= 1, got {self.io_threads!r}")
         for name in ("buffer_rows", "chunk_rows"):

@@ -390,6 +390,9 @@ def _check_meta(meta: dict, n: int, where: str) -> dict[str, np.ndarray]:
         for c in ("step", "token"):
             if (out[c] < 0).any():
                 raise DifflensError(f"{where}: column {c} must be >= 0")
+        for c in ("branch", "attn_mask"):
+            if c in out and not np.isin(out[c], (0, 1)).all():
+                raise DifflensError(f"{where}: column {c} must hold only 0 and 1")
     return out
 
 

@@ -27,15 +27,19 @@ EVAL_COLUMNS = ("acts", "timestep", "sample_id", "step")
 
 @dataclass(frozen=True)
 class Filters:
-    """Which rows train: a timestep interval and/or a set of denoising step indices."""
+    """Which rows train: a timestep interval, a set of denoising step indices, the CFG branch.
+
+    Text padding tokens are never trained on (the store leaves them out of batches by default)."""
 
     timestep_range: tuple[float, float] | None = None
     denoise_steps: tuple[int, ...] | None = None
+    branch: str = "cond"  # CFG branch trained on: explicit, so a --both-branches store never mixes them
 
     def store_kwargs(self) -> dict:
         return {
             "timestep_range": self.timestep_range,
             "steps": list(self.denoise_steps) if self.denoise_steps is not None else None,
+            "branch": self.branch,
         }
 
     def mask(self, timestep: np.ndarray, step: np.ndarray) -> np.ndarray:
