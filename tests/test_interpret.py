@@ -349,6 +349,27 @@ def test_chance_is_half_for_sparse_and_dense_random_features(tmp_path):
     assert all(r["chance"] == pytest.approx(0.5) and r["score"] == pytest.approx(r["raw_score"]) for r in res)
 
 
+def test_vlm_protocol_chance_with_one_control_per_item(planted_cache):
+    """A judge that ignores the explanation and only reacts to whether anything is highlighted (what a
+    VLM does with an empty overlay) earns a raw 0.8 on a sparse feature silent on its negatives; with
+    one control per test item (the VLM default) its chance is 0.8 too, so the score is 0.5."""
+    src, cache, fs = planted_cache
+    seen = []
+
+    class Blind:
+        def judge_many(self, cache, tasks, explanations):
+            out = {}
+            for t in tasks:
+                seen.extend(it.example for it in t.test)
+                out[t.feature] = [0.6 if (it.example.map > it.example.threshold).any() else 0.0 for it in t.test]
+            return out
+
+    tasks, _ = build_tasks(cache, [0], seed=1, feature_fn=fs, source=src)  # the sparse red feature
+    (r,) = score_features(cache, tasks, FixedExplainer("color=red"), Blind(), chance=1)
+    assert r["raw_score"] == pytest.approx(0.8) and r["chance"] == pytest.approx(0.8) and r["score"] == pytest.approx(0.5)
+    assert r["chance_controls"] == {"per_item": 1, "n": 10, "failures": 0} and len(seen) == 20
+
+
 def test_statistics_are_scipys():
     from difflens.interpret.report import bootstrap_diff, mann_whitney, mean_ci
 
