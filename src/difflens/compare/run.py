@@ -196,6 +196,11 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(label: str) -> str:
+    """Tick labels: Flux-style block names shortened (single_transformer_blocks.3:img -> single.3:img)."""
+    return label.replace("single_transformer_blocks.", "single.").replace("transformer_blocks.", "double.")
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -204,14 +209,14 @@ def plot(result: dict, path: Path) -> None:
 
     from difflens.utils import atomic_write_bytes
 
-    labels = result["labels"]
+    labels = [_short(v) for v in result["labels"]]
     n = len(labels)
     size = 1.2 + 0.45 * n
     fig, axes = plt.subplots(1, 3, figsize=(3 * size + 1, size + 0.6))
     for ax, (m, title) in zip(axes, (("jaccard", "Jaccard (ITDA atoms)"), ("cka", "linear CKA"), ("svcca", "SVCCA"))):
         a = np.asarray(result[m])
         ax.imshow(a, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize="x-small")
+        ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize="x-small")
         ax.set_yticks(range(n), labels, fontsize="x-small")
         for i in range(n):
             for j in range(n):
