@@ -4,7 +4,9 @@ What it does (on one site of one store):
 
 1. trains a plain TopK SAE and a TIDE SAE at the same width and k, and builds ITDA at the same L0
    (its pursuit uses k atoms), all three in lockstep on the same batches (`difflens.train`);
-2. every ``eval_every`` steps records each dictionary's held-out FVU together with the time
+2. every ``eval_every`` steps (and at steps 1, 2, 4, … before the first of those, where ITDA does
+   most of its work; ``itda_tokens`` > 0 builds ITDA from that many tokens only, then freezes it,
+   as Leask et al. build from a small sample) records each dictionary's held-out FVU together with the time
    spent in that dictionary's own updates so far (SAE: forward, backward, Adam; ITDA:
    `partial_fit`), both wall clock and process CPU time, and its size (latents / atoms);
 3. evaluates the three on the held-out samples with `difflens.evaluate` (FVU, EV, cosine, L0,
