@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from difflens.harvest import HarvestConfig, harvest
-    from difflens.harvest.run import world_prompts
+    from difflens.world.prompts import world_prompts
     from difflens.models.toy.adapter import ToyAdapter
 
     adapter = ToyAdapter.load()

@@ -29,7 +29,8 @@ PLANTED = 1  # the topk feature whose explanation carries the XSS payload
 
 def _harvest(toy: Path, out: Path, n: int = 8, steps: int = 2):
     from difflens.harvest.config import HarvestConfig
-    from difflens.harvest.run import harvest, world_prompts
+    from difflens.harvest.run import harvest
+    from difflens.world.prompts import world_prompts
     from difflens.models.toy.adapter import ToyAdapter
 
     adapter = ToyAdapter.load(folder=toy)

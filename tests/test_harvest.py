@@ -11,7 +11,7 @@ import torch
 
 from difflens.errors import DifflensError
 from difflens.harvest import HarvestConfig, harvest
-from difflens.harvest.run import world_prompts
+from difflens.world.prompts import world_prompts
 from difflens.hooks import HookSet
 from difflens.models.toy.adapter import ToyAdapter
 from difflens.store import Store

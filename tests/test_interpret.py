@@ -527,7 +527,7 @@ def test_cli_interpret_run_cache_and_report(planted_store, tmp_path):
 
 def test_generated_source_matches_store_layout(tmp_path):
     """Generating afresh records every token at every step, like a full-token store."""
-    from difflens.harvest.run import world_prompts
+    from difflens.world.prompts import world_prompts
     from difflens.interpret.sources import generate_samples
     from difflens.models.toy.adapter import ToyAdapter
     from toy_fixtures import make_tiny_toy

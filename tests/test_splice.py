@@ -85,10 +85,11 @@ def test_window_as_cli_passes_it_and_grids(adapter, tmp_path):
 
 def test_classifier_adherence_is_reported(adapter):
     from difflens.world.classifier import FactorClassifier
+    from difflens.world.groundtruth import ToyWorld
 
     torch.manual_seed(0)
-    clf = FactorClassifier().eval()
-    res = evaluate_splice([exact_sae(adapter.site_dim(SITE))], PROMPTS, adapter, steps=3, classifier=clf, show_progress=False)
+    truth = ToyWorld(FactorClassifier().eval())
+    res = evaluate_splice([exact_sae(adapter.site_dim(SITE))], PROMPTS, adapter, steps=3, ground_truth=truth, show_progress=False)
     adh = res["clean"]["adherence"]
     assert set(adh) >= {"color", "object", "prompt"}
     assert res["dictionaries"][0]["splice"]["adherence"] == adh  # exact splice = clean images
@@ -106,12 +107,14 @@ def test_store_input_uses_its_prompts_and_statistics(adapter, tmp_path):
 def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
     """A small store recorded from one generation (all tokens, cond rows, toy-world token labels)."""
     from difflens.harvest.record import UnitRecorder
-    from difflens.harvest.run import _labels_and_records, plan_samples
+    from difflens.harvest.run import labels_and_records, plan_samples
     from difflens.hooks import HookSet, Site
     from difflens.store import Store, StoreWriter
+    from difflens.world.groundtruth import ToyWorld
 
-    samples = plan_samples(list(prompts), list(seeds), None, True)
-    token_labels, _, records = _labels_and_records(samples, True, None)
+    truth = ToyWorld()
+    samples = plan_samples(list(prompts), list(seeds), None, truth)
+    token_labels, _, records = labels_and_records(samples, truth, None)
     rec = UnitRecorder(
         sample_ids=np.array([s.sample_id for s in samples]),
         prompt_ids=np.array([s.prompt_id for s in samples]),

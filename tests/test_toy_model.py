@@ -54,7 +54,7 @@ def test_shipped_model_is_a_real_flux_transformer(toy):
     assert isinstance(toy.transformer, FluxTransformer2DModel)
     cfg = toy.transformer.config
     assert cfg.num_layers >= 2 and cfg.num_single_layers >= 2
-    assert toy.grid_hw == (16, 16)
+    assert toy.grid_hw() == (16, 16)
     assert "transformer_blocks.1:img" in toy.sites() and "single_transformer_blocks.1:txt" in toy.sites()
     n_bytes = sum(p.numel() * p.element_size() for p in toy.model.parameters())
     assert n_bytes < 20 * 2**20

@@ -9,7 +9,9 @@ import json
 import time
 from pathlib import Path
 
+from difflens.models import load_adapter
 from difflens.utils import atomic_write_text, save_image
+from difflens.viz import labelled_grid
 
 DEMO_PROMPTS = [
     "a small red circle in the top left on a black plain background",
@@ -30,17 +32,13 @@ def register(sub) -> None:
 
 
 def stage_generate(out: Path, summary: dict) -> None:
-    from difflens.models.toy.adapter import ToyAdapter
-    from difflens.viz import labelled_grid
-    from difflens.world.classifier import adherence
-
-    adapter = ToyAdapter.load()
+    adapter = load_adapter("toy")
     seeds = list(range(len(DEMO_PROMPTS)))
     gen = adapter.generate(DEMO_PROMPTS, seeds)
     path = out / "generate" / "grid.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(path, labelled_grid(list(gen.images), DEMO_PROMPTS, cols=4, label_lines=5))
-    acc = adherence(DEMO_PROMPTS, gen.images)
+    acc = adapter.ground_truth().adherence(DEMO_PROMPTS, gen.images)
     summary["generate"] = {
         "grid": str(path),
         "prompt_adherence (classifier)": {k: round(v, 3) for k, v in acc["accuracy"].items() if v is not None},

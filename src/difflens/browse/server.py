@@ -133,7 +133,7 @@ class Playground:
                 steps_out.append({"step": int(step), "timestep": float(rec.timesteps[step]), "top": top, "tokens": tokens})
         img = np.asarray(rec.images[0])
         scale = max(1, 320 // max(img.shape[:2]))
-        grid = list(getattr(self.adapter, "grid_hw", (16, 16)))
+        grid = list(self.adapter.grid_hw())
         return {"image": _png_data_url(img, scale), "grid_hw": grid, "steps": steps_out, "slug": req["dict"],
                 "prompt": req["prompt"], "seed": req["seed"]}
 

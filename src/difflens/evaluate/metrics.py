@@ -1,4 +1,7 @@
-"""Reconstruction metrics, defined once for the whole project (DESIGN.md §3 "SAE practice").
+"""Reconstruction metrics, defined once for the whole project (docs/architecture.md, "Metrics").
+
+This module sits at the bottom of the layering (it imports only torch), so training, evaluation
+and the browser all report the same numbers.
 
 Libraries disagree on what "FVU" or "dead" means; every number difflens prints comes from here:
 
@@ -85,16 +88,12 @@ class _Sums:
         return round(self.sum_t / self.n_t, 6) if self.n_t else None
 
     def total_variance(self) -> float:
-        """Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n (float64; clamped at 0 against round-off)."""
-        if self.n == 0:
-            return 0.0
-        return max(self.sum_sq_x - float(self.sum_x.pow(2).sum()) / self.n, 0.0)
+        return total_variance(self.n, self.sum_sq_x, self.sum_x)
 
     def result(self, with_l0: bool) -> dict:
         if self.n == 0:
             return {"n": 0}
-        var = self.total_variance()
-        fvu = self.sum_sq_err / var if var > _EPS else math.nan
+        fvu = fvu_from_sums(self.n, self.sum_sq_x, self.sum_x, self.sum_sq_err)
         out = {
             "n": self.n,
             "fvu": fvu,
@@ -105,6 +104,20 @@ class _Sums:
         if with_l0:
             out["l0"] = self.sum_l0 / self.n
         return out
+
+
+def total_variance(n: float, sum_sq_x: float, sum_x: torch.Tensor) -> float:
+    """Σ‖x − x̄‖² = Σ‖x‖² − ‖Σx‖²/n from streamed sums (float64; clamped at 0 against round-off)."""
+    if n == 0:
+        return 0.0
+    return max(float(sum_sq_x) - float(sum_x.double().pow(2).sum()) / float(n), 0.0)
+
+
+def fvu_from_sums(n: float, sum_sq_x: float, sum_x: torch.Tensor, sum_sq_err: float) -> float:
+    """FVU = Σ‖x − x̂‖² / Σ‖x − x̄‖² from streamed sums; NaN when x has no variance. The one FVU
+    definition: the trainer's all-reduced batch sums and the evaluation accumulators both use it."""
+    var = total_variance(n, sum_sq_x, sum_x)
+    return float(sum_sq_err) / var if var > _EPS else math.nan
 
 
 def cosine_rows(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ For each dictionary, prompts are generated three more ways besides the clean run
                  clean run; this checks that the hooks read and write the right tensors.
 
 Compared with the clean images: pixel MSE (images in [0, 1]) and PSNR (dB, from the mean MSE);
-on the toy model also the factor classifier's prompt adherence. "Fidelity recovered" is
+with a ground-truth world (`Adapter.ground_truth()`) also its prompt adherence. "Fidelity recovered" is
 1 − MSE(splice) / MSE(mean ablation): 1 = as good as clean, 0 = as bad as mean ablation
 (negative = worse). The same normalisation is applied to adherence:
 (adh(splice) − adh(mean)) / (adh(clean) − adh(mean)).
@@ -26,10 +26,15 @@ import numpy as np
 import torch
 
 from difflens.errors import DifflensError
+from difflens.generation import batch_bounds, generate_batched, requests_of
+from difflens.groundtruth import GroundTruth, ground_truth_of
 from difflens.hooks import HookSet, Site
-from difflens.intervene.core import MeanAblate, Splice, default_steps, generate_with
+from difflens.intervene.core import MeanAblate, Splice, intervention_hooks
 from difflens.intervene.region import Window
-from difflens.utils import progress
+from difflens.models.base import Adapter
+from difflens.store import Store
+from difflens.utils import progress, save_image
+from difflens.viz import labelled_grid
 
 DEFAULT_PROMPTS = 8
 # The error-term check passes when the final latents agree to this and no pixel moves more than one level.
@@ -53,8 +58,6 @@ def _names(dicts) -> list[tuple[str, torch.nn.Module]]:
 
 
 def _as_store(obj):
-    from difflens.store import Store
-
     if isinstance(obj, Store):
         return obj
     if isinstance(obj, (str, Path)) and Path(obj).is_dir():
@@ -108,33 +111,26 @@ def psnr_db(mse: float) -> float:
     return float("inf") if mse <= 0 else float(10 * math.log10(1.0 / mse))
 
 
-def _adherence(prompts, images, classifier):
-    if classifier is None:
+def _adherence(prompts, images, truth: GroundTruth | None):
+    if truth is None:
         return None
-    from difflens.world.classifier import adherence
-
-    acc = adherence(prompts, images, classifier=classifier)["accuracy"]
+    acc = truth.adherence(prompts, images)["accuracy"]
     return {k: (round(v, 4) if v is not None else None) for k, v in acc.items()}
 
 
-def _toy_classifier(adapter, prompts, classifier):
-    """The factor classifier when it makes sense (toy model, world prompts); a note otherwise."""
-    if classifier is not None:
-        return classifier, None
-    if getattr(adapter, "name", "") != "toy":
-        return None, "not the toy model: no factor classifier"
-    from difflens.world.classifier import default_classifier
-    from difflens.world.prompts import parse_prompt
-
+def _ground_truth(adapter: Adapter, prompts, truth: GroundTruth | None) -> tuple[GroundTruth | None, str | None]:
+    """The ground truth (given, else the adapter's) when it can judge these prompts; else None
+    and a note saying why adherence is skipped."""
+    truth = truth if truth is not None else ground_truth_of(adapter)
+    if truth is None:
+        return None, "the model has no ground-truth world: adherence skipped"
+    if not truth.knows(prompts):
+        return None, f"prompts are not {truth.name} prompts: adherence skipped"
     try:
-        for p in prompts:
-            parse_prompt(p)
-    except DifflensError:
-        return None, "prompts are not toy-world prompts: adherence skipped"
-    try:
-        return default_classifier(), None
+        truth.ready()
     except DifflensError as e:
         return None, f"factor classifier unavailable ({e})"
+    return truth, None
 
 
 def _recovered(err_splice, err_mean):
@@ -153,7 +149,7 @@ def evaluate_splice(
     steps: int | tuple[int, int] | None = None,
     window: Window | tuple[int, int] | str | None = None,
     guidance: float | None = None,
-    classifier=None,
+    ground_truth: GroundTruth | None = None,
     batch_size: int = 16,
     out_dir: str | Path | None = None,
     show_progress: bool = True,
@@ -180,11 +176,11 @@ def evaluate_splice(
         seeds = list(seeds) if seeds is not None else list(range(len(prompts)))
     if len(seeds) != len(prompts):
         seeds = [seeds[i % len(seeds)] for i in range(len(prompts))]
-    steps = int(steps if steps is not None else hc.get("steps") or default_steps(adapter))
+    steps = int(steps if steps is not None else hc.get("steps") or adapter.default_steps)
     if guidance is None and hc.get("guidance") is not None:
         guidance = float(hc["guidance"])
     win.check([float(t) for t in adapter.timesteps(steps)])
-    classifier, clf_note = _toy_classifier(adapter, prompts, classifier)
+    truth, clf_note = _ground_truth(adapter, prompts, ground_truth)
 
     sites = []
     for _, d in named:
@@ -193,18 +189,20 @@ def evaluate_splice(
             raise DifflensError("a dictionary's cfg names no site: splice needs to know where it belongs")
         if s not in sites:
             sites.append(s)
-    batches = [(a, min(a + batch_size, len(prompts))) for a in range(0, len(prompts), batch_size)]
+    batches = batch_bounds(len(prompts), batch_size)
     bar = progress(
         total=len(batches) * (1 + len(sites) + 2 * len(named)), desc="splice", unit="gen", **({} if show_progress else {"disable": True})
     )
 
+    requests = requests_of(prompts, seeds)
+
     def run(interventions, extra=None):
         imgs, lats = [], []
-        for a, b in batches:
-            g = generate_with(adapter, prompts[a:b], seeds[a:b], interventions, steps=steps, guidance=guidance, extra_hooks=extra)
+        for b in generate_batched(adapter, requests, intervention_hooks(interventions, extra), steps=steps,
+                                  guidance=guidance, batch_size=batch_size, on_batch=lambda _b: bar.update(1)):
+            g = b.generation
             imgs.append(np.asarray(g.images))
             lats.append(g.latents.float().cpu() if g.latents is not None else None)
-            bar.update(1)
         lat = torch.cat(lats) if all(x is not None for x in lats) else None
         return np.concatenate(imgs), lat
 
@@ -230,8 +228,8 @@ def evaluate_splice(
             "and per factor where mean ablation loses adherence; "
             "error_term_check: splice with x - x_hat added back, must equal the clean run"
         ),
-        "classifier": "factor classifier (prompt adherence)" if classifier is not None else clf_note,
-        "clean": {"adherence": _adherence(prompts, clean_imgs, classifier)},
+        "classifier": "factor classifier (prompt adherence)" if truth is not None else clf_note,
+        "clean": {"adherence": _adherence(prompts, clean_imgs, truth)},
         "mean_ablation": {},
         "dictionaries": [],
     }
@@ -248,7 +246,7 @@ def evaluate_splice(
             "source": "store statistics (mean per timestep)" if stats[s] is not None else "clean run (mean per step over its tokens)",
             "mse": mse,
             "psnr_db": psnr_db(mse),
-            "adherence": _adherence(prompts, imgs, classifier),
+            "adherence": _adherence(prompts, imgs, truth),
         }
 
     grids = {}
@@ -258,7 +256,7 @@ def evaluate_splice(
         chk_imgs, chk_lat = run([Splice(d, keep_error=True, window=win)])
         mse = float(image_mse(sp_imgs, clean_imgs).mean())
         mean = result["mean_ablation"][site]
-        adh = _adherence(prompts, sp_imgs, classifier)
+        adh = _adherence(prompts, sp_imgs, truth)
         rec_adh = _recovered_adherence(result["clean"]["adherence"], mean["adherence"], adh)
         rec_prompt = rec_adh.pop("prompt", None) if rec_adh else None
         pix = int(np.abs(chk_imgs.astype(int) - clean_imgs.astype(int)).max())
@@ -321,9 +319,6 @@ def _mean_accumulator(sums: dict):
 
 
 def _write_grids(out: Path, prompts, clean, grids) -> dict[str, str]:
-    from difflens.utils import save_image
-    from difflens.viz import labelled_grid
-
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     n = len(prompts)

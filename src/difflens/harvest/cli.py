@@ -56,7 +56,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from difflens.harvest.config import HarvestConfig, read_prompts
-    from difflens.harvest.run import harvest, world_prompts
+    from difflens.harvest.run import harvest
+    from difflens.world.prompts import world_prompts
 
     gk = generation_kwargs(args)
     seeds = parse_int_list(args.seeds, "--seeds")

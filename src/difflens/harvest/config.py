@@ -13,7 +13,7 @@ from difflens.errors import DifflensError
 class HarvestConfig:
     model: str = "toy"
     sites: list[str] = field(default_factory=list)  # resolved site strings
-    steps: int = 12
+    steps: int | None = None  # None = the model's default (`Adapter.default_steps`), filled in by harvest()
     guidance: float | None = None
     seeds: list[int] = field(default_factory=lambda: [0])  # every prompt is generated with every seed
     tokens_per_image: int | None = None  # per sample, step and stream; None = all tokens
@@ -33,7 +33,7 @@ class HarvestConfig:
         return asdict(self)
 
     def validate(self) -> None:
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise DifflensError(f"--steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise DifflensError(f"--batch-size must be >= 1, got {self.batch_size}")
@@ -45,7 +45,7 @@ class HarvestConfig:
             raise DifflensError(f"--tokens-per-image must be >= 1, got {self.tokens_per_image}")
         if self.token_fraction is not None and not (0 < self.token_fraction <= 1):
             raise DifflensError(f"--token-fraction must be in (0, 1], got {self.token_fraction}")
-        if self.record_steps is not None:
+        if self.record_steps is not None and self.steps is not None:
             bad = [s for s in self.record_steps if not 0 <= s < self.steps]
             if bad:
                 raise DifflensError(f"--step-window {bad} outside 0..{self.steps - 1} (step indices of a {self.steps}-step run)")

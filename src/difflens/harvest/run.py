@@ -7,6 +7,7 @@ takes units r, r + world, ...; rank 0 finalises the manifest after a barrier.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import time
@@ -14,11 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from difflens.errors import DifflensError
+from difflens.generation import GenerationPlan, generate_batched
+from difflens.groundtruth import GroundTruth, ground_truth_of
 from difflens.harvest.config import HarvestConfig
 from difflens.harvest.record import UnitRecorder
 from difflens.hooks import HookSet, Site
+from difflens.models import load_adapter
+from difflens.store import StoreWriter
 from difflens.utils import progress
 
 
@@ -28,45 +34,23 @@ class Sample:
     prompt_id: int
     prompt: str
     seed: int
-    scene: object | None = None  # the toy world's reference scene, when known
+    scene: object | None = None  # the ground-truth world's reference scene, when known
 
 
-def world_prompts(n: int, seed: int) -> tuple[list[str], list]:
-    """n fully specified prompts sampled from the toy world, with the scenes they describe."""
-    from difflens.world.prompts import scene_to_prompt
-    from difflens.world.scene import sample_scene
-
-    rng = np.random.default_rng(seed)
-    scenes = [sample_scene(rng) for _ in range(n)]
-    return [scene_to_prompt(s) for s in scenes], scenes
-
-
-def plan_samples(prompts: list[str], seeds: list[int], scenes: list | None, is_toy: bool) -> list[Sample]:
+def plan_samples(prompts: list[str], seeds: list[int], scenes: list | None, ground_truth: GroundTruth | None) -> list[Sample]:
+    """Every prompt with every seed; with ground truth, each sample's reference scene (the given
+    one, else one consistent with the prompt and drawn from the seed)."""
     out = []
     for pid, prompt in enumerate(prompts):
         for j, seed in enumerate(seeds):
             scene = scenes[pid] if scenes else None
-            if scene is None and is_toy:
-                scene = _scene_for_prompt(prompt, seed)
+            if scene is None and ground_truth is not None:
+                scene = ground_truth.scene_for(prompt, seed)
             out.append(Sample(pid * len(seeds) + j, pid, prompt, int(seed), scene))
     return out
 
 
-def _scene_for_prompt(prompt: str, seed: int):
-    """A reference scene consistent with a toy-world prompt (unspecified factors drawn from the seed)."""
-    from difflens.world.prompts import parse_prompt
-    from difflens.world.scene import sample_scene
-
-    try:
-        spec = parse_prompt(prompt)
-    except DifflensError:
-        return None
-    return sample_scene(np.random.default_rng(seed), spec)
-
-
 def _png(img) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(img, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -88,9 +72,6 @@ def harvest(
     stop_after_units: int | None = None,
 ) -> dict:
     """Run the harvest; returns a summary. `stop_after_units` exists for crash/resume tests."""
-    from difflens.models import load_adapter
-    from difflens.store import StoreWriter
-
     cfg.validate()
     rank, world = _dist_info()
     if world > 1:
@@ -99,7 +80,10 @@ def harvest(
         if not dist.is_initialized():
             dist.init_process_group("gloo")
     adapter = adapter or load_adapter(cfg.model, dtype=cfg.model_dtype)
-    is_toy = adapter.name == "toy"
+    if cfg.steps is None:
+        cfg = dataclasses.replace(cfg, steps=adapter.default_steps)
+        cfg.validate()
+    truth = ground_truth_of(adapter)
     sites = [Site.parse(s) for s in cfg.sites]
     dims = {str(s): adapter.site_dim(s) for s in sites}
     out = Path(out)
@@ -110,20 +94,22 @@ def harvest(
     _barrier(world)
     done = writer.done_units()
 
-    samples = plan_samples(prompts, cfg.seeds, scenes, is_toy)
+    samples = plan_samples(prompts, cfg.seeds, scenes, truth)
     for s in samples:  # an appended configuration's samples follow the store's existing ones
         s.sample_id += writer.first_sample_id
-    units = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-    mine = [(u, batch) for u, batch in enumerate(units) if u % world == rank and writer.unit_id(u) not in done]
+    n_units = -(-len(samples) // cfg.batch_size)
+    mine = [u for u in range(n_units) if u % world == rank and writer.unit_id(u) not in done]
+    if stop_after_units is not None:
+        mine = mine[: max(stop_after_units, 0)]
+    todo = set(mine)
     text_tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
+    units: dict[int, tuple[UnitRecorder, list[dict]]] = {}
 
-    rows_written = 0
-    t0 = time.time()
-    bar = progress(total=sum(len(b) for _, b in mine), desc=f"harvest{f' rank {rank}' if world > 1 else ''}", unit="img")
-    for n_units, (u, batch) in enumerate(mine):
-        if stop_after_units is not None and n_units >= stop_after_units:
-            break
-        token_labels, text_labels, records = _labels_and_records(batch, is_toy, text_tok)
+    def unit_hooks(plan: GenerationPlan) -> HookSet:
+        """The recorder of the unit about to run, with the ground truth's labels of its samples."""
+        u = plan.batch_index
+        batch = samples[u * cfg.batch_size : (u + 1) * cfg.batch_size]
+        token_labels, text_labels, records = labels_and_records(batch, truth, text_tok)
         rec = UnitRecorder(
             sample_ids=np.array([s.sample_id for s in batch]),
             prompt_ids=np.array([s.prompt_id for s in batch]),
@@ -135,26 +121,32 @@ def harvest(
             token_labels=token_labels,
             text_labels=text_labels,
         )
-        hooks = HookSet()
-        for s in sites:
-            hooks.add(s, rec.hook_for(s))
-        gen = adapter.generate([s.prompt for s in batch], [s.seed for s in batch], steps=cfg.steps, guidance=cfg.guidance, hooks=hooks,
-                               **_size_kwargs(cfg))
-        if is_toy:
-            _add_readings(records, gen.images)
-        images = {s.sample_id: _png(img) for s, img in zip(batch, gen.images)}
-        rows = rec.rows()
-        writer.write_unit(writer.unit_id(u), rows, samples=records, images=images)
-        rows_written += sum(a.shape[0] for a, _ in rows.values())
-        bar.update(len(batch))
-        bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
+        units[u] = (rec, records)
+        return HookSet([(s, rec.hook_for(s)) for s in sites])
+
+    rows_written = 0
+    t0 = time.time()
+    bar = progress(total=sum(len(samples[u * cfg.batch_size : (u + 1) * cfg.batch_size]) for u in mine),
+                   desc=f"harvest{f' rank {rank}' if world > 1 else ''}", unit="img")
+    if mine:
+        for b in generate_batched(adapter, samples, unit_hooks, steps=cfg.steps, guidance=cfg.guidance,
+                                  batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, only=todo.__contains__):
+            rec, records = units.pop(b.index)
+            if truth is not None:
+                _add_readings(records, b.generation.images, truth)
+            images = {s.sample_id: _png(img) for s, img in zip(b.requests, b.generation.images)}
+            rows = rec.rows()
+            writer.write_unit(writer.unit_id(b.index), rows, samples=records, images=images)
+            rows_written += sum(a.shape[0] for a, _ in rows.values())
+            bar.update(len(b.requests))
+            bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
     bar.close()
     _barrier(world)
     manifest = writer.finalize() if rank == 0 else None
     return {
         "store": str(out),
         "rank": rank,
-        "units_written": min(len(mine), stop_after_units) if stop_after_units is not None else len(mine),
+        "units_written": len(mine),
         "rows_written": rows_written,
         "seconds": time.time() - t0,
         "manifest": manifest,
@@ -168,68 +160,29 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _labels_and_records(batch: list[Sample], is_toy: bool, tokenizer):
+def labels_and_records(batch: list[Sample], truth: GroundTruth | None, tokenizer):
+    """Each sample's record; with ground truth also its scene's fields and per-token labels."""
     records = []
-    token_labels: dict[int, np.ndarray] | None = {} if is_toy else None
-    text_labels: dict[int, np.ndarray] | None = {} if is_toy and tokenizer is not None else None
+    token_labels: dict[int, np.ndarray] | None = {} if truth is not None else None
+    text_labels: dict[int, np.ndarray] | None = {} if truth is not None and tokenizer is not None else None
     for s in batch:
         rec = {"sample_id": s.sample_id, "prompt_id": s.prompt_id, "prompt": s.prompt, "seed": s.seed}
-        if is_toy and s.scene is not None:
-            from difflens.world.labels import image_concepts, token_label_masks
-            from difflens.world.scene import render
-
-            r = render(s.scene)
-            labels = token_label_masks(r)
+        if truth is not None and s.scene is not None:
+            fields, labels = truth.label_scene(s.scene)
             token_labels[s.sample_id] = labels
-            rec["scene"] = s.scene.to_dict()
-            rec["concepts"] = image_concepts(r)
-            rec["token_labels"] = [int(x) for x in labels]
+            rec.update(fields)
             if text_labels is not None:
-                text_labels[s.sample_id] = text_token_labels(s.prompt, tokenizer)
+                text_labels[s.sample_id] = truth.text_labels(s.prompt, tokenizer)
         records.append(rec)
     return token_labels, text_labels, records
 
 
-def text_token_labels(prompt: str, tokenizer) -> np.ndarray:
-    """Per text token, the concept its word names (a colour word -> color=red, ...); 0 otherwise."""
-    from difflens.world import vocab as V
-    from difflens.world.labels import concepts_to_mask
-
-    ids, _ = tokenizer([prompt])
-    words = tokenizer.words(ids[0])
-    out = np.zeros(len(words), np.int64)
-    for i, w in enumerate(words):
-        concept = None
-        for f in ("color", "object", "size", "bgcolor", "bg"):
-            if w in V.FACTORS[f]:
-                concept = f"{f}={w}"
-                break
-        if concept is None and w in ("top", "bottom", "left", "right", "center"):
-            nxt = words[i + 1] if i + 1 < len(words) else ""
-            prv = words[i - 1] if i > 0 else ""
-            for pos in V.POSITIONS:
-                if pos in (f"{w} {nxt}", f"{prv} {w}", w):
-                    concept = f"position={pos}"
-                    break
-        if concept:
-            out[i] = concepts_to_mask([concept])
-    return out
-
-
-def _add_readings(records: list[dict], images) -> None:
-    """The classifier's reading of each generated image, so later stages can trust labels per sample."""
-    from difflens.world.classifier import adherence, classify
-
-    readings = classify(images)
+def _add_readings(records: list[dict], images, truth: GroundTruth) -> None:
+    """The ground truth's reading of each generated image, so later stages can trust labels per sample."""
+    readings = truth.read_images(images)
     scored = [i for i, r in enumerate(records) if "scene" in r]
-    per_prompt = adherence([records[i]["prompt"] for i in scored], images[scored])["per_prompt"] if scored else []
+    per_prompt = truth.adherence([records[i]["prompt"] for i in scored], images[scored])["per_prompt"] if scored else []
     for rec, reading in zip(records, readings):
-        rec["reading"] = {k: reading[k] for k in ("main", "bgcolor", "bg") if k in reading}
+        rec["reading"] = reading
     for i, scores in zip(scored, per_prompt):
         records[i]["adherent"] = bool(scores.get("prompt", 0.0) == 1.0)
-
-
-def _size_kwargs(cfg) -> dict:
-    """--height/--width reach generate() only when set (the toy adapter has one size)."""
-    h, w = getattr(cfg, "height", None), getattr(cfg, "width", None)
-    return {"height": h, "width": w} if (h or w) else {}

@@ -122,7 +122,7 @@ def _data(args, sites: list[str]):
         raise DifflensError("pass exactly one of --data STORE or --generate N")
     if args.data is not None:
         return args.data
-    from difflens.harvest.run import world_prompts
+    from difflens.world.prompts import world_prompts
     from difflens.interpret.features import neuron_site_for
     from difflens.interpret.sources import generate_samples
 

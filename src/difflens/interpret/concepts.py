@@ -12,11 +12,11 @@ import re
 import numpy as np
 
 from difflens.world import vocab as V
+from difflens.world.labels import concept_token_matrix
 
 REGIONS = ("region=object", "region=background")
 CONCEPT_NAMES: tuple[str, ...] = tuple(V.CONCEPTS) + REGIONS
 CONCEPT_INDEX = {c: i for i, c in enumerate(CONCEPT_NAMES)}
-_N_WORLD = len(V.CONCEPTS)
 _COLOR_BITS = np.int64(sum(1 << V.CONCEPT_ID[f"color={c}"] for c in V.COLORS))
 
 # Concept types for the coarse-to-fine analysis; digits and shapes are separate types.
@@ -33,8 +33,7 @@ def concept_type(concept: str) -> str:
 def concept_matrix(masks) -> np.ndarray:
     """bool [..., C] from int64 token bitmasks [...]: world concepts, then object/background region."""
     m = np.asarray(masks, np.int64)
-    bits = np.arange(_N_WORLD, dtype=np.int64)
-    world = ((m[..., None] >> bits) & 1).astype(bool)
+    world = concept_token_matrix(m)
     obj = (m & _COLOR_BITS) != 0
     return np.concatenate([world, obj[..., None], (~obj)[..., None]], axis=-1)
 

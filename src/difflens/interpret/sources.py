@@ -14,6 +14,12 @@ import numpy as np
 import torch
 
 from difflens.errors import DifflensError
+from difflens.generation import GenerationPlan, generate_batched
+from difflens.groundtruth import ground_truth_of
+from difflens.harvest.run import labels_and_records, plan_samples
+from difflens.hooks import HookSet, Site
+from difflens.models.base import Adapter
+from difflens.utils import progress
 
 
 def _split_of(prompt_ids: np.ndarray, seed: int, explain_fraction: float) -> np.ndarray:
@@ -219,53 +225,43 @@ class MemorySource(SampleSource):
             yield np.array(chunk, np.int64), torch.from_numpy(self._acts[site][[pos[s] for s in chunk]]).float()
 
 
-def generate_samples(adapter, prompts: list[str], sites: Sequence[str], *, seeds: Sequence[int] = (0,), steps: int | None = None,
+def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str], *, seeds: Sequence[int] = (0,), steps: int | None = None,
                      scenes: list | None = None, batch_size: int = 8, guidance: float | None = None) -> MemorySource:
     """Generate images afresh with a hook recording every image token of the conditional rows at
-    every step, for when no full-token store exists."""
-    from difflens.harvest.run import plan_samples
-    from difflens.hooks import HookSet, Site
-    from difflens.utils import progress
-
-    is_toy = getattr(adapter, "name", "") == "toy"
-    plan = plan_samples(list(prompts), [int(s) for s in seeds], scenes, is_toy)
-    if steps is None:
-        steps = int(adapter.model.cfg.steps_default) if is_toy else 12
+    every step, for when no full-token store exists. Samples, records and labels are planned as a
+    harvest plans them (`harvest.run.plan_samples` / `labels_and_records`)."""
+    truth = ground_truth_of(adapter)
+    plan = plan_samples(list(prompts), [int(s) for s in seeds], scenes, truth)
+    steps = adapter.resolve_steps(steps)
     sites = [str(Site.parse(s)) for s in sites]
     acts: dict[str, list[np.ndarray]] = {s: [] for s in sites}
     images, records = [], []
     timesteps: list[float] = []
-    for a in progress(range(0, len(plan), batch_size), desc="generate samples", unit="batch"):
-        batch = plan[a : a + batch_size]
-        buf: dict[str, np.ndarray | None] = {s: None for s in sites}
+    bufs: dict[str, np.ndarray | None] = {}
 
-        def hook_for(site):
-            def hook(x_BND, ctx):
-                rows = torch.nonzero(ctx.is_cond).flatten()
-                if buf[site] is None:
-                    buf[site] = np.zeros((len(batch), ctx.num_steps, x_BND.shape[1], x_BND.shape[2]), np.float32)
-                for r in rows.tolist():
-                    buf[site][int(ctx.sample_index[r]), ctx.step] = x_BND[r].detach().float().cpu().numpy()
+    def hook_for(site, n):
+        def hook(x_BND, ctx):
+            rows = torch.nonzero(ctx.is_cond).flatten()
+            if bufs[site] is None:
+                bufs[site] = np.zeros((n, ctx.num_steps, x_BND.shape[1], x_BND.shape[2]), np.float32)
+            for r in rows.tolist():
+                bufs[site][int(ctx.sample_index[r]), ctx.step] = x_BND[r].detach().float().cpu().numpy()
 
-            return hook
+        return hook
 
-        hooks = HookSet([(s, hook_for(s)) for s in sites])
-        gen = adapter.generate([s.prompt for s in batch], [s.seed for s in batch], steps=steps, guidance=guidance, hooks=hooks)
-        timesteps = list(gen.timesteps)
+    def recorders(gen_plan: GenerationPlan) -> HookSet:
+        bufs.update({s: None for s in sites})
+        return HookSet([(s, hook_for(s, len(gen_plan.prompts))) for s in sites])
+
+    bar = progress(total=-(-len(plan) // batch_size), desc="generate samples", unit="batch")
+    for b in generate_batched(adapter, plan, recorders, steps=steps, guidance=guidance, batch_size=batch_size,
+                              on_batch=lambda _b: bar.update(1)):
+        timesteps = list(b.generation.timesteps)
         for s in sites:
-            acts[s].append(buf[s])
-        images.append(gen.images)
-        for smp in batch:
-            rec = {"sample_id": smp.sample_id, "prompt_id": smp.prompt_id, "prompt": smp.prompt, "seed": smp.seed}
-            if smp.scene is not None:
-                from difflens.world.labels import image_concepts, token_label_masks
-                from difflens.world.scene import render
-
-                r = render(smp.scene)
-                rec["scene"] = smp.scene.to_dict()
-                rec["concepts"] = image_concepts(r)
-                rec["token_labels"] = [int(x) for x in token_label_masks(r)]
-            records.append(rec)
+            acts[s].append(bufs[s])
+        images.append(b.generation.images)
+        records += labels_and_records(b.requests, truth, None)[2]
+    bar.close()
     return MemorySource(
         {s: np.concatenate(v) for s, v in acts.items()}, records, np.concatenate(images), timesteps,
         description={"kind": "generated", "model": getattr(adapter, "model_id", "?"), "prompts": len(prompts), "steps": steps},

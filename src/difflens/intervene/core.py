@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from difflens.errors import DifflensError
+from difflens.generation import GenerationPlan, plan_generation, run_plan
 from difflens.hooks import HookContext, HookSet, Site
 from difflens.intervene.region import Region, Window
 
@@ -38,58 +39,14 @@ SCALE_MODES = ("absolute", "token-norm", "feature-max")
 
 
 # ---- run description -------------------------------------------------------------------------
-@dataclass
-class RunInfo:
-    """What an intervention may need to know about the generation it is about to join."""
-
-    adapter: object
-    prompts: list[str]
-    seeds: list[int]
-    steps: int
-    guidance: float | None
-    timesteps: list[float]
-    grid_hw: tuple[int, int]
-    image_hw: tuple[int, int] | None
-    gen_kwargs: dict = field(default_factory=dict)  # height/width etc. passed to adapter.generate
+# What an intervention may need to know about the generation it is about to join: the plan of
+# one generate() call (prompts, seeds, steps, guidance, timesteps, token grid, image size).
+RunInfo = GenerationPlan
 
 
 def default_steps(adapter) -> int:
-    """The adapter's default number of steps (the toy model knows one; pipelines need it given)."""
-    cfg = getattr(getattr(adapter, "model", None), "cfg", None)
-    if cfg is not None and getattr(cfg, "steps_default", None):
-        return int(cfg.steps_default)
-    raise DifflensError(f"{getattr(adapter, 'name', 'this')} model has no default step count: pass steps (CLI: --num-steps N)")
-
-
-def grid_and_image_hw(adapter, height: int | None = None, width: int | None = None):
-    """(token grid, image size or None) for a generation at this size, before running it."""
-    g = getattr(adapter, "grid_hw", None)
-    if callable(g):
-        grid = tuple(int(v) for v in g(height, width))
-    elif g is not None:
-        grid = tuple(int(v) for v in g)
-    else:
-        raise DifflensError(f"adapter {adapter!r} does not report its token grid; regions need it")
-    if height and width:
-        return grid, (int(height), int(width))
-    cfg = getattr(getattr(adapter, "model", None), "cfg", None)
-    if cfg is not None and getattr(cfg, "image_size", None):
-        return grid, (int(cfg.image_size), int(cfg.image_size))
-    size = getattr(adapter, "_size", None)
-    if callable(size):
-        try:
-            return grid, tuple(int(v) for v in size(None, None))
-        except DifflensError:
-            pass
-    return grid, None
-
-
-def adapter_timesteps(adapter, steps: int, gen_kwargs: dict) -> list[float]:
-    size = {k: v for k, v in gen_kwargs.items() if k in ("height", "width") and v is not None}
-    try:
-        return [float(t) for t in adapter.timesteps(steps, **size)]
-    except TypeError:
-        return [float(t) for t in adapter.timesteps(steps)]
+    """The adapter's declared default number of denoising steps."""
+    return adapter.default_steps
 
 
 # ---- base class ------------------------------------------------------------------------------
@@ -687,20 +644,20 @@ def build_hookset(interventions: Sequence[Intervention], extra: HookSet | None =
 
 
 def plan_run(adapter, prompts, seeds, *, steps=None, guidance=None, height=None, width=None) -> RunInfo:
-    steps = default_steps(adapter) if steps is None else int(steps)
-    gen_kwargs = {k: v for k, v in (("height", height), ("width", width)) if v is not None}
-    grid, image_hw = grid_and_image_hw(adapter, height, width)
-    return RunInfo(
-        adapter=adapter,
-        prompts=list(prompts),
-        seeds=[int(s) for s in seeds],
-        steps=steps,
-        guidance=guidance,
-        timesteps=adapter_timesteps(adapter, steps, gen_kwargs),
-        grid_hw=grid,
-        image_hw=image_hw,
-        gen_kwargs=gen_kwargs,
-    )
+    return plan_generation(adapter, prompts, seeds, steps=steps, guidance=guidance, height=height, width=width)
+
+
+def intervention_hooks(interventions: Sequence[Intervention], extra: HookSet | None = None, pre: HookSet | None = None):
+    """A hooks factory for `generation.generate_batched`: prepares `interventions` for each
+    batch's plan, then builds that batch's HookSet (`pre`, the interventions, `extra`)."""
+    interventions = list(interventions)
+
+    def make(plan: GenerationPlan) -> HookSet:
+        for iv in interventions:
+            iv.prepare(plan)
+        return build_hookset(interventions, extra, pre)
+
+    return make
 
 
 def generate_with(
@@ -721,12 +678,8 @@ def generate_with(
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     interventions = list(interventions)
-    adapter.check_request(list(prompts), list(seeds), 1 if steps is None else steps)
     run = plan_run(adapter, prompts, seeds, steps=steps, guidance=guidance, height=height, width=width)
-    for iv in interventions:
-        iv.prepare(run)
-    hooks = build_hookset(interventions, extra_hooks, pre_hooks)
-    gen = adapter.generate(list(prompts), run.seeds, steps=run.steps, guidance=guidance, hooks=hooks, **run.gen_kwargs)
+    gen = run_plan(run, intervention_hooks(interventions, extra_hooks, pre_hooks)(run))
     for iv in interventions:
         if not iv.log:
             hint = " (this model has no unconditional branch)" if iv.branch == "uncond" else ""

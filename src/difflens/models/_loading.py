@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from difflens.errors import DifflensError
+from difflens.models.base import ADAPTERS
 from difflens.utils import read_json
 
 DTYPES: dict[str, torch.dtype] = {
@@ -28,14 +29,16 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-# model_index.json `_class_name` -> (module, adapter class)
-PIPELINE_ADAPTERS: dict[str, tuple[str, str]] = {
-    "FluxPipeline": ("difflens.models.flux", "FluxAdapter"),
-    "StableDiffusion3Pipeline": ("difflens.models.sd3", "SD3Adapter"),
-    "PixArtAlphaPipeline": ("difflens.models.pixart", "PixArtAdapter"),
-    "PixArtSigmaPipeline": ("difflens.models.pixart", "PixArtAdapter"),
-    "DiTPipeline": ("difflens.models.dit", "DiTAdapter"),
-}
+# The built-in families; importing a module registers its adapter class in `models.base.ADAPTERS`
+# under the diffusers `_class_name`s it declares (`pipeline_classes`). None of them imports diffusers.
+ADAPTER_MODULES = ("difflens.models.flux", "difflens.models.sd3", "difflens.models.pixart", "difflens.models.dit")
+
+
+def registered_adapters() -> dict[str, type]:
+    """model_index.json `_class_name` -> adapter class, over the built-in families and any imported one."""
+    for module in ADAPTER_MODULES:
+        importlib.import_module(module)
+    return ADAPTERS
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -160,17 +163,16 @@ def resolve_source(model: str) -> ModelSource:
             f"model {text!r} not found: pass 'toy', an existing diffusers pipeline folder, "
             "or a hub id like black-forest-labs/FLUX.1-schnell"
         )
-    if class_name not in PIPELINE_ADAPTERS:
+    if class_name not in registered_adapters():
         raise DifflensError(
             f"{text} is a {class_name or 'pipeline without _class_name'}, which difflens has no adapter for; "
-            f"supported: {', '.join(sorted(PIPELINE_ADAPTERS))} (see docs/adapters.md to add one)"
+            f"supported: {', '.join(sorted(registered_adapters()))} (see docs/adapters.md to add one)"
         )
     return ModelSource(location, model_id, class_name, is_local)
 
 
 def adapter_class(pipeline_class: str):
-    module, cls = PIPELINE_ADAPTERS[pipeline_class]
-    return getattr(importlib.import_module(module), cls)
+    return registered_adapters()[pipeline_class]
 
 
 def _is_toy_folder(path: Path) -> bool:
@@ -314,7 +316,7 @@ def describe_model(model: str, *, height: int | None = None, width: int | None =
         for name, v in (("height", height), ("width", width)):
             if v is not None and v != cfg.image_size:
                 raise DifflensError(f"the toy model makes {cfg.image_size}x{cfg.image_size} images; drop --{name}")
-        gh, gw = adapter.grid_hw
+        gh, gw = adapter.grid_hw()
         return ModelPlan(adapter.model_id, "toy", {s: adapter.site_dim(s) for s in adapter.sites()},
                          adapter.default_site(), cfg.image_size, cfg.image_size, gh * gw, int(cfg.max_text_length),
                          int(cfg.steps_default), True)

@@ -44,7 +44,6 @@ class PipelineAdapter(Adapter):
     """An adapter around a loaded diffusers pipeline; subclasses know their family's details."""
 
     name: str = ""
-    pipeline_classes: tuple[str, ...] = ()
     transformer_class: str = ""
 
     # the pipeline __call__ keyword that sets the text length (None: the family has no text encoder)
@@ -206,6 +205,9 @@ class PipelineAdapter(Adapter):
         kwargs.update(num_inference_steps=int(steps), generator=self.generators(seeds))
         images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid)
         return Generation(images=images, timesteps=timesteps, grid_hw=grid)
+
+    def image_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        return self._size(height, width)
 
     # ---- running -------------------------------------------------------------------------
     @abstractmethod

@@ -1,7 +1,11 @@
 """The adapter interface every model family implements (toy, Flux, SD3, PixArt, DiT).
 
-Consumers (harvest, evaluation, intervention) only talk to `Adapter`: list sites, generate
-images for prompts and seeds with hooks active, and learn the timesteps a run will visit.
+Consumers (harvest, evaluation, intervention, interpretation) only talk to `Adapter`: list
+sites, learn a run's default steps, image size, token grid and timesteps before running it,
+and generate images for prompts and seeds with hooks active. A model with per-pixel ground
+truth also returns a `GroundTruth` from `ground_truth()`; generic stages branch on that object,
+never on the model's name. Families register once, by declaring `pipeline_classes` (the
+diffusers `_class_name`s they load); see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
@@ -17,6 +22,15 @@ from torch import nn
 
 from difflens.errors import DifflensError
 from difflens.hooks import HookSet, Site, SiteBinding, StepTracker, attach_hooks, expand_sites
+
+if TYPE_CHECKING:
+    from difflens.groundtruth import GroundTruth
+
+# diffusers pipeline `_class_name` -> the adapter class that loads it; filled by
+# `Adapter.__init_subclass__` from each class's `pipeline_classes`, the one place a family registers.
+ADAPTERS: dict[str, type[Adapter]] = {}
+# How one transformer call's rows map to CFG branches (see `hooks.batch_rows`).
+CFG_LAYOUTS = ("uncond_cond", "cond_uncond", "cond_then_uncond", "cond")
 
 
 @dataclass
@@ -37,6 +51,25 @@ class Adapter(ABC):
     transformer: nn.Module
     dtype: torch.dtype
     device: torch.device
+    # diffusers `_class_name`s this family loads; declaring them registers the class in ADAPTERS.
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    # Row layout of a guided step: "uncond_cond" / "cond_uncond" (2n rows in one call),
+    # "cond_then_uncond" (two calls of n rows) or "cond" (one branch; guidance is distilled).
+    cfg_layout: ClassVar[str] = "cond"
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.cfg_layout not in CFG_LAYOUTS:
+            raise TypeError(f"{cls.__name__}.cfg_layout={cls.cfg_layout!r}: use one of {CFG_LAYOUTS}")
+        for name in vars(cls).get("pipeline_classes", ()):
+            if name in ADAPTERS and ADAPTERS[name] is not cls:
+                raise TypeError(f"pipeline class {name} is registered twice ({ADAPTERS[name].__name__}, {cls.__name__})")
+            ADAPTERS[name] = cls
+
+    # ---- ground truth ------------------------------------------------------------------------
+    def ground_truth(self) -> GroundTruth | None:
+        """The world this model was trained on, when it has per-pixel ground truth; None for real models."""
+        return None
 
     # ---- sites -------------------------------------------------------------------------
     @abstractmethod
@@ -67,10 +100,31 @@ class Adapter(ABC):
         updates `tracker` (begin_step / set_batch) around each transformer call."""
         return attach_hooks(self.transformer, hooks, self.site_bindings(), tracker)
 
-    # ---- generation --------------------------------------------------------------------
+    # ---- what a run will look like -------------------------------------------------------
+    @property
     @abstractmethod
-    def timesteps(self, steps: int) -> list[float]:
-        """The scheduler timesteps a `generate(..., steps=steps)` at the default size visits."""
+    def default_steps(self) -> int:
+        """Denoising steps of a run that names none."""
+
+    def resolve_steps(self, steps: int | None) -> int:
+        steps = self.default_steps if steps is None else steps
+        self.check_steps(steps)
+        return int(steps)
+
+    @abstractmethod
+    def image_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The (height, width) in pixels a run at this size makes (None = the model's default);
+        raises a DifflensError for a size the model cannot make."""
+
+    @abstractmethod
+    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """The image-token grid of a run at this size."""
+
+    @abstractmethod
+    def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
+        """The scheduler timesteps a `generate(..., steps=steps)` at this size visits."""
+
+    # ---- generation --------------------------------------------------------------------
 
     @abstractmethod
     def generate(

@@ -21,6 +21,7 @@ from difflens.models._sites import image_block_sites, middle_block, mlp_sites, m
 class DiTAdapter(PipelineAdapter):
     name = "dit"
     pipeline_classes = ("DiTPipeline",)
+    cfg_layout = "cond_uncond"
     transformer_class = "DiTTransformer2DModel"
     text_length_kwarg = None  # class labels, no text encoder
 

@@ -48,6 +48,7 @@ def flux_default_site(transformer: nn.Module) -> str:
 class FluxAdapter(PipelineAdapter):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    cfg_layout = "cond_then_uncond"
     transformer_class = "FluxTransformer2DModel"
     _true_cfg = False  # set per generate() call; tells row_layout what a second call means
 

@@ -21,6 +21,7 @@ from difflens.models._sites import image_block_sites, middle_block, mlp_sites, m
 class PixArtAdapter(PipelineAdapter):
     name = "pixart"
     pipeline_classes = ("PixArtAlphaPipeline", "PixArtSigmaPipeline")
+    cfg_layout = "uncond_cond"
     transformer_class = "PixArtTransformer2DModel"
 
     @classmethod

@@ -20,6 +20,7 @@ from difflens.models._sites import joint_block_sites, middle_block, mlp_sites, m
 class SD3Adapter(PipelineAdapter):
     name = "sd3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    cfg_layout = "uncond_cond"
     transformer_class = "SD3Transformer2DModel"
 
     @classmethod

@@ -8,7 +8,6 @@ before_optimizer_step → clip → Adam step → after_optimizer_step. ITDA: `pa
 
 from __future__ import annotations
 
-import math
 import signal
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 
 from difflens import __version__
 from difflens.errors import DifflensError
-from difflens.evaluate.metrics import ReconAccumulator
+from difflens.evaluate.metrics import ReconAccumulator, fvu_from_sums
 from difflens.outdir import claim_out_dir
 from difflens.train import checkpoint as ckpt
 from difflens.train import distributed as ddp
@@ -523,8 +522,7 @@ def _batch_sums(x: torch.Tensor, out, n_local: int, env: ddp.DistEnv) -> dict:
     n = float(buf[0])
     if n == 0:
         return {"losses": {}}
-    var = float(buf[1]) - float(buf[5:].pow(2).sum()) / n
-    fvu = float(buf[2]) / var if var > 1e-12 else math.nan
+    fvu = fvu_from_sums(n, float(buf[1]), buf[5:], float(buf[2]))
     return {
         "loss": float(buf[4]) / n,
         "fvu": fvu,

@@ -54,7 +54,7 @@ def token_label_masks(r: Rendered) -> np.ndarray:
     return np.array([per_owner[int(o)] for o in owner], dtype=np.int64)
 
 
-def concept_token_matrix(masks_N: np.ndarray) -> np.ndarray:
-    """bool [N, n_concepts] from int64 bitmasks: handy for scoring features against concepts."""
+def concept_token_matrix(masks) -> np.ndarray:
+    """bool [..., n_concepts] from int64 bitmasks [...]: the one place token bitmasks are decoded."""
     bits = np.arange(len(V.CONCEPTS), dtype=np.int64)
-    return ((np.asarray(masks_N, dtype=np.int64)[:, None] >> bits[None, :]) & 1).astype(bool)
+    return ((np.asarray(masks, dtype=np.int64)[..., None] >> bits) & 1).astype(bool)

@@ -16,7 +16,7 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.world import vocab as V
-from difflens.world.scene import ObjectSpec, Scene, SceneSpec
+from difflens.world.scene import ObjectSpec, Scene, SceneSpec, sample_scene
 
 
 def scene_to_prompt(scene: Scene, drop: dict[str, bool] | None = None) -> str:
@@ -154,3 +154,10 @@ def prompt_vocabulary() -> list[str]:
             seen.add(w)
             out.append(w)
     return out
+
+
+def world_prompts(n: int, seed: int) -> tuple[list[str], list[Scene]]:
+    """n fully specified prompts sampled from the toy world, with the scenes they describe."""
+    rng = np.random.default_rng(seed)
+    scenes = [sample_scene(rng) for _ in range(n)]
+    return [scene_to_prompt(s) for s in scenes], scenes

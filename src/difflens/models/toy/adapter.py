@@ -12,6 +12,7 @@ from difflens.models.base import Adapter, Generation
 from difflens.models.flux import flux_default_site, flux_site_bindings
 from difflens.models.toy.model import ToyT2I
 from difflens.models.toy.sampling import make_scheduler, sample
+from difflens.world.groundtruth import ToyWorld
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -20,6 +21,7 @@ class ToyAdapter(Adapter):
     """A real diffusers FluxTransformer2DModel with its own Euler loop and [uncond; cond] CFG batches."""
 
     name = "toy"
+    cfg_layout = "uncond_cond"
 
     def __init__(self, model: ToyT2I, *, dtype: torch.dtype = torch.float32, model_id: str = "toy"):
         self.model = model
@@ -28,6 +30,7 @@ class ToyAdapter(Adapter):
         self.dtype = dtype
         self.device = model.img_ids.device
         self._bindings = flux_site_bindings(self.transformer)
+        self._world: ToyWorld | None = None
 
     @classmethod
     def load(cls, dtype: str = "fp32", device: str = "cpu", folder: str | Path | None = None) -> "ToyAdapter":
@@ -44,12 +47,31 @@ class ToyAdapter(Adapter):
     def default_site(self) -> str:
         return flux_default_site(self.transformer)
 
+    def ground_truth(self) -> ToyWorld:
+        """The toy world the model was trained on (its scenes, labels and factor classifier)."""
+        if self._world is None:
+            self._world = ToyWorld()
+        return self._world
+
     @property
-    def grid_hw(self) -> tuple[int, int]:
+    def default_steps(self) -> int:
+        return int(self.model.cfg.steps_default)
+
+    def image_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        size = self.model.cfg.image_size
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != size:
+                raise DifflensError(f"the toy model makes {size}x{size} images; drop --{name} or set it to {size}")
+        return (size, size)
+
+    def grid_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        self.image_hw(height, width)
         g = self.model.cfg.grid
         return (g, g)
 
-    def timesteps(self, steps: int) -> list[float]:
+    def timesteps(self, steps: int, *, height: int | None = None, width: int | None = None) -> list[float]:
+        self.check_steps(steps)
+        self.image_hw(height, width)
         sched = make_scheduler()
         sched.set_timesteps(steps)
         return [float(t) for t in sched.timesteps]
@@ -66,13 +88,11 @@ class ToyAdapter(Adapter):
         width: int | None = None,
     ) -> Generation:
         cfg = self.model.cfg
-        steps = cfg.steps_default if steps is None else steps
+        steps = self.default_steps if steps is None else steps
         self.check_request(prompts, seeds, steps)
-        for name, v in (("height", height), ("width", width)):
-            if v is not None and v != cfg.image_size:
-                raise DifflensError(f"the toy model makes {cfg.image_size}x{cfg.image_size} images; drop --{name} or set it to {cfg.image_size}")
+        grid = self.grid_hw(height, width)
         guidance = cfg.guidance_default if guidance is None else float(guidance)
-        tracker = StepTracker(num_steps=steps, grid_hw=self.grid_hw)
+        tracker = StepTracker(num_steps=steps, grid_hw=grid)
         with self.attach(hooks, tracker):
             images, timesteps, latents = sample(
                 self.model,
@@ -85,4 +105,4 @@ class ToyAdapter(Adapter):
                 dtype=self.dtype,
                 guidance_interval=cfg.guidance_interval,
             )
-        return Generation(images=images, timesteps=timesteps, grid_hw=self.grid_hw, latents=latents)
+        return Generation(images=images, timesteps=timesteps, grid_hw=grid, latents=latents)

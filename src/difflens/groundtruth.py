@@ -1,0 +1,72 @@
+"""The ground-truth interface: what a model trained on a known world can tell the generic stages.
+
+A real model has no ground truth (`Adapter.ground_truth()` returns None). A model trained on a
+procedural world (the embedded toy model) returns a `GroundTruth`: it plans the reference scene
+of each prompt, labels image and text tokens with concept bitmasks, reads generated images back
+with a classifier, scores prompt adherence, and proposes prompt pairs that differ in one factor.
+Harvest, interpretation, splice evaluation, interventions and the demo branch on this object,
+never on a model's name, so another world plugs in by implementing this protocol and returning
+it from its adapter (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class GroundTruth(Protocol):
+    """A world with per-token concept labels and a reader of generated images."""
+
+    name: str
+    # Concept names; bit i of a token label bitmask means `concepts[i]` ("factor=value").
+    concepts: tuple[str, ...]
+    # The factors a prompt pins down, each with its values (e.g. {"color": ("red", ...), ...}).
+    factors: dict[str, tuple[str, ...]]
+
+    # ---- prompts and scenes --------------------------------------------------------------------
+    def sample_prompts(self, n: int, seed: int) -> tuple[list[str], list[Any]]:
+        """n fully specified prompts and the scenes they describe."""
+
+    def scene_for(self, prompt: str, seed: int) -> Any | None:
+        """A reference scene consistent with `prompt` (unspecified factors drawn from `seed`),
+        or None when the prompt is outside the world's grammar."""
+
+    def knows(self, prompts: Sequence[str]) -> bool:
+        """True when every prompt is in the world's grammar (so images can be scored against it)."""
+
+    def prompt_pair(self, factor: str, a: str, b: str, *, seed: int = 0) -> tuple[str, str]:
+        """Two prompts of one scene (drawn from `seed`) that differ only in `factor`: a vs b."""
+
+    # ---- labels --------------------------------------------------------------------------------
+    def label_scene(self, scene: Any) -> tuple[dict, np.ndarray]:
+        """(JSON record fields of the scene, int64 [image tokens] concept bitmasks)."""
+
+    def text_labels(self, prompt: str, tokenizer: Any) -> np.ndarray:
+        """int64 [text tokens]: the concept bitmask each text token's word names (0 otherwise)."""
+
+    def decode(self, masks: np.ndarray) -> np.ndarray:
+        """bool [..., len(concepts)] from int64 bitmasks [...]."""
+
+    # ---- reading images ------------------------------------------------------------------------
+    def ready(self) -> None:
+        """Raise a DifflensError saying what is missing when images cannot be read (no classifier)."""
+
+    def read_images(self, images: np.ndarray) -> list[dict]:
+        """A JSON-ready reading of each uint8 [B, H, W, 3] image (what the classifier sees)."""
+
+    def read_factor(self, images: np.ndarray, factor: str, position: str | None = None) -> list[str]:
+        """The value of one factor per image (at `position`, when the world has positions)."""
+
+    def adherence(self, prompts: Sequence[str], images: np.ndarray) -> dict:
+        """How well images follow their prompts: {"accuracy": {factor | "prompt": float | None},
+        "per_prompt": [{factor: score}], ...}."""
+
+
+def ground_truth_of(adapter) -> GroundTruth | None:
+    """The adapter's ground truth, or None (also for objects that predate the interface)."""
+    get = getattr(adapter, "ground_truth", None)
+    return get() if callable(get) else None
