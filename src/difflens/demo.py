@@ -9,9 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from difflens.models import load_adapter
 from difflens.utils import atomic_write_text, save_image
-from difflens.viz import labelled_grid
 
 DEMO_PROMPTS = [
     "a small red circle in the top left on a black plain background",
@@ -32,6 +30,10 @@ def register(sub) -> None:
 
 
 def stage_generate(out: Path, summary: dict) -> None:
+    # Stage imports stay inside the stages: the CLI imports this module at start-up, before torch.
+    from difflens.models import load_adapter
+    from difflens.viz import labelled_grid
+
     adapter = load_adapter("toy")
     seeds = list(range(len(DEMO_PROMPTS)))
     gen = adapter.generate(DEMO_PROMPTS, seeds)

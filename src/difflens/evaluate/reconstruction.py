@@ -16,7 +16,8 @@ import torch
 from difflens.errors import DifflensError
 from difflens.evaluate.metrics import ReconAccumulator
 from difflens.train.data import Filters
-from difflens.train.members import reconstruct
+from difflens.train.members import load_with_extra, reconstruct
+from difflens.utils import progress
 
 READ_COLUMNS = ("acts", "timestep", "step", "sample_id")
 
@@ -116,8 +117,6 @@ def evaluate(
 
 
 def _evaluate_site(group, store, site, max_tokens, batch_size, split, filters, dead_window, show_progress) -> dict:
-    from difflens.utils import progress
-
     meta = store.meta(site, ["sample_id", "timestep", "step"])
     keep = filters.mask(np.asarray(meta["timestep"]), np.asarray(meta["step"]))
     sids = np.asarray(meta["sample_id"])[keep]
@@ -171,8 +170,6 @@ def _evaluate_site(group, store, site, max_tokens, batch_size, split, filters, d
 
 def load_items(paths: list[str], store=None) -> list[Evaluated]:
     """Load dictionary folders (checking site and d_in against the store when given)."""
-    from difflens.train.members import load_with_extra
-
     folders = [Path(path).resolve() for path in paths]
     short = [f.name for f in folders]
     items = []

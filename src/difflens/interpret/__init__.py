@@ -8,21 +8,29 @@ Features are dictionary latents (SAE, TIDE, ITDA), MLP neurons or random directi
 through the same cache, heatmaps, explainer/judge and report. See docs/interpret.md.
 """
 
-from difflens.interpret.cache import CacheConfig, Example, FeatureCache, build_cache
-from difflens.interpret.client import ChatClient, ChatResult, ClientConfig
-from difflens.interpret.features import (
-    DictionaryFeatures,
-    FeatureSource,
-    NeuronFeatures,
-    RandomDirections,
-    as_feature_source,
-)
-from difflens.interpret.heatmap import feature_grid, overlay, write_feature_grids
-from difflens.interpret.oracle import OracleExplainer, OracleJudge
-from difflens.interpret.pipeline import render_report, run_oracle_pipeline, run_pipeline
-from difflens.interpret.scoring import Explanation, build_tasks, feature_score, score_features
-from difflens.interpret.sources import MemorySource, SampleSource, StoreSource, generate_samples
-from difflens.interpret.vlm import VLMExplainer, VLMJudge, parse_score
+import importlib
+
+# Public name -> the module that defines it; imported on first use, so the CLI can read the
+# judge registry (`interpret.judges`) without loading torch and the whole pipeline.
+_HOME = {
+    "CacheConfig": "cache", "Example": "cache", "FeatureCache": "cache", "build_cache": "cache",
+    "ChatClient": "client", "ChatResult": "client", "ClientConfig": "client",
+    "DictionaryFeatures": "features", "FeatureSource": "features", "NeuronFeatures": "features",
+    "RandomDirections": "features", "as_feature_source": "features",
+    "feature_grid": "heatmap", "overlay": "heatmap", "write_feature_grids": "heatmap",
+    "OracleExplainer": "oracle", "OracleJudge": "oracle",
+    "render_report": "pipeline", "run_oracle_pipeline": "pipeline", "run_pipeline": "pipeline",
+    "Explanation": "scoring", "build_tasks": "scoring", "feature_score": "scoring", "score_features": "scoring",
+    "MemorySource": "sources", "SampleSource": "sources", "StoreSource": "sources", "generate_samples": "sources",
+    "VLMExplainer": "vlm", "VLMJudge": "vlm", "parse_score": "vlm",
+}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(importlib.import_module(f"difflens.interpret.{_HOME[name]}"), name)
+    raise AttributeError(f"module 'difflens.interpret' has no attribute {name!r}")
+
 
 __all__ = [
     "CacheConfig",

@@ -27,11 +27,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save
 
 from difflens.errors import DifflensError
 from difflens.interpret.concepts import CONCEPT_NAMES, concept_matrix
 from difflens.interpret.features import FeatureSource
-from difflens.interpret.sources import SampleSource, _split_of
+from difflens.interpret.sources import SampleSource, split_of
 from difflens.utils import atomic_write_bytes, progress, write_json
 
 CACHE_VERSION = 1
@@ -236,8 +237,6 @@ class FeatureCache:
 
     # ---- persistence -------------------------------------------------------------------------
     def save(self, folder: str | Path) -> Path:
-        from safetensors.numpy import save
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {f"a/{k}": np.ascontiguousarray(v) for k, v in self.arrays.items()}
@@ -253,8 +252,6 @@ class FeatureCache:
 
     @classmethod
     def load(cls, folder: str | Path) -> FeatureCache:
-        from safetensors.numpy import load_file
-
         folder = Path(folder)
         if not (folder / "cache.json").exists():
             raise DifflensError(f"{folder} holds no feature cache (cache.json): build one with `difflens interpret cache`")
@@ -281,6 +278,31 @@ def _encode(features: FeatureSource, acts_bSTD: torch.Tensor, timesteps: torch.T
     return codes.float().reshape(b, S, T, -1)
 
 
+@dataclass
+class _Run:
+    """What every pass of one cache build shares."""
+
+    features: FeatureSource
+    src: SampleSource
+    cfg: CacheConfig
+    sids: np.ndarray  # sorted sample ids
+    ts: torch.Tensor  # the source's timesteps
+    split: np.ndarray  # per sample: 0 explain, 1 judge
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(samples n, steps S, tokens T, features F)."""
+        return len(self.sids), len(self.src.steps), self.src.num_tokens, self.features.num_features
+
+    def batches(self, sids, desc: str):
+        """(sample ids, codes [b, S, T, F]) over `sids`, with a progress bar."""
+        bar = progress(total=len(sids), desc=f"{self.features.name}: {desc}", unit="img")
+        for b_sids, acts in self.src.iter_acts(self.features.site, sids, self.cfg.rows_per_batch):
+            yield b_sids, _encode(self.features, acts, self.ts)
+            bar.update(len(b_sids))
+        bar.close()
+
+
 def build_cache(
     features: FeatureSource,
     data: SampleSource,
@@ -299,31 +321,106 @@ def build_cache(
     cfg = config or CacheConfig()
     cfg.check()
     src = data
-    site = features.site
-    F = features.num_features
     sids = np.array(sorted(int(s) for s in (src.sample_ids() if sample_ids is None else sample_ids)), np.int64)
     if len(sids) == 0:
         raise DifflensError("no samples to build a feature cache from")
-    n, S, T = len(sids), len(src.steps), src.num_tokens
-    ts = torch.tensor(src.timesteps, dtype=torch.float32)
-    split = _split_of(src.prompt_ids(sids), cfg.split_seed, cfg.explain_fraction)
-    pos_of = {int(s): i for i, s in enumerate(sids)}
+    run = _Run(features, src, cfg, sids, torch.tensor(src.timesteps, dtype=torch.float32),
+               split_of(src.prompt_ids(sids), cfg.split_seed, cfg.explain_fraction))
     labels = src.token_labels(sids)
-    rpb = cfg.rows_per_batch
 
-    # ---- pass A: calibrate thresholds -------------------------------------------------------------
+    thr, gmax = _calibrate(run, seed)
+    arrays = _statistics(run, thr, labels)
+    arrays["calib_max"] = gmax.numpy().astype(np.float32)
+    arrays.update(_select_examples(run, arrays))
+    arrays["map_features"] = _map_features(map_features, arrays, run.shape[3])
+    top_maps, quant_maps = _token_maps(run, arrays)
+
+    info = {
+        "version": CACHE_VERSION,
+        "source": features.describe(),
+        "data": dict(src.description),
+        "site": features.site,
+        "steps": [int(s) for s in src.steps],
+        "timesteps": [float(t) for t in src.timesteps],
+        "grid_hw": list(src.grid_hw),
+        "num_samples": int(len(sids)),
+        "concepts": list(CONCEPT_NAMES) if labels is not None else None,
+    }
+    cache = FeatureCache(info, _ordered(arrays, labels is not None), top_maps, quant_maps, cfg)
+    if out is not None:
+        cache.save(out)
+    return cache
+
+
+def _ordered(arrays: dict[str, np.ndarray], with_concepts: bool) -> dict[str, np.ndarray]:
+    """The arrays in the order the cache has always saved them (so files stay byte-identical)."""
+    order = ["sample_ids", "split", "threshold", "calib_max", "max", "frequency", "frequency_thr", "profile_mean",
+             "profile_max", "hist_counts", "hist_nonpos", "sample_score", "sample_step", "sample_qualifies", "sample_max",
+             "sample_max_step"]
+    if with_concepts:
+        order += ["concept_tp", "concept_active", "concept_count", "image_concepts"]
+    order += ["top_sample", "top_value", "top_step", "quant_sample", "quant_value", "quant_step", "map_features"]
+    return {k: arrays[k] for k in order}
+
+
+def _calibrate(run: _Run, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pass A: each feature's max over the calibration images fixes its threshold; (thr, max)."""
+    cfg, sids, F = run.cfg, run.sids, run.shape[3]
     calib = sids
-    if cfg.calib_samples is not None and cfg.calib_samples < n:
+    if cfg.calib_samples is not None and cfg.calib_samples < len(sids):
         calib = np.sort(np.random.default_rng(seed).choice(sids, size=cfg.calib_samples, replace=False))
     gmax = torch.full((F,), -math.inf)
-    bar = progress(total=len(calib), desc=f"{features.name}: calibrate", unit="img")
-    for b_sids, acts in src.iter_acts(site, calib, rpb):
-        gmax = torch.maximum(gmax, _encode(features, acts, ts).amax((0, 1, 2)))
-        bar.update(len(b_sids))
-    bar.close()
+    for _, codes in run.batches(calib, "calibrate"):
+        gmax = torch.maximum(gmax, codes.amax((0, 1, 2)))
     thr = torch.where(gmax > 0, torch.clamp(cfg.rel_threshold * gmax, min=cfg.abs_threshold), torch.tensor(float(cfg.abs_threshold)))
+    return thr, gmax
 
-    # ---- pass B: statistics -----------------------------------------------------------------------
+
+class _ConceptCounts:
+    """Per step and split, how often "token active" coincides with "token has concept c"."""
+
+    def __init__(self, labels: np.ndarray, S: int, F: int):
+        self.cm_all = concept_matrix(labels)  # [n, T, C]
+        C = self.cm_all.shape[-1]
+        self.tp = torch.zeros(2, S, F, C, dtype=torch.float64)
+        self.act_cnt = torch.zeros(2, S, F, dtype=torch.float64)
+        self.con_cnt = torch.zeros(2, S, C, dtype=torch.float64)
+
+    def add(self, rows: np.ndarray, split: np.ndarray, act: torch.Tensor) -> None:
+        b, S, T, F = act.shape
+        C = self.cm_all.shape[-1]
+        L = torch.from_numpy(self.cm_all[rows].reshape(b * T, C)).float()  # [bT, C]
+        row_split = torch.from_numpy(np.repeat(split[rows], T).astype(np.int64))
+        act_SnF = act.permute(1, 0, 2, 3).reshape(S, b * T, F)
+        if float(act.float().mean()) < 0.05:  # sparse features (SAE, ITDA): add label rows per active entry
+            s_i, n_i, f_i = act_SnF.nonzero(as_tuple=True)
+            slot = (row_split[n_i] * S + s_i) * F + f_i
+            self.tp.view(-1, C).index_add_(0, slot, L[n_i].double())
+            self.act_cnt.view(-1).index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
+        else:  # dense features (neurons, random directions): matrix products
+            A = act_SnF.float()  # [S, bT, F]
+            for k in (0, 1):
+                mk = (row_split == k).float()
+                if mk.any():
+                    self.tp[k] += torch.einsum("snf,nc->sfc", A, L * mk[:, None]).double()
+                    self.act_cnt[k] += (A * mk[None, :, None]).sum(1).double()
+        for k in (0, 1):
+            self.con_cnt[k] += L[row_split == k].sum(0).double()[None, :]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "concept_tp": self.tp.float().numpy(),  # [2, S, F, C]
+            "concept_active": self.act_cnt.float().numpy(),  # [2, S, F]
+            "concept_count": self.con_cnt.float().numpy(),  # [2, S, C]
+            "image_concepts": self.cm_all.any(1),  # [n, C]
+        }
+
+
+def _statistics(run: _Run, thr: torch.Tensor, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Pass B over all images: frequency, histogram, profiles, per-image scores (and concept counts)."""
+    cfg = run.cfg
+    n, S, T, F = run.shape
+    pos_of = {int(s): i for i, s in enumerate(run.sids)}
     edges_lo, bpo = cfg.hist_log2_min, cfg.hist_bins_per_octave
     B = (cfg.hist_log2_max - cfg.hist_log2_min) * bpo
     n_pos = torch.zeros(F, dtype=torch.float64)
@@ -338,17 +435,9 @@ def build_cache(
     s_qual = np.zeros((n, F), bool)
     s_max = np.zeros((n, F), np.float32)
     s_max_step = np.zeros((n, F), np.int16)
-    C = len(CONCEPT_NAMES)
-    if labels is not None:
-        cm_all = concept_matrix(labels)  # [n, T, C]
-        tp = torch.zeros(2, S, F, C, dtype=torch.float64)
-        act_cnt = torch.zeros(2, S, F, dtype=torch.float64)
-        con_cnt = torch.zeros(2, S, C, dtype=torch.float64)
-    bar = progress(total=n, desc=f"{features.name}: statistics", unit="img")
-    for b_sids, acts in src.iter_acts(site, sids, rpb):
+    concepts = _ConceptCounts(labels, S, F) if labels is not None else None
+    for b_sids, codes in run.batches(run.sids, "statistics"):  # codes [b, S, T, F]
         rows = np.array([pos_of[int(s)] for s in b_sids])
-        codes = _encode(features, acts, ts)  # [b, S, T, F]
-        b = codes.shape[0]
         gmax_all = torch.maximum(gmax_all, codes.amax((0, 1, 2)))
         pos = codes > cfg.abs_threshold
         act = codes > thr
@@ -373,36 +462,16 @@ def build_cache(
             bins = torch.floor((torch.log2(v) - edges_lo) * bpo).long().clamp_(0, B - 1)
             hist += torch.bincount(nz[:, 1] * B + bins, minlength=F * B)
         nonpos += (flat <= 0).sum(0)
-        if labels is not None:
-            L = torch.from_numpy(cm_all[rows].reshape(b * T, C)).float()  # [bT, C]
-            row_split = torch.from_numpy(np.repeat(split[rows], T).astype(np.int64))
-            act_SnF = act.permute(1, 0, 2, 3).reshape(S, b * T, F)
-            if float(act.float().mean()) < 0.05:  # sparse features (SAE, ITDA): add label rows per active entry
-                s_i, n_i, f_i = act_SnF.nonzero(as_tuple=True)
-                slot = (row_split[n_i] * S + s_i) * F + f_i
-                tp.view(-1, C).index_add_(0, slot, L[n_i].double())
-                act_cnt.view(-1).index_add_(0, slot, torch.ones(len(slot), dtype=torch.float64))
-            else:  # dense features (neurons, random directions): matrix products
-                A = act_SnF.float()  # [S, bT, F]
-                for k in (0, 1):
-                    mk = (row_split == k).float()
-                    if mk.any():
-                        tp[k] += torch.einsum("snf,nc->sfc", A, L * mk[:, None]).double()
-                        act_cnt[k] += (A * mk[None, :, None]).sum(1).double()
-            for k in (0, 1):
-                con_cnt[k] += L[row_split == k].sum(0).double()[None, :]
-        bar.update(b)
-    bar.close()
+        if concepts is not None:
+            concepts.add(rows, run.split, act)
 
     total_tokens = float(n * S * T)
-    frequency = (n_pos / total_tokens).float().numpy()
     arrays: dict[str, np.ndarray] = {
-        "sample_ids": sids,
-        "split": split,
+        "sample_ids": run.sids,
+        "split": run.split,
         "threshold": thr.numpy().astype(np.float32),
-        "calib_max": gmax.numpy().astype(np.float32),
         "max": gmax_all.numpy().astype(np.float32),
-        "frequency": frequency,
+        "frequency": (n_pos / total_tokens).float().numpy(),
         "frequency_thr": (n_act / total_tokens).float().numpy(),
         "profile_mean": (sum_SF.T / (n * T)).float().numpy(),  # [F, S]
         "profile_max": (maxsum_SF.T / n).float().numpy(),  # [F, S]
@@ -414,13 +483,17 @@ def build_cache(
         "sample_max": s_max,
         "sample_max_step": s_max_step,
     }
-    if labels is not None:
-        arrays["concept_tp"] = tp.float().numpy()  # [2, S, F, C]
-        arrays["concept_active"] = act_cnt.float().numpy()  # [2, S, F]
-        arrays["concept_count"] = con_cnt.float().numpy()  # [2, S, C]
-        arrays["image_concepts"] = cm_all.any(1)  # [n, C]
+    if concepts is not None:
+        arrays.update(concepts.arrays())
+    return arrays
 
-    # ---- selection: top-N per split, quantiles ------------------------------------------------------
+
+def _select_examples(run: _Run, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Top-N qualifying images per split and images at evenly spaced quantiles of the per-image max."""
+    cfg, sids, split = run.cfg, run.sids, run.split
+    F = run.shape[3]
+    s_score, s_step, s_qual = arrays["sample_score"], arrays["sample_step"], arrays["sample_qualifies"]
+    s_max, s_max_step = arrays["sample_max"], arrays["sample_max_step"]
     N, Q = cfg.top_n, cfg.n_quantiles
     top_sample = np.full((F, 2, N), -1, np.int64)
     top_value = np.zeros((F, 2, N), np.float32)
@@ -449,22 +522,30 @@ def build_cache(
             quant_sample[f, : len(chosen)] = sids[chosen]
             quant_value[f, : len(chosen)] = s_max[chosen, f]
             quant_step[f, : len(chosen)] = s_max_step[chosen, f]
-    arrays.update(top_sample=top_sample, top_value=top_value, top_step=top_step,
-                  quant_sample=quant_sample, quant_value=quant_value, quant_step=quant_step)
+    return dict(top_sample=top_sample, top_value=top_value, top_step=top_step,
+                quant_sample=quant_sample, quant_value=quant_value, quant_step=quant_step)
 
-    # ---- pass C: token maps -------------------------------------------------------------------------
+
+def _map_features(map_features, arrays: dict[str, np.ndarray], F: int) -> np.ndarray:
+    """The feature ids that get token maps: given, chosen from the statistics, or every live one."""
     if callable(map_features):
         map_features = map_features(arrays)
     if map_features is None:
-        mf = np.flatnonzero(frequency > 0)
+        mf = np.flatnonzero(arrays["frequency"] > 0)
     else:
         mf = np.unique(np.asarray(list(map_features), np.int64))
         if mf.size and (mf.min() < 0 or mf.max() >= F):
             raise DifflensError(f"map_features must be feature ids in [0, {F})")
-    arrays["map_features"] = mf.astype(np.int64)
-    M = len(mf)
-    top_maps = SparseMaps((M, 2, N, S, T))
-    quant_maps = SparseMaps((M, Q, S, T))
+    return mf.astype(np.int64)
+
+
+def _token_maps(run: _Run, arrays: dict[str, np.ndarray]) -> tuple[SparseMaps, SparseMaps]:
+    """Pass C: token maps [steps, tokens] of the chosen images of the features that get maps."""
+    _, S, T, _ = run.shape
+    N, Q = run.cfg.top_n, run.cfg.n_quantiles
+    mf, top_sample, quant_sample = arrays["map_features"], arrays["top_sample"], arrays["quant_sample"]
+    top_maps = SparseMaps((len(mf), 2, N, S, T))
+    quant_maps = SparseMaps((len(mf), Q, S, T))
     need: dict[int, list[tuple[int, int, int, int, int]]] = {}  # sid -> (which, row, a, r, feature)
     for m, f in enumerate(mf.tolist()):
         for k in (0, 1):
@@ -477,35 +558,15 @@ def build_cache(
             if s >= 0:
                 need.setdefault(s, []).append((1, m, q, 0, f))
     if need:
-        bar = progress(total=len(need), desc=f"{features.name}: token maps", unit="img")
-        for b_sids, acts in src.iter_acts(site, sorted(need), rpb):
-            codes = _encode(features, acts, ts).numpy()
+        for b_sids, codes in run.batches(sorted(need), "token maps"):
+            codes = codes.numpy()
             for i, s in enumerate(b_sids.tolist()):
                 for which, m, a, r, f in need[s]:
                     if which == 0:
                         top_maps.put((m, a, r), codes[i, :, :, f])
                     else:
                         quant_maps.put((m, a), codes[i, :, :, f])
-            bar.update(len(b_sids))
-        bar.close()
-    top_maps.finish()
-    quant_maps.finish()
-
-    info = {
-        "version": CACHE_VERSION,
-        "source": features.describe(),
-        "data": dict(src.description),
-        "site": site,
-        "steps": [int(s) for s in src.steps],
-        "timesteps": [float(t) for t in src.timesteps],
-        "grid_hw": list(src.grid_hw),
-        "num_samples": int(n),
-        "concepts": list(CONCEPT_NAMES) if labels is not None else None,
-    }
-    cache = FeatureCache(info, arrays, top_maps, quant_maps, cfg)
-    if out is not None:
-        cache.save(out)
-    return cache
+    return top_maps.finish(), quant_maps.finish()
 
 
 def feature_maps(features: FeatureSource, data: SampleSource, want: dict[int, set[int] | list[int]], *,

@@ -11,6 +11,7 @@ import json
 
 from difflens.cli_options import add_generation_options, add_model_options, generation_kwargs, load_model, say
 from difflens.errors import DifflensError
+from difflens.interpret.judges import BACKENDS, backend_names
 
 
 def _add_cache_options(p) -> None:
@@ -46,8 +47,9 @@ def register(subparsers) -> None:
                    help="dictionary folder or training run folder (repeat for several)")
     _add_data_options(p)
     p.add_argument("--out", help="output folder")
-    p.add_argument("--judge", default="oracle", choices=["oracle", "openai"], help="oracle (toy world, offline) or openai (a VLM)")
-    p.add_argument("--explainer", default=None, choices=["oracle", "openai"], help="default: the same as --judge")
+    p.add_argument("--judge", default="oracle", choices=backend_names(),
+                   help="; ".join(f"{n}: {BACKENDS[n].help}" for n in backend_names()))
+    p.add_argument("--explainer", default=None, choices=backend_names(), help="default: the same as --judge")
     p.add_argument("--baselines", default="neurons,random", help="comma list of neurons,random or 'none'")
     p.add_argument("--site", help="site to interpret (default: the first dictionary's)")
     p.add_argument("--neuron-site", help="MLP hidden site for the neuron baseline (default: <block>.ff.net.0:img)")
@@ -162,7 +164,7 @@ def run(args) -> int:
     paths = expand_dict_paths(args.dicts) if args.dicts else []
     baselines = [] if args.baselines.strip().lower() == "none" else [b.strip() for b in args.baselines.split(",") if b.strip()]
     client_config = None
-    if "openai" in (args.judge, args.explainer or args.judge):
+    if any(BACKENDS[n].needs_client for n in (args.judge, args.explainer or args.judge)):
         import os
 
         from difflens.interpret.client import ClientConfig

@@ -12,7 +12,9 @@ import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from difflens.utils import progress, save_image
 from difflens.viz import enlarge, labelled_grid
 
 # Orange is not one of the toy world's object colours, so the overlay stays distinguishable.
@@ -47,8 +49,6 @@ def overlay(image_HW3: np.ndarray, map_T: np.ndarray, grid_hw: tuple[int, int], 
 
 
 def png_bytes(img_HW3: np.ndarray) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.asarray(img_HW3, np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -90,8 +90,6 @@ def feature_grid(cache, f: int, image_of, *, n_top: int = 10, scale: int = 4, ti
 
 def write_feature_grids(cache, features, image_of, folder: str | Path, *, n_top: int = 10, titles: dict | None = None) -> list[Path]:
     """PNG grids for `features` into folder/feature_<id>.png; features without images are skipped."""
-    from difflens.utils import progress, save_image
-
     folder = Path(folder)
     out = []
     for f in progress(list(features), desc=f"{cache.name}: heatmaps", unit="feature"):

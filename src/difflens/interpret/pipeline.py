@@ -31,6 +31,7 @@ from difflens.interpret.features import (
     neuron_site_for,
     sample_live_features,
 )
+from difflens.interpret.judges import make_backends
 from difflens.interpret.report import (
     export_features,
     hierarchy,
@@ -104,37 +105,6 @@ def _named_sources(dicts) -> list[FeatureSource]:
         seen.add(fs.name)
         out.append(fs)
     return out
-
-
-def make_backends(judge: str, explainer: str | None, *, truth, image_of, client_config=None, out_dir=None,
-                  explainer_prompt=None, judge_prompt=None, vlm_cache=None, evidence: str = "split"):
-    """(explainer, judge, client) for "oracle" / "openai" choices."""
-    from difflens.interpret.oracle import OracleExplainer, OracleJudge
-
-    explainer = explainer or judge
-    for role, v in (("judge", judge), ("explainer", explainer)):
-        if v not in ("oracle", "openai"):
-            raise DifflensError(f"--{role} must be 'oracle' or 'openai', got {v!r}")
-    if "oracle" in (judge, explainer) and truth is None:
-        raise DifflensError("the oracle needs toy-world ground truth (token_labels in the samples): use a toy-model store, "
-                            "or --judge openai")
-    client = None
-    if "openai" in (judge, explainer):
-        from difflens.interpret.client import ChatClient, ClientConfig
-        from difflens.interpret.vlm import EXPLAINER_PROMPT, JUDGE_PROMPT, VLMExplainer, VLMJudge, load_template
-
-        cfg = client_config or ClientConfig.from_env()
-        cache_dir = vlm_cache or (Path(out_dir) / "vlm_cache" if out_dir else None)
-        client = ChatClient(cfg, cache_dir=cache_dir, log_path=Path(out_dir) / "vlm_requests.jsonl" if out_dir else None)
-    if explainer == "oracle":
-        ex = OracleExplainer(truth, evidence=evidence)
-    else:
-        ex = VLMExplainer(client, image_of, template=load_template(explainer_prompt, EXPLAINER_PROMPT, ("{n_images}",)))
-    if judge == "oracle":
-        ju = OracleJudge(truth)
-    else:
-        ju = VLMJudge(client, image_of, template=load_template(judge_prompt, JUDGE_PROMPT, ("{explanation}",)))
-    return ex, ju, client
 
 
 def run_pipeline(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from difflens.errors import DifflensError
 from difflens.generation import GenerationPlan, generate_batched
@@ -19,10 +20,11 @@ from difflens.groundtruth import ground_truth_of
 from difflens.harvest.run import labels_and_records, plan_samples
 from difflens.hooks import HookSet, Site
 from difflens.models.base import Adapter
+from difflens.store import Store
 from difflens.utils import progress
 
 
-def _split_of(prompt_ids: np.ndarray, seed: int, explain_fraction: float) -> np.ndarray:
+def split_of(prompt_ids: np.ndarray, seed: int, explain_fraction: float) -> np.ndarray:
     """0 = explain split, 1 = held-out (judge) split; by prompt so both seeds of a prompt stay together."""
     x = (np.asarray(prompt_ids, np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)) & np.uint64(2**64 - 1)
     # splitmix64 finaliser: a cheap, stable hash (independent of which other samples exist)
@@ -89,8 +91,6 @@ class StoreSource(SampleSource):
     """Samples of an activation store that holds every image token of its images (no token subsampling)."""
 
     def __init__(self, store, *, sites: Sequence[str] | None = None):
-        from difflens.store import Store
-
         self.store = store if isinstance(store, Store) else Store(store)
         self._records = {int(r["sample_id"]): r for r in self.store.samples()}
         self._rows: dict[str, dict[int, np.ndarray]] = {}
@@ -156,8 +156,6 @@ class StoreSource(SampleSource):
         return self._records.get(int(sid), {"sample_id": int(sid)})
 
     def image(self, sid: int) -> np.ndarray:
-        from PIL import Image
-
         with Image.open(self.store.image_path(int(sid))) as im:
             return np.asarray(im.convert("RGB"), np.uint8)
 

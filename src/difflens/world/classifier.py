@@ -6,7 +6,8 @@ two-object image does not say which object a prompt named first, so the classifi
 object and size; plus the background colour and pattern for the whole image.
 
 Weights ship in `difflens/assets/classifier/` (`model.safetensors` + `config.json`); loading
-never unpickles. Train new ones with `difflens zoo train classifier` (`train_classifier`).
+never unpickles. Train new ones with `difflens zoo train classifier`
+(`difflens.world.classifier_train.train_classifier`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from safetensors.torch import load_file, save
+
 from difflens.errors import DifflensError
+from difflens.utils import atomic_write_bytes, write_json
 from difflens.world import vocab as V
+from difflens.world.prompts import parse_prompt
 
 SCHEMA_VERSION = 1
 ARCHITECTURE = "slot_cnn"
@@ -135,10 +140,6 @@ class FactorClassifier(nn.Module):
 
     def save(self, folder: str | Path, extra_config: dict | None = None) -> None:
         """Write `model.safetensors` + `config.json` (atomically)."""
-        from safetensors.torch import save
-
-        from difflens.utils import atomic_write_bytes, write_json
-
         folder = Path(folder)
         state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                  for k, v in self.state_dict().items()}
@@ -150,8 +151,6 @@ class FactorClassifier(nn.Module):
     @classmethod
     def load(cls, folder: str | Path | None = None, device: str | torch.device = "cpu") -> "FactorClassifier":
         """Load weights (safetensors only) and config; default: the weights shipped with difflens."""
-        from safetensors.torch import load_file
-
         folder = Path(folder) if folder is not None else default_folder()
         wpath, cpath = folder / WEIGHTS_FILE, folder / CONFIG_FILE
         if not wpath.is_file() or not cpath.is_file():
@@ -382,8 +381,6 @@ def adherence(prompts: Sequence[str], images, *, classifier: FactorClassifier | 
     factor, for all prompts, single-object and two-object (>= 2 objects) prompts. `prompt` is
     the fraction of prompts with every specified factor right.
     """
-    from difflens.world.prompts import parse_prompt
-
     if isinstance(prompts, str):
         raise DifflensError("adherence takes a list of prompts, one per image; wrap a single prompt in a list")
     prompts = list(prompts)
@@ -415,10 +412,3 @@ def adherence(prompts: Sequence[str], images, *, classifier: FactorClassifier | 
         "n_prompts": len(prompts),
         "per_prompt": per_prompt,
     }
-
-
-def train_classifier(out_folder, **kwargs) -> dict:
-    """Train a classifier from freshly rendered scenes; see difflens.world.classifier_train."""
-    from difflens.world.classifier_train import train_classifier as _train
-
-    return _train(out_folder, **kwargs)

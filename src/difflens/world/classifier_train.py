@@ -2,12 +2,11 @@
 
 A diffusion model's images are the renderer's images plus noise, blur, small colour and
 position errors; the augmentation covers that so the judge stays reliable on them.
-Run: `difflens zoo train classifier` or `python -m difflens.world.classifier_train --out FOLDER`.
+Run: `difflens zoo train classifier`.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from difflens.errors import DifflensError
+from difflens.utils import progress, write_json
 from difflens.world import vocab as V
 from difflens.world.classifier import (
     GLOBAL_FACTORS,
@@ -74,8 +74,6 @@ def make_dataset(n: int, seed: int, *, two_object_prob: float | None = None, des
 
     two_object_prob=None uses the training mix; a number uses sample_scene's ordinary 1/2 mix.
     """
-    from difflens.utils import progress
-
     rng = np.random.default_rng(seed)
     images = np.empty((n, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
     targets: dict[str, list] = {}
@@ -217,8 +215,6 @@ def train_classifier(
     """Train on n_train freshly rendered scenes for `epochs` epochs (augmented each time), evaluate on
     fresh seeds (clean, noisy σ=0.1, and augmented renders), write weights, config and metrics.json.
     Returns the metrics."""
-    from difflens.utils import progress, write_json
-
     if n_train < batch_size or epochs < 1:
         raise DifflensError(f"n_train ({n_train}) must be at least batch_size ({batch_size}) and epochs >= 1")
     out_folder = Path(out_folder) if out_folder is not None else default_folder()
@@ -279,22 +275,3 @@ def train_classifier(
         return metrics
     finally:
         torch.set_num_threads(old_threads)
-
-
-def main(argv=None) -> None:
-    """Stand-alone entry point until the CLI grows `difflens zoo train classifier`."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=None, help="output folder (default: the package's shipped assets)")
-    ap.add_argument("--n-train", type=int, default=20000)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None)
-    a = ap.parse_args(argv)
-    m = train_classifier(a.out, n_train=a.n_train, epochs=a.epochs, seed=a.seed, num_threads=a.threads)
-    for k in ("clean", "noisy_sigma_0.1", "augmented"):
-        print(k, {f: round(v, 4) for f, v in m[k]["all"].items() if isinstance(v, float)})
-    print("train", m["train"])
-
-
-if __name__ == "__main__":
-    main()

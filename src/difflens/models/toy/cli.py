@@ -170,7 +170,8 @@ def run_zoo_train(args) -> int:
         target = ASSET_DIR
         files = ["model.safetensors", "config.json", "train_info.json"]
     else:
-        from difflens.world.classifier import default_folder, train_classifier
+        from difflens.world.classifier import default_folder
+        from difflens.world.classifier_train import train_classifier
 
         target = default_folder()
 
