@@ -1,4 +1,4 @@
-"""Metric definitions against hand-computed values (DESIGN.md §3: FVU, EV, L0, dead)."""
+"""Metric definitions against hand-computed values (docs/architecture.md, "Metrics": FVU, EV, L0, dead)."""
 
 import json
 import math

@@ -4,7 +4,7 @@ Both are batched over rows and return non-negative codes as (values [B, L], indi
 at most L = n_iter distinct atoms per row (slots of repeated atoms are merged; unused slots
 have value 0). Rows are processed in chunks so the [rows, atoms] score matrix stays small.
 
-Gradient pursuit, exactly as DESIGN.md §3 (Shabalin et al. 2025):
+Gradient pursuit as Shabalin et al. (2025) describe it (docs/dictionaries.md):
     r = x − Σ w_f d_f ;  g = D r ;  S ← S ∪ {argmax g} ;  grad = 1_S ⊙ g ;  c = Dᵀ grad
     η = ⟨c, r⟩ / max(‖c‖², 1e-3) ;  w ← ReLU(w + η·grad)        repeated L times, keep the top k.
 

@@ -1,6 +1,6 @@
 """The training configuration: one `TrainConfig` for the loop, one `DictSpec` per dictionary.
 
-Defaults follow the Flux SAE paper (DESIGN.md §3): 1,024 tokens a step, Adam lr 2e-4 with
+Defaults follow the Flux SAE paper (docs/training.md): 1,024 tokens a step, Adam lr 2e-4 with
 β = (0, 0.99), grad-norm clip 10. The lr is multiplied by each dictionary's ``lr_scale()``
 (∝ 1/√(width/2¹⁴)) unless ``scale_lr`` is off.
 """

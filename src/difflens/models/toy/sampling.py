@@ -14,7 +14,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from difflens.errors import DifflensError
-from difflens.models.toy.model import ToyT2I, pack, unpack
+from difflens.models.toy.model import ToyT2I, unpack
 
 
 def make_scheduler() -> FlowMatchEulerDiscreteScheduler:
@@ -35,11 +35,6 @@ def to_uint8(tokens_BND: torch.Tensor, size: int) -> np.ndarray:
     img = unpack(tokens_BND.float(), size)
     img = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return img.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def from_uint8(images_BHW3: np.ndarray) -> torch.Tensor:
-    x = torch.from_numpy(np.ascontiguousarray(images_BHW3)).permute(0, 3, 1, 2).float()
-    return pack(x / 127.5 - 1.0)
 
 
 @torch.no_grad()

@@ -1,0 +1,120 @@
+"""The declared contracts: the one generation loop, the ground-truth interface, the registries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from difflens.errors import DifflensError
+from difflens.generation import GenRequest, generate_batched, requests_of
+from difflens.groundtruth import GroundTruth, ground_truth_of
+from difflens.hooks import HookSet
+from difflens.world import vocab as V
+from difflens.world.groundtruth import ToyWorld
+from difflens.world.prompts import parse_prompt
+
+SITE = "transformer_blocks.1:img"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from toy_fixtures import make_tiny_toy
+
+    from difflens.models.toy.adapter import ToyAdapter
+
+    return ToyAdapter.load(folder=make_tiny_toy(tmp_path_factory.mktemp("tiny_toy_arch")))
+
+
+PROMPTS = ["a small red circle in the top left on a black plain background", "a large blue seven",
+           "a green square on a navy dots background"]
+
+
+def test_batched_loop_matches_one_call_and_plans_each_batch(adapter):
+    reqs = requests_of(PROMPTS, [3, 4, 5])
+    whole = adapter.generate(PROMPTS, [3, 4, 5], steps=2)
+    plans, seen_steps = [], []
+
+    def hooks(plan):
+        plans.append(plan)
+        return HookSet([(SITE, lambda acts, ctx: seen_steps.append((plan.batch_index, ctx.step)))])
+
+    batches = list(generate_batched(adapter, reqs, hooks, steps=2, batch_size=2))
+    assert [b.start for b in batches] == [0, 2] and [len(b.requests) for b in batches] == [2, 1]
+    images = np.concatenate([b.generation.images for b in batches])
+    # each sample's noise comes from its own seed: batching moves pixels by at most one level
+    assert np.abs(images.astype(int) - whole.images.astype(int)).max() <= 1
+    assert [p.batch_index for p in plans] == [0, 1]
+    assert plans[0].timesteps == adapter.timesteps(2) and plans[0].grid_hw == adapter.grid_hw()
+    assert plans[0].image_hw == adapter.image_hw() and plans[1].prompts == PROMPTS[2:]
+    assert {s for _, s in seen_steps} == {0, 1} and {b for b, _ in seen_steps} == {0, 1}
+
+
+def test_batched_loop_skips_batches_and_uses_default_steps(adapter):
+    reqs = [GenRequest(p, 0) for p in PROMPTS]
+    got = list(generate_batched(adapter, reqs, batch_size=1, only=lambda i: i != 1))
+    assert [b.index for b in got] == [0, 2]
+    assert got[0].plan.steps == adapter.default_steps == len(got[0].generation.timesteps)
+    with pytest.raises(DifflensError, match="nothing to generate"):
+        next(generate_batched(adapter, []))
+
+
+def test_adapter_declares_its_run_and_ground_truth(adapter):
+    assert adapter.cfg_layout == "uncond_cond"
+    assert adapter.resolve_steps(None) == adapter.default_steps
+    with pytest.raises(DifflensError, match="toy model makes"):
+        adapter.timesteps(3, height=64)
+    truth = ground_truth_of(adapter)
+    assert isinstance(truth, GroundTruth) and truth is adapter.ground_truth()
+    assert ground_truth_of(object()) is None
+
+
+def test_toy_world_prompt_pairs_differ_in_one_factor():
+    world = ToyWorld()
+    for factor, (a, b) in (("color", ("red", "blue")), ("object", ("circle", "seven")), ("bgcolor", ("black", "navy"))):
+        pa, pb = world.prompt_pair(factor, a, b, seed=7)
+        sa, sb = parse_prompt(pa), parse_prompt(pb)
+        if factor in V.BACKGROUND_FACTORS:
+            assert (getattr(sa, factor), getattr(sb, factor)) == (a, b) and sa.objects == sb.objects
+        else:
+            assert (getattr(sa.objects[0], factor), getattr(sb.objects[0], factor)) == (a, b)
+            assert sa.bgcolor == sb.bgcolor and sa.bg == sb.bg
+        assert sum(x != y for x, y in zip(pa.split(), pb.split())) == 1
+    with pytest.raises(DifflensError, match="not a toy-world value"):
+        world.prompt_pair("color", "red", "purple")
+
+
+def test_toy_world_labels_and_knows_its_grammar():
+    world = ToyWorld()
+    scene = world.scene_for(PROMPTS[0], seed=1)
+    fields, labels = world.label_scene(scene)
+    assert fields["token_labels"] == labels.tolist() and "color=red" in fields["concepts"]
+    decoded = world.decode(labels)
+    assert decoded.shape == (len(labels), len(world.concepts)) and decoded[:, V.CONCEPT_ID["bgcolor=black"]].any()
+    assert world.knows(PROMPTS) and not world.knows(["a photo of a cat"]) and world.scene_for("a photo of a cat", 0) is None
+
+
+def test_one_adapter_registry_and_judge_registry():
+    from difflens.interpret.judges import backend_names, get_backend, make_backends
+    from difflens.models._loading import registered_adapters
+    from difflens.models.dit import DiTAdapter
+    from difflens.models.pixart import PixArtAdapter
+
+    reg = registered_adapters()
+    assert reg["DiTPipeline"] is DiTAdapter and reg["PixArtSigmaPipeline"] is PixArtAdapter
+    assert {"oracle", "openai"} <= set(backend_names()) and get_backend("oracle").needs_truth
+    with pytest.raises(DifflensError, match="must be one of"):
+        get_backend("nope")
+    with pytest.raises(DifflensError, match="needs ground truth"):
+        make_backends("oracle", None, truth=None, image_of=None)
+
+
+def test_one_fvu_definition():
+    from difflens.evaluate.metrics import fvu, fvu_from_sums
+
+    torch.manual_seed(0)
+    x, x_hat = torch.randn(50, 4), torch.randn(50, 4)
+    d = x.double()
+    direct = float(((d - x_hat.double()) ** 2).sum() / ((d - d.mean(0)) ** 2).sum())
+    sums = fvu_from_sums(50, float((d**2).sum()), d.sum(0), float(((d - x_hat.double()) ** 2).sum()))
+    assert sums == pytest.approx(direct, rel=1e-12) and fvu(x, x_hat) == pytest.approx(direct, rel=1e-12)
