@@ -115,7 +115,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     from difflens.interpret.concepts import CONCEPT_NAMES, concept_matrix
     from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
     from difflens.interpret.oracle import mcc
-    from difflens.interpret.sources import StoreSource, _split_of
+    from difflens.interpret.sources import StoreSource, split_of
     from difflens.store import Store
 
     t0 = time.time()
@@ -166,7 +166,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
         all_ids = src.sample_ids()
         rng = np.random.default_rng(seed)
         sids = np.sort(rng.choice(all_ids, size=min(max_images, len(all_ids)), replace=False))
-        split = _split_of(src.prompt_ids(sids), seed, 0.5)
+        split = split_of(src.prompt_ids(sids), seed, 0.5)
         lab = src.token_labels(sids)
         labels = None if lab is None else concept_matrix(lab)  # [n, T, C]
         if labels is None:
