@@ -16,6 +16,10 @@ Images are split by prompt into an explain split (0) and a held-out judge split 
 explanation is always judged on images it was not written from.
 
 On disk: `cache.json` (description, config) + `cache.safetensors` (arrays); no pickle.
+
+Longer than 500 lines on purpose: the cache's format (`FeatureCache`, `SparseMaps`) and the
+passes that fill it (`_calibrate`, `_statistics`, `_select_examples`, `_token_maps`) change
+together, so they live in one file, each pass its own function.
 """
 
 from __future__ import annotations
