@@ -23,8 +23,8 @@ class Explainer(Protocol):
 
 
 class Judge(Protocol):
-    def judge_many(self, cache, tasks: Sequence, explanations: Sequence) -> list:
-        """Per task, the judge's score of each of its test items (None where it cannot say)."""
+    def judge_many(self, cache, tasks: Sequence, explanations: Sequence) -> dict:
+        """{feature: [score of each of its task's test items]} (None where it cannot say)."""
 
 
 @dataclass
