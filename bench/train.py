@@ -1,4 +1,4 @@
-"""Training-throughput benchmark for TopK SAEs, and ITDA build time vs SAE training time.
+"""Training-throughput benchmark for TopK SAEs (and BatchTopK, JumpReLU, Matryoshka), and ITDA build time vs SAE training time.
 
     python bench/train.py            # d=768, width=12288, k=32, batch 4096 (the reference config)
     python bench/train.py --quick    # d=256, width=4096, k=16, batch 1024
@@ -54,10 +54,12 @@ def autocast(bf16: bool):
 class Variant:
     """A dictionary + fused Adam + data; `step()` runs one full training step."""
 
-    def __init__(self, name, shape: Shape, *, fast: bool, auxk: bool, dead_frac: float, bf16: bool, adam: str = "fused"):
+    def __init__(
+        self, name, shape: Shape, *, fast: bool, auxk: bool, dead_frac: float, bf16: bool, adam: str = "fused", arch: str = "topk"
+    ):
         self.name, self.bf16, self.auxk = name, bf16, auxk
         cfg = DictConfig(
-            arch="topk", d_in=shape.d, width=shape.width, k=shape.k, normalization="scalar",
+            arch=arch, d_in=shape.d, width=shape.width, k=shape.k, normalization="scalar",
             auxk=auxk, dead_after_tokens=1_000_000_000,
         )
         gen = torch.Generator().manual_seed(0)
@@ -117,6 +119,12 @@ def bench_sae(shape: Shape, repeats: int, skip_dense: bool) -> list[tuple[str, f
         Variant("(d) fast, AuxK off, bf16 autocast", shape, fast=True, auxk=False, dead_frac=0, bf16=True),
         Variant("(d) fast, AuxK on, 25% dead, bf16 autocast", shape, fast=True, auxk=True, dead_frac=0.25, bf16=True),
     ]
+    variants += [  # the other architectures, AuxK off, fp32: compare with (b)
+        Variant("(e) BatchTopK, fast, fp32", shape, fast=True, auxk=False, dead_frac=0, bf16=False, arch="batchtopk"),
+        Variant("(e) JumpReLU (dense codes), fp32", shape, fast=True, auxk=False, dead_frac=0, bf16=False, arch="jumprelu"),
+        Variant("(e) Matryoshka BatchTopK (dense, 4 prefixes), fp32", shape, fast=True, auxk=False, dead_frac=0, bf16=False,
+                arch="matryoshka"),
+    ]
     floors = {False: floor_fn(shape, False), True: floor_fn(shape, True)}
     best = {v.name: math.inf for v in variants}
     best_floor = {False: math.inf, True: math.inf}
@@ -139,7 +147,7 @@ def bench_sae(shape: Shape, repeats: int, skip_dense: bool) -> list[tuple[str, f
 
 
 def print_sae_table(shape: Shape, rows, floors) -> None:
-    print(f"\n### TopK SAE training step: d={shape.d}, width={shape.width}, k={shape.k}, batch={shape.batch}\n")
+    print(f"\n### SAE training step: d={shape.d}, width={shape.width}, k={shape.k}, batch={shape.batch}\n")
     print("| variant | activations/s | ms/step | % of floor (same precision) | % of fp32 floor |")
     print("|---|---:|---:|---:|---:|")
     for name, sec, prec in rows:

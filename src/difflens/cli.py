@@ -29,6 +29,7 @@ VERB_MODULES = [
     "difflens.compare.cli",
     "difflens.interpret.cli",
     "difflens.benchmark.cli",
+    "difflens.dictionaries.cli",
     "difflens.intervene.cli",
     "difflens.browse.cli",
     "difflens.demo",

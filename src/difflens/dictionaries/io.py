@@ -150,8 +150,24 @@ def read_meta(path) -> dict:
 
 
 def load(path, *, expect_site: str | None = None, expect_d_in: int | None = None, device="cpu", fast: bool = True) -> Dictionary:
-    """Rebuild a dictionary from its folder (eval mode). Never unpickles: JSON + safetensors only."""
+    """Rebuild a dictionary from its folder (eval mode). Never unpickles: JSON + safetensors only.
+
+    `path` may also be a sparsify or SAELens folder (`interop.load_foreign`) or ``hf:ORG/REPO[/SUB]``
+    (downloaded through the Hugging Face cache, `hub.resolve`)."""
+    from difflens.dictionaries import hub, interop
+
+    if isinstance(path, str) and path.startswith(hub.PREFIX):
+        path = hub.resolve(path)
     path = Path(path)
+    if interop.detect(path) is not None:
+        d = interop.load_foreign(path, device=device)
+        if expect_d_in is not None and d.d_in != expect_d_in:
+            raise DifflensError(
+                f"dictionary {path} expects activations of width {d.d_in}, but the site has width {expect_d_in}"
+            )
+        if expect_site is not None and d.cfg.site and d.cfg.site != expect_site:
+            raise DifflensError(f"dictionary {path} was trained on site {d.cfg.site!r}, not {expect_site!r}")
+        return d
     meta = read_meta(path)
     arch = meta.get("architecture")
     cls = ARCHITECTURES.get(arch)
