@@ -55,6 +55,9 @@ def _out_option(p) -> None:
 
 
 def register(subparsers) -> None:
+    from difflens.trace.cli import register as register_trace
+
+    register_trace(subparsers)
     p = subparsers.add_parser(
         "steer",
         help="add a feature's decoder direction during generation (one scale or a sweep)",
