@@ -11,7 +11,6 @@ import pytest
 
 import tiny_pipelines as tp
 from difflens.errors import DifflensError
-from difflens.hooks import HookSet
 from difflens.trace import Cell, NO_PATCH, Pair, PixelReadout, block_sites, conditioning_sites, patched_generate, record_source
 from difflens.trace.patching import patch_hooks, with_sites
 from difflens.trace.readouts import FunctionReadout, WorldReadout

@@ -10,27 +10,12 @@ through a dictionary's codes, transfer from a reference generation, and splicing
 See docs/intervene.md for the semantics (error term, CFG branches, regions, windows).
 """
 
-from difflens.intervene.core import (
-    BRANCHES,
-    SCALE_MODES,
-    Ablate,
-    Clamp,
-    CodeEdit,
-    Intervention,
-    MeanAblate,
-    Recording,
-    Replace,
-    RunInfo,
-    Scale,
-    Splice,
-    Steer,
-    Transfer,
-    build_hookset,
-    feature_maxima,
-    generate_with,
-    record_activations,
-    recorder,
-)
+from difflens.intervene.base import BRANCHES, SCALE_MODES, Intervention, RunInfo
+from difflens.intervene.directions import concept_direction
+from difflens.intervene.edits import Ablate, Clamp, CodeEdit, MeanAblate, Replace, Scale, Splice
+from difflens.intervene.run import Recording, build_hookset, generate_with, record_activations, recorder
+from difflens.intervene.steer import Steer, feature_maxima
+from difflens.intervene.transfer import Transfer
 from difflens.intervene.region import Region, Window
 from difflens.intervene.sweep import steer_sweep
 
@@ -52,6 +37,7 @@ __all__ = [
     "Transfer",
     "Window",
     "build_hookset",
+    "concept_direction",
     "feature_maxima",
     "generate_with",
     "record_activations",

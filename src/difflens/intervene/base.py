@@ -1,0 +1,215 @@
+"""The intervention base: one change at one site, restricted to a step window, a token region,
+a CFG branch and some samples; plus the dictionary helpers every dictionary edit shares.
+
+Interventions compose: `difflens.intervene.run.generate_with` turns a list of them (several
+sites, several dictionaries, image and text streams) into one HookSet and one generation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from difflens.errors import DifflensError
+from difflens.generation import GenerationPlan
+from difflens.hooks import HookContext, Site
+from difflens.intervene.region import Region, Window
+
+BRANCHES = ("both", "cond", "uncond")
+SCALE_MODES = ("absolute", "token-norm", "feature-max")
+
+
+# ---- run description -------------------------------------------------------------------------
+# What an intervention may need to know about the generation it is about to join: the plan of
+# one generate() call (prompts, seeds, steps, guidance, timesteps, token grid, image size).
+RunInfo = GenerationPlan
+
+
+def default_steps(adapter) -> int:
+    """The adapter's declared default number of denoising steps."""
+    return adapter.default_steps
+
+
+# ---- base class ------------------------------------------------------------------------------
+class Intervention:
+    """One change at one site, restricted to a window, a region, a CFG branch and some samples."""
+
+    kind = "intervention"
+
+    def __init__(
+        self,
+        *,
+        site: str | Site | None = None,
+        window: Window | None = None,
+        region: Region | None = None,
+        branch: str = "both",
+        samples: Sequence[int] | None = None,
+    ) -> None:
+        if branch not in BRANCHES:
+            raise DifflensError(f"branch {branch!r} unknown: use 'both' (default), 'cond' or 'uncond'")
+        if site is None:
+            raise DifflensError(f"{type(self).__name__} needs a site (or a dictionary, whose site it takes)")
+        self.site = Site.parse(site)
+        self.window = window or Window.all()
+        if not isinstance(self.window, Window):
+            raise DifflensError(f"window must be a Window, got {type(self.window).__name__}")
+        if region is not None and not isinstance(region, Region):
+            raise DifflensError(f"region must be a Region, got {type(region).__name__}")
+        if region is not None and self.site.stream != "img":
+            raise DifflensError(f"regions select image tokens; site {self.site} is a text stream: drop the region")
+        self.region = region
+        self.branch = branch
+        self.samples = None if samples is None else tuple(int(s) for s in samples)
+        self.log: list[dict] = []
+        self._token_cache: dict[tuple, torch.Tensor] = {}
+        self._image_hw: tuple[int, int] | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    def prepare(self, run: RunInfo) -> None:
+        """Check against the model and the run; subclasses add their own set-up (super() first)."""
+        adapter = run.adapter
+        key = str(self.site)
+        if key not in adapter.site_bindings():
+            adapter.site_dim(key)  # raises the helpful unknown-site error
+        self.window.check(run.timesteps)
+        if self.samples is not None:
+            bad = [s for s in self.samples if not 0 <= s < len(run.prompts)]
+            if bad:
+                raise DifflensError(f"samples {bad} out of range for {len(run.prompts)} prompts (indices start at 0)")
+        self._image_hw = run.image_hw
+        self._token_cache.clear()
+        if self.region is not None:
+            self.region.resolve(run.grid_hw, run.image_hw)  # fail before generating
+        self.log = []
+
+    def hook(self, acts: torch.Tensor, ctx: HookContext) -> torch.Tensor | None:
+        """The HookSet function: select rows/tokens, let `apply` change them, write them back."""
+        if not self.window.active(ctx.step, ctx.timestep):
+            return None
+        rows = self._rows(ctx, acts.device)
+        if rows.numel() == 0:
+            return None
+        toks = self._tokens(ctx, acts.shape[1], acts.device)
+        x = acts.index_select(0, rows)
+        if toks is not None:
+            x = x.index_select(1, toks)
+        with torch.no_grad():
+            new = self.apply(x, ctx, rows, toks, acts)
+        if new is None:
+            return None
+        out = acts.clone()
+        new = new.to(out.dtype)
+        if toks is None:
+            out[rows] = new
+        else:
+            out[rows[:, None], toks[None, :]] = new
+        self.log.append(
+            {
+                "step": ctx.step,
+                "timestep": ctx.timestep,
+                "call_index": ctx.call_index,
+                "rows": [(int(ctx.sample_index[r]), bool(ctx.is_cond[r])) for r in rows.tolist()],
+                "tokens": int(acts.shape[1] if toks is None else toks.numel()),
+            }
+        )
+        return out
+
+    def apply(self, x_RTD, ctx, rows, toks, acts) -> torch.Tensor | None:
+        """New values for the selected rows x tokens [R, T, D] (or None for no change)."""
+        raise NotImplementedError
+
+    # ---- selection -------------------------------------------------------------------------------
+    def _rows(self, ctx: HookContext, device) -> torch.Tensor:
+        keep = torch.ones_like(ctx.is_cond, dtype=torch.bool)
+        if self.branch == "cond":
+            keep &= ctx.is_cond
+        elif self.branch == "uncond":
+            keep &= ~ctx.is_cond
+        if self.samples is not None:
+            keep &= torch.isin(ctx.sample_index, torch.tensor(self.samples, dtype=torch.long))
+        return keep.nonzero().flatten().to(device)
+
+    def _tokens(self, ctx: HookContext, n: int, device) -> torch.Tensor | None:
+        if self.region is None:
+            return None
+        key = (tuple(ctx.grid_hw), n)
+        if key not in self._token_cache:
+            mask = self.region.resolve(ctx.grid_hw, self._image_hw)
+            if mask.numel() != n:
+                raise DifflensError(
+                    f"site {self.site} has {n} tokens but the image-token grid is {ctx.grid_hw[0]}x{ctx.grid_hw[1]}: "
+                    "regions only apply to sites carrying exactly the image tokens"
+                )
+            self._token_cache[key] = mask.nonzero().flatten()
+        return self._token_cache[key].to(device)
+
+    def steps_applied(self) -> list[int]:
+        return sorted({e["step"] for e in self.log})
+
+    def describe(self) -> str:
+        parts = [self.kind, str(self.site), self.window.describe()]
+        if self.region is not None:
+            parts.append(self.region.label or "region")
+        if self.branch != "both":
+            parts.append(f"{self.branch} branch")
+        return ", ".join(parts)
+
+
+# ---- dictionary helpers ----------------------------------------------------------------------
+def check_features(dictionary, features) -> tuple[int, ...]:
+    """Feature ids as ints, each in [0, width); errors say the valid range."""
+    if isinstance(features, (int,)) and not isinstance(features, bool):
+        features = [features]
+    try:
+        feats = tuple(int(f) for f in features)
+    except (TypeError, ValueError):
+        raise DifflensError(f"features {features!r}: give integer feature ids, e.g. 12 or [12, 40]") from None
+    width = int(dictionary.num_latents)
+    bad = [f for f in feats if not 0 <= f < width]
+    if bad:
+        raise DifflensError(
+            f"feature id(s) {bad} out of range: this dictionary ({dictionary.cfg.arch}, site {dictionary.cfg.site}) "
+            f"has {width} features, ids 0..{width - 1}"
+        )
+    return feats
+
+
+def check_dictionary(dictionary, adapter, site: Site) -> None:
+    """The dictionary must fit the site's width; it is moved to the model's device in fp32/bf16."""
+    d = adapter.site_dim(str(site))
+    if int(dictionary.cfg.d_in) != d:
+        raise DifflensError(
+            f"dictionary has d_in={dictionary.cfg.d_in} but site {site} of {adapter.model_id} has width {d}: "
+            "use a dictionary trained on this model and site"
+        )
+    if dictionary.cfg.site and str(Site.parse(dictionary.cfg.site)) != str(site):
+        warnings.warn(
+            f"dictionary was trained on site {dictionary.cfg.site} but is applied at {site}", stacklevel=3
+        )
+
+
+def dictionary_site(dictionary, site) -> Site:
+    if site is not None:
+        return Site.parse(site)
+    s = getattr(getattr(dictionary, "cfg", None), "site", "")
+    if not s:
+        raise DifflensError("the dictionary's cfg names no site: pass site='transformer_blocks.N:img'")
+    return Site.parse(s)
+
+
+def prep_dictionary(dictionary, adapter):
+    dictionary.eval()
+    dev = getattr(adapter, "device", torch.device("cpu"))
+    if dictionary.device != torch.device(dev):
+        dictionary.to(dev)
+    if dictionary.param_dtype == torch.float16 and torch.device(dev).type == "cpu":
+        dictionary.float()  # fp16 on CPU is slow and inexact: compute in fp32
+
+
+def encode_codes(dictionary, x_MD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x in the dictionary's dtype, per-row timesteps, dense codes)."""
+    xf = x_MD.to(dictionary.param_dtype)
+    tt = torch.full((xf.shape[0],), float(t), device=xf.device)
+    return xf, tt, dictionary.encode(xf, tt)

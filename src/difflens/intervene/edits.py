@@ -1,0 +1,167 @@
+"""Edits through a dictionary's sparse code (ablate / clamp / scale, error term kept), splicing
+the reconstruction, and replacing activations (mean ablation)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+
+from difflens.errors import DifflensError
+from difflens.hooks import HookContext, Site
+from difflens.intervene.base import Intervention, RunInfo, check_dictionary, check_features, dictionary_site, encode_codes, prep_dictionary
+
+# ---- edits through the sparse code -------------------------------------------------------------
+EDIT_OPS = ("ablate", "clamp", "scale")
+
+
+class CodeEdit(Intervention):
+    """Encode, change chosen codes, decode, keep the error term: x' = x + dec(c') − dec(c).
+
+    `ops` is a list of (op, features, value) applied in order: ("ablate", [f...], None) sets codes
+    to 0, ("clamp", [f...], v) sets them to v (at every selected token, or only where the feature
+    is active with `only_active`), ("scale", [f...], s) multiplies them by s.
+    """
+
+    kind = "edit"
+
+    def __init__(
+        self,
+        dictionary,
+        ops: Sequence[tuple[str, Sequence[int] | int, float | None]] = (),
+        *,
+        only_active: bool = False,
+        site: str | Site | None = None,
+        **common,
+    ) -> None:
+        super().__init__(site=dictionary_site(dictionary, site), **common)
+        self.dictionary = dictionary
+        self.only_active = bool(only_active)
+        self.ops: list[tuple[str, tuple[int, ...], float | None]] = []
+        for op in ops:
+            if len(op) != 3 or op[0] not in EDIT_OPS:
+                raise DifflensError(f"edit op {op!r}: use (op, features, value) with op one of {', '.join(EDIT_OPS)}")
+            name, feats, value = op
+            feats = check_features(dictionary, feats)
+            if name != "ablate":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise DifflensError(f"edit op {name} needs a number, got {value!r}") from None
+            self.ops.append((name, feats, value))
+
+    def prepare(self, run: RunInfo) -> None:
+        super().prepare(run)
+        check_dictionary(self.dictionary, run.adapter, self.site)
+        prep_dictionary(self.dictionary, run.adapter)
+
+    def edit_codes(self, codes: torch.Tensor, ctx: HookContext, rows, toks, shape) -> torch.Tensor:
+        c = codes.clone()
+        for name, feats, value in self.ops:
+            idx = torch.tensor(feats, device=c.device)
+            if name == "ablate":
+                c[:, idx] = 0
+            elif name == "clamp":
+                if self.only_active:
+                    cur = c[:, idx]
+                    c[:, idx] = torch.where(cur > 0, torch.full_like(cur, value), cur)
+                else:
+                    c[:, idx] = value
+            else:
+                c[:, idx] = c[:, idx] * value
+        return c
+
+    def apply(self, x, ctx, rows, toks, acts):
+        R, T, D = x.shape
+        xf, tt, codes = encode_codes(self.dictionary, x.reshape(R * T, D), ctx.timestep)
+        new_codes = self.edit_codes(codes, ctx, rows, toks, (R, T))
+        delta = self.dictionary.decode(new_codes, tt) - self.dictionary.decode(codes, tt)
+        return (xf + delta).reshape(R, T, D)
+
+    def describe(self) -> str:
+        ops = "; ".join(f"{n} {','.join(map(str, f))}" + ("" if v is None else f"={v:g}") for n, f, v in self.ops)
+        return f"edit [{ops or 'no change'}]; " + super().describe()
+
+
+def Ablate(dictionary, features, **kw) -> CodeEdit:
+    """Set the features' codes to zero (error term kept)."""
+    return CodeEdit(dictionary, [("ablate", features, None)], **kw)
+
+
+def Clamp(dictionary, features, value: float, **kw) -> CodeEdit:
+    """Set the features' codes to `value` at every selected token (or only where active)."""
+    return CodeEdit(dictionary, [("clamp", features, value)], **kw)
+
+
+def Scale(dictionary, features, factor: float, **kw) -> CodeEdit:
+    """Multiply the features' codes by `factor` (1 = no change, −1 inverts)."""
+    return CodeEdit(dictionary, [("scale", features, factor)], **kw)
+
+
+class Splice(Intervention):
+    """Replace activations by the dictionary's reconstruction x̂ (splice evaluation).
+
+    With `keep_error` the written value is x̂ + (x − x̂): mathematically x, so generation must
+    reproduce the clean run to float tolerance; it checks that the hooks read and write the
+    right tensors.
+    """
+
+    kind = "splice"
+
+    def __init__(self, dictionary, *, keep_error: bool = False, site=None, **common) -> None:
+        super().__init__(site=dictionary_site(dictionary, site), **common)
+        self.dictionary = dictionary
+        self.keep_error = bool(keep_error)
+
+    def prepare(self, run: RunInfo) -> None:
+        super().prepare(run)
+        check_dictionary(self.dictionary, run.adapter, self.site)
+        prep_dictionary(self.dictionary, run.adapter)
+
+    def apply(self, x, ctx, rows, toks, acts):
+        R, T, D = x.shape
+        xf, tt, codes = encode_codes(self.dictionary, x.reshape(R * T, D), ctx.timestep)
+        x_hat = self.dictionary.decode(codes, tt)
+        out = x_hat + (xf - x_hat) if self.keep_error else x_hat
+        return out.reshape(R, T, D)
+
+
+class Replace(Intervention):
+    """Replace the selected activations by `value(ctx)`: a [D] vector (every token) or [N, D]."""
+
+    kind = "replace"
+
+    def __init__(self, site, value: Callable[[HookContext], torch.Tensor], **common) -> None:
+        super().__init__(site=site, **common)
+        self.value = value
+
+    def apply(self, x, ctx, rows, toks, acts):
+        v = torch.as_tensor(self.value(ctx)).to(device=x.device, dtype=torch.float32)
+        if v.ndim == 1:
+            return v.expand(x.shape).clone()
+        if toks is not None:
+            v = v.index_select(0, toks)
+        return v[None].expand(x.shape).clone()
+
+
+def MeanAblate(site, stats=None, means_by_step: Mapping[int, torch.Tensor] | None = None, **common) -> Replace:
+    """Replace activations by the mean activation at this timestep (store stats) or step (given)."""
+    if (stats is None) == (means_by_step is None):
+        raise DifflensError("MeanAblate needs either a store's SiteStats or means_by_step")
+    if stats is not None:
+        if len(stats.timesteps_T) == 0:
+            raise DifflensError(f"the store has no rows at {stats.site}: cannot mean-ablate")
+
+        def value(ctx):
+            return stats.mean_TD[stats.timestep_index(ctx.timestep)]
+    else:
+        means = dict(means_by_step)
+
+        def value(ctx):
+            if ctx.step not in means:
+                raise DifflensError(f"no mean activation recorded for step {ctx.step}")
+            return means[ctx.step]
+
+    iv = Replace(site, value, **common)
+    iv.kind = "mean-ablate"
+    return iv

@@ -1,0 +1,175 @@
+"""The study's prompts, regions, readings and success rates (toy world, read by the factor classifier)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from difflens.errors import DifflensError
+from difflens.utils import progress
+from difflens.world import vocab as V
+from difflens.intervene.region import Region, Window
+from difflens.intervene.run import generate_with
+from difflens.intervene.study_labels import STUDY_OBJECTS
+
+MARGIN_PX = 2  # object jitter around its position's centre
+
+
+# ---- prompts and regions ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Item:
+    """One study prompt: a single large object with known factors."""
+
+    prompt: str
+    seed: int
+    color: str
+    object: str
+    position: str
+    bgcolor: str
+
+    @property
+    def factors(self) -> dict[str, str]:
+        return {"color": self.color, "object": self.object, "position": self.position}
+
+
+def make_item(color: str, obj: str, position: str, bgcolor: str, seed: int) -> Item:
+    prompt = f"a large {color} {obj} in the {position} on a {bgcolor} plain background"
+    return Item(prompt, int(seed), color, obj, position, bgcolor)
+
+
+def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, has: bool, seed0: int = 0) -> list[Item]:
+    """n single-object prompts that do (has=True) or do not name `factor=value`."""
+    colors = [c for c in V.COLORS if (c == value) == has] if factor == "color" else list(V.COLORS)
+    objects = [o for o in STUDY_OBJECTS if (o == value) == has] if factor == "object" else list(STUDY_OBJECTS)
+    if factor == "object" and has and value not in STUDY_OBJECTS:
+        objects = [value]
+    if not colors or not objects:
+        raise DifflensError(f"no study prompts for {factor}={value} (has={has})")
+    out = []
+    for i in range(n):
+        out.append(
+            make_item(
+                str(rng.choice(colors)),
+                str(rng.choice(objects)),
+                V.POSITIONS[i % len(V.POSITIONS)],
+                V.BG_COLORS[(i // len(V.POSITIONS)) % len(V.BG_COLORS)],
+                seed0 + i,
+            )
+        )
+    return out
+
+
+def object_region(position: str, size: str = "large", margin: int = MARGIN_PX) -> Region:
+    """The pixel box an object of this size at this position can cover (with jitter margin)."""
+    cy, cx = V.POSITION_CENTER[position]
+    half = V.SIZE_PIXELS[size] // 2 + margin
+    lo_x, lo_y = max(0, cx - half), max(0, cy - half)
+    hi_x, hi_y = min(V.IMAGE_SIZE, cx + half), min(V.IMAGE_SIZE, cy + half)
+    return Region(box=(lo_x, lo_y, hi_x, hi_y), units="px", label=f"{position} object box")
+
+
+def study_classifier(classifier):
+    if classifier is not None:
+        return classifier
+    from difflens.world.classifier import default_classifier
+
+    try:
+        return default_classifier()
+    except DifflensError as e:
+        raise DifflensError(f"the intervention study judges images with the factor classifier: {e}") from None
+
+
+ABSENT = "(none)"  # the reading when the classifier sees no object at the slot
+
+
+def read_at(classifier, images, factor: str, positions: Sequence[str]) -> list[str]:
+    """The factor read at each image's own object position, or ABSENT when no object is there
+    (presence <= 0.5): an edit that erases the object must not count as changing its colour."""
+    from difflens.world.classifier import PRESENCE_THRESHOLD
+
+    readings = classifier.classify(np.asarray(images))
+    out = []
+    for r, p in zip(readings, positions):
+        slot = r["slots"][p]
+        out.append(slot[factor] if slot["p"] > PRESENCE_THRESHOLD else ABSENT)
+    return out
+
+
+def success_rate(before: Sequence[str], after: Sequence[str], target: Sequence[str], *, mode: str = "reach") -> dict:
+    """Over cases with an object before the intervention:
+    mode "reach": success = after == target, among cases where before != target;
+    mode "leave": success = after is another value (object still there), among cases where
+    before == target. `vanished` counts eligible cases whose object disappeared."""
+    before, after, target = list(before), list(after), list(target)
+    present = [i for i in range(len(before)) if before[i] != ABSENT]
+    if mode == "reach":
+        eligible = [i for i in present if before[i] != target[i]]
+        hits = [i for i in eligible if after[i] == target[i]]
+    elif mode == "leave":
+        eligible = [i for i in present if before[i] == target[i]]
+        hits = [i for i in eligible if after[i] not in (target[i], ABSENT)]
+    else:
+        raise ValueError(mode)
+    n = len(eligible)
+    vanished = sum(1 for i in eligible if after[i] == ABSENT)
+    return {
+        "success_rate": (len(hits) / n) if n else None,
+        "successes": len(hits),
+        "eligible": n,
+        "total": len(before),
+        "vanished": vanished,
+    }
+
+
+def pixel_change(clean: np.ndarray, new: np.ndarray, masks: Sequence[np.ndarray]) -> dict:
+    """Mean squared pixel change ([0,1] scale) inside and outside each image's region."""
+    d = ((new.astype(np.float64) - clean.astype(np.float64)) / 255.0) ** 2
+    d = d.mean(-1)  # [B, H, W]
+    ins = [float(d[i][m].mean()) if m.any() else 0.0 for i, m in enumerate(masks)]
+    outs = [float(d[i][~m].mean()) if (~m).any() else 0.0 for i, m in enumerate(masks)]
+    mi, mo = float(np.mean(ins)), float(np.mean(outs))
+    return {"mse_inside": mi, "mse_outside": mo, "outside_over_inside": (mo / mi) if mi > 0 else None}
+
+
+# ---- batched generation ---------------------------------------------------------------------------
+def generate_items(
+    adapter,
+    items: Sequence[Item],
+    make: Callable[[int, int], list] | None = None,
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    batch_size: int = 32,
+    bar=None,
+) -> np.ndarray:
+    """Images for `items`; `make(k, j)` gives the interventions of item k as sample j of its batch."""
+    out = []
+    for a in range(0, len(items), batch_size):
+        chunk = items[a : a + batch_size]
+        ivs = []
+        if make is not None:
+            for j in range(len(chunk)):
+                ivs += make(a + j, j)
+        gen = generate_with(adapter, [it.prompt for it in chunk], [it.seed for it in chunk], ivs, steps=steps, guidance=guidance)
+        out.append(np.asarray(gen.images))
+        if bar is not None:
+            bar.update(len(chunk))
+    return np.concatenate(out) if out else np.zeros((0, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
+
+
+def default_windows(steps: int) -> dict[str, Window]:
+    """The Flux recipe (first ~5/7 of the steps) and its neighbours: all, early, late."""
+    first = max(1, round(steps * 5 / 7))
+    half = max(1, steps // 2)
+    return {
+        f"0:{first} (first 5/7)": Window.range(0, first),
+        "all": Window.all(),
+        f"0:{half} (early half)": Window.range(0, half),
+        f"{half}: (late half)": Window.range(half, None),
+    }
+
+
+def progress_bar(total: int, desc: str, show: bool):
+    return progress(total=total, desc=desc, unit="img", **({} if show else {"disable": True}))

@@ -1,0 +1,106 @@
+"""Transfer: put a reference generation's codes into the target (attribute or style transfer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from difflens.errors import DifflensError
+from difflens.intervene.base import Intervention, RunInfo, check_features, encode_codes
+from difflens.intervene.edits import CodeEdit
+from difflens.intervene.region import Region
+from difflens.intervene.run import record_activations
+
+# ---- transfer from a reference generation -----------------------------------------------------------
+class Transfer(CodeEdit):
+    """Put codes from a reference generation into the target at every (selected) step.
+
+    `reference` is (prompt, seed); it is generated first with the same steps and guidance and its
+    activations recorded at the site. For each target row, the reference row of the same CFG
+    branch and step supplies the codes of `features` (None = all features). mode "tokens" copies
+    token by token (same positions); mode "mean" puts the reference's mean code over
+    `reference_region` (default: the target region, or all tokens) on every target token — the
+    choice for style when layouts differ. The target's error term is kept.
+    """
+
+    kind = "transfer"
+
+    def __init__(
+        self,
+        dictionary,
+        reference: tuple[str, int],
+        features: Sequence[int] | None = None,
+        *,
+        mode: str = "tokens",
+        reference_region: Region | None = None,
+        site=None,
+        **common,
+    ) -> None:
+        super().__init__(dictionary, [], site=site, **common)
+        if mode not in ("tokens", "mean"):
+            raise DifflensError(f"transfer mode {mode!r} unknown: use 'tokens' or 'mean'")
+        if not (isinstance(reference, (tuple, list)) and len(reference) == 2):
+            raise DifflensError("reference must be (prompt, seed)")
+        self.reference = (str(reference[0]), int(reference[1]))
+        self.features = None if features is None else check_features(dictionary, features)
+        self.mode = mode
+        self.reference_region = reference_region
+        self._ref: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def prepare(self, run: RunInfo) -> None:
+        super().prepare(run)
+        if self.reference_region is not None:
+            self.reference_region.resolve(run.grid_hw, run.image_hw)
+        rec = record_activations(
+            run.adapter, [self.reference[0]], [self.reference[1]], self.site, steps=run.steps,
+            guidance=run.guidance, **run.gen_kwargs,
+        )
+        self._ref = {}
+        for (step, _call), (acts, is_cond, _sidx) in rec.acts.items():
+            for r in range(acts.shape[0]):
+                self._ref.setdefault((step, bool(is_cond[r])), acts[r])
+        self.reference_image = rec.images[0]
+
+    def apply(self, x, ctx, rows, toks, acts):
+        R, T, D = x.shape
+        out = []
+        for j, r in enumerate(rows.tolist()):
+            key = (ctx.step, bool(ctx.is_cond[r]))
+            if key not in self._ref:
+                raise DifflensError(
+                    f"the reference run has no {'conditional' if key[1] else 'unconditional'} row at step {ctx.step}: "
+                    "generate target and reference with the same guidance"
+                )
+            ref = self._ref[key].to(x.device)
+            if self.mode == "tokens":
+                src = ref if toks is None else ref.index_select(0, toks)
+            else:
+                ref_toks = self._ref_tokens(ctx, ref.shape[0], x.device, toks)
+                src = ref if ref_toks is None else ref.index_select(0, ref_toks)
+            xf, tt, codes = encode_codes(self.dictionary, x[j], ctx.timestep)
+            _, tr, ref_codes = encode_codes(self.dictionary, src, ctx.timestep)
+            if self.mode == "mean":
+                ref_codes = ref_codes.mean(0, keepdim=True).expand(T, -1)
+            new = codes.clone()
+            if self.features is None:
+                new = ref_codes.clone()
+            else:
+                f = torch.tensor(self.features, device=new.device)
+                new[:, f] = ref_codes[:, f]
+            delta = self.dictionary.decode(new, tt) - self.dictionary.decode(codes, tt)
+            out.append(xf + delta)
+        return torch.stack(out)
+
+    def _ref_tokens(self, ctx, n, device, toks):
+        region = self.reference_region
+        if region is None:
+            return toks
+        key = ("ref", tuple(ctx.grid_hw), n)
+        if key not in self._token_cache:
+            self._token_cache[key] = region.resolve(ctx.grid_hw, self._image_hw).nonzero().flatten()
+        return self._token_cache[key].to(device)
+
+    def describe(self) -> str:
+        feats = "all features" if self.features is None else "features " + ",".join(map(str, self.features))
+        return f"transfer {feats} from {self.reference[0]!r} seed {self.reference[1]} ({self.mode}); " + Intervention.describe(self)
