@@ -173,3 +173,39 @@ def test_trace_properties_on_tiny_pipelines(family, tmp_path):
     assert np.abs(clean[0].astype(int) - src.images[0].astype(int)).max() > 1
     # a one-cell patch fired (and moved the image) at step 1 only: steps before it are untouched
     assert not np.array_equal(imgs[2], ref[2]) or family == "dit"
+
+
+def test_demo_trace_writes_its_outputs(toy, tmp_path):
+    from difflens.trace.demo import run_trace_demo
+
+    res = run_trace_demo(tmp_path / "trace", toy, factors=("color",), n_pairs=1, steps=2, show_progress=False)
+    js = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert js["pair_selection"]["color"]["candidates"] == 2
+    assert (tmp_path / "trace" / "trace.md").exists() and isinstance(res["summary"], list)
+
+
+def test_difference_of_means_direction():
+    import torch
+
+    from difflens.intervene import concept_direction
+    from difflens.world import vocab as V
+
+    red, blue = 1 << V.CONCEPT_ID["color=red"], 1 << V.CONCEPT_ID["color=blue"]
+    labels = np.array([red, red, blue, 0], np.int64)
+    X = torch.tensor([[2.0, 0.0], [4.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+
+    class FakeStore:
+        root, sites = "mem", ["s:img"]
+
+        def meta(self, site, cols):
+            return {"step": np.zeros(4, int), "labels": labels}
+
+        def read_rows(self, site, rows):
+            return X[torch.as_tensor(rows)]
+
+    d = concept_direction(FakeStore(), "s:img", "color=red")
+    assert torch.allclose(d, torch.tensor([3.0, -2.0]))
+    d2 = concept_direction(FakeStore(), "s:img", "color=red", against=["color=blue"])
+    assert torch.allclose(d2, torch.tensor([3.0, -1.0]))
+    with pytest.raises(DifflensError, match="unknown concept"):
+        concept_direction(FakeStore(), "s:img", "colour=red")

@@ -113,8 +113,12 @@ def stage_intervene(out: Path, summary: dict) -> None:
     from difflens.models.toy.adapter import ToyAdapter
     from difflens.store import Store
 
+    from difflens.trace.demo import run_trace_demo
+
+    adapter = ToyAdapter.load()
+    summary["trace"] = run_trace_demo(out / "trace", adapter)
     sae = difflens.load(summary["train"]["dictionaries"]["topk"])
-    summary["intervene"] = run_demo(out / "intervene", ToyAdapter.load(), sae, store=Store(out / "store"))
+    summary["intervene"] = run_demo(out / "intervene", adapter, sae, store=Store(out / "store"))
 
 
 def stage_browse(out: Path, summary: dict) -> None:
@@ -161,6 +165,10 @@ def _readable_summary(out: Path, summary: dict) -> str:
         parts.append("toy model prompt adherence on the demo grid: " + ", ".join(f"{k} {v:.0%}" for k, v in adh.items()))
     parts += ["", "reconstruction (held-out):", _first_table(out / "evaluate" / "eval.md")]
     parts += ["", "oracle autointerpretation vs baselines:", _first_table(out / "interpret" / "comparison.md")]
+    tr = summary.get("trace", {})
+    if tr:
+        parts += ["", "where each factor is decided (activation patching, whole run, both CFG branches; "
+                  "full map: difflens trace):"] + ["  " + line for line in tr.get("summary", [])]
     iv = summary.get("intervene", {})
     if iv:
         parts += ["", "steering (TopK SAE colour features; the classifier reads the target after, not before):",

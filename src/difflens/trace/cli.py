@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from difflens.errors import DifflensError
 
@@ -18,9 +17,9 @@ def register(subparsers) -> None:
         "model with ground truth (the toy world) the factor reader; otherwise where the image lies between "
         "target and source in pixel space. Writes trace.png (heatmaps), trace.json (every cell) and trace.md.",
     )
-    p.add_argument("--model", default="toy", help="'toy' (default), a diffusers pipeline folder or a hub id")
-    p.add_argument("--model-dtype", dest="model_dtype", default="fp32", help="model dtype: fp32 or bf16")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    from difflens.cli_options import add_model_options, add_out_option
+
+    add_model_options(p)
     p.add_argument("--factors", default="color,object,position,bgcolor",
                    help="world factors to trace, comma-separated (ground-truth models; default color,object,position,bgcolor)")
     p.add_argument("--pair", action="append", default=None, metavar="'TARGET|SOURCE'",
@@ -34,8 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per generation batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="seed of the pair choice (default 0)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_out_option(p, kind="dir", help="output folder (trace.png, trace.json, trace.md)")
     p.set_defaults(func=run_trace_verb)
 
 
@@ -57,7 +55,9 @@ def run_trace_verb(args: argparse.Namespace) -> int:
     from difflens.trace.world import trace_world
     from difflens.utils import write_json
 
-    if args.quiet:
+    from difflens.cli_options import model_kwargs, out_dir
+
+    if getattr(args, "quiet", False):
         os.environ["DIFFLENS_QUIET"] = "1"
     branches = [b.strip() for b in args.branches.split(",") if b.strip()]
     bad = [b for b in branches if b not in ("both", "cond", "uncond")]
@@ -65,12 +65,12 @@ def run_trace_verb(args: argparse.Namespace) -> int:
         raise DifflensError(f"--branches {args.branches!r}: use some of both,cond,uncond")
     if args.pairs < 1:
         raise DifflensError("--pairs must be >= 1")
-    out = Path(args.out)
-    adapter = load_adapter(args.model, dtype=args.model_dtype, device=args.device)
+    out = out_dir(args.out)
+    adapter = load_adapter(args.model, **model_kwargs(args))
     steps = _steps(adapter, args.steps)
     sites = adapter.resolve_sites(args.sites) if args.sites else None
     kw = dict(sites=sites, steps=steps, guidance=args.guidance, bin_size=args.step_bin, branches=branches,
-              conditioning=not args.no_conditioning, batch_size=args.batch_size, show_progress=not args.quiet)
+              conditioning=not args.no_conditioning, batch_size=args.batch_size, show_progress=not getattr(args, "quiet", False))
     results, info = [], {}
     if args.pair:
         pairs = []
