@@ -23,18 +23,7 @@ KEEP_FACTORS = ("color", "object", "position", "bgcolor")
 def ground_truth(adapter):
     """The adapter's ground truth (`adapter.ground_truth()`), or None for a real model."""
     get = getattr(adapter, "ground_truth", None)
-    if callable(get):
-        return get()
-    return _legacy_truth(adapter)
-
-
-def _legacy_truth(adapter):
-    # Before adapters grew ground_truth(): the toy world through its own modules.
-    if getattr(adapter, "name", "") != "toy":
-        return None
-    from difflens.trace._toyworld import ToyWorldTruth
-
-    return ToyWorldTruth()
+    return get() if callable(get) else None
 
 
 def world_readout(truth, factor: str) -> WorldReadout:
