@@ -394,7 +394,8 @@ def test_7_harvest_append_adds_the_new_units(tmp_path):
     from toy_fixtures import make_tiny_toy
 
     from difflens.harvest.config import HarvestConfig
-    from difflens.harvest.run import harvest, world_prompts
+    from difflens.harvest.run import harvest
+    from difflens.world.prompts import world_prompts
     from difflens.models.toy.adapter import ToyAdapter
 
     toy = make_tiny_toy(tmp_path / "toy")
@@ -595,7 +596,8 @@ def test_16_harvest_both_branches_records_the_branch(tmp_path):
     from toy_fixtures import make_tiny_toy
 
     from difflens.harvest.config import HarvestConfig
-    from difflens.harvest.run import harvest, world_prompts
+    from difflens.harvest.run import harvest
+    from difflens.world.prompts import world_prompts
     from difflens.models.toy.adapter import ToyAdapter
 
     toy = make_tiny_toy(tmp_path / "toy")

@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=["sparsify", "saelens"], help="target folder format")
     p.add_argument("dict", metavar="DICT", help="dictionary to export")
     p.add_argument("out", metavar="OUT", help="new folder to write (must not exist or be empty)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written tensors (default fp32)")
+    p.add_argument("--weights-dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the written weights (default fp32)")
     add_json_option(p)
     p.set_defaults(func=run_export)
 
@@ -38,7 +38,7 @@ def run_export(args: argparse.Namespace) -> int:
     from difflens.dictionaries import interop
 
     d = difflens.load(args.dict)
-    out = interop.export(d, args.out, args.format, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    out = interop.export(d, args.out, args.format, dtype=torch.bfloat16 if args.weights_dtype == "bf16" else torch.float32)
     note = (out / interop.NOTE_NAME).read_text(encoding="utf-8").strip() if (out / interop.NOTE_NAME).exists() else None
     if note:
         say(args, f"note: {note}")

@@ -79,6 +79,21 @@ def init_from_data(module, x: torch.Tensor, t: torch.Tensor) -> None:
         fn(x, t)
 
 
+def provenance_order(x: torch.Tensor, t: torch.Tensor, prov: dict[str, torch.Tensor]):
+    """Rows sorted by where they came from (sample, step, token), so ITDA, which admits atoms in
+    batch order, builds the same dictionary whether a batch was read by one process or gathered
+    from several ranks (whose concatenation order differs)."""
+    if not prov or x.shape[0] < 2:
+        return x, t, prov
+    key = torch.zeros(x.shape[0], dtype=torch.int64)
+    for name in PROVENANCE:
+        if name in prov:
+            col = prov[name].to(torch.int64)
+            key = key * (int(col.max()) + 1) + col
+    order = torch.argsort(key, stable=True)
+    return x[order], t[order], {k: v[order] for k, v in prov.items()}
+
+
 def partial_fit(module, x: torch.Tensor, t: torch.Tensor, provenance: dict[str, torch.Tensor]) -> dict | None:
     """ITDA's step: add badly reconstructed rows as atoms; returns its counts for the log."""
     return module.partial_fit(x, t, provenance)

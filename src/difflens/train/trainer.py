@@ -314,6 +314,7 @@ class Trainer:
             gx = ddp.all_gather_rows(x, env)
             gt = ddp.all_gather_rows(t, env)
             prov = {k: ddp.all_gather_rows(batch[k], env) for k in mem.PROVENANCE if k in batch}
+            gx, gt, prov = mem.provenance_order(gx, gt, prov)
             fit = mem.partial_fit(m.module, gx, gt, prov) or {}
             if log_now and env.is_main:
                 with torch.no_grad():
