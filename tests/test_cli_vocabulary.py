@@ -20,7 +20,7 @@ RETIRED = {
     "--timesteps": "--step-window (indices) or --timestep-range (values)",
 }
 # verbs whose --steps is not denoising steps, or whose flags another module still owns
-NOT_YET = {"steer", "edit", "transfer", "intervene-study", "trace"}  # intervene/cli.py adopts cli_options itself
+NOT_YET: set[str] = set()  # every verb speaks the vocabulary
 
 
 def leaves(parser: argparse.ArgumentParser, prefix: str = ""):

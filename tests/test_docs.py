@@ -18,8 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+SHELL = ("", "bash", "sh", "console", "shell")
+
+
 def code_blocks(text: str) -> list[str]:
-    return re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S)
+    """Shell blocks (untagged or tagged as a shell); fences are paired line by line, so a
+    ```python block does not shift the pairing of the blocks after it."""
+    return [body for lang, body in re.findall(r"^```([\w+-]*)\n(.*?)^```", text, flags=re.S | re.M) if lang in SHELL]
 
 
 def commands(block: str) -> list[str]:
@@ -56,7 +61,7 @@ def documented_commands() -> list[tuple[str, str]]:
 
 def test_documents_show_commands():
     names = {name for name, _ in documented_commands()}
-    assert {"README.md", "training.md", "interpret.md", "browse.md"} <= names
+    assert {"README.md", "training.md", "interpret.md", "browse.md", "intervene.md"} <= names
 
 
 @pytest.mark.parametrize("where, cmd", documented_commands(), ids=lambda v: v[:60] if isinstance(v, str) else None)

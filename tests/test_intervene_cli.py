@@ -35,14 +35,14 @@ def cli(setup, monkeypatch):
     monkeypatch.setattr(difflens.models, "load_adapter", lambda *a, **k: adapter)
 
     def run(*argv):
-        return main([argv[0], "--dict", str(root / "sae"), "--num-steps", "3", *argv[1:]])
+        return main([argv[0], "--dict", str(root / "sae"), "--steps", "3", *argv[1:]])
 
     return run
 
 
 def test_steer_sweep_writes_grid_and_json(cli, tmp_path, capsys):
     out = tmp_path / "sweep.png"
-    rc = cli("steer", "--feature", "3", "--scales=-4,0,4", "--scale-mode", "absolute", "--steps", ":2",
+    rc = cli("steer", "--feature", "3", "--scales=-4,0,4", "--scale-mode", "absolute", "--step-window", ":2",
              "--region", "0,0,16,16", "--prompt", PROMPT, "--seed", "1", "--out", str(out))
     assert rc == 0
     assert out.is_file()
@@ -58,7 +58,7 @@ def test_single_steer_edit_and_transfer(cli, tmp_path):
     meta = json.loads((tmp_path / "e.json").read_text())
     assert meta["steps_applied"] == [0, 1, 2] and "cond branch" in meta["intervention"]
     assert cli("transfer", "--reference-prompt", "a small blue square in the center on a gray plain background",
-               "--features", "all", "--mode", "mean", "--timesteps", "0:2000",
+               "--features", "all", "--mode", "mean", "--timestep-range", "0:2000",
                "--prompt", PROMPT, "--out", str(tmp_path / "t.png")) == 0
     meta = json.loads((tmp_path / "t.json").read_text())
     assert len(meta["labels"]) == 3 and meta["steps_applied"] == [0, 1, 2]
@@ -71,7 +71,7 @@ def test_single_steer_edit_and_transfer(cli, tmp_path):
         (["steer", "--feature", "x", "--scale", "1"], "integer feature ids"),
         (["steer", "--feature", "1", "--scale", "1", "--region", "8,8,2,2"], "empty"),
         (["steer", "--feature", "1", "--scale", "1", "--region", "0,0,64,8"], "beyond"),
-        (["steer", "--feature", "1", "--scale", "1", "--steps", "7:9"], "selects none"),
+        (["steer", "--feature", "1", "--scale", "1", "--step-window", "7:9"], "selects none"),
         (["steer", "--feature", "1", "--scale", "1", "--scale-mode", "feature-max"], "feature-max"),
         (["edit"], "at least one"),
         (["edit", "--clamp", "5"], "=value"),
@@ -82,3 +82,26 @@ def test_cli_errors_are_one_line_and_actionable(cli, tmp_path, capsys, argv, mes
     err = capsys.readouterr().err
     assert rc == 2 and message in err
     assert "Traceback" not in err
+
+
+def test_readings_come_from_the_models_ground_truth(cli, setup, tmp_path, monkeypatch):
+    """The verbs read images through `adapter.ground_truth()`, never by the model's name: a model
+    whose ground truth is None gets no readings, whatever it is called."""
+    adapter, _ = setup
+    assert cli("edit", "--ablate", "1", "--prompt", PROMPT, "--out", str(tmp_path / "a.png")) == 0
+    meta = json.loads((tmp_path / "a.json").read_text())
+    if meta["readings"] is not None:  # the shipped classifier is present
+        factors = set(adapter.ground_truth().factors)
+        assert set(meta["readings"][0]["main"]) <= factors and meta["labels"][0].startswith("clean: ")
+    monkeypatch.setattr(adapter, "ground_truth", lambda: None)
+    assert cli("edit", "--ablate", "1", "--prompt", PROMPT, "--out", str(tmp_path / "b.png")) == 0
+    meta = json.loads((tmp_path / "b.json").read_text())
+    assert meta["readings"] is None and meta["labels"] == ["clean", "edited"]
+
+
+def test_intervene_study_needs_ground_truth(cli, setup, tmp_path, monkeypatch, capsys):
+    adapter, root = setup
+    monkeypatch.setattr(adapter, "ground_truth", lambda: None)
+    rc = main(["intervene-study", "--dict", str(root / "sae"), "--labels", str(tmp_path / "l.json"),
+               "--out", str(tmp_path / "study")])
+    assert rc == 2 and "has none" in capsys.readouterr().err

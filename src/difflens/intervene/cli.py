@@ -1,45 +1,56 @@
 """`difflens steer | edit | transfer | intervene-study`: thin verbs over difflens.intervene.
 
-Every verb writes the PNG asked for (the clean image beside the changed one, or a labelled
-sweep grid) and a JSON next to it with the settings, the steps the intervention acted on and,
-on the toy model, the factor classifier's reading of each image.
+Flags come from the shared vocabulary (`difflens.cli_options`): `--steps` is the number of
+denoising steps, `--step-window` the step indices an intervention acts on, `--timestep-range`
+scheduler timestep values, `--model-dtype` the model's dtype. Every verb writes the PNG asked for
+(the clean image beside the changed one, or a labelled sweep grid) and a JSON next to it with
+the settings, the steps the intervention acted on and, on a model with ground truth
+(`adapter.ground_truth()`), the world's reading of each image.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from difflens.errors import DifflensError
-
-WHEN_HELP = (
-    "--steps a:b (step indices, b excluded; ':5' = the first 5) or 0,2,4; "
-    "--timesteps lo:hi (scheduler timestep values, inclusive). Default: all steps."
+from difflens.cli_options import (
+    add_data_option,
+    add_generation_options,
+    add_json_option,
+    add_model_options,
+    add_out_option,
+    add_seed_option,
+    add_step_window,
+    emit_json,
+    generation_kwargs,
+    load_model,
+    say,
 )
+from difflens.errors import DifflensError
+from difflens.groundtruth import ground_truth_of
+
+WINDOW_HELP = ("denoising step indices to act on: a:b (b excluded; either side may be empty, ':5' = the first 5) "
+               "or a list 0,2,4 (default: every step)")
+SCALE_MODES = ["absolute", "token-norm", "feature-max"]
 
 
 # ---- shared options --------------------------------------------------------------------------
 def _model_options(p) -> None:
-    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder or a hub id (default: toy)")
-    p.add_argument("--dtype", default="fp32", help="model dtype: fp32 or bf16 (fp16 on GPUs only)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    add_model_options(p)
     p.add_argument("--dict", dest="dict_dir", required=True, metavar="DIR", help="dictionary folder (cfg.json + weights.safetensors)")
     p.add_argument("--site", default=None, help="site to act on (default: the dictionary's site)")
 
 
 def _gen_options(p) -> None:
     p.add_argument("--prompt", required=True, help="the prompt")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the model's; toy 12)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG / guidance scale (default: the model's)")
-    p.add_argument("--height", type=int, default=None, help="image height (pipelines only)")
-    p.add_argument("--width", type=int, default=None, help="image width (pipelines only)")
+    add_seed_option(p, help="noise seed (default 0)")
+    add_generation_options(p)
 
 
 def _where_options(p) -> None:
-    p.add_argument("--steps", default=None, help="step window: a:b (b excluded) or a list 0,2,4. " + WHEN_HELP)
-    p.add_argument("--timesteps", default=None, help="timestep-value window lo:hi (inclusive)")
+    add_step_window(p, help=WINDOW_HELP)
+    p.add_argument("--timestep-range", default=None, metavar="LO:HI",
+                   help="scheduler timestep values lo:hi (inclusive) to act on; combines with --step-window")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--region", default=None, help="box x0,y0,x1,y1 (x = column, y = row; x1/y1 excluded), in image pixels "
                    "unless --region-units tokens; a token is inside when its centre is")
@@ -50,8 +61,8 @@ def _where_options(p) -> None:
 
 
 def _out_option(p) -> None:
-    p.add_argument("--out", required=True, help="output PNG (a .json with settings and readings is written next to it)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_out_option(p, kind="file", help="output PNG (a .json with settings and readings is written next to it)")
+    add_json_option(p)
 
 
 def register(subparsers) -> None:
@@ -62,7 +73,7 @@ def register(subparsers) -> None:
         "steer",
         help="add a feature's decoder direction during generation (one scale or a sweep)",
         description="Steer generation by adding dictionary features' unit decoder directions at the site. "
-        "Scales may be negative. Flux recipe: --scale 0.8 --scale-mode token-norm --steps :5 (of 7) with a region.",
+        "Scales may be negative. Flux recipe: --scale 0.8 --scale-mode token-norm --step-window :5 --steps 7 with a region.",
     )
     _model_options(p)
     p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
@@ -70,10 +81,11 @@ def register(subparsers) -> None:
     sc.add_argument("--scale", type=float, help="steering scale (see --scale-mode)")
     sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image; write it with '=' when "
                     "the first is negative: --scales=-8,-4,0,4,8")
-    p.add_argument("--scale-mode", choices=["absolute", "token-norm", "feature-max"], default="token-norm",
+    p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm",
                    help="token-norm (default): scale x mean image-token norm; absolute: raw units; "
                    "feature-max: scale x the feature's max activation in --data")
-    p.add_argument("--data", default=None, help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
+    add_data_option(p, required=False,
+                    help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
     _gen_options(p)
     _where_options(p)
     _out_option(p)
@@ -114,23 +126,25 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "intervene-study",
-        help="measure steering / ablation / transfer success rates on the toy model",
+        help="measure steering / ablation / transfer success rates on a model with ground truth (the toy model)",
         description="Label features (best F1 against the store's token concepts, or --labels), then measure: "
         "steering success vs scale and step window with pixel change outside the region; colour change when "
-        "ablating the prompt's colour features (with a random-feature control); colour transfer from a reference.",
+        "ablating the prompt's colour features (with a random-feature control); colour transfer from a reference. "
+        "Images are read by the model's ground truth (the toy world's factor classifier).",
     )
-    p.add_argument("--model", default="toy", help="the toy model ('toy', the default): the study needs its factor classifier")
+    add_model_options(p, help_suffix="one with ground truth: the study reads images with its classifier")
     p.add_argument("--dict", dest="dict_dir", required=True, metavar="DIR", help="dictionary folder")
-    p.add_argument("--data", default=None, help="activation store with token labels (to label features, token-norm stats)")
+    add_data_option(p, required=False,
+                    help="activation store with token labels (to label features, token-norm stats)")
     p.add_argument("--labels", default=None, help='feature labels JSON {"12": "color=red", ...} instead of labelling from --data')
-    p.add_argument("--out", required=True, help="output folder")
+    add_out_option(p, kind="dir", help="output folder (summary JSON/markdown and plots)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (as in the demo)")
-    p.add_argument("--scale-mode", choices=["absolute", "token-norm", "feature-max"], default="token-norm")
+    p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (default token-norm)")
     p.add_argument("--scales", default=None, help="comma-separated steering scales (default 0.25,0.5,1,2,4)")
-    p.add_argument("--num-steps", type=int, default=None, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0, help="seed of the study's prompt choice")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default: the model's own)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    add_seed_option(p, help="seed of the study's prompt choice (default 0)")
+    add_json_option(p)
     p.set_defaults(func=run_study)
 
 
@@ -175,7 +189,7 @@ def parse_scales(text: str) -> list[float]:
 def _where(args) -> dict:
     from difflens.intervene.region import Region, Window
 
-    kw = {"window": Window.parse(args.steps, args.timesteps), "branch": args.branch}
+    kw = {"window": Window.parse(args.step_window, args.timestep_range), "branch": args.branch}
     if args.region:
         kw["region"] = Region.parse(args.region, units=args.region_units)
     elif args.mask:
@@ -185,51 +199,56 @@ def _where(args) -> dict:
 
 def _load(args):
     import difflens
-    from difflens.models import load_adapter
 
-    adapter = load_adapter(args.model, dtype=args.dtype, device=args.device)
+    adapter = load_model(args)
     dictionary = difflens.load(args.dict_dir, device=str(adapter.device))
     return adapter, dictionary
 
 
-def _gen_kwargs(args) -> dict:
-    return {"steps": args.num_steps, "guidance": args.guidance, "height": args.height, "width": args.width}
+def _readings(adapter, images) -> list[dict] | None:
+    """The ground truth's reading of each image (the factors of its main object and the global
+    ones); None for a model without ground truth or when its reader is missing."""
+    import numpy as np
 
-
-def _readings(adapter, prompt: str, images) -> list[dict] | None:
-    """The classifier's main-object reading of each image (toy model only; None otherwise)."""
-    if getattr(adapter, "name", "") != "toy":
+    truth = ground_truth_of(adapter)
+    if truth is None:
         return None
     try:
-        from difflens.world.classifier import classify
-
-        return [
-            {"main": {k: r["main"][k] for k in ("color", "object", "size", "position")}, "bgcolor": r["bgcolor"], "bg": r["bg"]}
-            for r in classify(images)
-        ]
+        truth.ready()
+        raw = truth.read_images(np.stack([np.asarray(im) for im in images]))
     except DifflensError:
         return None
+    factors = list(truth.factors)
+    out = []
+    for r in raw:
+        main = r.get("main") or {}
+        reading = {"main": {f: main[f] for f in factors if f in main}}
+        reading.update({k: v for k, v in r.items() if k in factors})
+        out.append(reading)
+    return out
 
 
 def _caption(label: str, reading: dict | None) -> str:
-    if not reading:
+    if not reading or not reading.get("main"):
         return label
-    m = reading["main"]
-    return f"{label}: {m['size']} {m['color']} {m['object']} {m['position']}"
+    return f"{label}: " + " ".join(str(v) for v in reading["main"].values())
 
 
-def _write(out: str, images, labels, title: str, meta: dict, cols: int | None = None) -> None:
+def _write(args, images, labels, title: str, meta: dict, cols: int | None = None) -> None:
     from difflens.utils import save_image, write_json
     from difflens.viz import labelled_grid
 
-    path = Path(out)
+    path = Path(args.out)
     if path.suffix.lower() != ".png":
-        raise DifflensError(f"--out {out!r}: write a .png file name")
+        raise DifflensError(f"--out {args.out!r}: write a .png file name")
+    if path.is_dir():
+        raise DifflensError(f"--out {args.out}: is a folder; give a file name ending in .png")
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(path, labelled_grid(list(images), labels, cols=cols, title=title[:90], label_lines=3))
     write_json(path.with_suffix(".json"), meta)
-    print(json.dumps({k: v for k, v in meta.items() if k != "readings"}, indent=2))
-    print(f"wrote {path} and {path.with_suffix('.json')}")
+    if getattr(args, "json", False):
+        emit_json({k: v for k, v in meta.items() if k != "readings"})
+    say(args, f"wrote {path} and {path.with_suffix('.json')}")
 
 
 def _store(path):
@@ -240,19 +259,27 @@ def _store(path):
     return Store(path)
 
 
+def _captioned(adapter, images, labels):
+    readings = _readings(adapter, images)
+    if readings:
+        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    return labels, readings
+
+
 # ---- verbs -----------------------------------------------------------------------------------------
 def run_steer(args: argparse.Namespace) -> int:
-    from difflens.intervene.core import Steer, generate_with
+    from difflens.intervene.run import generate_with
+    from difflens.intervene.steer import Steer
     from difflens.intervene.sweep import steer_sweep
 
     features = parse_ids(args.feature)
     where = _where(args)
+    gk = generation_kwargs(args)
     adapter, dictionary = _load(args)
     store = _store(args.data)
     site = args.site or dictionary.cfg.site
     stats = store.stats(site) if (store is not None and args.scale_mode == "token-norm" and site in store.sites) else None
     steer_kw = dict(mode=args.scale_mode, stats=stats, store=store, site=args.site, **where)
-    gk = _gen_kwargs(args)
     if args.scales is not None:
         scales = parse_scales(args.scales)
         if gk["height"] or gk["width"]:
@@ -268,20 +295,21 @@ def run_steer(args: argparse.Namespace) -> int:
         images = [clean.images[0], steered.images[0]]
         labels = ["unsteered", f"scale {args.scale:+g}"]
         desc = iv.describe()
-    readings = _readings(adapter, args.prompt, images)
-    if readings:
-        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    labels, readings = _captioned(adapter, images, labels)
     meta = {
         "verb": "steer", "prompt": args.prompt, "seed": args.seed, "features": features, "scale_mode": args.scale_mode,
         "scales": parse_scales(args.scales) if args.scales else [args.scale], "intervention": desc,
         "labels": labels, "readings": readings,
     }
-    _write(args.out, images, labels, f"steer f{','.join(map(str, features))}: {args.prompt}", meta)
+    _write(args, images, labels, f"steer f{','.join(map(str, features))}: {args.prompt}", meta)
     return 0
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from difflens.intervene.core import CodeEdit, generate_with
+    import numpy as np
+
+    from difflens.intervene.edits import CodeEdit
+    from difflens.intervene.run import generate_with
 
     ops = []
     if args.ablate:
@@ -293,72 +321,70 @@ def run_edit(args: argparse.Namespace) -> int:
     if not ops:
         raise DifflensError("edit needs at least one of --ablate F,.. / --clamp F=V,.. / --scale F=S,..")
     where = _where(args)
+    gk = generation_kwargs(args)
     adapter, dictionary = _load(args)
     iv = CodeEdit(dictionary, ops, only_active=args.only_active, site=args.site, **where)
-    gk = _gen_kwargs(args)
     clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
     edited = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
     images = [clean.images[0], edited.images[0]]
-    labels = ["clean", "edited"]
-    readings = _readings(adapter, args.prompt, images)
-    if readings:
-        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
-    import numpy as np
-
+    labels, readings = _captioned(adapter, images, ["clean", "edited"])
     diff = float(np.abs(images[1].astype(int) - images[0].astype(int)).mean())
     meta = {
         "verb": "edit", "prompt": args.prompt, "seed": args.seed, "intervention": iv.describe(),
         "steps_applied": iv.steps_applied(), "mean_abs_pixel_change": diff, "labels": labels, "readings": readings,
     }
-    _write(args.out, images, labels, f"edit: {args.prompt}", meta)
+    _write(args, images, labels, f"edit: {args.prompt}", meta)
     return 0
 
 
 def run_transfer(args: argparse.Namespace) -> int:
-    from difflens.intervene.core import Transfer, generate_with
+    from difflens.intervene.run import generate_with
+    from difflens.intervene.transfer import Transfer
 
     features = None if str(args.features).strip().lower() == "all" else parse_ids(args.features, "--features")
     where = _where(args)
+    gk = generation_kwargs(args)
     adapter, dictionary = _load(args)
     iv = Transfer(dictionary, (args.reference_prompt, args.reference_seed), features, mode=args.mode, site=args.site, **where)
-    gk = _gen_kwargs(args)
     clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
     moved = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
     images = [clean.images[0], iv.reference_image, moved.images[0]]
-    labels = ["target", "reference", "transferred"]
-    readings = _readings(adapter, args.prompt, images)
-    if readings:
-        labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
+    labels, readings = _captioned(adapter, images, ["target", "reference", "transferred"])
     meta = {
         "verb": "transfer", "prompt": args.prompt, "seed": args.seed, "reference_prompt": args.reference_prompt,
         "reference_seed": args.reference_seed, "intervention": iv.describe(), "steps_applied": iv.steps_applied(),
         "labels": labels, "readings": readings,
     }
-    _write(args.out, images, labels, f"transfer: {args.reference_prompt} -> {args.prompt}", meta)
+    _write(args, images, labels, f"transfer: {args.reference_prompt} -> {args.prompt}", meta)
     return 0
 
 
 def run_study(args: argparse.Namespace) -> int:
-    import os
-
     import difflens
-    from difflens.intervene.experiments import read_labels, run_intervention_study, summary_markdown
-    from difflens.models import load_adapter
+    from difflens.cli_options import out_dir
+    from difflens.intervene.study import run_intervention_study, summary_markdown
+    from difflens.intervene.study_labels import read_labels
 
     if args.data is None and args.labels is None:
         raise DifflensError("intervene-study needs --data STORE (to label features) or --labels FILE.json")
-    if args.quiet:
-        os.environ["DIFFLENS_QUIET"] = "1"
-    adapter = load_adapter(args.model)
-    if getattr(adapter, "name", "") != "toy":
-        raise DifflensError("intervene-study judges images with the toy world's factor classifier: use --model toy")
-    dictionary = difflens.load(args.dict_dir)
+    if args.steps is not None and args.steps < 1:
+        raise DifflensError(f"--steps must be >= 1 (denoising steps), got {args.steps}")
+    out = out_dir(args.out)
+    adapter = load_model(args)
+    if ground_truth_of(adapter) is None:
+        raise DifflensError(f"intervene-study reads images with a ground-truth world's classifier, and {args.model} has none: "
+                            "use a model trained on one (--model toy)")
+    dictionary = difflens.load(args.dict_dir, device=str(adapter.device))
     labels = read_labels(args.labels) if args.labels else None
+    quiet = bool(getattr(args, "quiet", False))
     summary = run_intervention_study(
-        adapter, dictionary, args.out, store=_store(args.data), feature_labels=labels, quick=args.quick,
-        steps=args.num_steps, guidance=args.guidance, mode=args.scale_mode,
-        scales=parse_scales(args.scales) if args.scales else None, seed=args.seed, show_progress=not args.quiet,
+        adapter, dictionary, out, store=_store(args.data), feature_labels=labels, quick=args.quick,
+        steps=args.steps, guidance=args.guidance, mode=args.scale_mode,
+        scales=parse_scales(args.scales) if args.scales else None, seed=args.seed, show_progress=not quiet,
     )
-    print(summary_markdown(summary))
-    print(f"wrote {Path(args.out).resolve()}")
+    if args.json:
+        emit_json(summary)
+    else:
+        print(summary_markdown(summary))
+    say(args, f"wrote {out.resolve()}")
     return 0

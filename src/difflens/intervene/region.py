@@ -174,8 +174,10 @@ class Window:
         return cls(steps=tuple(int(s) for s in steps), explicit=True)
 
     @classmethod
-    def parse(cls, steps: str | None = None, timesteps: str | None = None) -> Window:
-        """CLI forms: steps 'a:b' (b excluded, either side may be empty) or '0,1,4'; timesteps 'lo:hi'."""
+    def parse(cls, steps: str | None = None, timesteps: str | None = None, *, steps_flag: str = "--step-window",
+              timesteps_flag: str = "--timestep-range") -> Window:
+        """CLI forms: steps 'a:b' (b excluded, either side may be empty) or '0,1,4'; timesteps 'lo:hi'.
+        Errors name `steps_flag` / `timesteps_flag`, the options the text came from."""
         s = None
         explicit = False
         if steps is not None:
@@ -189,24 +191,24 @@ class Window:
                     explicit = True
             except ValueError:
                 raise DifflensError(
-                    f"--steps {steps!r}: write a:b (step indices, b excluded; e.g. 0:5 or :5) or a list 0,1,4"
+                    f"{steps_flag} {steps!r}: write a:b (step indices, b excluded; e.g. 0:5 or :5) or a list 0,1,4"
                 ) from None
             if explicit and not s:
-                raise DifflensError(f"--steps {steps!r} names no step; e.g. 0:5 or 0,1,4")
+                raise DifflensError(f"{steps_flag} {steps!r} names no step; e.g. 0:5 or 0,1,4")
             if any(v is not None and v < 0 for v in s):
-                raise DifflensError(f"--steps {steps!r}: step indices start at 0")
+                raise DifflensError(f"{steps_flag} {steps!r}: step indices start at 0")
             if not explicit and s[0] is not None and s[1] is not None and s[1] <= s[0]:
-                raise DifflensError(f"--steps {steps!r}: need a < b (b is excluded)")
+                raise DifflensError(f"{steps_flag} {steps!r}: need a < b (b is excluded)")
         ts = None
         if timesteps is not None:
             try:
                 lo, hi = (float(v) for v in str(timesteps).split(":"))
             except ValueError:
                 raise DifflensError(
-                    f"--timesteps {timesteps!r}: write lo:hi as scheduler timestep values (inclusive), e.g. 500:1000"
+                    f"{timesteps_flag} {timesteps!r}: write lo:hi as scheduler timestep values (inclusive), e.g. 500:1000"
                 ) from None
             if hi < lo:
-                raise DifflensError(f"--timesteps {timesteps!r}: need lo <= hi")
+                raise DifflensError(f"{timesteps_flag} {timesteps!r}: need lo <= hi")
             ts = (lo, hi)
         return cls(steps=s, timesteps=ts, explicit=explicit)
 
