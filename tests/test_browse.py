@@ -266,6 +266,9 @@ def served(world, tmp_path_factory):
     from difflens.browse.server import build_playground, make_server, playground_page_extras
 
     pg, config = build_playground(world["dicts"], adapter=world["adapter"])
+    truth = world["adapter"].ground_truth()  # the example prompt comes from the model's world, not its name
+    assert pg.default_steps == world["adapter"].default_steps
+    assert config["example_prompt"] and truth.knows([config["example_prompt"]]) and config["example_prompt"] in config["hint"]
     inputs = resolve_inputs(world["dicts"])
     config.update(playground_page_extras({e.slug: _feature_rows(e, None) for e in inputs.dicts}, config["slugs"]))
     config["default_steps"] = 2

@@ -36,6 +36,7 @@ import numpy as np
 
 from difflens.browse.export import CSP, export_site, read_site_manifest
 from difflens.errors import DifflensError
+from difflens.groundtruth import ground_truth_of
 
 MAX_BODY = 64 * 1024
 MAX_JSON_DEPTH = 16
@@ -68,8 +69,7 @@ class Playground:
         self.adapter = adapter
         self.dicts = dictionaries  # slug -> Dictionary
         self.lock = threading.Lock()
-        cfg = getattr(getattr(adapter, "model", None), "cfg", None)
-        self.default_steps = int(default_steps or getattr(adapter, "default_steps", 0) or getattr(cfg, "steps_default", 0) or 8)
+        self.default_steps = int(default_steps or adapter.default_steps)  # every Adapter declares its default
 
     # ---- request validation ----------------------------------------------------------------------------
     def _parse(self, body: dict, steer: bool) -> dict:
@@ -378,11 +378,11 @@ def build_playground(dict_paths, model: str = "toy", device: str = "cpu", adapte
         raise DifflensError("no dictionary fits the playground's model (site and width must match): pass --model with the "
                             "model the dictionaries were trained on, or --no-playground")
     pg = Playground(adapter, dicts)
-    hint = "The toy model knows only its prompt grammar's words (e.g. 'a small red circle in the top left on a black plain background')." \
-        if getattr(adapter, "name", "") == "toy" else ""
+    truth = ground_truth_of(adapter)  # a model trained on a world knows only its prompt grammar
+    example = truth.sample_prompts(1, 0)[0][0] if truth is not None else ""
+    hint = f"This model knows only its world's prompt grammar (e.g. '{example}')." if truth is not None else ""
     config = {"model": getattr(adapter, "model_id", model), "slugs": list(dicts), "default_steps": pg.default_steps,
-              "max_steps": MAX_STEPS, "hint": hint, "notes": notes,
-              "example_prompt": "a large red circle in the center on a black plain background" if hint else ""}
+              "max_steps": MAX_STEPS, "hint": hint, "notes": notes, "example_prompt": example}
     return pg, config
 
 

@@ -81,7 +81,7 @@ def run(args) -> int:
             emit_json(plan.to_json())
         return 0
     adapter = load_model(args)
-    steps = gk["steps"] or _default_steps(adapter)
+    steps = gk["steps"] or int(adapter.default_steps)  # the Adapter contract: every model declares one
     patterns = args.sites or adapter.default_site()
     if args.stream:
         patterns = ",".join(p if ":" in p else f"{p}:{args.stream}" for p in patterns.split(","))
@@ -115,15 +115,6 @@ def run(args) -> int:
             emit_json(result)
         say(args, f"harvested {result.get('rows_written', '?')} rows into {args.out}")
     return 0
-
-
-def _default_steps(adapter) -> int:
-    steps = getattr(adapter, "default_steps", None)
-    if steps is None:
-        steps = getattr(getattr(getattr(adapter, "model", None), "cfg", None), "steps_default", None)
-    if steps is None:
-        raise DifflensError(f"{adapter.model_id} declares no default number of steps: pass --steps")
-    return int(steps)
 
 
 def _remove_if_empty(out: Path, created: bool) -> None:

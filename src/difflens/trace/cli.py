@@ -38,13 +38,9 @@ def register(subparsers) -> None:
 
 
 def _steps(adapter, steps):
-    if steps is not None:
-        return int(steps)
-    cfg = getattr(getattr(adapter, "model", None), "cfg", None)
-    default = getattr(adapter, "default_steps", None) or getattr(cfg, "steps_default", None)
-    if default is None:
-        raise DifflensError("this model has no default number of steps: pass --steps N")
-    return int(default() if callable(default) else default)
+    if steps is not None and int(steps) < 1:
+        raise DifflensError(f"--steps must be >= 1 (denoising steps), got {steps}")
+    return int(adapter.default_steps if steps is None else steps)  # every Adapter declares its default
 
 
 def run_trace_verb(args: argparse.Namespace) -> int:
