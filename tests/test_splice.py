@@ -114,7 +114,8 @@ def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
 
     truth = ToyWorld()
     samples = plan_samples(list(prompts), list(seeds), None, truth)
-    token_labels, _, records = labels_and_records(samples, truth, None)
+    tokenizer = getattr(adapter.model, "tokenizer", None) if site.endswith(":txt") else None
+    token_labels, text_labels, records = labels_and_records(samples, truth, tokenizer)
     rec = UnitRecorder(
         sample_ids=np.array([s.sample_id for s in samples]),
         prompt_ids=np.array([s.prompt_id for s in samples]),
@@ -124,6 +125,7 @@ def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
         cond_only=True,
         token_seed=0,
         token_labels=token_labels,
+        text_labels=text_labels,
     )
     adapter.generate([s.prompt for s in samples], [s.seed for s in samples], steps=steps,
                      hooks=HookSet([(site, rec.hook_for(Site.parse(site)))]))

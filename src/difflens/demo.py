@@ -49,6 +49,10 @@ def stage_generate(out: Path, summary: dict) -> None:
 
 MAIN_SITE = "transformer_blocks.1:img"
 NEURON_SITE = "transformer_blocks.1.ff.net.0:img"
+# Where `difflens trace` finds colour and background decided: the prompt's words in block 0's text
+# stream. The intervention study acts there (docs/intervene.md).
+TEXT_SITE = "transformer_blocks.0:txt"
+ARCHS = ("topk", "tide", "itda")
 
 
 def _cli(argv: list[str]) -> None:
@@ -63,7 +67,7 @@ def _cli(argv: list[str]) -> None:
 def stage_harvest(out: Path, summary: dict) -> None:
     store = out / "store"
     _cli(["harvest", "--model", "toy", "--num-prompts", "160", "--steps", "12", "--step-window", "0,3,6,9,11",
-          "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE}",
+          "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE},{TEXT_SITE}",
           "--store-dtype", "bf16", "--batch-size", "32", "--out", str(store)]
          + (["--resume"] if (store / "manifest.json").exists() else []))
     from difflens.store import Store
@@ -75,18 +79,16 @@ def stage_harvest(out: Path, summary: dict) -> None:
 def stage_train(out: Path, summary: dict) -> None:
     config = {
         "defaults": {"site": MAIN_SITE, "width": 1024, "k": 16},
-        "dictionaries": [
-            {"name": "topk", "arch": "topk"},
-            {"name": "tide", "arch": "tide"},
-            {"name": "itda", "arch": "itda"},
-        ],
+        "dictionaries": [{"name": a, "arch": a} for a in ARCHS]
+        + [{"name": f"{a}_txt", "arch": a, "site": TEXT_SITE, "width": 512, "k": 8} for a in ARCHS],
     }
     cfg_path = out / "train_config.json"
     atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
     run = out / "dicts"
     _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--train-steps", "400",
           "--batch-size", "1024", "--dead-after-tokens", "100000", "--out", str(run)] + (["--resume"] if run.exists() else []))
-    summary["train"] = {"dictionaries": {n: str(run / n) for n in ("topk", "tide", "itda")}}
+    summary["train"] = {"dictionaries": {n: str(run / n) for n in ARCHS},
+                        "text_dictionaries": {n: str(run / f"{n}_txt") for n in ARCHS}}
 
 
 def stage_evaluate(out: Path, summary: dict) -> None:
@@ -107,18 +109,28 @@ def stage_interpret(out: Path, summary: dict) -> None:
     summary["interpret"] = {"out": str(out / "interpret"), "table": report.get("table", report)}
 
 
+DEMO_CASES = 50  # per row; `difflens intervene-study` defaults to 100 (README numbers)
+DEMO_ROWS = ("color edit", "color ablation", "color transfer", "background transfer")
+
+
 def stage_intervene(out: Path, summary: dict) -> None:
     import difflens
-    from difflens.intervene.experiments import run_demo
-    from difflens.models.toy.adapter import ToyAdapter
+    from difflens.intervene.study_concepts import run_concept_study
+    from difflens.models import load_adapter
     from difflens.store import Store
-
     from difflens.trace.demo import run_trace_demo
 
-    adapter = ToyAdapter.load()
+    adapter = load_adapter("toy")
     summary["trace"] = run_trace_demo(out / "trace", adapter)
-    sae = difflens.load(summary["train"]["dictionaries"]["topk"])
-    summary["intervene"] = run_demo(out / "intervene", adapter, sae, store=Store(out / "store"))
+    dicts = {n: difflens.load(d) for n, d in summary["train"]["text_dictionaries"].items()}
+    res = run_concept_study(adapter, dicts, Store(out / "store"), out / "intervene", n=DEMO_CASES, rows=DEMO_ROWS)
+    r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
+    summary["intervene"] = {
+        "table": res["files"]["table"], "examples": res["files"]["examples"], "images_per_second": res["images_per_second"],
+        "success": {n: {row: r3(e["success_rate"]) for row, e in d["rows"].items()} for n, d in res["dictionaries"].items()},
+        "kept": {n: {row: r3(e["kept_rate"]) for row, e in d["rows"].items()} for n, d in res["dictionaries"].items()},
+        "references": {row: r3(e.get("success_rate")) for row, e in res["references"].items() if isinstance(e, dict)},
+    }
 
 
 def stage_browse(out: Path, summary: dict) -> None:
@@ -171,10 +183,9 @@ def _readable_summary(out: Path, summary: dict) -> str:
                   "full map: difflens trace):"] + ["  " + line for line in tr.get("summary", [])]
     iv = summary.get("intervene", {})
     if iv:
-        parts += ["", "steering (TopK SAE colour features; the classifier reads the target after, not before):",
-                  _first_table(out / "intervene" / "summary.md")]
-        parts += ["interventions: " + ", ".join(f"{k} {v}" for k, v in iv.items()
-                                                if k.endswith("success") or k.endswith("random"))]
+        parts += ["", f"interventions at {TEXT_SITE} where the concept features fire ({DEMO_CASES} cases per row; "
+                  "cell: success (n) / other factors kept; full study: difflens intervene-study):",
+                  _first_table(out / "intervene" / "concepts.md")]
     secs = summary.get("seconds", {})
     parts += ["", "stage seconds: " + ", ".join(f"{k} {v}" for k, v in secs.items()), ""]
     return "\n".join(parts)

@@ -10,7 +10,7 @@ through a dictionary's codes, transfer from a reference generation, and splicing
 See docs/intervene.md for the semantics (error term, CFG branches, regions, windows).
 """
 
-from difflens.intervene.base import BRANCHES, SCALE_MODES, Intervention, RunInfo
+from difflens.intervene.base import BRANCHES, SCALE_MODES, Intervention, RunInfo, FiresOn
 from difflens.intervene.directions import concept_direction
 from difflens.intervene.edits import Ablate, Clamp, CodeEdit, MeanAblate, Replace, Scale, Splice
 from difflens.intervene.run import Recording, build_hookset, generate_with, record_activations, recorder
@@ -24,6 +24,7 @@ __all__ = [
     "SCALE_MODES",
     "Ablate",
     "Clamp",
+    "FiresOn",
     "CodeEdit",
     "Intervention",
     "MeanAblate",

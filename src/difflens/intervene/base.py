@@ -46,6 +46,8 @@ class Intervention:
         region: Region | None = None,
         branch: str = "both",
         samples: Sequence[int] | None = None,
+        tokens: Sequence[int] | None = None,
+        where: "FiresOn | None" = None,
     ) -> None:
         if branch not in BRANCHES:
             raise DifflensError(f"branch {branch!r} unknown: use 'both' (default), 'cond' or 'uncond'")
@@ -60,6 +62,19 @@ class Intervention:
         if region is not None and self.site.stream != "img":
             raise DifflensError(f"regions select image tokens; site {self.site} is a text stream: drop the region")
         self.region = region
+        if tokens is not None:
+            if region is not None:
+                raise DifflensError("give either a region (image tokens by position) or tokens (indices), not both")
+            try:
+                tokens = tuple(int(t) for t in tokens)
+            except (TypeError, ValueError):
+                raise DifflensError(f"tokens {tokens!r}: give token indices along the site's sequence, e.g. [3] or [3, 4]") from None
+            if not tokens or min(tokens) < 0:
+                raise DifflensError(f"tokens {list(tokens)}: give at least one index >= 0")
+        self.tokens = tokens
+        if where is not None and not isinstance(where, FiresOn):
+            raise DifflensError(f"where must be a FiresOn(dictionary, features), got {type(where).__name__}")
+        self.where = where
         self.branch = branch
         self.samples = None if samples is None else tuple(int(s) for s in samples)
         self.log: list[dict] = []
@@ -96,11 +111,16 @@ class Intervention:
         if toks is not None:
             x = x.index_select(1, toks)
         with torch.no_grad():
+            keep = self.where.mask(x, ctx) if self.where is not None else None  # [R, T] bool
+            if keep is not None and not bool(keep.any()):
+                return None
             new = self.apply(x, ctx, rows, toks, acts)
         if new is None:
             return None
         out = acts.clone()
         new = new.to(out.dtype)
+        if keep is not None:
+            new = torch.where(keep[..., None], new, x.to(out.dtype))
         if toks is None:
             out[rows] = new
         else:
@@ -111,7 +131,7 @@ class Intervention:
                 "timestep": ctx.timestep,
                 "call_index": ctx.call_index,
                 "rows": [(int(ctx.sample_index[r]), bool(ctx.is_cond[r])) for r in rows.tolist()],
-                "tokens": int(acts.shape[1] if toks is None else toks.numel()),
+                "tokens": int(keep.sum()) if keep is not None else int(acts.shape[1] if toks is None else toks.numel()),
             }
         )
         return out
@@ -132,6 +152,10 @@ class Intervention:
         return keep.nonzero().flatten().to(device)
 
     def _tokens(self, ctx: HookContext, n: int, device) -> torch.Tensor | None:
+        if self.tokens is not None:
+            if max(self.tokens) >= n:
+                raise DifflensError(f"token index {max(self.tokens)} out of range: site {self.site} has {n} tokens (0..{n - 1})")
+            return torch.tensor(self.tokens, dtype=torch.long, device=device)
         if self.region is None:
             return None
         key = (tuple(ctx.grid_hw), n)
@@ -152,9 +176,44 @@ class Intervention:
         parts = [self.kind, str(self.site), self.window.describe()]
         if self.region is not None:
             parts.append(self.region.label or "region")
+        if self.tokens is not None:
+            parts.append("tokens " + ",".join(map(str, self.tokens)))
+        if self.where is not None:
+            parts.append(self.where.describe())
         if self.branch != "both":
             parts.append(f"{self.branch} branch")
         return ", ".join(parts)
+
+
+# ---- token selection by what a dictionary sees ---------------------------------------------------
+class FiresOn:
+    """Select, per row, the tokens where any of `features` has a code above `threshold`.
+
+    The dictionary-native way to say "where the prompt's concept is": on a text stream the tokens
+    of the word (and whatever absorbed it), on an image stream the concept's pixels. Used as
+    `Steer(..., where=FiresOn(sae, red_features))`: tokens where none fires are left untouched.
+    """
+
+    def __init__(self, dictionary, features: Sequence[int], *, threshold: float = 0.0) -> None:
+        self.dictionary = dictionary
+        self.features = check_features(dictionary, features)
+        if not self.features:
+            raise DifflensError("FiresOn needs at least one feature")
+        self.threshold = float(threshold)
+
+    def mask(self, x_RTD: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+        R, T, D = x_RTD.shape
+        if int(self.dictionary.cfg.d_in) != D:
+            raise DifflensError(f"FiresOn's dictionary has d_in={self.dictionary.cfg.d_in} but the site has width {D}")
+        dev = x_RTD.device
+        if self.dictionary.device != dev:
+            self.dictionary.to(dev)
+        _, _, codes = encode_codes(self.dictionary, x_RTD.reshape(R * T, D), ctx.timestep)
+        hit = codes[:, list(self.features)] > self.threshold
+        return hit.any(dim=1).reshape(R, T)
+
+    def describe(self) -> str:
+        return f"where features {','.join(map(str, self.features))} fire"
 
 
 # ---- dictionary helpers ----------------------------------------------------------------------

@@ -126,21 +126,30 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "intervene-study",
-        help="measure steering / ablation / transfer success rates on a model with ground truth (the toy model)",
-        description="Label features (best F1 against the store's token concepts, or --labels), then measure: "
-        "steering success vs scale and step window with pixel change outside the region; colour change when "
-        "ablating the prompt's colour features (with a random-feature control); colour transfer from a reference. "
-        "Images are read by the model's ground truth (the toy world's factor classifier).",
+        help="measure edit / steering / ablation / transfer success rates on a model with ground truth (the toy model)",
+        description="--study concepts (default): for every --dict side by side, on the same prompt/seed cases, edit, "
+        "steer, ablate and transfer colour, object and background where the dictionary's concept features fire "
+        "(on a text-stream dictionary: the prompt's word), with a random-feature control and the dictionary-free "
+        "difference-of-means and random-direction references. --study features: the earlier study of one "
+        "image-stream dictionary: steering success vs scale and step window inside the object's box, ablation, "
+        "colour transfer. Images are read by the model's ground truth (the toy world's factor classifier).",
     )
     add_model_options(p, help_suffix="one with ground truth: the study reads images with its classifier")
-    p.add_argument("--dict", dest="dict_dir", required=True, metavar="DIR", help="dictionary folder")
+    p.add_argument("--dict", dest="dict_dir", required=True, action="append", metavar="DIR",
+                   help="dictionary folder; repeat to compare several (--study concepts)")
     add_data_option(p, required=False,
-                    help="activation store with token labels (to label features, token-norm stats)")
-    p.add_argument("--labels", default=None, help='feature labels JSON {"12": "color=red", ...} instead of labelling from --data')
+                    help="activation store with token labels at the dictionaries' sites (to label features)")
+    p.add_argument("--labels", default=None, help='feature labels JSON {"12": "color=red", ...} instead of labelling from --data (--study features)')
     add_out_option(p, kind="dir", help="output folder (summary JSON/markdown and plots)")
-    p.add_argument("--quick", action="store_true", help="fewer prompts and scales (as in the demo)")
-    p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (default token-norm)")
-    p.add_argument("--scales", default=None, help="comma-separated steering scales (default 0.25,0.5,1,2,4)")
+    p.add_argument("--study", choices=["concepts", "features"], default="concepts", help="which study (default concepts)")
+    p.add_argument("--cases", type=int, default=100, help="prompt/seed cases per row (--study concepts; default 100)")
+    p.add_argument("--rows", default=None, help="comma-separated rows of the concept study (default: all): "
+                   "color edit, color steer, object edit, color ablation, color transfer, background transfer")
+    p.add_argument("--scale", type=float, default=1.0, help="target features at this multiple of their store maximum (concepts)")
+    p.add_argument("--branch", choices=BRANCHES, default="both", help="CFG rows to act on (--study concepts; default both)")
+    p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
+    p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
+    p.add_argument("--scales", default=None, help="comma-separated steering scales (--study features; default 0.25,0.5,1,2,4)")
     p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default: the model's own)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     add_seed_option(p, help="seed of the study's prompt choice (default 0)")
@@ -374,7 +383,11 @@ def run_study(args: argparse.Namespace) -> int:
     if ground_truth_of(adapter) is None:
         raise DifflensError(f"intervene-study reads images with a ground-truth world's classifier, and {args.model} has none: "
                             "use a model trained on one (--model toy)")
-    dictionary = difflens.load(args.dict_dir, device=str(adapter.device))
+    if args.study == "concepts":
+        return _run_concept_study(args, adapter, out)
+    if len(args.dict_dir) > 1:
+        raise DifflensError("--study features takes one --dict; --study concepts compares several")
+    dictionary = difflens.load(args.dict_dir[0], device=str(adapter.device))
     labels = read_labels(args.labels) if args.labels else None
     quiet = bool(getattr(args, "quiet", False))
     summary = run_intervention_study(
@@ -386,5 +399,30 @@ def run_study(args: argparse.Namespace) -> int:
         emit_json(summary)
     else:
         print(summary_markdown(summary))
+    say(args, f"wrote {out.resolve()}")
+    return 0
+
+
+def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
+    import difflens
+    from difflens.intervene.study_concepts import ROWS, markdown, run_concept_study
+
+    if args.data is None:
+        raise DifflensError("--study concepts labels features from a store: pass --data STORE (harvested at the dictionaries' sites)")
+    rows = ROWS if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    names: dict[str, object] = {}
+    for d in args.dict_dir:
+        name = Path(d).name
+        while name in names:
+            name += "'"
+        names[name] = difflens.load(d, device=str(adapter.device))
+    result = run_concept_study(
+        adapter, names, _store(args.data), out, n=args.cases, rows=rows, scale=args.scale, branch=args.branch,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, show_progress=not getattr(args, "quiet", False),
+    )
+    if args.json:
+        emit_json(result)
+    else:
+        print(markdown(result))
     say(args, f"wrote {out.resolve()}")
     return 0

@@ -1,7 +1,7 @@
 """Compatibility: the intervention study now lives in study_labels / study_items / study_steer /
 study_edits / study_plots / study. Kept so existing imports keep working."""
 
-from difflens.intervene.study import run_demo, run_intervention_study, save_labels, summary_markdown  # noqa: F401
+from difflens.intervene.study import run_intervention_study, save_labels, summary_markdown  # noqa: F401
 from difflens.intervene.study_edits import ABLATION_VARIANTS, run_ablation_study, run_transfer_study  # noqa: F401
 from difflens.intervene.study_items import (  # noqa: F401
     ABSENT,

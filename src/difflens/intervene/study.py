@@ -123,26 +123,3 @@ def summary_markdown(s: dict) -> str:
 
 def save_labels(path: str | Path, labels: Mapping[int, str], extra: dict | None = None) -> None:
     write_json(path, {"labels": {str(k): v for k, v in labels.items()}, **(extra or {})})
-
-
-def run_demo(out_dir: str | Path, adapter, dictionary, store=None, *, feature_labels=None, classifier=None, show_progress: bool = True) -> dict:
-    """The demo's intervention stage: a quick study; returns the few numbers and pictures to show."""
-    s = run_intervention_study(
-        adapter, dictionary, out_dir, store=store, feature_labels=feature_labels, quick=True,
-        classifier=classifier, show_progress=show_progress,
-    )
-    st, ab, tr = s["steering"], s["ablation"], s["transfer"]
-    r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
-    return {
-        "labelled_features": s["labelled_features"],
-        "steering_sweep": st.get("files", {}).get("examples"),
-        "steering_plot": st.get("files", {}).get("plot"),
-        "steering_success_by_scale": {f"{r['scale']:g}": r3(r["success_rate"]) for r in st["by_scale"]},
-        "steering_success_by_window": {r["window"]: r3(r["success_rate"]) for r in st["by_window"]},
-        "steering_pixel_mse_outside_vs_inside": {f"{r['scale']:g}": [r3(r["mse_outside"]), r3(r["mse_inside"])] for r in st["by_scale"]},
-        "ablation_example": ab.get("files", {}).get("examples"),
-        "ablation_success": r3(ab["ablation"]["success_rate"]),
-        "ablation_control_random": r3(ab.get("control_random_features", {}).get("success_rate")),
-        "transfer_success": {k: r3(tr[k]["success_rate"]) for k in (f"{tr['factor']} features", "all features")},
-        "summary": str(Path(out_dir) / "summary.md"),
-    }

@@ -32,7 +32,8 @@ def label_features(
 
     A feature fires on a token when its code is > 0; a concept holds on a token per the store's
     `labels` column (toy-world ground truth). F1 is computed for every (feature, concept) pair
-    of the chosen factors over (up to `max_rows`) image-token rows; each feature takes its best
+    of the chosen factors over (up to `max_rows`) rows of the site's stream (image tokens, or the
+    prompt's words on a text stream); each feature takes its best
     concept. Labels are ordered by F1, best first. With `return_scores`, also returns
     {"f1": {f: score}, "by_concept": {concept: [[f, f1], ...top 10]}, "rows": n}.
     """
@@ -44,13 +45,16 @@ def label_features(
     bad = [f for f in factors if f not in V.FACTORS]
     if bad:
         raise DifflensError(f"unknown factors {bad}; use some of {', '.join(V.FACTORS)}")
+    from difflens.store.format import STREAMS
+    from difflens.hooks import Site
+
     meta = store.meta(site, ["timestep", "step", "stream", "labels"])
-    keep = meta["stream"] == 0
+    keep = meta["stream"] == STREAMS[Site.parse(site).stream]
     if steps is not None:
         keep &= np.isin(meta["step"], np.asarray(list(steps)))
     rows = np.nonzero(keep)[0]
     if rows.size == 0:
-        raise DifflensError(f"no image-token rows at {site} in {store.root} (for the chosen steps)")
+        raise DifflensError(f"no rows at {site} in {store.root} (for the chosen steps)")
     rng = np.random.default_rng(seed)
     if rows.size > max_rows:
         rows = np.sort(rng.choice(rows, size=max_rows, replace=False))

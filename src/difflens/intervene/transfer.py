@@ -10,14 +10,18 @@ from difflens.errors import DifflensError
 from difflens.intervene.base import Intervention, RunInfo, check_features, encode_codes
 from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Region
-from difflens.intervene.run import record_activations
+from difflens.hooks import Site
+from difflens.intervene.run import Recording, record_activations
+
 
 # ---- transfer from a reference generation -----------------------------------------------------------
 class Transfer(CodeEdit):
     """Put codes from a reference generation into the target at every (selected) step.
 
     `reference` is (prompt, seed); it is generated first with the same steps and guidance and its
-    activations recorded at the site. For each target row, the reference row of the same CFG
+    activations recorded at the site. Or it is (recording, sample): a `Recording` of this site made
+    beforehand (`record_activations` over many references in one batch, which a study shares
+    between dictionaries) and the index of the reference's sample in it. For each target row, the reference row of the same CFG
     branch and step supplies the codes of `features` (None = all features). mode "tokens" copies
     token by token (same positions); mode "mean" puts the reference's mean code over
     `reference_region` (default: the target region, or all tokens) on every target token — the
@@ -41,8 +45,15 @@ class Transfer(CodeEdit):
         if mode not in ("tokens", "mean"):
             raise DifflensError(f"transfer mode {mode!r} unknown: use 'tokens' or 'mean'")
         if not (isinstance(reference, (tuple, list)) and len(reference) == 2):
-            raise DifflensError("reference must be (prompt, seed)")
-        self.reference = (str(reference[0]), int(reference[1]))
+            raise DifflensError("reference must be (prompt, seed) or (recording, sample index)")
+        if isinstance(reference[0], Recording):
+            if Site.parse(reference[0].site) != self.site:
+                raise DifflensError(f"the reference recording is of site {reference[0].site}, the transfer acts at {self.site}")
+            self.recording: Recording | None = reference[0]
+            self.reference = (f"recorded sample {int(reference[1])}", int(reference[1]))
+        else:
+            self.recording = None
+            self.reference = (str(reference[0]), int(reference[1]))
         self.features = None if features is None else check_features(dictionary, features)
         self.mode = mode
         self.reference_region = reference_region
@@ -52,15 +63,25 @@ class Transfer(CodeEdit):
         super().prepare(run)
         if self.reference_region is not None:
             self.reference_region.resolve(run.grid_hw, run.image_hw)
-        rec = record_activations(
-            run.adapter, [self.reference[0]], [self.reference[1]], self.site, steps=run.steps,
-            guidance=run.guidance, **run.gen_kwargs,
-        )
+        if self.recording is None:
+            rec, sample = record_activations(
+                run.adapter, [self.reference[0]], [self.reference[1]], self.site, steps=run.steps,
+                guidance=run.guidance, **run.gen_kwargs,
+            ), 0
+        else:
+            rec, sample = self.recording, self.reference[1]
         self._ref = {}
-        for (step, _call), (acts, is_cond, _sidx) in rec.acts.items():
+        for (step, _call), (acts, is_cond, sidx) in rec.acts.items():
             for r in range(acts.shape[0]):
-                self._ref.setdefault((step, bool(is_cond[r])), acts[r])
-        self.reference_image = rec.images[0]
+                if int(sidx[r]) == sample:
+                    self._ref.setdefault((step, bool(is_cond[r])), acts[r])
+        if not self._ref:
+            raise DifflensError(f"the reference recording has no sample {sample}")
+        active = {s for s, t in enumerate(run.timesteps) if self.window.active(s, t)}
+        missing = sorted(active - {s for s, _ in self._ref})
+        if missing:
+            raise DifflensError(f"the reference recording lacks steps {missing}: record it with the same number of steps")
+        self.reference_image = rec.images[sample] if rec.images is not None else None
 
     def apply(self, x, ctx, rows, toks, acts):
         R, T, D = x.shape

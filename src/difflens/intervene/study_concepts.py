@@ -1,0 +1,372 @@
+"""The concept study: edit, steer, ablate and transfer concepts through several dictionaries side
+by side, at the site where the concept is decided, on the same prompts and seeds.
+
+`difflens trace` shows that on an MM-DiT the object's colour and the background are decided in
+the prompt's text tokens (block 0's text stream) and re-read by every later block, so this study
+acts where a dictionary's concept features fire (`FiresOn`): on a text-stream dictionary, the
+prompt's word. Every row shares one set of clean images (and one recording of each reference),
+so rows and dictionaries differ only in the intervention. Readings come from the world's
+classifier; a case counts when its clean image reads the prompted value.
+
+Rows (per dictionary): colour and object *edits* (swap the codes of the prompt's concept features
+for the target concept's features at their store maximum), colour *steering* (add the target's
+features, leaving the source), colour *ablation* (with a random-feature control), and colour and
+background *transfer* from a reference prompt that differs in that factor only. Dictionary-free
+references: the difference-of-means direction and a random direction of the same norm, added at
+the tokens of the prompt's colour word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from difflens.errors import DifflensError
+from difflens.hooks import Site
+from difflens.utils import save_image, write_json
+from difflens.world import vocab as V
+from difflens.intervene.base import FiresOn, default_steps
+from difflens.intervene.directions import concept_direction
+from difflens.intervene.edits import CodeEdit
+from difflens.intervene.run import record_activations
+from difflens.intervene.steer import Steer, feature_maxima
+from difflens.intervene.study_items import ABSENT, object_region, progress_bar, study_classifier
+from difflens.intervene.study_labels import STUDY_OBJECTS, label_features
+from difflens.intervene.transfer import Transfer
+
+ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer", "background transfer")
+QUICK_ROWS = ("color edit", "object edit", "color ablation", "color transfer", "background transfer")
+REFERENCE_ROWS = ("difference of means", "random direction")
+LABEL_FACTORS = ("color", "object", "bgcolor")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One prompt of the study and the values it is moved to."""
+
+    prompt: str
+    seed: int
+    color: str
+    object: str
+    position: str
+    bgcolor: str
+    to_color: str
+    to_object: str
+    to_bgcolor: str
+
+
+def make_cases(n: int, seed: int = 0) -> list[Case]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        c, o = str(rng.choice(V.COLORS)), str(rng.choice(STUDY_OBJECTS))
+        p, b = V.POSITIONS[i % len(V.POSITIONS)], V.BG_COLORS[(i // len(V.POSITIONS)) % len(V.BG_COLORS)]
+        out.append(Case(
+            f"a large {c} {o} in the {p} on a {b} plain background", 10_000 + seed * 1000 + i, c, o, p, b,
+            str(rng.choice([x for x in V.COLORS if x != c])),
+            str(rng.choice([x for x in STUDY_OBJECTS if x != o])),
+            str(rng.choice([x for x in V.BG_COLORS if x != b])),
+        ))
+    return out
+
+
+def with_value(case: Case, factor: str, value: str) -> str:
+    """The case's prompt with one factor changed (same template, so text tokens line up)."""
+    return f"a large {value if factor == 'color' else case.color} {value if factor == 'object' else case.object} " \
+           f"in the {case.position} on a {value if factor == 'bgcolor' else case.bgcolor} plain background"
+
+
+class _Readings:
+    """The classifier's reading of colour/object at each case's position and of the background."""
+
+    def __init__(self, classifier, cases: Sequence[Case]):
+        self.clf, self.cases = classifier, list(cases)
+
+    def __call__(self, images: np.ndarray) -> dict[str, list[str]]:
+        from difflens.world.classifier import PRESENCE_THRESHOLD
+
+        out = {"color": [], "object": [], "bgcolor": []}
+        for r, c in zip(self.clf.classify(np.asarray(images)), self.cases):
+            slot = r["slots"][c.position]
+            there = slot["p"] > PRESENCE_THRESHOLD
+            out["color"].append(slot["color"] if there else ABSENT)
+            out["object"].append(slot["object"] if there else ABSENT)
+            out["bgcolor"].append(r["bgcolor"])
+        return out
+
+
+def score(cases, clean: dict, after: dict, factor: str, *, mode: str = "reach") -> dict:
+    """Success over cases whose clean image reads the prompted `factor`:
+    reach: the factor now reads the case's target value; leave: it reads another value (object kept).
+    `kept`: of those cases, the share whose other factors still read as in the clean image."""
+    others = [f for f in ("color", "object", "bgcolor") if f != factor]
+    elig = [i for i, c in enumerate(cases) if clean[factor][i] == getattr(c, factor)]
+    if mode == "reach":
+        hits = [i for i in elig if after[factor][i] == getattr(cases[i], "to_" + factor)]
+    else:
+        hits = [i for i in elig if after[factor][i] not in (getattr(cases[i], factor), ABSENT)]
+    kept = [i for i in elig if all(after[f][i] == clean[f][i] for f in others)]
+    n = len(elig)
+    return {"success_rate": len(hits) / n if n else None, "successes": len(hits), "eligible": n,
+            "kept_rate": len(kept) / n if n else None,
+            "vanished": sum(after["object"][i] == ABSENT for i in elig)}
+
+
+def _mse(clean: np.ndarray, new: np.ndarray, masks: list[np.ndarray]) -> tuple[float, float]:
+    d = (((new.astype(np.float64) - clean.astype(np.float64)) / 255.0) ** 2).mean(-1)
+    ins = [float(d[i][m].mean()) for i, m in enumerate(masks)]
+    outs = [float(d[i][~m].mean()) for i, m in enumerate(masks)]
+    return float(np.mean(ins)), float(np.mean(outs))
+
+
+def concept_features(dictionary, store, n_features: int, *, min_f1: float = 0.05, show_progress: bool = False):
+    """{concept: its top features by F1} for the study's factors, from the store's ground truth."""
+    _, info = label_features(dictionary, store, factors=LABEL_FACTORS, return_scores=True, show_progress=show_progress)
+    return {c: [f for f, s in fs[:n_features] if s >= min_f1] for c, fs in info["by_concept"].items()}
+
+
+def run_concept_study(
+    adapter,
+    dictionaries: Mapping[str, object],
+    store,
+    out_dir: str | Path | None = None,
+    *,
+    n: int = 100,
+    rows: Sequence[str] = ROWS,
+    references: bool = True,
+    n_features: int = 3,
+    scale: float = 1.0,
+    branch: str = "both",
+    steps: int | None = None,
+    guidance: float | None = None,
+    classifier=None,
+    seed: int = 0,
+    batch_size: int = 50,
+    show_progress: bool = True,
+) -> dict:
+    """Run the study's rows for every dictionary (name -> dictionary) on the same n cases.
+
+    `scale` multiplies the target features' store maximum (edits, steering); `branch` picks the CFG
+    rows acted on. Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
+    row's success rate, the share of cases whose other factors were kept, and pixel MSE inside and
+    outside the object's box.
+    """
+    import time
+
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise DifflensError(f"unknown study rows {bad}: choose from {', '.join(ROWS)}")
+    if not dictionaries:
+        raise DifflensError("the concept study needs at least one dictionary")
+    clf = study_classifier(classifier)
+    steps = default_steps(adapter) if steps is None else int(steps)
+    sites = {name: str(Site.parse(d.cfg.site)) for name, d in dictionaries.items()}
+    missing = sorted({s for s in sites.values() if s not in store.sites})
+    if missing:
+        raise DifflensError(f"store {store.root} lacks sites {missing} of the dictionaries: harvest them (labels come from it)")
+    cases = make_cases(n, seed)
+    read = _Readings(clf, cases)
+    gen_kw = dict(steps=steps, guidance=guidance)
+    n_ref_sites = len(set(sites.values())) * sum(r.endswith("transfer") for r in rows)
+    per_dict = len(rows) + ("color ablation" in rows)
+    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + (2 if references else 0)), "concept study", show_progress)
+    t0 = time.time()
+    from difflens.intervene.study_items import generate_items
+
+    count = [0]
+
+    def generate(make=None):
+        count[0] += n
+        return generate_items(adapter, cases, make, batch_size=batch_size, bar=bar, **gen_kw)
+
+    clean_img = generate()
+    clean = read(clean_img)
+    masks = [object_region(c.position).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for c in cases]
+    refs: dict[tuple[str, str], list] = {}  # (site, factor) -> recordings, one per batch
+
+    def reference(site: str, factor: str):
+        if (site, factor) not in refs:
+            recs = []
+            for a in range(0, n, batch_size):
+                chunk = cases[a : a + batch_size]
+                recs.append(record_activations(adapter, [with_value(c, factor, getattr(c, "to_" + factor)) for c in chunk],
+                                               [c.seed for c in chunk], site, **gen_kw))
+                bar.update(len(chunk))
+                count[0] += len(chunk)
+            refs[(site, factor)] = recs
+        return refs[(site, factor)]
+
+    result: dict = {"n_cases": n, "steps": steps, "branch": branch, "scale": scale, "n_features": n_features,
+                    "clean_reads_prompt": {f: float(np.mean([clean[f][i] == getattr(c, f) for i, c in enumerate(cases)]))
+                                           for f in ("color", "object", "bgcolor")},
+                    "dictionaries": {}, "references": {}}
+    shown: dict[str, np.ndarray] = {}
+    for name, d in dictionaries.items():
+        site = sites[name]
+        feats = concept_features(d, store, n_features)
+        need = sorted({f for fs in feats.values() for f in fs})
+        fmax = feature_maxima(d, store, need) if need else {}
+        rng = np.random.default_rng(seed + 7)
+        res: dict = {"site": site, "arch": d.cfg.arch, "width": int(d.num_latents), "rows": {}}
+
+        def swap(factor, k, j, add_only=False):
+            c = cases[k]
+            src, tgt = feats.get(f"{factor}={getattr(c, factor)}", []), feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
+            if not src or not tgt:
+                return []
+            if add_only:
+                return [Steer(d, tgt, scale, mode="feature-max", feature_max=fmax, where=FiresOn(d, src), branch=branch, samples=[j])]
+            ops = [("ablate", src, None)] + [("clamp", [f], scale * fmax[f]) for f in tgt]
+            return [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, samples=[j])]
+
+        for row in rows:
+            factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
+            control = None
+            if row.endswith("edit") or row == "color steer":
+                imgs = generate(lambda k, j, f=factor, a=(row == "color steer"): swap(f, k, j, a))
+                entry = score(cases, clean, read(imgs), factor)
+            elif row == "color ablation":
+                def ablate(k, j, random=False):
+                    src = feats.get(f"color={cases[k].color}", [])
+                    if random and src:
+                        src = sorted(rng.choice(d.num_latents, size=len(src), replace=False).tolist())
+                    return [CodeEdit(d, [("ablate", src, None)], branch=branch, samples=[j])] if src else []
+                imgs = generate(ablate)
+                entry = score(cases, clean, read(imgs), factor, mode="leave")
+                control = score(cases, clean, read(generate(lambda k, j: ablate(k, j, True))), factor, mode="leave")
+            else:  # transfer: the factor's features (every value's top features) from the reference
+                tf = sorted({f for cpt, fs in feats.items() if cpt.startswith(factor + "=") for f in fs})
+                recs = reference(site, factor)
+
+                def transfer(k, j, tf=tf, recs=recs):
+                    return [Transfer(d, (recs[k // batch_size], j), tf, branch=branch, samples=[j])] if tf else []
+                imgs = generate(transfer)
+                entry = score(cases, clean, read(imgs), factor)
+            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+            if control is not None:
+                entry["control_random_features"] = control
+            res["rows"][row] = entry
+            if name == next(iter(dictionaries)):
+                shown[row] = imgs
+        res["features"] = {c: fs for c, fs in feats.items() if fs}
+        result["dictionaries"][name] = res
+    if references:
+        site = sites[next(iter(dictionaries))]
+        result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, seed)
+    bar.close()
+    result["images"] = count[0]
+    result["seconds"] = round(time.time() - t0, 1)
+    result["images_per_second"] = round(count[0] / max(time.time() - t0, 1e-9), 2)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "concepts.json", result)
+        (out / "concepts.md").write_text(markdown(result), encoding="utf-8")
+        result["files"] = {"table": str(out / "concepts.md"), "examples": _examples(out, cases, clean, clean_img, shown)}
+        write_json(out / "concepts.json", result)
+    return result
+
+
+def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, seed) -> dict:
+    """Dictionary-free colour steering at the colour word's tokens: the difference of means
+    (target colour's tokens minus source colour's) at its own norm, and a random direction of that norm."""
+    truth = adapter.ground_truth()
+    tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
+    if truth is None or tok is None or Site.parse(site).stream != "txt":
+        return {"skipped": "needs a ground-truth world and a text-stream site"}
+    cid = {c: i for i, c in enumerate(truth.concepts)}
+    words = []
+    for c in cases:
+        lab = truth.text_labels(c.prompt, tok)
+        words.append(np.flatnonzero((lab >> cid[f"color={c.color}"]) & 1).tolist())
+    dirs: dict[tuple[str, str], torch.Tensor] = {}
+    gen = torch.Generator().manual_seed(seed)
+
+    def direction(c: Case, random: bool):
+        key = (c.color, c.to_color)
+        if key not in dirs:
+            try:
+                dirs[key] = concept_direction(store, site, f"color={c.to_color}", against=[f"color={c.color}"])
+            except DifflensError:  # the store has no token of one of the two colours
+                dirs[key] = None
+        v = dirs[key]
+        if v is None:
+            return None, 0.0
+        return torch.randn(v.shape, generator=gen) if random else v, float(v.norm())
+
+    out = {}
+    for row, random in (("difference of means", False), ("random direction", True)):
+        def make(k, j, random=random):
+            v, norm = direction(cases[k], random) if words[k] else (None, 0.0)
+            if v is None:
+                return []
+            return [Steer(direction=v, site=site, scale=norm, mode="absolute", tokens=words[k], samples=[j])]
+        imgs = generate(make)
+        entry = score(cases, clean, read(imgs), "color")
+        entry["color_pairs_without_direction"] = sum(v is None for v in dirs.values())
+        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+        out[row] = entry
+    return out
+
+
+def _pct(r) -> str:
+    return "-" if r is None else f"{100 * r:.0f}%"
+
+
+def markdown(result: dict) -> str:
+    names = list(result["dictionaries"])
+    ds = result["dictionaries"]
+    head = "| intervention | " + " | ".join(f"{n} (`{ds[n]['site']}`)" for n in names) + " |"
+    lines = [
+        f"Concept study: {result['n_cases']} prompt/seed cases per row, {result['steps']} steps, CFG branch "
+        f"{result['branch']}, features at {result['scale']:g} x their store maximum. Cell: success (of n eligible) "
+        "/ other factors kept.",
+        "",
+        head,
+        "|---|" + "---|" * len(names),
+    ]
+    rows = [r for r in ROWS if any(r in ds[n]["rows"] for n in names)]
+    for row in rows:
+        cells = []
+        for n in names:
+            e = ds[n]["rows"].get(row)
+            cells.append("-" if e is None else f"{_pct(e['success_rate'])} ({e['eligible']}) / {_pct(e['kept_rate'])}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        if row == "color ablation":
+            cells = [_pct(ds[n]["rows"][row]["control_random_features"]["success_rate"]) if row in ds[n]["rows"] else "-" for n in names]
+            lines.append("| color ablation, random features (control) | " + " | ".join(cells) + " |")
+    for row, e in result.get("references", {}).items():
+        if isinstance(e, dict):
+            lines.append(f"| {row} (no dictionary) | " + " | ".join(
+                [f"{_pct(e['success_rate'])} ({e['eligible']}) / {_pct(e['kept_rate'])}"] * 1 + [""] * (len(names) - 1)) + " |")
+    lines += ["", "Pixel MSE outside the object's box (colour/object rows; [0,1] pixels): " + ", ".join(
+        f"{n}: " + ", ".join(f"{r} {e['mse_outside_box']:.4f}" for r, e in ds[n]["rows"].items() if not r.startswith("background"))
+        for n in names)]
+    if result.get("images_per_second"):
+        lines.append(f"{result['images']} images in {result['seconds']} s ({result['images_per_second']} images/s).")
+    return "\n".join(lines) + "\n"
+
+
+def _examples(out: Path, cases, clean, clean_img, shown) -> str | None:
+    from difflens.viz import labelled_grid
+
+    if not shown:
+        return None
+    idx = [i for i, c in enumerate(cases) if clean["color"][i] == c.color and clean["object"][i] == c.object][:5]
+    idx = idx or list(range(min(5, len(cases))))
+    imgs, labs = [], []
+    for i in idx:
+        c = cases[i]
+        imgs.append(clean_img[i])
+        labs.append(f"{c.color} {c.object} on {c.bgcolor}")
+        for row, arr in shown.items():
+            imgs.append(arr[i])
+            to = {"color": c.to_color, "object": c.to_object, "background": c.to_bgcolor}[row.split()[0]]
+            labs.append(f"{row}" + ("" if row.endswith("ablation") else f" -> {to}"))
+    path = out / "concepts.png"
+    save_image(path, labelled_grid(imgs, labs, cols=1 + len(shown), label_lines=3, title="concept study (first dictionary)"))
+    return str(path)

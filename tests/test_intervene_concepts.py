@@ -1,0 +1,125 @@
+"""Interventions where concepts are decided: token selection on text streams (indices, or where a
+dictionary's features fire), transfer from a shared recording, and the concept study end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from difflens.errors import DifflensError
+from difflens.intervene import FiresOn, Steer, Transfer, generate_with, record_activations
+
+from test_intervene import PROMPT, PROMPT2, run_with_probe, tiny_sae
+
+TXT = "transformer_blocks.0:txt"
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from toy_fixtures import make_tiny_toy
+
+    from difflens.models.toy.adapter import ToyAdapter
+
+    return ToyAdapter.load(folder=make_tiny_toy(tmp_path_factory.mktemp("tiny_toy_c")))
+
+
+@pytest.fixture(scope="module")
+def txt_sae(adapter):
+    return tiny_sae(adapter.site_dim(TXT), width=32, k=3, site=TXT, seed=4)
+
+
+def test_tokens_select_text_positions_only(adapter, txt_sae):
+    iv = Steer(txt_sae, [3], 2.0, mode="absolute", tokens=[1, 3])
+    _, pre, post = run_with_probe(adapter, [iv], site=TXT)
+    for key, (a, _, _) in pre.items():
+        moved = (post[key][0] - a).norm(dim=-1) > 1e-6  # [B, N]
+        assert moved[:, [1, 3]].all() and moved.sum() == 2 * a.shape[0]
+    assert all(e["tokens"] == 2 for e in iv.log)
+
+
+def test_token_selection_errors(adapter, txt_sae):
+    from difflens.intervene import Region
+
+    img_sae = tiny_sae(adapter.site_dim("transformer_blocks.1:img"))
+    with pytest.raises(DifflensError, match="not both"):
+        Steer(img_sae, [3], 1.0, tokens=[1], region=Region.parse("0,0,2,2", units="tokens"))
+    with pytest.raises(DifflensError, match="token indices"):
+        Steer(txt_sae, [3], 1.0, tokens=["a"])
+    with pytest.raises(DifflensError, match="out of range"):
+        generate_with(adapter, [PROMPT], [0], [Steer(txt_sae, [3], 1.0, mode="absolute", tokens=[999])], steps=2)
+    with pytest.raises(DifflensError, match="FiresOn"):
+        Steer(txt_sae, [3], 1.0, where=[1, 2])
+
+
+def test_fires_on_acts_exactly_where_the_features_fire(adapter, txt_sae):
+    watch = [0, 5, 9]
+    iv = Steer(txt_sae, [3], 2.0, mode="absolute", where=FiresOn(txt_sae, watch))
+    _, pre, post = run_with_probe(adapter, [iv], site=TXT)
+    some = False
+    for key, (a, _, _) in pre.items():
+        B, N, D = a.shape
+        t = torch.full((B * N,), 1000.0)  # codes of a TopK SAE without timestep conditioning
+        fires = (txt_sae.encode(a.reshape(-1, D), t)[:, watch] > 0).any(1).reshape(B, N)
+        moved = (post[key][0] - a).norm(dim=-1) > 1e-6
+        assert torch.equal(moved, fires)
+        some |= bool(fires.any()) and not bool(fires.all())
+    assert some, "the test needs tokens where the features fire and tokens where they do not"
+
+
+def test_transfer_from_a_shared_recording_matches_a_fresh_reference(adapter, txt_sae):
+    one = record_activations(adapter, [PROMPT2], [5], TXT, steps=3)
+    a = generate_with(adapter, [PROMPT], [0], [Transfer(txt_sae, (PROMPT2, 5), [1, 2, 3])], steps=3)
+    b = generate_with(adapter, [PROMPT], [0], [Transfer(txt_sae, (one, 0), [1, 2, 3])], steps=3)
+    assert np.array_equal(a.images, b.images)
+    # In a recording of several samples, the index picks the reference: sample 1 is the target itself.
+    rec = record_activations(adapter, [PROMPT2, PROMPT], [5, 0], TXT, steps=3)
+    clean = adapter.generate([PROMPT], [0], steps=3)
+    same = generate_with(adapter, [PROMPT], [0], [Transfer(txt_sae, (rec, 1))], steps=3)
+    assert np.abs(same.images.astype(int) - clean.images.astype(int)).max() <= 2
+    with pytest.raises(DifflensError, match="no sample 7"):
+        generate_with(adapter, [PROMPT], [0], [Transfer(txt_sae, (rec, 7), [1])], steps=3)
+    img_sae = tiny_sae(adapter.site_dim("transformer_blocks.1:img"))
+    with pytest.raises(DifflensError, match="recording is of site"):
+        Transfer(img_sae, (rec, 0), [1])
+    short = record_activations(adapter, [PROMPT2], [5], TXT, steps=2)
+    with pytest.raises(DifflensError, match="lacks steps"):
+        generate_with(adapter, [PROMPT], [0], [Transfer(txt_sae, (short, 0), [1])], steps=3)
+
+
+def test_concept_study_end_to_end(adapter, tmp_path):
+    from test_splice import tiny_store
+
+    from difflens.intervene.study_concepts import ROWS, run_concept_study
+    from difflens.world.classifier import FactorClassifier
+
+    prompts = [f"a large {c} {o} in the center on a {b} plain background"
+               for c, o, b in (("red", "circle", "black"), ("blue", "square", "gray"), ("green", "two", "navy"))]
+    store = tiny_store(adapter, tmp_path / "store", prompts, TXT)
+    torch.manual_seed(0)
+    clf = FactorClassifier().eval()  # random weights: the numbers mean nothing, the bookkeeping does
+    dicts = {"a": tiny_sae(adapter.site_dim(TXT), width=32, k=3, site=TXT, seed=1),
+             "b": tiny_sae(adapter.site_dim(TXT), width=32, k=3, site=TXT, seed=2)}
+    n = 4
+    res = run_concept_study(adapter, dicts, store, tmp_path / "out", n=n, steps=2, classifier=clf, batch_size=4,
+                            show_progress=False)
+    assert set(res["dictionaries"]) == {"a", "b"}
+    for d in res["dictionaries"].values():
+        assert list(d["rows"]) == list(ROWS)
+        for row, e in d["rows"].items():
+            assert 0 <= e["eligible"] <= n and e["mse_outside_box"] >= 0
+            assert e["success_rate"] is None or 0 <= e["success_rate"] <= 1
+        assert "control_random_features" in d["rows"]["color ablation"]
+    assert set(res["references"]) == {"difference of means", "random direction"}
+    # clean + 2 references (colour, background) + 2 x (6 rows + control) + 2 dictionary-free rows
+    assert res["images"] == n * (1 + 2 + 2 * 7 + 2)
+    on_disk = json.loads((tmp_path / "out" / "concepts.json").read_text())
+    assert on_disk["n_cases"] == n and (tmp_path / "out" / "concepts.png").is_file()
+    assert "| color edit |" in (tmp_path / "out" / "concepts.md").read_text()
+    with pytest.raises(DifflensError, match="unknown study rows"):
+        run_concept_study(adapter, dicts, store, None, n=2, rows=["colour edit"], classifier=clf)
+    img = {"i": tiny_sae(adapter.site_dim("transformer_blocks.1:img"))}
+    with pytest.raises(DifflensError, match="lacks sites"):
+        run_concept_study(adapter, img, store, None, n=2, classifier=clf)
