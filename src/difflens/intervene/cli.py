@@ -146,7 +146,7 @@ def register(subparsers) -> None:
     p.add_argument("--rows", default=None, help="comma-separated rows of the concept study (default: all): "
                    "color edit, color steer, object edit, color ablation, color transfer, background transfer")
     p.add_argument("--scale", type=float, default=1.0, help="target features at this multiple of their store maximum (concepts)")
-    p.add_argument("--branch", choices=BRANCHES, default="both", help="CFG rows to act on (--study concepts; default both)")
+    p.add_argument("--branch", choices=["both", "cond", "uncond"], default="both", help="CFG rows to act on (--study concepts; default both)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
     p.add_argument("--scales", default=None, help="comma-separated steering scales (--study features; default 0.25,0.5,1,2,4)")
