@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from difflens.interpret.cache import CacheConfig, FeatureCache, SparseMaps, build_cache
+from difflens.interpret.cache import CacheConfig, FeatureCache, SparseMaps
+from difflens.interpret.cache_build import build_cache
 from difflens.interpret.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text
 from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, RandomDirections
 from difflens.interpret.heatmap import OVERLAY_RGB, overlay, upsample_map

@@ -13,7 +13,7 @@ import importlib
 # Public name -> the module that defines it; imported on first use, so the CLI can read the
 # judge registry (`interpret.judges`) without loading torch and the whole pipeline.
 _HOME = {
-    "CacheConfig": "cache", "Example": "cache", "FeatureCache": "cache", "build_cache": "cache",
+    "CacheConfig": "cache", "Example": "cache", "FeatureCache": "cache", "build_cache": "cache_build",
     "ChatClient": "client", "ChatResult": "client", "ClientConfig": "client",
     "DictionaryFeatures": "features", "FeatureSource": "features", "NeuronFeatures": "features",
     "RandomDirections": "features", "as_feature_source": "features",

@@ -206,7 +206,7 @@ def run(args) -> int:
 def run_cache(args) -> int:
     from pathlib import Path
 
-    from difflens.interpret.cache import build_cache
+    from difflens.interpret.cache_build import build_cache
     from difflens.interpret.features import NeuronFeatures, RandomDirections, as_feature_source
     from difflens.interpret.heatmap import write_feature_grids
     from difflens.interpret.pipeline import _Images, _site_mean

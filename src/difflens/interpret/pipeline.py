@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from difflens.errors import DifflensError
-from difflens.interpret.cache import CacheConfig, build_cache
+from difflens.interpret.cache import CacheConfig
+from difflens.interpret.cache_build import build_cache
 from difflens.interpret.features import (
     FeatureSource,
     NeuronFeatures,

@@ -168,7 +168,7 @@ def build_tasks(cache: FeatureCache, features, *, n_explain: int = 5, n_pos: int
             continue
         plans.append((f, explain, pos, negs))
     if negative_overlay == "feature" and plans:
-        from difflens.interpret.cache import feature_maps
+        from difflens.interpret.cache_passes import feature_maps
 
         want: dict[int, set[int]] = {}
         for f, _, _, negs in plans:
