@@ -334,7 +334,7 @@ def test_api_generate_and_steer(served, world):
     step = out["steps"][-1]
     assert len(step["tokens"]) == 256 and step["top"]
     # the per-token features agree with encoding the recorded activation directly
-    from difflens.intervene.core import record_activations
+    from difflens.intervene.run import record_activations
 
     rec = record_activations(world["adapter"], [prompt], [1], SITE, steps=2)
     d = served["pg"].dicts["topk"]

@@ -10,16 +10,9 @@ import pytest
 import torch
 
 from difflens.errors import DifflensError
-from difflens.intervene.experiments import (
-    ABSENT,
-    features_by_concept,
-    label_features,
-    object_region,
-    read_labels,
-    run_intervention_study,
-    study_items,
-    success_rate,
-)
+from difflens.intervene.study import run_intervention_study
+from difflens.intervene.study_items import ABSENT, object_region, study_items, success_rate
+from difflens.intervene.study_labels import features_by_concept, label_features, read_labels
 from difflens.world import vocab as V
 from difflens.world.labels import concepts_to_mask
 from difflens.world.prompts import parse_prompt
@@ -171,7 +164,7 @@ def test_labelling_from_a_real_store(adapter, tmp_path):
 def test_ablation_uses_per_concept_rankings_and_variants(adapter, tmp_path):
     from test_intervene import tiny_sae
 
-    from difflens.intervene.experiments import run_ablation_study
+    from difflens.intervene.study_edits import run_ablation_study
     from difflens.world.classifier import FactorClassifier
 
     ranking = {"color=red": [3, 9, 12], "color=blue": [7, 3], "object=circle": [5]}

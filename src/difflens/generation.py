@@ -7,7 +7,7 @@ one place. Each sample's noise comes from its own seed, so batching does not cha
 
 Hooks are either one `HookSet` for every batch or a function of the batch's `GenerationPlan`
 returning one: recorders that need to know the batch's samples, and interventions that need
-the run's timesteps and grid before it starts (`intervene.core` prepares them from the plan).
+the run's timesteps and grid before it starts (`intervene.run.intervention_hooks` prepares them from the plan).
 """
 
 from __future__ import annotations

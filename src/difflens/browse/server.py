@@ -106,7 +106,7 @@ class Playground:
     def generate(self, body: dict) -> dict:
         import torch
 
-        from difflens.intervene.core import record_activations
+        from difflens.intervene.run import record_activations
 
         req = self._parse(body, steer=False)
         d = self.dicts[req["dict"]]
@@ -140,7 +140,8 @@ class Playground:
     def steer(self, body: dict) -> dict:
         import torch
 
-        from difflens.intervene.core import Steer, generate_with
+        from difflens.intervene.run import generate_with
+        from difflens.intervene.steer import Steer
 
         req = self._parse(body, steer=True)
         d = self.dicts[req["dict"]]

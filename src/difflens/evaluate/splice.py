@@ -29,7 +29,8 @@ from difflens.errors import DifflensError
 from difflens.generation import batch_bounds, generate_batched, requests_of
 from difflens.groundtruth import GroundTruth, ground_truth_of
 from difflens.hooks import HookSet, Site
-from difflens.intervene.core import MeanAblate, Splice, intervention_hooks
+from difflens.intervene.edits import MeanAblate, Splice
+from difflens.intervene.run import intervention_hooks
 from difflens.intervene.region import Window
 from difflens.models.base import Adapter
 from difflens.store import Store

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from difflens.intervene.core import Steer, generate_with
+from difflens.intervene.run import generate_with
+from difflens.intervene.steer import Steer
 
 
 def steer_sweep(
