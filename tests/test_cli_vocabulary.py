@@ -104,3 +104,27 @@ def test_out_is_a_file_for_one_image_and_a_folder_for_several(tmp_path, capsys):
     assert json.loads((tmp_path / "many" / "001.json").read_text())["seed"] == 4
     captured = capsys.readouterr()
     assert captured.out == ""  # messages on stderr; stdout is for --json
+
+
+def test_quiet_and_verbose_before_a_sub_verb_are_kept():
+    """argparse copies a sub-verb's defaults over its verb's values; -q/-v must survive that."""
+    from difflens.cli import parse_args
+
+    subs = dict(leaves(build_parser()))
+    nested = [name for name in subs if len(name.split()) == 2]
+    assert "interpret cache" in nested and "browse serve" in nested
+    for name in nested:  # no default on a sub-verb, so it cannot overwrite the verb's value
+        opts = subs[name]._option_string_actions
+        assert opts["-q"].default is argparse.SUPPRESS and opts["-v"].default is argparse.SUPPRESS, name
+    cache = ["--dict", "d", "--data", "s", "--out", "o"]
+    for argv, want in (
+        (["interpret", "-q", "cache", *cache], (True, 0)),
+        (["interpret", "cache", "-q", *cache], (True, 0)),
+        (["interpret", "-v", "-v", "cache", *cache], (False, 2)),
+        (["interpret", "cache", *cache], (False, 0)),
+        (["browse", "-q", "serve", "--dict", "d"], (True, 0)),
+        (["interpret", *cache, "-q"], (True, 0)),
+    ):
+        args = parse_args(build_parser(), argv)
+        assert (args.quiet, args.verbose) == want, f"difflens {' '.join(argv)}: {(args.quiet, args.verbose)} != {want}"
+    assert parse_args(build_parser(), ["interpret", "-q", "cache", *cache]).func.__name__ == "run_cache"

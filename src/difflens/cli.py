@@ -42,14 +42,25 @@ def _subparsers(parser: argparse.ArgumentParser):
             yield from action.choices.values()
 
 
-def _add_verbosity_everywhere(parser: argparse.ArgumentParser) -> None:
-    """Every verb (and sub-verb) gets -q/-v unless it declares its own."""
+def _add_verbosity_everywhere(parser: argparse.ArgumentParser, nested: bool = False) -> None:
+    """Every verb (and sub-verb) gets -q/-v unless it declares its own; a sub-verb's inherit the
+    verb's (`difflens interpret -q cache` is as quiet as `difflens interpret cache -q`)."""
     for sub in _subparsers(parser):
         if "-q" not in sub._option_string_actions and "--quiet" not in sub._option_string_actions:
-            add_verbosity(sub)
+            add_verbosity(sub, inherit=nested)
         elif "-v" not in sub._option_string_actions:
-            sub.add_argument("-v", "--verbose", action="count", default=0, help="more detail; -v also prints tracebacks")
-        _add_verbosity_everywhere(sub)
+            sub.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if nested else 0,
+                             help="more detail; -v also prints tracebacks")
+        _add_verbosity_everywhere(sub, nested=True)
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser.parse_args` plus the verbosity defaults a sub-verb leaves unset (see `add_verbosity`)."""
+    args = parser.parse_args(argv)  # usage errors exit 2 here
+    for name, default in (("quiet", False), ("verbose", 0)):
+        if not hasattr(args, name):
+            setattr(args, name, default)
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors exit 2 here
+    args = parse_args(parser, argv)  # usage errors exit 2 here
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -180,11 +180,18 @@ def parse_int_list(text: str, flag: str, *, minimum: int | None = 0) -> list[int
 
 
 # ---- verbosity and output channels ---------------------------------------------------------------
-def add_verbosity(p: argparse.ArgumentParser) -> None:
-    """-q/--quiet and -v/--verbose; `difflens.cli` adds them to every verb."""
+def add_verbosity(p: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+    """-q/--quiet and -v/--verbose; `difflens.cli` adds them to every verb.
+
+    inherit: for a sub-verb (`interpret cache`) whose verb has them too. argparse copies every
+    value of the sub-verb's namespace over the verb's, so a default here would undo
+    `difflens interpret -q cache`; with no default the verb's value stands and
+    `difflens.cli.main` fills in False/0 when neither level gave the flag."""
     g = p.add_argument_group("output")
-    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars or messages (errors still print)")
-    g.add_argument("-v", "--verbose", action="count", default=0, help="more detail; -v also prints tracebacks")
+    q_default, v_default = (argparse.SUPPRESS, argparse.SUPPRESS) if inherit else (False, 0)
+    g.add_argument("-q", "--quiet", action="store_true", default=q_default,
+                   help="no progress bars or messages (errors still print)")
+    g.add_argument("-v", "--verbose", action="count", default=v_default, help="more detail; -v also prints tracebacks")
 
 
 def add_json_option(p) -> None:

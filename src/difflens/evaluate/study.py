@@ -516,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, eval_every=args.eval_every, eval_tokens=args.eval_tokens, init_tokens=args.init_tokens,
         dead_after_tokens=args.dead_after_tokens, normalization=args.normalization, itda_cap=args.itda_cap,
         itda_tau=args.itda_tau, itda_tokens=args.itda_tokens, fvu_targets=_targets(args.fvu_targets), seed=args.seed, clock=args.clock,
-        progress=not args.quiet,
+        progress=not getattr(args, "quiet", False),
     )
     if not args.lr > 0:
         raise DifflensError(f"--lr must be positive (got {args.lr})")
