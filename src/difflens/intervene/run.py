@@ -65,11 +65,16 @@ def generate_with(
     interventions = list(interventions)
     run = plan_run(adapter, prompts, seeds, steps=steps, guidance=guidance, height=height, width=width)
     gen = run_plan(run, intervention_hooks(interventions, extra_hooks, pre_hooks)(run))
+    warn_if_idle(interventions, stacklevel=3)
+    return gen
+
+
+def warn_if_idle(interventions: Sequence[Intervention], stacklevel: int = 2) -> None:
+    """Warn about each intervention that never acted in the run it was prepared for."""
     for iv in interventions:
         if not iv.log:
             hint = " (this model has no unconditional branch)" if iv.branch == "uncond" else ""
-            warnings.warn(f"intervention never acted: {iv.describe()}{hint}", stacklevel=2)
-    return gen
+            warnings.warn(f"intervention never acted: {iv.describe()}{hint}", stacklevel=stacklevel)
 
 
 # ---- recording -------------------------------------------------------------------------------------

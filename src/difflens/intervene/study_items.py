@@ -11,7 +11,8 @@ from difflens.errors import DifflensError
 from difflens.utils import progress
 from difflens.world import vocab as V
 from difflens.intervene.region import Region, Window
-from difflens.intervene.run import generate_with
+from difflens.generation import generate_batched
+from difflens.intervene.run import intervention_hooks, warn_if_idle
 from difflens.intervene.study_labels import STUDY_OBJECTS
 
 MARGIN_PX = 2  # object jitter around its position's centre
@@ -144,19 +145,24 @@ def generate_items(
     batch_size: int = 32,
     bar=None,
 ) -> np.ndarray:
-    """Images for `items`; `make(k, j)` gives the interventions of item k as sample j of its batch."""
+    """Images for `items` (through `generation.generate_batched`); `make(k, j)` gives the
+    interventions of item k as sample j of its batch."""
+    if not items:
+        return np.zeros((0, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
+    made: list[list] = []
+
+    def hooks(plan):
+        ivs = [] if make is None else [iv for j in range(len(plan.prompts)) for iv in make(plan.batch_start + j, j)]
+        made.append(ivs)
+        return intervention_hooks(ivs)(plan)
+
     out = []
-    for a in range(0, len(items), batch_size):
-        chunk = items[a : a + batch_size]
-        ivs = []
-        if make is not None:
-            for j in range(len(chunk)):
-                ivs += make(a + j, j)
-        gen = generate_with(adapter, [it.prompt for it in chunk], [it.seed for it in chunk], ivs, steps=steps, guidance=guidance)
-        out.append(np.asarray(gen.images))
+    for batch in generate_batched(adapter, items, hooks, steps=steps, guidance=guidance, batch_size=batch_size):
+        warn_if_idle(made.pop(), stacklevel=3)
+        out.append(np.asarray(batch.generation.images))
         if bar is not None:
-            bar.update(len(chunk))
-    return np.concatenate(out) if out else np.zeros((0, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
+            bar.update(len(batch.requests))
+    return np.concatenate(out)
 
 
 def default_windows(steps: int) -> dict[str, Window]:
