@@ -112,9 +112,10 @@ def test_concept_study_end_to_end(adapter, tmp_path):
             assert 0 <= e["eligible"] <= n and e["mse_outside_box"] >= 0
             assert e["success_rate"] is None or 0 <= e["success_rate"] <= 1
         assert "control_random_features" in d["rows"]["color ablation"]
-    assert set(res["references"]) == {"difference of means", "random direction"}
-    # clean + 2 references (colour, background) + 2 x (6 rows + control) + 2 dictionary-free rows
-    assert res["images"] == n * (1 + 2 + 2 * 7 + 2)
+    assert set(res["references"]) == {"difference of means", "random direction", "prompt changed: color",
+                                      "prompt changed: object"}
+    # clean + 3 reference recordings (colour, object, background) + 2 x (7 rows + control) + 4 reference rows
+    assert res["images"] == n * (1 + 3 + 2 * 8 + 4)
     on_disk = json.loads((tmp_path / "out" / "concepts.json").read_text())
     assert on_disk["n_cases"] == n and (tmp_path / "out" / "concepts.png").is_file()
     assert "| color edit |" in (tmp_path / "out" / "concepts.md").read_text()

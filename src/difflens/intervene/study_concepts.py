@@ -11,15 +11,17 @@ classifier; a case counts when its clean image reads the prompted value.
 Rows (per dictionary): colour and object *edits* (swap the codes of the prompt's concept features
 for the target concept's features at their store maximum), colour *steering* (add the target's
 features, leaving the source), colour *ablation* (with a random-feature control), and colour and
-background *transfer* from a reference prompt that differs in that factor only. Dictionary-free
-references: the difference-of-means direction and a random direction of the same norm, added at
-the tokens of the prompt's colour word.
+background *transfer* from a reference prompt that differs in that factor only (the object's
+transfer takes every feature: no few features carry it). Dictionary-free references: the
+difference-of-means direction and a random direction of the same norm, added at the tokens of the
+prompt's colour word, and the ceiling: the prompt itself changed (how often the classifier then
+reads the new value, and keeps reading the other factors as before).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,10 @@ from difflens.intervene.study_items import ABSENT, object_region, progress_bar, 
 from difflens.intervene.study_labels import STUDY_OBJECTS, label_features
 from difflens.intervene.transfer import Transfer
 
-ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer", "background transfer")
+ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer", "object transfer (all features)",
+        "background transfer")
 QUICK_ROWS = ("color edit", "object edit", "color ablation", "color transfer", "background transfer")
-REFERENCE_ROWS = ("difference of means", "random direction")
+REFERENCE_ROWS = ("difference of means", "random direction", "prompt changed: color", "prompt changed: object")
 LABEL_FACTORS = ("color", "object", "bgcolor")
 
 
@@ -171,9 +174,9 @@ def run_concept_study(
     cases = make_cases(n, seed)
     read = _Readings(clf, cases)
     gen_kw = dict(steps=steps, guidance=guidance)
-    n_ref_sites = len(set(sites.values())) * sum(r.endswith("transfer") for r in rows)
+    n_ref_sites = len(set(sites.values())) * len({r.split()[0] for r in rows if "transfer" in r})
     per_dict = len(rows) + ("color ablation" in rows)
-    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + (2 if references else 0)), "concept study", show_progress)
+    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + (4 if references else 0)), "concept study", show_progress)
     t0 = time.time()
     from difflens.intervene.study_items import generate_items
 
@@ -182,6 +185,10 @@ def run_concept_study(
     def generate(make=None):
         count[0] += n
         return generate_items(adapter, cases, make, batch_size=batch_size, bar=bar, **gen_kw)
+
+    def generate_other(other_cases):
+        count[0] += len(other_cases)
+        return generate_items(adapter, other_cases, None, batch_size=batch_size, bar=bar, **gen_kw)
 
     clean_img = generate()
     clean = read(clean_img)
@@ -238,12 +245,13 @@ def run_concept_study(
                 imgs = generate(ablate)
                 entry = score(cases, clean, read(imgs), factor, mode="leave")
                 control = score(cases, clean, read(generate(lambda k, j: ablate(k, j, True))), factor, mode="leave")
-            else:  # transfer: the factor's features (every value's top features) from the reference
-                tf = sorted({f for cpt, fs in feats.items() if cpt.startswith(factor + "=") for f in fs})
+            else:  # transfer: the factor's features (every value's top features), or all, from the reference
+                tf = None if row.endswith("(all features)") else sorted(
+                    {f for cpt, fs in feats.items() if cpt.startswith(factor + "=") for f in fs})
                 recs = reference(site, factor)
 
                 def transfer(k, j, tf=tf, recs=recs):
-                    return [Transfer(d, (recs[k // batch_size], j), tf, branch=branch, samples=[j])] if tf else []
+                    return [Transfer(d, (recs[k // batch_size], j), tf, branch=branch, samples=[j])] if tf != [] else []
                 imgs = generate(transfer)
                 entry = score(cases, clean, read(imgs), factor)
             entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
@@ -256,7 +264,8 @@ def run_concept_study(
         result["dictionaries"][name] = res
     if references:
         site = sites[next(iter(dictionaries))]
-        result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, seed)
+        result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate,
+                                               generate_other, seed)
     bar.close()
     result["images"] = count[0]
     result["seconds"] = round(time.time() - t0, 1)
@@ -271,7 +280,7 @@ def run_concept_study(
     return result
 
 
-def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, seed) -> dict:
+def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, generate_items_of, seed) -> dict:
     """Dictionary-free colour steering at the colour word's tokens: the difference of means
     (target colour's tokens minus source colour's) at its own norm, and a random direction of that norm."""
     truth = adapter.ground_truth()
@@ -310,6 +319,12 @@ def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, 
         entry["color_pairs_without_direction"] = sum(v is None for v in dirs.values())
         entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
         out[row] = entry
+    for factor in ("color", "object"):
+        changed = [replace(c, prompt=with_value(c, factor, getattr(c, "to_" + factor))) for c in cases]
+        imgs = generate_items_of(changed)
+        entry = score(cases, clean, read(imgs), factor)
+        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+        out[f"prompt changed: {factor}"] = entry
     return out
 
 
