@@ -11,7 +11,7 @@ import torch
 from difflens.benchmark.absorption import HIERARCHY, absorption
 from difflens.benchmark.probing import sparse_probe
 from difflens.benchmark.spatial import SpatialAccumulator, iou, morans_i
-from difflens.interpret.concepts import CONCEPT_INDEX, CONCEPT_NAMES
+from difflens.world.concepts import CONCEPT_INDEX, CONCEPT_NAMES
 
 
 def morans_i_reference(x: np.ndarray) -> float:

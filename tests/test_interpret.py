@@ -12,7 +12,7 @@ from PIL import Image
 
 from difflens.interpret.cache import CacheConfig, FeatureCache, SparseMaps
 from difflens.interpret.cache_build import build_cache
-from difflens.interpret.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text
+from difflens.world.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text
 from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, RandomDirections
 from difflens.interpret.heatmap import OVERLAY_RGB, overlay, upsample_map
 from difflens.interpret.oracle import OracleExplainer, OracleJudge
@@ -306,7 +306,7 @@ class FixedExplainer:
         self.concept, self.level = concept, level
 
     def explain_many(self, cache, tasks):
-        from difflens.interpret.concepts import explanation_text
+        from difflens.world.concepts import explanation_text
         from difflens.interpret.scoring import Explanation
 
         return {t.feature: Explanation(explanation_text(self.concept, self.level), concept=self.concept, level=self.level)
@@ -344,7 +344,7 @@ def test_chance_is_half_for_sparse_and_dense_random_features(tmp_path):
     assert abs(np.mean(cal["sparse"]) - 0.5) < 0.08, np.mean(cal["sparse"])
     assert abs(np.mean(cal["dense"]) - 0.5) < 0.03, np.mean(cal["dense"])
     # the same holds for the oracle's own choice of explanation and at image level
-    res = score_features(cache, tasks, OracleExplainer(token_preference=0.0), judge, truth=truth)
+    res = score_features(cache, tasks, OracleExplainer(truth, token_preference=0.0), judge, truth=truth)
     assert abs(np.mean([r["score"] for r in res if r["score"] is not None]) - 0.5) < 0.08
     res = score_features(cache, tasks, FixedExplainer("color=red", "image"), judge, truth=truth)
     assert all(r["chance"] == pytest.approx(0.5) and r["score"] == pytest.approx(r["raw_score"]) for r in res)
@@ -416,7 +416,7 @@ def test_oracle_names_planted_concepts_and_random_scores_half(planted_cache):
             assert it.example.feature == t.feature
             np.testing.assert_array_equal(it.example.maps_ST, X[int(np.searchsorted(sids, it.example.sample_id)), :, :, t.feature])
             assert it.example.sample_id in [e.sample_id for e in cache.top_examples(it.from_feature, 1)]
-    res = {r["feature"]: r for r in score_features(cache, tasks, OracleExplainer(), OracleJudge(truth), truth=truth)}
+    res = {r["feature"]: r for r in score_features(cache, tasks, OracleExplainer(truth), OracleJudge(truth), truth=truth)}
     red = res[0]
     assert (red["concept"], red["level"]) == ("color=red", "token")
     assert red["s_pos"] == [1.0] * 5 and red["localisation"] == pytest.approx(1.0)
@@ -438,7 +438,7 @@ def test_oracle_names_planted_concepts_and_random_scores_half(planted_cache):
     # image (background) then looks better than chance, which is why "feature" is the default
     other, _ = build_tasks(cache, feats, seed=1, negative_overlay="other")
     assert all(it.example.feature == it.from_feature for t in other for it in t.test)
-    res_o = {r["feature"]: r for r in score_features(cache, other, OracleExplainer(), OracleJudge(truth), truth=truth)}
+    res_o = {r["feature"]: r for r in score_features(cache, other, OracleExplainer(truth), OracleJudge(truth), truth=truth)}
     assert res_o[0]["score"] == 1.0 and res_o[1]["raw_score"] > 0.55
 
 
@@ -544,3 +544,23 @@ def test_generated_source_matches_store_layout(tmp_path):
     cache = build_cache(NeuronFeatures("transformer_blocks.1.ff.net.0:img", src.d("transformer_blocks.1.ff.net.0:img")),
                         src, config=CacheConfig(top_n=1, n_quantiles=0, min_tokens=1), map_features=[0, 1])
     assert cache.top_examples(0)[0].maps_ST.shape == (2, 256)
+
+
+def test_labels_are_read_through_the_stores_world(sparse_store, monkeypatch):
+    """The cache counts concepts with the vocabulary of the world of the store's model
+    (`models.ground_truth_for`), never a hard-coded one; a store whose model has no world but
+    whose samples carry labels is refused with the fix."""
+    from difflens.errors import DifflensError
+    from difflens.groundtruth import GroundTruth
+
+    src = StoreSource(sparse_store, sites=[SITE])
+    truth = src.ground_truth()
+    assert isinstance(truth, GroundTruth) and src.vocabulary() is truth.vocabulary()
+    cache = build_cache(NeuronFeatures(SITE, D), src, config=CacheConfig(top_n=2, n_quantiles=0))
+    assert cache.info["concepts"] == list(truth.vocabulary().names)
+
+    import difflens.models
+
+    monkeypatch.setattr(difflens.models, "ground_truth_for", lambda model: None)
+    with pytest.raises(DifflensError, match="no ground-truth world"):
+        build_cache(NeuronFeatures(SITE, D), StoreSource(sparse_store, sites=[SITE]), config=CacheConfig(top_n=2, n_quantiles=0))

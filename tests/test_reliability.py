@@ -419,7 +419,7 @@ def live_server(tmp_path):
     site.mkdir()
     (site / "site.json").write_text(json.dumps({"format": "difflens-browse-site"}))
     (site / "index.html").write_text("<p>hi</p>")
-    httpd = make_server(site, port=0, playground=Playground(None, {"d": object()}), quiet=True)
+    httpd = make_server(site, port=0, playground=Playground(None, {"d": object()}, default_steps=8), quiet=True)
     th = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     th.start()
     yield httpd.server_address[1]

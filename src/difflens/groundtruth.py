@@ -17,6 +17,32 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
+class ConceptVocabulary(Protocol):
+    """A world's concepts as interpretation reads them: per-token concept matrices, the concepts'
+    types, explanations in words and the concepts a free-text explanation names."""
+
+    names: tuple[str, ...]  # column i of `matrix` is names[i]
+    index: dict[str, int]
+    types: tuple[str, ...]  # concept types, e.g. for the coarse-to-fine analysis
+    coarse_types: tuple[str, ...]
+    fine_types: tuple[str, ...]
+    image_level: np.ndarray  # bool [len(names)]: concepts an image as a whole can have or lack
+
+    def type_of(self, concept: str) -> str: ...
+
+    def matrix(self, masks: np.ndarray) -> np.ndarray:
+        """bool [..., len(names)] from the int64 token label bitmasks [...] a harvest stores."""
+
+    def explanation(self, concept: str, level: str) -> str:
+        """The concept in words, at "token" (where) or "image" (whether) level."""
+
+    def in_text(self, text: str) -> list[str]:
+        """The concepts a free-text explanation names."""
+
+    def mask_for(self, cm_TC: np.ndarray, concepts: list[str]) -> np.ndarray:
+        """bool [T]: tokens having every named factor (any named value within a factor)."""
+
+
 @runtime_checkable
 class GroundTruth(Protocol):
     """A world with per-token concept labels and a reader of generated images."""
@@ -64,6 +90,10 @@ class GroundTruth(Protocol):
     def adherence(self, prompts: Sequence[str], images: np.ndarray) -> dict:
         """How well images follow their prompts: {"accuracy": {factor | "prompt": float | None},
         "per_prompt": [{factor: score}], ...}."""
+
+    # ---- interpretation ------------------------------------------------------------------------
+    def vocabulary(self) -> ConceptVocabulary:
+        """The concepts the token labels stand for, as the oracle explainer and judge read them."""
 
 
 def ground_truth_of(adapter) -> GroundTruth | None:

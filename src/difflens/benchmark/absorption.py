@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from difflens.interpret.concepts import CONCEPT_INDEX
+from difflens.world.concepts import CONCEPT_INDEX
 from difflens.interpret.oracle import mcc
 from difflens.world import vocab as V
 

@@ -112,7 +112,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
 
     concepts: the concept names to probe (default: every toy-world concept with >= 20 tokens per split)."""
     from difflens.evaluate.reconstruction import evaluate
-    from difflens.interpret.concepts import CONCEPT_NAMES, concept_matrix
+    from difflens.world.concepts import CONCEPT_NAMES, concept_matrix
     from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
     from difflens.interpret.oracle import mcc
     from difflens.interpret.sources import StoreSource, split_of

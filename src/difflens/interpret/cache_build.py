@@ -20,7 +20,6 @@ from difflens.interpret.cache_passes import (
     statistics,
     token_maps,
 )
-from difflens.interpret.concepts import CONCEPT_NAMES
 from difflens.interpret.features import FeatureSource
 from difflens.interpret.sources import SampleSource, split_of
 
@@ -51,9 +50,10 @@ def build_cache(
     run = CacheRun(features, src, cfg, sids, torch.tensor(src.timesteps, dtype=torch.float32),
                    split_of(src.prompt_ids(sids), cfg.split_seed, cfg.explain_fraction))
     labels = src.token_labels(sids)
+    vocabulary = src.vocabulary() if labels is not None else None  # the labels' world, never a model's name
 
     thr, gmax = calibrate(run, seed)
-    arrays = statistics(run, thr, labels)
+    arrays = statistics(run, thr, labels, vocabulary)
     arrays["calib_max"] = gmax.numpy().astype(np.float32)
     arrays.update(select_examples(run, arrays))
     arrays["map_features"] = choose_map_features(map_features, arrays, run.shape[3])
@@ -68,7 +68,7 @@ def build_cache(
         "timesteps": [float(t) for t in src.timesteps],
         "grid_hw": list(src.grid_hw),
         "num_samples": int(len(sids)),
-        "concepts": list(CONCEPT_NAMES) if labels is not None else None,
+        "concepts": list(vocabulary.names) if vocabulary is not None else None,
     }
     cache = FeatureCache(info, _ordered(arrays, labels is not None), top_maps, quant_maps, cfg)
     if out is not None:

@@ -25,7 +25,7 @@ import torch
 
 from difflens.errors import DifflensError
 from difflens.interpret.cache import CacheConfig, SparseMaps
-from difflens.interpret.concepts import concept_matrix
+from difflens.groundtruth import ConceptVocabulary
 from difflens.interpret.features import FeatureSource
 from difflens.interpret.sources import SampleSource
 from difflens.utils import progress
@@ -81,8 +81,8 @@ def calibrate(run: CacheRun, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 class ConceptCounts:
     """Per step and split, how often "token active" coincides with "token has concept c"."""
 
-    def __init__(self, labels: np.ndarray, S: int, F: int):
-        self.cm_all = concept_matrix(labels)  # [n, T, C]
+    def __init__(self, labels: np.ndarray, S: int, F: int, vocabulary: ConceptVocabulary):
+        self.cm_all = vocabulary.matrix(labels)  # [n, T, C]
         C = self.cm_all.shape[-1]
         self.tp = torch.zeros(2, S, F, C, dtype=torch.float64)
         self.act_cnt = torch.zeros(2, S, F, dtype=torch.float64)
@@ -118,7 +118,8 @@ class ConceptCounts:
         }
 
 
-def statistics(run: CacheRun, thr: torch.Tensor, labels: np.ndarray | None) -> dict[str, np.ndarray]:
+def statistics(run: CacheRun, thr: torch.Tensor, labels: np.ndarray | None,
+               vocabulary: ConceptVocabulary | None = None) -> dict[str, np.ndarray]:
     """Pass B over all images: frequency, histogram, profiles, per-image scores (and concept counts)."""
     cfg = run.cfg
     n, S, T, F = run.shape
@@ -137,7 +138,9 @@ def statistics(run: CacheRun, thr: torch.Tensor, labels: np.ndarray | None) -> d
     s_qual = np.zeros((n, F), bool)
     s_max = np.zeros((n, F), np.float32)
     s_max_step = np.zeros((n, F), np.int16)
-    concepts = ConceptCounts(labels, S, F) if labels is not None else None
+    if labels is not None and vocabulary is None:
+        raise DifflensError("token labels need the concept vocabulary of their world to be counted")
+    concepts = ConceptCounts(labels, S, F, vocabulary) if labels is not None else None
     for b_sids, codes in run.batches(run.sids, "statistics"):  # codes [b, S, T, F]
         rows = np.array([pos_of[int(s)] for s in b_sids])
         gmax_all = torch.maximum(gmax_all, codes.amax((0, 1, 2)))

@@ -1,4 +1,5 @@
-"""The offline oracle for the toy world: an explainer and a judge that read ground-truth labels.
+"""The offline oracle for a ground-truth world (the toy world): an explainer and a judge that read
+token labels through the world's concept vocabulary (`GroundTruth.vocabulary()`).
 
 Explainer: names the concept whose labels best match where (token level) or whether (image
 level) the feature is active, on the explain split only (regions only at token level: every
@@ -18,12 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from difflens.groundtruth import ConceptVocabulary
 from difflens.interpret.cache import FeatureCache
-from difflens.interpret.concepts import CONCEPT_INDEX, CONCEPT_NAMES, explanation_text
 from difflens.interpret.scoring import Explanation, Task, Truth, active_tokens
-
-
-_IMAGE_CANDIDATE = np.array([not c.startswith("region=") for c in CONCEPT_NAMES])
 
 
 def _f1(tp, a, p):
@@ -48,7 +46,7 @@ def concept_match(cache: FeatureCache, f: int, split: int = 0) -> dict[str, np.n
     """How well feature f matches each concept on one split: token level per (step, concept) and
     image level per concept, as MCC (used to choose) and F1 (reported)."""
     if not cache.has_concepts:
-        raise ValueError("this cache has no concept statistics (samples without toy-world labels)")
+        raise ValueError("this cache has no concept statistics (samples without ground-truth token labels)")
     T = cache.grid_hw[0] * cache.grid_hw[1]
     in_split = cache.split == split
     n_tok = float(in_split.sum()) * T
@@ -68,12 +66,16 @@ class OracleExplainer:
 
     name = "oracle"
 
-    def __init__(self, truth: Truth | None = None, *, evidence: str = "split", token_preference: float = 0.9):
+    def __init__(self, truth: Truth | None = None, *, evidence: str = "split", token_preference: float = 0.9,
+                 vocabulary: ConceptVocabulary | None = None):
         if evidence not in ("split", "top"):
             raise ValueError("evidence must be 'split' (all explain-split images) or 'top' (the explainer's images)")
         if evidence == "top" and truth is None:
             raise ValueError("evidence='top' needs the ground truth (Truth)")
+        if truth is None and vocabulary is None:
+            raise ValueError("the oracle names concepts of a ground-truth world: pass its Truth (or its vocabulary)")
         self.truth, self.evidence, self.token_preference = truth, evidence, token_preference
+        self.vocab: ConceptVocabulary = vocabulary if vocabulary is not None else truth.vocab
 
     def explain(self, cache: FeatureCache, task: Task) -> Explanation:
         if self.evidence == "split":
@@ -83,7 +85,7 @@ class OracleExplainer:
             tok_step = tok_SC.argmax(0)
         else:
             tok_C, img_C, tok_step = self._from_top(cache, task)
-        img_C = np.where(_IMAGE_CANDIDATE, img_C, 0.0)  # every image has object and background pixels
+        img_C = np.where(self.vocab.image_level, img_C, 0.0)  # e.g. every image has object and background pixels
         ct, ci = int(np.argmax(tok_C)), int(np.argmax(img_C))
         if tok_C[ct] <= 0 and img_C[ci] <= 0:
             return Explanation("", ok=False, error="the feature matches no concept better than chance")
@@ -91,24 +93,25 @@ class OracleExplainer:
             c, level, score = ct, "token", float(tok_C[ct])
         else:
             c, level, score = ci, "image", float(img_C[ci])
-        concept = CONCEPT_NAMES[c]
+        names = self.vocab.names
+        concept = names[c]
         order = np.argsort(-tok_C)[:3]
         meta = {
             "match": score,  # MCC of the chosen reading (evidence "top": mean per-image MCC / presence lift)
             "token_match": float(tok_C[ct]),
             "image_match": float(img_C[ci]),
             "best_step": int(tok_step[c]) if level == "token" else None,
-            "runner_up": [{"concept": CONCEPT_NAMES[i], "token_match": float(tok_C[i])} for i in order],
+            "runner_up": [{"concept": names[i], "token_match": float(tok_C[i])} for i in order],
             "evidence": self.evidence,
         }
         if self.evidence == "split":
             meta["f1"] = float(m["token_f1"][tok_step[c], c] if level == "token" else m["image_f1"][c])
-        return Explanation(explanation_text(concept, level), concept=concept, level=level, meta=meta)
+        return Explanation(self.vocab.explanation(concept, level), concept=concept, level=level, meta=meta)
 
     def _from_top(self, cache: FeatureCache, task: Task):
         """From the explainer's images only: per-image token MCC with each concept mask (averaged),
         and concept presence among them minus its base rate in the explain split."""
-        C = len(CONCEPT_NAMES)
+        C = len(self.vocab.names)
         tok = np.zeros(C)
         img = np.zeros(C)
         n = 0
@@ -138,9 +141,10 @@ class OracleJudge:
 
     def judge(self, expl: Explanation, example) -> float | None:
         cm = self.truth.tokens(example.sample_id)
-        if cm is None or expl.concept not in CONCEPT_INDEX:
+        index = self.truth.vocab.index
+        if cm is None or expl.concept not in index:
             return None
-        c = CONCEPT_INDEX[expl.concept]
+        c = index[expl.concept]
         if expl.level == "image":
             return float(cm[:, c].any())
         a = active_tokens(example.map, example.threshold)

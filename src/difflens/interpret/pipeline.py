@@ -241,7 +241,7 @@ def run_pipeline(
         scores[fs.name] = [r["score"] for r in results if r["score"] is not None]
         scores_all[fs.name] = scores[fs.name] + [0.5] * (len(selected) - len(scores[fs.name]))
         kinds[fs.name] = fs.kind
-        hier[fs.name] = hierarchy(cache)
+        hier[fs.name] = hierarchy(cache, truth.vocab if truth is not None else None)
         write_json(folder / "scores.json", {"summary": row, "source": fs.describe(), "selected": [int(x) for x in selected],
                                             "skipped": {str(k): v for k, v in skipped.items()}, "results": results})
         plot_scores({fs.name: scores[fs.name]}, folder / "score_hist.png", title=f"{fs.name} scores")

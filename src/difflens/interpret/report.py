@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from difflens.interpret.cache import FeatureCache
-from difflens.interpret.concepts import CONCEPT_NAMES, TYPES, concept_type
+from difflens.groundtruth import ConceptVocabulary
 from difflens.utils import write_json
 from difflens.viz import save_figure
 
@@ -168,15 +168,11 @@ def paper_checks(scores: dict[str, list[float]], kinds: dict[str, str], seed: in
 # ---- timestep hierarchy ------------------------------------------------------------------------------
 
 
-COARSE = ("position", "bgcolor", "bg")
-FINE = ("digit", "shape", "color")
-
-
-def hierarchy(cache: FeatureCache, *, top_k: int = 5, min_match: float = 0.2) -> dict | None:
+def hierarchy(cache: FeatureCache, vocab: ConceptVocabulary | None, *, top_k: int = 5, min_match: float = 0.2) -> dict | None:
     """Per concept type: its best-matching features (token MCC over both splits, best step) with
     the timesteps where their mean activation peaks and where they match their concept best,
     and the step at which one feature matches the type best."""
-    if not cache.has_concepts:
+    if not cache.has_concepts or vocab is None:
         return None
     from difflens.interpret.oracle import mcc
 
@@ -190,16 +186,17 @@ def hierarchy(cache: FeatureCache, *, top_k: int = 5, min_match: float = 0.2) ->
     live = cache.live()
     best_c = m.max(0).argmax(1)  # [F]
     best_m = m.max(0).max(1)
-    ctypes = np.array([concept_type(c) for c in CONCEPT_NAMES])
+    names = vocab.names
+    ctypes = np.array([vocab.type_of(c) for c in names])
     prof = cache["profile_mean"]
     out = {"timesteps": ts.tolist(), "top_k": top_k, "min_match": min_match, "metric": "token MCC", "types": {}}
-    for t in TYPES:
+    for t in vocab.types:
         cols = np.flatnonzero(ctypes == t)
         cand = np.flatnonzero(live & np.isin(best_c, cols) & (best_m >= min_match))
         cand = cand[np.argsort(-best_m[cand])][:top_k]
         curve = m[:, :, cols].max(axis=(1, 2))  # [S]
         entry = {"features": cand.tolist(), "match": [_r(best_m[f]) for f in cand],
-                 "concepts": [CONCEPT_NAMES[best_c[f]] for f in cand],
+                 "concepts": [names[best_c[f]] for f in cand],
                  "best_match_by_step": [_r(x) for x in curve], "best_match": _r(curve.max()),
                  "best_step_timestep": _r(ts[int(curve.argmax())], 2) if curve.max() > 0 else None}
         if len(cand):
@@ -209,20 +206,21 @@ def hierarchy(cache: FeatureCache, *, top_k: int = 5, min_match: float = 0.2) ->
             entry.update(peak_timesteps=[_r(p, 2) for p in peaks], median_peak_timestep=_r(np.median(peaks), 2),
                          median_match_timestep=_r(np.median(match_peaks), 2), mean_profile=[_r(x) for x in norm.mean(0)])
         out["types"][t] = entry
-    out["coarse_to_fine"] = {k: _coarse_fine(out["types"], k) for k in ("median_peak_timestep", "median_match_timestep")}
+    out["coarse_to_fine"] = {k: _coarse_fine(out["types"], k, vocab) for k in ("median_peak_timestep", "median_match_timestep")}
     return out
 
 
-def _coarse_fine(types: dict, key: str) -> dict:
-    """Do position/background features peak at noisier timesteps than object identity (digits)?"""
-    coarse = [types[t][key] for t in COARSE if types[t].get(key) is not None]
-    digit = types["digit"].get(key)
-    fine = [types[t][key] for t in FINE if types[t].get(key) is not None]
+def _coarse_fine(types: dict, key: str, vocab: ConceptVocabulary) -> dict:
+    """Do coarse features (toy world: position/background) peak at noisier timesteps than fine
+    ones (object identity, digits)?"""
+    coarse = [types[t][key] for t in vocab.coarse_types if types[t].get(key) is not None]
+    digit = types.get("digit", {}).get(key)
+    fine = [types[t][key] for t in vocab.fine_types if types[t].get(key) is not None]
     res = {"coarse": _r(float(np.median(coarse)), 2) if coarse else None, "digit": digit,
            "fine": _r(float(np.median(fine)), 2) if fine else None}
     res["digit_later"] = None if res["coarse"] is None or digit is None else bool(res["coarse"] > digit)
     res["fine_later"] = None if res["coarse"] is None or res["fine"] is None else bool(res["coarse"] > res["fine"])
-    if digit is None:
+    if digit is None and "digit" in types:
         res["note"] = (f"untestable for digits: no feature matches a digit with token MCC >= the threshold "
                        f"(best {types['digit']['best_match']})")
     return res

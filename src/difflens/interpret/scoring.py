@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from difflens.interpret.cache import Example, FeatureCache
-from difflens.interpret.concepts import CONCEPT_INDEX, concept_matrix, concepts_in_text, mask_for_concepts
+from difflens.groundtruth import ConceptVocabulary
 
 
 @dataclass
@@ -196,10 +196,12 @@ def active_tokens(map_T: np.ndarray, threshold: float) -> np.ndarray:
 
 
 class Truth:
-    """Ground-truth concept masks per sample (toy world), from the source's token labels."""
+    """Ground-truth concept masks per sample, from the source's token labels read with the
+    vocabulary of the source's world (`SampleSource.vocabulary()`)."""
 
-    def __init__(self, source):
+    def __init__(self, source, vocabulary: ConceptVocabulary | None = None):
         self.source = source
+        self.vocab: ConceptVocabulary = vocabulary if vocabulary is not None else source.vocabulary()
         self._cache: dict[int, np.ndarray] = {}
 
     def tokens(self, sid: int) -> np.ndarray | None:
@@ -207,7 +209,7 @@ class Truth:
         sid = int(sid)
         if sid not in self._cache:
             lab = self.source.record(sid).get("token_labels")
-            self._cache[sid] = None if lab is None else concept_matrix(np.asarray(lab, np.int64))
+            self._cache[sid] = None if lab is None else self.vocab.matrix(np.asarray(lab, np.int64))
         return self._cache[sid]
 
     def image(self, sid: int) -> np.ndarray | None:
@@ -215,11 +217,12 @@ class Truth:
         return None if t is None else t.any(0)
 
 
-def concept_mask_of(expl: Explanation, cm_TC: np.ndarray) -> np.ndarray | None:
-    if expl.concept in CONCEPT_INDEX:
-        return cm_TC[:, CONCEPT_INDEX[expl.concept]]
-    named = concepts_in_text(expl.text or "")
-    return mask_for_concepts(cm_TC, named) if named else None
+def concept_mask_of(expl: Explanation, cm_TC: np.ndarray, vocab: ConceptVocabulary) -> np.ndarray | None:
+    """bool [T]: the tokens of the concept an explanation names (by concept, or parsed from its text)."""
+    if expl.concept in vocab.index:
+        return cm_TC[:, vocab.index[expl.concept]]
+    named = vocab.in_text(expl.text or "")
+    return vocab.mask_for(cm_TC, named) if named else None
 
 
 def localisation(expl: Explanation, examples: list[Example], truth: Truth | None) -> float | None:
@@ -231,7 +234,7 @@ def localisation(expl: Explanation, examples: list[Example], truth: Truth | None
         cm = truth.tokens(e.sample_id)
         if cm is None:
             continue
-        c = concept_mask_of(expl, cm)
+        c = concept_mask_of(expl, cm, truth.vocab)
         if c is None:
             return None
         a = active_tokens(e.map, e.threshold)

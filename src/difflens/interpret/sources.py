@@ -16,7 +16,7 @@ from PIL import Image
 
 from difflens.errors import DifflensError
 from difflens.generation import GenerationPlan, generate_batched
-from difflens.groundtruth import ground_truth_of
+from difflens.groundtruth import ConceptVocabulary, GroundTruth, ground_truth_of
 from difflens.harvest.run import labels_and_records, plan_samples
 from difflens.hooks import HookSet, Site
 from difflens.models.base import Adapter
@@ -72,8 +72,21 @@ class SampleSource:
     def prompt_ids(self, sids) -> np.ndarray:
         return np.array([int(self.record(int(s)).get("prompt_id", s)) for s in sids], np.int64)
 
+    def ground_truth(self) -> GroundTruth | None:
+        """The world whose concepts the samples' token labels stand for (None: no ground truth)."""
+        return None
+
+    def vocabulary(self) -> ConceptVocabulary:
+        """The concept vocabulary of the samples' token labels; an error names the fix when the
+        samples carry labels but no world to read them with."""
+        truth = self.ground_truth()
+        if truth is None:
+            raise DifflensError(f"the samples of {self.description} carry token labels but no ground-truth world to "
+                                "read them: harvest them from a model with ground truth (its adapter's world_class)")
+        return truth.vocabulary()
+
     def token_labels(self, sids) -> np.ndarray | None:
-        """int64 [n, T] per-token concept bitmasks (toy world), or None when some sample has none."""
+        """int64 [n, T] per-token concept bitmasks (ground truth), or None when some sample has none."""
         out = np.zeros((len(sids), self.num_tokens), np.int64)
         for i, s in enumerate(sids):
             lab = self.record(int(s)).get("token_labels")
@@ -102,6 +115,15 @@ class StoreSource(SampleSource):
             raise DifflensError(f"store {self.store.root} has no image-stream site: harvest an ':img' site")
         self._index(use[0])
         self.steps, self.timesteps, self.grid_hw = self._steps[use[0]]
+        self._truth: list = []  # [GroundTruth | None] once resolved
+
+    def ground_truth(self) -> GroundTruth | None:
+        """The world of the model the store was harvested from (`models.ground_truth_for`)."""
+        if not self._truth:
+            from difflens.models import ground_truth_for
+
+            self._truth.append(ground_truth_for(self.store.manifest["model"]))
+        return self._truth[0]
 
     @property
     def sites(self) -> list[str]:
@@ -181,7 +203,8 @@ class MemorySource(SampleSource):
     """Samples held in memory, e.g. generated afresh by `generate_samples`."""
 
     def __init__(self, acts: dict[str, np.ndarray], records: list[dict], images: np.ndarray,
-                 timesteps: list[float], steps: list[int] | None = None, description: dict | None = None):
+                 timesteps: list[float], steps: list[int] | None = None, description: dict | None = None,
+                 ground_truth: GroundTruth | None = None):
         first = next(iter(acts.values()))
         n, S, T, _ = first.shape
         g = int(round(T**0.5))
@@ -195,6 +218,10 @@ class MemorySource(SampleSource):
         self.timesteps = [float(t) for t in timesteps]
         self.grid_hw = (g, g)
         self.description = description or {"kind": "memory"}
+        self._ground_truth = ground_truth
+
+    def ground_truth(self) -> GroundTruth | None:
+        return self._ground_truth
 
     @property
     def sites(self) -> list[str]:
@@ -263,6 +290,7 @@ def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str],
     return MemorySource(
         {s: np.concatenate(v) for s, v in acts.items()}, records, np.concatenate(images), timesteps,
         description={"kind": "generated", "model": getattr(adapter, "model_id", "?"), "prompts": len(prompts), "steps": steps},
+        ground_truth=truth,
     )
 
 

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from difflens.errors import DifflensError
+from difflens.groundtruth import ground_truth_of
 from difflens.intervene.run import generate_with
 from difflens.intervene.steer import Steer
 
@@ -24,13 +26,13 @@ def steer_sweep(
     *,
     steps: int | None = None,
     guidance: float | None = None,
-    classifier=None,
     read: tuple[str, str | None] | None = None,
     **steer_kwargs,
 ) -> dict:
     """Images [1 + len(scales), H, W, 3] (unsteered first) with captions.
 
-    `read=(factor, position)` adds the factor classifier's reading to each caption (toy model).
+    `read=(factor, position)` adds the model's ground-truth reading of that factor to each caption
+    (models with a ground-truth world, e.g. the toy model; nothing otherwise).
     Extra keyword arguments go to every `Steer` (mode, window, region, branch, stats, ...).
     """
     scales = [float(s) for s in scales]
@@ -41,7 +43,7 @@ def steer_sweep(
     readings = None
     if read is not None:
         factor, position = read
-        readings = read_factor_safe(gen.images, factor, position, classifier)
+        readings = read_factor_safe(adapter, gen.images, factor, position)
         if readings is not None:
             labels = [f"{lab}: {r}" for lab, r in zip(labels, readings)]
     return {
@@ -54,14 +56,14 @@ def steer_sweep(
     }
 
 
-def read_factor_safe(images, factor: str, position: str | None, classifier=None) -> list[str] | None:
-    """The classifier's reading, or None when no classifier weights are available."""
-    from difflens.errors import DifflensError
-    from difflens.world.classifier import read_factor
-
+def read_factor_safe(adapter, images, factor: str, position: str | None) -> list[str] | None:
+    """The ground truth's reading of one factor per image, or None when the model has no
+    ground-truth world or its reader is missing (no classifier weights)."""
+    truth = ground_truth_of(adapter)
+    if truth is None:
+        return None
     try:
-        return read_factor(images, factor, position, classifier=classifier)
+        truth.ready()
+        return truth.read_factor(np.asarray(images), factor, position)
     except DifflensError:
-        if classifier is not None:
-            raise
         return None

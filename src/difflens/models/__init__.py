@@ -15,4 +15,12 @@ def load_adapter(model: str, *, dtype="fp32", device="cpu", quantize: str | None
     return _load(model, dtype=dtype, device=device, quantize=quantize, offload=offload, max_text_length=max_text_length)
 
 
-__all__ = ["Adapter", "Generation", "load_adapter"]
+def ground_truth_for(model: str):
+    """The `GroundTruth` of the model a store was harvested from (None for real models), without
+    loading weights."""
+    from difflens.models._loading import ground_truth_for as _truth
+
+    return _truth(model)
+
+
+__all__ = ["Adapter", "Generation", "ground_truth_for", "load_adapter"]

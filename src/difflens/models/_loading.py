@@ -186,6 +186,19 @@ def _is_toy_folder(path: Path) -> bool:
         return False
 
 
+def ground_truth_for(model: str):
+    """The ground truth of the model a store names (`GroundTruth` or None), from its family's
+    `world_class`, without loading weights: how a store's token labels are read."""
+    is_toy = str(model).strip().lower() == "toy"
+    source = None if is_toy else resolve_source(model)
+    if is_toy or source.pipeline_class == "toy":
+        from difflens.models.toy import world_class  # the toy adapter's world, without importing diffusers
+
+        return world_class()()
+    cls = adapter_class(source.pipeline_class)
+    return cls.world_class() if cls.world_class is not None else None
+
+
 def _toy_adapter_class():
     try:
         from difflens.models.toy.adapter import ToyAdapter

@@ -56,6 +56,9 @@ class Adapter(ABC):
     # Row layout of a guided step: "uncond_cond" / "cond_uncond" (2n rows in one call),
     # "cond_then_uncond" (two calls of n rows) or "cond" (one branch; guidance is distilled).
     cfg_layout: ClassVar[str] = "cond"
+    # The ground-truth world a family's models were trained on (a `GroundTruth` class), or None;
+    # `ground_truth()` returns one, and a store's labels are read through it without loading weights.
+    world_class: ClassVar[type | None] = None
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -69,7 +72,11 @@ class Adapter(ABC):
     # ---- ground truth ------------------------------------------------------------------------
     def ground_truth(self) -> GroundTruth | None:
         """The world this model was trained on, when it has per-pixel ground truth; None for real models."""
-        return None
+        if self.world_class is None:
+            return None
+        if getattr(self, "_world", None) is None:
+            self._world = self.world_class()
+        return self._world
 
     # ---- sites -------------------------------------------------------------------------
     @abstractmethod

@@ -13,6 +13,7 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.world import vocab as V
+from difflens.world.concepts import TOY_CONCEPTS, ToyConcepts
 from difflens.world.classifier import FactorClassifier, adherence, classify, default_classifier, read_factor
 from difflens.world.labels import concept_token_matrix, concepts_to_mask, image_concepts, token_label_masks
 from difflens.world.prompts import parse_prompt, scene_to_prompt, world_prompts
@@ -119,3 +120,6 @@ class ToyWorld:
 
     def adherence(self, prompts: Sequence[str], images: np.ndarray) -> dict:
         return adherence(prompts, images, classifier=self.classifier)
+
+    def vocabulary(self) -> ToyConcepts:
+        return TOY_CONCEPTS

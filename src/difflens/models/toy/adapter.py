@@ -12,6 +12,7 @@ from difflens.models.base import Adapter, Generation
 from difflens.models.flux import flux_default_site, flux_site_bindings
 from difflens.models.toy.model import ToyT2I
 from difflens.models.toy.sampling import make_scheduler, sample
+from difflens.models.toy import world_class as toy_world_class
 from difflens.world.groundtruth import ToyWorld
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -22,6 +23,7 @@ class ToyAdapter(Adapter):
 
     name = "toy"
     cfg_layout = "uncond_cond"
+    world_class = toy_world_class()  # `ground_truth()`: the toy world (scenes, labels, factor classifier)
 
     def __init__(self, model: ToyT2I, *, dtype: torch.dtype = torch.float32, model_id: str = "toy"):
         self.model = model
@@ -46,12 +48,6 @@ class ToyAdapter(Adapter):
 
     def default_site(self) -> str:
         return flux_default_site(self.transformer)
-
-    def ground_truth(self) -> ToyWorld:
-        """The toy world the model was trained on (its scenes, labels and factor classifier)."""
-        if self._world is None:
-            self._world = ToyWorld()
-        return self._world
 
     @property
     def default_steps(self) -> int:

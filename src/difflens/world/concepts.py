@@ -1,4 +1,7 @@
-"""Ground-truth concepts of the toy world as the oracle sees them: names, types, token masks, words.
+"""The toy world's concept vocabulary as the oracle sees it: names, types, token masks, words.
+
+Generic stages reach it only through `ToyWorld.vocabulary()` (a `groundtruth.ConceptVocabulary`);
+the toy-world benchmark (difflens.benchmark) uses the module directly.
 
 The world's concepts (`factor=value`, difflens.world.vocab.CONCEPTS) plus two regions
 ("region=object" / "region=background"), since a feature that fires on every object token
@@ -113,3 +116,33 @@ def mask_for_concepts(cm_TC: np.ndarray, concepts: list[str]) -> np.ndarray:
     for idx in by_factor.values():
         out &= cm_TC[:, idx].any(1)
     return out
+
+
+class ToyConcepts:
+    """The `groundtruth.ConceptVocabulary` of the toy world (what `ToyWorld.vocabulary()` returns)."""
+
+    names: tuple[str, ...] = CONCEPT_NAMES
+    index: dict[str, int] = CONCEPT_INDEX
+    types: tuple[str, ...] = TYPES
+    coarse_types: tuple[str, ...] = ("position", "bgcolor", "bg")  # decided early in a run, or so one expects
+    fine_types: tuple[str, ...] = ("digit", "shape", "color")
+    # the concepts an image can have or lack (every image has object and background pixels)
+    image_level: np.ndarray = np.array([not c.startswith("region=") for c in CONCEPT_NAMES])
+
+    def type_of(self, concept: str) -> str:
+        return concept_type(concept)
+
+    def matrix(self, masks) -> np.ndarray:
+        return concept_matrix(masks)
+
+    def explanation(self, concept: str, level: str) -> str:
+        return explanation_text(concept, level)
+
+    def in_text(self, text: str) -> list[str]:
+        return concepts_in_text(text)
+
+    def mask_for(self, cm_TC: np.ndarray, concepts: list[str]) -> np.ndarray:
+        return mask_for_concepts(cm_TC, concepts)
+
+
+TOY_CONCEPTS = ToyConcepts()
