@@ -133,7 +133,7 @@ def _data(args, sites: list[str]):
         raise DifflensError("interpret --generate records at the model's default image size: drop --height/--width "
                             "(or harvest a store at that size and pass --data)")
     adapter = load_model(args)
-    steps = gk["steps"] or getattr(adapter, "default_steps", None)
+    steps = gk["steps"] or adapter.default_steps  # the Adapter contract
     sites = [s for s in sites if s] or [adapter.default_site()]
     extra = [neuron_site_for(s, adapter.sites()) for s in sites]
     prompts, scenes = world_prompts(args.generate, args.prompt_seed)
