@@ -123,7 +123,8 @@ def stage_intervene(out: Path, summary: dict) -> None:
     adapter = load_adapter("toy")
     summary["trace"] = run_trace_demo(out / "trace", adapter)
     dicts = {n: difflens.load(d) for n, d in summary["train"]["text_dictionaries"].items()}
-    res = run_concept_study(adapter, dicts, Store(out / "store"), out / "intervene", n=DEMO_CASES, rows=DEMO_ROWS)
+    res = run_concept_study(adapter, dicts, Store(out / "store"), out / "intervene", n=DEMO_CASES, rows=DEMO_ROWS,
+                            references=("difference of means", "random direction"))
     r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
     summary["intervene"] = {
         "table": res["files"]["table"], "examples": res["files"]["examples"], "images_per_second": res["images_per_second"],

@@ -140,7 +140,7 @@ def run_concept_study(
     *,
     n: int = 100,
     rows: Sequence[str] = ROWS,
-    references: bool = True,
+    references: Sequence[str] = REFERENCE_ROWS,
     n_features: int = 3,
     scale: float = 1.0,
     branch: str = "both",
@@ -160,9 +160,9 @@ def run_concept_study(
     """
     import time
 
-    bad = [r for r in rows if r not in ROWS]
+    bad = [r for r in rows if r not in ROWS] + [r for r in references if r not in REFERENCE_ROWS]
     if bad:
-        raise DifflensError(f"unknown study rows {bad}: choose from {', '.join(ROWS)}")
+        raise DifflensError(f"unknown study rows {bad}: choose from {', '.join(ROWS)} (references: {', '.join(REFERENCE_ROWS)})")
     if not dictionaries:
         raise DifflensError("the concept study needs at least one dictionary")
     clf = study_classifier(classifier)
@@ -176,7 +176,7 @@ def run_concept_study(
     gen_kw = dict(steps=steps, guidance=guidance)
     n_ref_sites = len(set(sites.values())) * len({r.split()[0] for r in rows if "transfer" in r})
     per_dict = len(rows) + ("color ablation" in rows)
-    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + (4 if references else 0)), "concept study", show_progress)
+    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + len(references)), "concept study", show_progress)
     t0 = time.time()
     from difflens.intervene.study_items import generate_items
 
@@ -265,7 +265,7 @@ def run_concept_study(
     if references:
         site = sites[next(iter(dictionaries))]
         result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate,
-                                               generate_other, seed)
+                                               generate_other, seed, references)
     bar.close()
     result["images"] = count[0]
     result["seconds"] = round(time.time() - t0, 1)
@@ -280,13 +280,26 @@ def run_concept_study(
     return result
 
 
-def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, generate_items_of, seed) -> dict:
+def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, generate_items_of, seed,
+                    which: Sequence[str]) -> dict:
     """Dictionary-free colour steering at the colour word's tokens: the difference of means
     (target colour's tokens minus source colour's) at its own norm, and a random direction of that norm."""
+    out: dict = {}
+    for factor in ("color", "object"):
+        if f"prompt changed: {factor}" in which:
+            changed = [replace(c, prompt=with_value(c, factor, getattr(c, "to_" + factor))) for c in cases]
+            imgs = generate_items_of(changed)
+            entry = score(cases, clean, read(imgs), factor)
+            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+            out[f"prompt changed: {factor}"] = entry
+    steer_rows = [(r, r == "random direction") for r in ("difference of means", "random direction") if r in which]
+    if not steer_rows:
+        return out
     truth = adapter.ground_truth()
     tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
     if truth is None or tok is None or Site.parse(site).stream != "txt":
-        return {"skipped": "needs a ground-truth world and a text-stream site"}
+        out["skipped"] = "difference of means and random direction need a ground-truth world and a text-stream site"
+        return out
     cid = {c: i for i, c in enumerate(truth.concepts)}
     words = []
     for c in cases:
@@ -307,8 +320,7 @@ def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, 
             return None, 0.0
         return torch.randn(v.shape, generator=gen) if random else v, float(v.norm())
 
-    out = {}
-    for row, random in (("difference of means", False), ("random direction", True)):
+    for row, random in steer_rows:
         def make(k, j, random=random):
             v, norm = direction(cases[k], random) if words[k] else (None, 0.0)
             if v is None:
@@ -319,12 +331,6 @@ def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, 
         entry["color_pairs_without_direction"] = sum(v is None for v in dirs.values())
         entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
         out[row] = entry
-    for factor in ("color", "object"):
-        changed = [replace(c, prompt=with_value(c, factor, getattr(c, "to_" + factor))) for c in cases]
-        imgs = generate_items_of(changed)
-        entry = score(cases, clean, read(imgs), factor)
-        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
-        out[f"prompt changed: {factor}"] = entry
     return out
 
 
