@@ -124,3 +124,28 @@ def test_concept_study_end_to_end(adapter, tmp_path):
     img = {"i": tiny_sae(adapter.site_dim("transformer_blocks.1:img"))}
     with pytest.raises(DifflensError, match="lacks sites"):
         run_concept_study(adapter, img, store, None, n=2, classifier=clf)
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])  # MM-DiTs: PixArt and DiT have no text stream
+def test_text_and_image_sites_in_one_run_on_tiny_pipelines(family, tmp_path):
+    """The study's mechanics on real diffusers pipelines: a text-stream steer at chosen tokens of the
+    conditional rows and an image-stream edit where a feature fires, in one generation."""
+    import tiny_pipelines as tp
+
+    from difflens.intervene import CodeEdit
+    from difflens.models import load_adapter
+
+    build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline}[family]
+    adapter = load_adapter(str(tp.save(build(), tmp_path / family)))
+    size = {"height": 32, "width": 32} if family == "flux" else {}
+    txt, img = "transformer_blocks.0:txt", "transformer_blocks.1:img"
+    s_txt = tiny_sae(adapter.site_dim(txt), width=16, k=2, site=txt, seed=1)
+    s_img = tiny_sae(adapter.site_dim(img), width=16, k=2, site=img, seed=2)
+    steer = Steer(s_txt, [0], 5.0, mode="absolute", tokens=[0, 1], branch="cond")
+    edit = CodeEdit(s_img, [("scale", [1, 2, 3], -2.0)], where=FiresOn(s_img, [1, 2, 3]))
+    clean = adapter.generate(["a red cat"], [0], steps=2, **size)
+    gen = generate_with(adapter, ["a red cat"], [0], [steer, edit], steps=2, **size)
+    assert steer.steps_applied() == [0, 1] and edit.steps_applied()
+    assert all(cond for e in steer.log for _, cond in e["rows"]) and all(e["tokens"] == 2 for e in steer.log)
+    assert all(0 < e["tokens"] for e in edit.log)
+    assert not np.array_equal(gen.images, clean.images)
