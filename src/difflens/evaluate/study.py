@@ -19,6 +19,9 @@ trainer's light per-``log_every`` bookkeeping. CPU time (all threads of the proc
 holds the store's small prefetch work) is what the time-to-FVU table uses by default: on a shared
 machine wall time mostly measures the other jobs (``--clock wall`` switches). Absolute values are
 not benchmarks.
+
+One file (over 500 lines) on purpose: the lockstep loop, the curve bookkeeping it feeds and the
+report drawn from those curves change together.
 """
 
 from __future__ import annotations

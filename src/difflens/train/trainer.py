@@ -4,6 +4,9 @@ Each step reads one batch per site (`data.SiteStream`) and hands it to every dic
 that site. Gradient dictionaries: forward → backward → (DDP all-reduce) →
 before_optimizer_step → clip → Adam step → after_optimizer_step. ITDA: `partial_fit` on the
 (global) batch, no optimizer. Rank 0 evaluates on the held-out slice, logs and checkpoints.
+
+One file (over 500 lines) on purpose: the order of a step (all-reduce, the dictionaries' hooks around
+the optimizer, evaluation, checkpoints, signals) is one protocol, read best in one place.
 """
 
 from __future__ import annotations
