@@ -165,6 +165,59 @@ def test_flux_true_cfg_calls_twice_per_step_cond_first(flux):
     assert not np.array_equal(cfg.images, plain.images)
 
 
+def _real_tokens(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=True).input_ids)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3", "pixart", "dit"])
+def test_text_mask_marks_each_rows_real_prompt_tokens(name, request):
+    """Every txt-site call carries [rows, L] text_mask: a prefix of True as long as the row's own
+    prompt (negative prompt for uncond rows) tokenises to, padding False; none without a text stream."""
+    adapter = request.getfixturevalue(name)
+    prompts, size, layout, n_txt = FAMILIES[name]
+    seen = []
+    hooks = HookSet()
+    for site in adapter.sites():
+        hooks.add(site, lambda a, c: seen.append((c.site.stream, a.shape[1], c)))
+    kw = {"true_cfg_scale": 2.0, "negative_prompt": "blur"} if name == "flux" else {}
+    _gen(adapter, prompts, size, hooks, **kw)
+    if n_txt is None:
+        assert all(c.text_mask is None for _, _, c in seen)
+        return
+    pipe = adapter.pipe
+    for stream, n, ctx in seen:
+        mask = ctx.text_mask
+        assert mask.dtype == torch.bool and tuple(mask.shape) == (len(ctx.is_cond), n_txt)
+        for r in range(len(ctx.is_cond)):
+            text = prompts[int(ctx.sample_index[r])] if ctx.is_cond[r] else ("blur" if name == "flux" else "")
+            if name == "flux":
+                parts = [(pipe.tokenizer_2, 512)]
+            else:
+                parts = [(pipe.tokenizer, 16), (pipe.tokenizer_3, 256)]
+            start = 0
+            for tok, length in parts:
+                k = _real_tokens(tok, text)
+                seg = mask[r, start:start + length].tolist()
+                assert seg == [True] * k + [False] * (length - k), (name, r, text)
+                start += length
+    assert {s for s, _, _ in seen} == {"img", "txt"}
+
+
+def test_harvest_samples_only_real_text_tokens_on_a_real_pipeline(flux, tmp_path):
+    from difflens.harvest.config import HarvestConfig
+    from difflens.harvest.run import harvest
+    from difflens.store import Store
+
+    cfg = HarvestConfig(model="tiny-flux", sites=["transformer_blocks.0:txt"], steps=STEPS, tokens_per_image=3,
+                        height=32, width=32)
+    harvest(tmp_path / "s", cfg, ["a cat", "sky"], adapter=flux)
+    meta = Store(tmp_path / "s").meta("transformer_blocks.0:txt", ["token", "attn_mask", "prompt_id"])
+    real = {pid: _real_tokens(flux.pipe.tokenizer_2, p) for pid, p in enumerate(["a cat", "sky"])}
+    assert len(meta["token"]) == 2 * STEPS * 3
+    assert (meta["attn_mask"] == 1).all()
+    assert all(t < real[int(p)] for t, p in zip(meta["token"], meta["prompt_id"]))
+
+
 def test_dit_without_guidance_has_only_conditional_rows(dit):
     seen = []
     hooks = HookSet().add("transformer_blocks.0:img", lambda a, c: seen.append((a.shape[0], c.is_cond.tolist())))

@@ -287,3 +287,32 @@ def test_single_block_mlp_is_sliced_into_streams_and_spliced_back():
     assert not torch.allclose(out_img, base_img)
     assert torch.equal(out_txt, base_txt)  # MLP and output projection are per token: text rows unchanged
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in host.modules())
+
+
+def test_tracker_derives_each_rows_text_mask_from_its_branch():
+    t = StepTracker(num_steps=1, grid_hw=(1, 1))
+    cond = torch.tensor([[True, True, False], [True, False, False]])
+    uncond = torch.tensor([[True, False, False], [True, False, False]])
+    t.set_text_masks(cond, uncond)
+    t.begin_step(0, 1.0)
+    t.set_batch(*batch_rows(2, "uncond_cond"))
+    ctx = t.context(Site.parse("transformer_blocks.0:txt"))
+    assert ctx.text_mask.tolist() == [uncond[0].tolist(), uncond[1].tolist(), cond[0].tolist(), cond[1].tolist()]
+    with pytest.raises(ValueError, match="text masks"):
+        t.set_text_masks(cond, uncond[:, :2])
+
+
+def test_toy_adapter_fills_the_text_mask_from_its_tokenizer():
+    from difflens.models import load_adapter
+
+    adapter = load_adapter("toy")
+    seen = []
+    hooks = HookSet().add("transformer_blocks.0:txt", lambda a, c: seen.append((a.shape, c.text_mask, c.is_cond)))
+    prompts = ["a red circle", "a small blue nine on a green background"]
+    adapter.generate(prompts, [0, 1], steps=1, hooks=hooks)
+    (shape, mask, is_cond), = seen
+    assert tuple(mask.shape) == tuple(shape[:2])
+    real = {True: [len(p.split()) + 1 for p in prompts], False: [1, 1]}  # words + BOS; uncond rows read ""
+    for r in range(len(is_cond)):
+        k = real[bool(is_cond[r])][r % 2]
+        assert mask[r].tolist() == [True] * k + [False] * (shape[1] - k)

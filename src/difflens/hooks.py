@@ -153,6 +153,9 @@ class HookContext:
     sample_index: torch.LongTensor  # [B] which sample of the generate() call each row is
     is_cond: torch.BoolTensor  # [B] rows of the conditional branch
     call_index: int  # transformer call within this step (true CFG calls twice)
+    # [B, L] True where a row's text token is a real token of its prompt, False where it is padding;
+    # L is the text length of txt sites. None when the model has no text stream in its blocks.
+    text_mask: torch.BoolTensor | None = None
 
 
 Hook = Callable[[torch.Tensor, HookContext], "torch.Tensor | None"]
@@ -236,6 +239,18 @@ class StepTracker:
     call_index: int = -1
     is_cond: torch.Tensor | None = field(default=None, repr=False)
     sample_index: torch.Tensor | None = field(default=None, repr=False)
+    text_mask: torch.Tensor | None = field(default=None, repr=False)
+    # per sample: (conditional prompts' mask [n, L], unconditional/negative prompts' mask [n, L])
+    text_masks: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def set_text_masks(self, cond, uncond) -> None:
+        """Call once per generate(): which text tokens of each sample's prompt (and of its negative
+        prompt, for unconditional rows) are real. Every later `set_batch` derives the rows' mask."""
+        cond = torch.as_tensor(cond, dtype=torch.bool)
+        uncond = torch.as_tensor(uncond, dtype=torch.bool)
+        if cond.ndim != 2 or cond.shape != uncond.shape:
+            raise ValueError(f"text masks must both be [n, L]; got {tuple(cond.shape)} and {tuple(uncond.shape)}")
+        self.text_masks = (cond, uncond)
 
     def begin_step(self, step: int, timestep: float, num_steps: int | None = None) -> None:
         """Call once per scheduler step, before its first transformer call."""
@@ -246,6 +261,7 @@ class StepTracker:
         self.call_index = -1
         self.is_cond = None
         self.sample_index = None
+        self.text_mask = None
 
     def set_batch(self, is_cond, sample_index) -> None:
         """Call before every transformer call of the step, describing its batch rows."""
@@ -260,6 +276,10 @@ class StepTracker:
         self.is_cond = is_cond
         self.sample_index = sample_index
         self.call_index += 1
+        if self.text_masks is not None:
+            cond, uncond = self.text_masks
+            idx = sample_index.cpu()
+            self.text_mask = torch.where(is_cond.cpu()[:, None], cond[idx], uncond[idx])
 
     def context(self, site: Site) -> HookContext:
         if self.is_cond is None or self.sample_index is None:
@@ -276,6 +296,7 @@ class StepTracker:
             sample_index=self.sample_index,
             is_cond=self.is_cond,
             call_index=self.call_index,
+            text_mask=self.text_mask,
         )
 
 

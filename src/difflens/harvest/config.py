@@ -70,15 +70,29 @@ def parse_steps(text: str | None) -> list[int] | None:
     return out
 
 
+def _hub_offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def read_prompts(path: str, column: str | None = None) -> list[str]:
     """Text (one prompt a line), JSONL ({"prompt": ...} per line), or `hf:<dataset>[:split]` with `datasets`."""
     if path.startswith("hf:"):
         try:
             import datasets  # optional
         except ImportError:
-            raise DifflensError("reading prompts from a Hugging Face dataset needs `pip install datasets`") from None
+            raise DifflensError(f"reading prompts from a Hugging Face dataset ({path}) needs the datasets extra: "
+                                "pip install 'difflens[datasets]' (or pass a local .txt/.jsonl prompts file)") from None
         parts = path[3:].split(":")
-        ds = datasets.load_dataset(parts[0], split=parts[1] if len(parts) > 1 else "train")
+        if not parts[0]:
+            raise DifflensError(f"{path!r}: write hf:ORG/DATASET[:split], e.g. hf:nateraw/parti-prompts:train")
+        try:
+            ds = datasets.load_dataset(parts[0], split=parts[1] if len(parts) > 1 else "train")
+        except (ConnectionError, OSError, FileNotFoundError, ValueError) as e:
+            offline = " (HF_HUB_OFFLINE is set: the hub is off)" if _hub_offline() else ""
+            raise DifflensError(f"could not load dataset {parts[0]}{offline}: {type(e).__name__}: {e}. Fix: download it "
+                                "once online (it is then cached), or pass a local .txt/.jsonl prompts file") from None
         col = column or "prompt"
         if col not in ds.column_names:
             raise DifflensError(f"dataset {parts[0]} has no column {col!r}; pass --prompt-column (columns: {ds.column_names})")

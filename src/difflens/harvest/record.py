@@ -61,6 +61,9 @@ class UnitRecorder:
             sid = int(self.sample_ids[local])
             mask = getattr(ctx, "text_mask", None)  # [B, N] bool when the adapter reports text padding
             valid = mask[r].detach().cpu().numpy().astype(bool) if stream == "txt" and mask is not None else None
+            if valid is not None and len(valid) != N:
+                raise RuntimeError(f"site {site}: the adapter's text mask covers {len(valid)} tokens but the site "
+                                   f"carries {N}; the adapter's text_masks() disagrees with its text stream")
             tok = token_choice(N, k, sid, ctx.step, stream, self.token_seed, valid)
             acts = acts_BND[r, torch.from_numpy(tok)].detach().to("cpu", torch.float32)
             n = len(tok)

@@ -28,7 +28,14 @@ def _add_cache_options(p) -> None:
 def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="activation store with every image token (harvest without --tokens-per-image)")
-    g.add_argument("--generate", type=int, metavar="N", help="instead of --data: generate N toy-world prompts afresh")
+    g.add_argument("--generate", type=int, metavar="N",
+                   help="instead of --data: generate N images afresh (toy-world prompts unless --prompts)")
+    g.add_argument("--prompts", metavar="FILE|hf:DATASET[:SPLIT]",
+                   help="for --generate on a real model: the first N prompts of a .txt (one a line) or .jsonl file, or "
+                   "of a Hugging Face dataset (needs the datasets extra; DiT: class ids or names)")
+    g.add_argument("--prompt-column", default=None, help="column/field holding the prompt (jsonl, datasets)")
+    g.add_argument("--branch", choices=["cond", "uncond"], default="cond",
+                   help="CFG branch read from a --data store harvested with --both-branches (default cond)")
     g.add_argument("--seeds", default="0", help="comma-separated noise seeds for --generate")
     g.add_argument("--prompt-seed", type=int, default=1, help="seed of the toy-world prompt sampler for --generate")
     add_model_options(p, help_suffix="for --generate")
@@ -123,22 +130,32 @@ def _data(args, sites: list[str]):
     if (args.data is None) == (args.generate is None):
         raise DifflensError("pass exactly one of --data STORE or --generate N")
     if args.data is not None:
+        if args.prompts:
+            raise DifflensError("--prompts goes with --generate N; a --data store already holds its prompts")
         return args.data
+    if args.generate < 1:
+        raise DifflensError(f"--generate must be >= 1 (images to generate), got {args.generate}")
     from difflens.world.prompts import world_prompts
     from difflens.interpret.features import neuron_site_for
     from difflens.interpret.sources import generate_samples
 
     gk = generation_kwargs(args)
-    if gk["height"] or gk["width"]:
-        raise DifflensError("interpret --generate records at the model's default image size: drop --height/--width "
-                            "(or harvest a store at that size and pass --data)")
     adapter = load_model(args)
     steps = gk["steps"] or adapter.default_steps  # the Adapter contract
     sites = [s for s in sites if s] or [adapter.default_site()]
     extra = [neuron_site_for(s, adapter.sites()) for s in sites]
-    prompts, scenes = world_prompts(args.generate, args.prompt_seed)
+    if args.prompts:
+        from difflens.harvest.config import read_prompts
+
+        prompts, scenes = read_prompts(args.prompts, args.prompt_column)[: args.generate], None
+    elif adapter.ground_truth() is None:
+        raise DifflensError(f"{args.model} has no toy world to sample prompts from: pass --prompts FILE "
+                            "(.txt/.jsonl) or --prompts hf:DATASET for --generate")
+    else:
+        prompts, scenes = world_prompts(args.generate, args.prompt_seed)
     return generate_samples(adapter, prompts, sorted(set(sites + [e for e in extra if e])), seeds=_seeds(args.seeds),
-                            steps=steps, scenes=scenes, guidance=gk["guidance"])
+                            steps=steps, scenes=scenes, guidance=gk["guidance"],
+                            height=gk["height"], width=gk["width"])
 
 
 def _dict_sites(paths: list[str]) -> list[str]:
@@ -195,6 +212,7 @@ def run(args) -> int:
         explainer_prompt=args.explainer_prompt, judge_prompt=args.judge_prompt, vlm_cache=args.vlm_cache,
         grids=not args.no_heatmaps, adherent_only=args.adherent_only, evidence=args.evidence,
         negative_overlay=args.negative_overlay, reuse_caches=not args.no_reuse, chance_controls=args.chance_controls,
+        branch=args.branch,
     )
     from difflens.interpret.report import markdown_table
 
@@ -215,14 +233,14 @@ def run_cache(args) -> int:
     if args.cache_dict:
         fs = as_feature_source(args.cache_dict)
         data = _data(args, [fs.site])
-        src = open_source(data, sites=[fs.site])
+        src = open_source(data, sites=[fs.site], branch=args.branch)
     elif args.neurons:
         data = _data(args, [args.neurons])
-        src = open_source(data, sites=[args.neurons])
+        src = open_source(data, sites=[args.neurons], branch=args.branch)
         fs = NeuronFeatures(args.neurons, src.d(args.neurons))
     else:
         data = _data(args, [args.site] if args.site else [])
-        src = open_source(data, sites=[args.site] if args.site else None)
+        src = open_source(data, sites=[args.site] if args.site else None, branch=args.branch)
         site = args.site or src.sites[0]
         fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=_site_mean(src, site))
     cache = build_cache(fs, src, config=_cache_config(args), out=args.out, seed=args.seed)

@@ -136,6 +136,7 @@ def run_pipeline(
     reuse_caches: bool = True,
     negative_overlay: str = "feature",
     chance_controls: int | str | None = None,
+    branch: str = "cond",
 ) -> dict:
     """Score dictionaries (name -> Dictionary | checkpoint path) and baselines on the same images.
 
@@ -146,7 +147,7 @@ def run_pipeline(
     chance_controls: the permutation baseline that measures each feature's chance level
     (scoring.py): None = every (map, image) pair of the test set for the oracle and one other
     image per test item for a VLM (10 extra judgements per feature); "all", an int, or "none"
-    (raw scores, for comparison only).
+    (raw scores, for comparison only). branch: the CFG rows read from a store harvested with both.
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -183,7 +184,7 @@ def run_pipeline(
         notes.append(f"dictionaries at other sites than {site}: {other_sites} (compare rows by site)")
     if src is None:
         need = [site] + other_sites + ([neuron_site] if "neurons" in baselines else [])
-        src = StoreSource(store, sites=need)
+        src = StoreSource(store, sites=need, branch=branch)
     if "neurons" in baselines:
         sources.append(NeuronFeatures(neuron_site, src.d(neuron_site)))
     if "random" in baselines:

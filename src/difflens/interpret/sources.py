@@ -101,9 +101,14 @@ class SampleSource:
 
 
 class StoreSource(SampleSource):
-    """Samples of an activation store that holds every image token of its images (no token subsampling)."""
+    """Samples of an activation store that holds every image token of its images (no token subsampling).
+    A store harvested with both CFG branches is read one branch at a time (`branch`, default the
+    conditional rows, what the image follows)."""
 
-    def __init__(self, store, *, sites: Sequence[str] | None = None):
+    def __init__(self, store, *, sites: Sequence[str] | None = None, branch: str = "cond"):
+        if branch not in ("cond", "uncond"):
+            raise DifflensError(f"branch must be 'cond' or 'uncond', got {branch!r}")
+        self.branch = branch
         self.store = store if isinstance(store, Store) else Store(store)
         self._records = {int(r["sample_id"]): r for r in self.store.samples()}
         self._rows: dict[str, dict[int, np.ndarray]] = {}
@@ -111,6 +116,8 @@ class StoreSource(SampleSource):
         use = list(sites) if sites is not None else [s for s in self.store.sites if s.endswith(":img")]
         self._sites = use
         self.description = {"kind": "store", "path": str(self.store.root), "fingerprint": self.store.fingerprint()}
+        if branch != "cond":
+            self.description["branch"] = branch
         if not use:
             raise DifflensError(f"store {self.store.root} has no image-stream site: harvest an ':img' site")
         self._index(use[0])
@@ -138,8 +145,17 @@ class StoreSource(SampleSource):
             return
         if site not in self.store.sites:
             raise DifflensError(f"site {site} is not in store {self.store.root}; it has {self.store.sites}")
-        m = self.store.meta(site, ["sample_id", "step", "timestep", "token", "h", "w", "stream", "index"])
+        from difflens.store.format import BRANCHES
+
+        held = self.store.branches(site)
+        if self.branch not in held:
+            raise DifflensError(f"site {site} of {self.store.root} holds no {self.branch} rows (branches: {sorted(held)}); "
+                                "harvest with --both-branches to read the unconditional branch")
+        cols = ["sample_id", "step", "timestep", "token", "h", "w", "stream", "index"]
+        m = self.store.meta(site, cols + (["branch"] if len(held) > 1 else []))
         img = m["stream"] == 0
+        if len(held) > 1:
+            img &= m["branch"] == BRANCHES[self.branch]
         if not img.any():
             raise DifflensError(f"site {site} of {self.store.root} has no image-token rows; interpret an ':img' site")
         m = {k: v[img] for k, v in m.items()}
@@ -204,19 +220,21 @@ class MemorySource(SampleSource):
 
     def __init__(self, acts: dict[str, np.ndarray], records: list[dict], images: np.ndarray,
                  timesteps: list[float], steps: list[int] | None = None, description: dict | None = None,
-                 ground_truth: GroundTruth | None = None):
+                 ground_truth: GroundTruth | None = None, grid_hw: tuple[int, int] | None = None):
         first = next(iter(acts.values()))
         n, S, T, _ = first.shape
         g = int(round(T**0.5))
-        if g * g != T:
+        if grid_hw is None and g * g != T:
             raise DifflensError(f"{T} image tokens is not a square grid; pass grid_hw explicitly")
+        if grid_hw is not None and grid_hw[0] * grid_hw[1] != T:
+            raise DifflensError(f"grid {grid_hw} does not hold the {T} image tokens recorded")
         self._acts = acts
         self._records = {int(r["sample_id"]): r for r in records}
         self._order = [int(r["sample_id"]) for r in records]
         self._images = {sid: np.asarray(images[i], np.uint8) for i, sid in enumerate(self._order)}
         self.steps = list(steps if steps is not None else range(S))
         self.timesteps = [float(t) for t in timesteps]
-        self.grid_hw = (g, g)
+        self.grid_hw = tuple(int(x) for x in grid_hw) if grid_hw is not None else (g, g)
         self.description = description or {"kind": "memory"}
         self._ground_truth = ground_truth
 
@@ -251,7 +269,8 @@ class MemorySource(SampleSource):
 
 
 def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str], *, seeds: Sequence[int] = (0,), steps: int | None = None,
-                     scenes: list | None = None, batch_size: int = 8, guidance: float | None = None) -> MemorySource:
+                     scenes: list | None = None, batch_size: int = 8, guidance: float | None = None,
+                     height: int | None = None, width: int | None = None) -> MemorySource:
     """Generate images afresh with a hook recording every image token of the conditional rows at
     every step, for when no full-token store exists. Samples, records and labels are planned as a
     harvest plans them (`harvest.run.plan_samples` / `labels_and_records`)."""
@@ -263,6 +282,7 @@ def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str],
     images, records = [], []
     timesteps: list[float] = []
     bufs: dict[str, np.ndarray | None] = {}
+    grid: list = []
 
     def hook_for(site, n):
         def hook(x_BND, ctx):
@@ -280,8 +300,9 @@ def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str],
 
     bar = progress(total=-(-len(plan) // batch_size), desc="generate samples", unit="batch")
     for b in generate_batched(adapter, plan, recorders, steps=steps, guidance=guidance, batch_size=batch_size,
-                              on_batch=lambda _b: bar.update(1)):
+                              height=height, width=width, on_batch=lambda _b: bar.update(1)):
         timesteps = list(b.generation.timesteps)
+        grid[:] = [tuple(b.generation.grid_hw)]
         for s in sites:
             acts[s].append(bufs[s])
         images.append(b.generation.images)
@@ -290,14 +311,14 @@ def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str],
     return MemorySource(
         {s: np.concatenate(v) for s, v in acts.items()}, records, np.concatenate(images), timesteps,
         description={"kind": "generated", "model": getattr(adapter, "model_id", "?"), "prompts": len(prompts), "steps": steps},
-        ground_truth=truth,
+        ground_truth=truth, grid_hw=grid[0],
     )
 
 
-def open_source(data, sites: Sequence[str] | None = None) -> SampleSource:
-    """A SampleSource from a store path/Store or an existing source."""
+def open_source(data, sites: Sequence[str] | None = None, branch: str = "cond") -> SampleSource:
+    """A SampleSource from a store path/Store (reading CFG `branch`) or an existing source."""
     if isinstance(data, SampleSource):
         return data
     if isinstance(data, (str, Path)) or hasattr(data, "samples"):
-        return StoreSource(data, sites=sites)
+        return StoreSource(data, sites=sites, branch=branch)
     raise DifflensError(f"cannot read samples from {type(data).__name__}: pass a store folder")

@@ -203,7 +203,8 @@ class PipelineAdapter(Adapter):
         grid = self.grid_hw(h, w)
         kwargs = self.call_kwargs(list(prompts), h, w, guidance=guidance, **extra)
         kwargs.update(num_inference_steps=int(steps), generator=self.generators(seeds))
-        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid)
+        masks = self.text_masks(kwargs) if hooks else None
+        images, timesteps = self.run(kwargs, n=len(prompts), hooks=hooks, grid_hw=grid, text_masks=masks)
         return Generation(images=images, timesteps=timesteps, grid_hw=grid)
 
     def image_hw(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -214,9 +215,31 @@ class PipelineAdapter(Adapter):
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         """The `batch_rows` layout of a transformer call with `rows` rows for `n` samples."""
 
-    def run(self, call_kwargs: dict[str, Any], *, n: int, hooks: HookSet | None, grid_hw: tuple[int, int]):
+    def text_masks(self, call_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(prompt mask, negative-prompt mask), bool [n, L]: which tokens of the text stream the blocks
+        carry are real (True) vs padding, for `HookContext.text_mask`. None: no text stream in the blocks."""
+        return None
+
+    @staticmethod
+    def _tokenizer_mask(tokenizer, prompts: list[str], length: int) -> torch.Tensor:
+        """The attention mask the pipeline's own tokenizer call produces (padding to `length`, truncating)."""
+        enc = tokenizer(list(prompts), padding="max_length", max_length=int(length), truncation=True,
+                        add_special_tokens=True, return_tensors="pt")
+        return enc.attention_mask.to(torch.bool)
+
+    @staticmethod
+    def _negatives(call_kwargs: dict[str, Any], n: int) -> list[str]:
+        neg = call_kwargs.get("negative_prompt")
+        if neg is None:
+            return [""] * n
+        return [neg] * n if isinstance(neg, str) else [str(x) for x in neg]
+
+    def run(self, call_kwargs: dict[str, Any], *, n: int, hooks: HookSet | None, grid_hw: tuple[int, int],
+            text_masks: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Call the pipeline once with hooks active; returns (uint8 images, visited timesteps)."""
         tracker = StepTracker(num_steps=0, grid_hw=grid_hw)
+        if text_masks is not None:
+            tracker.set_text_masks(*text_masks)
         with self.attach(hooks, tracker), self._tracking(tracker, n, active=bool(hooks)):
             out = self.pipe(**call_kwargs, output_type="np", return_dict=True)
         timesteps = [float(t) for t in self.pipe.scheduler.timesteps]

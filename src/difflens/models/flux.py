@@ -125,6 +125,14 @@ class FluxAdapter(PipelineAdapter):
         self._true_cfg = bool(true_cfg_scale is not None and true_cfg_scale > 1)
         return kwargs
 
+    def text_masks(self, call_kwargs: dict) -> tuple:
+        """The txt stream is the T5 sequence padded to max_sequence_length (512 unless set)."""
+        tok = self.pipe.tokenizer_2
+        length = int(call_kwargs.get("max_sequence_length") or 512)
+        prompts = list(call_kwargs["prompt"])
+        return (self._tokenizer_mask(tok, prompts, length),
+                self._tokenizer_mask(tok, self._negatives(call_kwargs, len(prompts)), length))
+
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if rows != n:
             raise RuntimeError(f"unexpected Flux transformer batch of {rows} rows for {n} samples")

@@ -70,6 +70,25 @@ class SD3Adapter(PipelineAdapter):
             kwargs["negative_prompt"] = [negative_prompt] * len(prompts)
         return kwargs
 
+    def text_masks(self, call_kwargs: dict) -> tuple:
+        """The txt stream is [CLIP tokens (the two CLIP encoders side by side), T5 tokens]; without a
+        T5 encoder the pipeline feeds zeros there, which count as padding."""
+        import torch
+
+        pipe = self.pipe
+        length = int(call_kwargs.get("max_sequence_length") or 256)
+
+        def mask(prompts: list[str]):
+            clip = self._tokenizer_mask(pipe.tokenizer, prompts, pipe.tokenizer_max_length)
+            if pipe.text_encoder_3 is None:
+                t5 = torch.zeros(len(prompts), length, dtype=torch.bool)
+            else:
+                t5 = self._tokenizer_mask(pipe.tokenizer_3, prompts, length)
+            return torch.cat([clip, t5], dim=1)
+
+        prompts = list(call_kwargs["prompt"])
+        return mask(prompts), mask(self._negatives(call_kwargs, len(prompts)))
+
     def row_layout(self, rows: int, n: int, call_index: int) -> str:
         if call_index != 0:
             raise RuntimeError("SD3 called its transformer twice in one step (skip-layer guidance is not supported)")

@@ -89,6 +89,8 @@ class ToyAdapter(Adapter):
         grid = self.grid_hw(height, width)
         guidance = cfg.guidance_default if guidance is None else float(guidance)
         tracker = StepTracker(num_steps=steps, grid_hw=grid)
+        if hooks:  # which text tokens are real: the prompt's words (+ BOS) vs padding; uncond rows read ""
+            tracker.set_text_masks(self.model.tokenizer(list(prompts))[1], self.model.tokenizer([""] * len(prompts))[1])
         with self.attach(hooks, tracker):
             images, timesteps, latents = sample(
                 self.model,

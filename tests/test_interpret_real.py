@@ -1,0 +1,103 @@
+"""Interpretation of a real model without a VLM: `interpret --generate` with prompts from a file
+(or an `hf:` dataset, refused clearly offline), at a chosen image size, on tiny random diffusers
+pipelines; and the CFG-branch filter when the feature cache reads a both-branches store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import tiny_pipelines as tp
+from difflens.cli import main
+from difflens.interpret.cache import FeatureCache
+
+NEURONS = "transformer_blocks.0.ff.net.0:img"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {"flux": tp.save(tp.flux_pipeline(), root / "flux"), "dit": tp.save(tp.dit_pipeline(), root / "dit")}
+
+
+def _cache(folder, prompts_arg, out, *extra):
+    return main(["interpret", "cache", "--neurons", NEURONS, "--model", str(folder), "--generate", "3",
+                 "--prompts", str(prompts_arg), "--steps", "2", "--seeds", "0", "--out", str(out),
+                 "--heatmaps", "2", "--top-n", "2", "--quantiles", "0", "--min-tokens", "1", *extra])
+
+
+def test_flux_cache_from_a_prompt_file_at_a_chosen_size(folders, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nblue sky over hills\na green door\nnever used\n", encoding="utf-8")
+    out = tmp_path / "c"
+    assert _cache(folders["flux"], prompts, out, "--height", "48", "--width", "32") == 0
+    cache = FeatureCache.load(out)
+    assert cache.info["num_samples"] == 3  # the first N prompts of the file
+    assert cache.info["data"]["kind"] == "generated" and cache.info["data"]["prompts"] == 3
+    top = cache.top_examples(int(np.flatnonzero(cache.live())[0]))[0]
+    assert top.maps_ST.shape == (2, 12 * 8)  # 48x32 px = a 12x8 token grid (4 px per token), every step
+    assert len(list((out / "heatmaps").glob("*.png"))) == 2
+
+
+def test_dit_cache_from_jsonl_class_names(folders, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"label": c}) for c in ("goldfish", "207", "tench")), encoding="utf-8")
+    out = tmp_path / "c"
+    assert _cache(folders["dit"], prompts, out, "--prompt-column", "label") == 0
+    assert FeatureCache.load(out).info["num_samples"] == 3
+
+
+def test_real_model_without_prompts_or_offline_dataset_is_a_clear_error(folders, tmp_path, capsys):
+    rc = main(["interpret", "cache", "--neurons", NEURONS, "--model", str(folders["dit"]), "--generate", "2",
+               "--steps", "1", "--out", str(tmp_path / "a")])
+    assert rc == 2 and "--prompts" in capsys.readouterr().err
+    rc = _cache(folders["dit"], "hf:nobody/no-such-prompts", tmp_path / "b")
+    err = capsys.readouterr().err
+    assert rc == 2 and "HF_HUB_OFFLINE" in err and "local .txt/.jsonl" in err
+    rc = main(["interpret", "cache", "--neurons", NEURONS, "--data", str(tmp_path), "--prompts", "x.txt",
+               "--out", str(tmp_path / "c")])
+    assert rc == 2 and "--generate" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_cache_reads_one_cfg_branch_of_a_both_branches_store(tmp_path):
+    """A store harvested with --both-branches holds every (sample, step, token) twice; the cache
+    reads the branch asked for, never both mixed."""
+    import torch
+
+    from difflens.harvest.config import HarvestConfig
+    from difflens.harvest.run import harvest
+    from difflens.interpret.sources import StoreSource
+    from difflens.models.toy.adapter import ToyAdapter
+    from difflens.store import Store
+    from difflens.world.prompts import world_prompts
+    from toy_fixtures import make_tiny_toy
+
+    site = "transformer_blocks.1:img"
+    toy = make_tiny_toy(tmp_path / "toy")
+    prompts, scenes = world_prompts(2, seed=3)
+    cfg = HarvestConfig(model=str(toy), sites=[site], steps=2, batch_size=2, cond_only=False, guidance=3.0)
+    harvest(tmp_path / "s", cfg, prompts, scenes=scenes, adapter=ToyAdapter.load(folder=toy))
+    store = Store(tmp_path / "s")
+    meta = store.meta(site)
+    got = {}
+    for branch, code in (("cond", 0), ("uncond", 1)):
+        src = StoreSource(store, sites=[site], branch=branch)
+        (sids, acts), = list(src.iter_acts(site, src.sample_ids()))
+        sel = np.flatnonzero((meta["branch"] == code) & (meta["sample_id"] == 1))
+        order = sel[np.lexsort((meta["token"][sel], meta["step"][sel]))]
+        want = store.read_rows(site, order).reshape(len(src.steps), src.num_tokens, -1)
+        assert torch.equal(acts[list(sids).index(1)], want)
+        got[branch] = acts
+    assert not torch.equal(got["cond"], got["uncond"])
+    out = tmp_path / "c"
+    assert main(["interpret", "cache", "--random", "3", "--site", site, "--data", str(tmp_path / "s"), "--branch",
+                 "uncond", "--out", str(out), "--heatmaps", "0", "--top-n", "1", "--quantiles", "0"]) == 0
+    assert FeatureCache.load(out).info["data"]["branch"] == "uncond"
