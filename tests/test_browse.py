@@ -524,3 +524,30 @@ def test_server_and_playground(driver, served):
     assert driver.execute_script("return typeof window.__pwned") == "undefined"
     assert not driver.find_elements(By.CSS_SELECTOR, "img[src='x']")
     assert _severe(driver, allow=("status of 400",)) == []  # the refused request itself is logged by the browser
+
+
+def test_export_reads_a_dictionary_from_the_hub_cache(world, tmp_path, monkeypatch):
+    """`browse export --dict hf:ORG/REPO` reads the config from the local HF cache and names the
+    dictionary after the repository."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    from difflens.browse.data import read_dict_cfg, resolve_inputs
+    from difflens.cli import main
+
+    sha = "2" * 40
+    root = tmp_path / "hf_cache" / "models--org--toy-topk"
+    shutil.copytree(world["dicts"][0], root / "snapshots" / sha)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(sha)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert read_dict_cfg("hf:org/toy-topk") == json.loads((world["dicts"][0] / "cfg.json").read_text())
+    entry, = resolve_inputs(["hf:org/toy-topk"], interp=world["root"] / "interpret").dicts
+    assert entry.name == "toy-topk" and entry.path == root / "snapshots" / sha
+    out = tmp_path / "site"
+    rc = main(["browse", "export", "--dict", "hf:org/toy-topk", "--interp", str(world["root"] / "interpret"),
+               "--data", str(world["root"] / "store"), "--out", str(out), "--max-features", "2"])
+    assert rc == 0 and len(list((out / "features" / "toy-topk").glob("*.html"))) == 2
+    assert main(["browse", "export", "--dict", "hf:org/gone", "--out", str(tmp_path / "z")]) == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -106,3 +107,42 @@ def test_splice_flag(trained, tmp_path, monkeypatch, capsys):
     assert main([*args, "--splice", "--model", "toy"]) == 2
     assert "splice evaluation isn't available" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+def _as_hf_cache(cache, repo_id: str, repo_folder, sha="1" * 40):
+    """Lay a folder out the way huggingface_hub's cache does (snapshots/<sha> + refs/main)."""
+    import shutil
+
+    root = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(repo_folder, root / "snapshots" / sha)
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(sha)
+
+
+def test_hub_references_evaluate_like_their_folders(trained, tmp_path, monkeypatch):
+    """`--dict hf:ORG/REPO[/SUB]` resolves through the local HF cache (offline) and evaluates exactly
+    like the folder it came from, named after the subfolder / repository, not the snapshot hash."""
+    import huggingface_hub.constants
+
+    store, run, names = trained
+    hub = tmp_path / "hub"
+    for n in names[:2]:
+        shutil.copytree(run / n, hub / n)
+    cache = tmp_path / "hf_cache"
+    _as_hf_cache(cache, "org/sweep", hub)
+    _as_hf_cache(cache, "org/single", run / names[0])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refs = [f"hf:org/sweep/{names[1]}", "hf:org/single"]
+    paths = expand_dict_paths(refs)
+    assert all(str(cache) in p for p in paths)
+    items = load_items(paths, store)
+    assert [i.name for i in items] == [names[1], "single"]
+    direct = load_items([str(run / names[1]), str(run / names[0])], store)
+    got = evaluate(items, store, show_progress=False)["dictionaries"]
+    want = evaluate(direct, store, show_progress=False)["dictionaries"]
+    assert [g["metrics"]["fvu"] for g in got] == [w["metrics"]["fvu"] for w in want]
+    with pytest.raises(DifflensError, match="not in the local Hugging Face cache"):
+        expand_dict_paths(["hf:org/absent"])
+    rc = main(["evaluate", "--dict", "hf:org/single", "--data", str(store.root), "--out", str(tmp_path / "ev"), "-q"])
+    assert rc == 0 and json.loads((tmp_path / "ev" / "eval.json").read_text())["dictionaries"][0]["name"] == "single"

@@ -10,7 +10,7 @@ from difflens.errors import DifflensError
 
 def _common(p) -> None:
     p.add_argument("--dict", dest="dicts", action="append", default=[], metavar="DIR", required=True,
-                   help="dictionary folder (cfg.json + weights.safetensors); repeat for several")
+                   help="dictionary folder (cfg.json + weights.safetensors) or hf:ORG/REPO[/SUB][@REV]; repeat for several")
     p.add_argument("--interp", metavar="DIR", help="interpretation folder (`difflens interpret --out`); default: "
                    "<dict>/../../interpret or <dict>/../interpret when it exists")
     p.add_argument("--eval", dest="evaluation", metavar="FILE", help="eval.json of `difflens evaluate`; default: "

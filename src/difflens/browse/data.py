@@ -92,7 +92,11 @@ class Inputs:
     notes: list[str] = field(default_factory=list)
 
 
-def read_dict_cfg(path: Path) -> dict:
+def read_dict_cfg(path) -> dict:
+    """The cfg.json of a dictionary folder or ``hf:ORG/REPO[/SUB][@REV]`` reference."""
+    from difflens.dictionaries.hub import local_folder
+
+    path = local_folder(path)
     cfg_path = path / "cfg.json"
     if not path.is_dir():
         raise DifflensError(f"--dict {path}: no such folder; pass a dictionary folder (cfg.json + weights.safetensors)")
@@ -166,14 +170,16 @@ def _find_store(run: dict | None, interp_root: Path | None, given: str | Path | 
 
 def resolve_inputs(dicts, *, interp=None, evaluation=None, store=None) -> Inputs:
     """Read the dictionaries' configs and find their interpretation, evaluation and store."""
-    paths = [Path(d) for d in (dicts or [])]
+    from difflens.dictionaries.hub import display_name, local_folder
+
+    paths = [local_folder(d) for d in (dicts or [])]
     if not paths:
         raise DifflensError("no dictionaries: pass --dict DIR (one or more)")
     entries: list[DictEntry] = []
     used: set[str] = set()
     for p in paths:
         cfg = read_dict_cfg(p)
-        base = p.resolve().name or "dict"
+        base = display_name(p) or p.resolve().name or "dict"
         name, i = base, 2
         while name in {e.name for e in entries}:
             name, i = f"{base}-{i}", i + 1

@@ -58,6 +58,24 @@ def resolve(spec: str, *, cache_dir: str | None = None) -> Path:
     return folder
 
 
+def local_folder(ref) -> Path:
+    """A dictionary reference as a local folder: ``hf:...`` is resolved through the HF cache
+    (`resolve`), anything else is taken as a path."""
+    text = str(ref)
+    return resolve(text) if text.startswith(PREFIX) else Path(text)
+
+
+def display_name(folder) -> str | None:
+    """A readable name for a folder inside the HF cache (``.../models--ORG--REPO/snapshots/<sha>[/SUB]``):
+    the last part of SUB, else REPO. None for folders outside the cache."""
+    parts = Path(folder).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            sub = parts[i + 2:]
+            return sub[-1] if sub else parts[i - 1].split("--")[-1]
+    return None
+
+
 def model_card(folder: Path) -> str:
     """README.md for a difflens dictionary folder: what it is, where it reads, how it was trained."""
     from difflens.dictionaries import io

@@ -29,7 +29,8 @@ def register(subparsers) -> None:
         "a markdown table and PNG plots next to it. See docs/training.md for the metric definitions.",
     )
     p.add_argument("--dict", dest="dicts", action="append", required=True, metavar="DIR",
-                   help="a dictionary folder (repeat for several; a training run folder adds all its dictionaries)")
+                   help="a dictionary folder or hf:ORG/REPO[/SUB][@REV] (repeat for several; a training run folder adds all its "
+                   "dictionaries)")
     add_data_option(p)
     add_out_option(p, kind="dir", help="output folder: eval.json, eval.md, eval_*.png (and splice/ with --splice)")
     p.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens per dictionary")
@@ -48,10 +49,13 @@ def register(subparsers) -> None:
 
 
 def expand_dict_paths(paths: list[str]) -> list[str]:
-    """A training run folder (with run.json) stands for all of its dictionaries."""
+    """A training run folder (with run.json) stands for all of its dictionaries; ``hf:ORG/REPO[/SUB][@REV]``
+    is resolved to its folder in the local Hugging Face cache (downloaded first when online)."""
+    from difflens.dictionaries.hub import local_folder
+
     out = []
     for path in paths:
-        p = Path(path)
+        p = local_folder(path)
         if not p.exists():
             raise DifflensError(f"dictionary folder {p} does not exist; pass a folder written by `difflens train`")
         if (p / "cfg.json").exists():

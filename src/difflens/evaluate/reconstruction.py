@@ -170,8 +170,10 @@ def _evaluate_site(group, store, site, max_tokens, batch_size, split, filters, d
 
 def load_items(paths: list[str], store=None) -> list[Evaluated]:
     """Load dictionary folders (checking site and d_in against the store when given)."""
+    from difflens.dictionaries.hub import display_name
+
     folders = [Path(path).resolve() for path in paths]
-    short = [f.name for f in folders]
+    short = [display_name(f) or f.name for f in folders]
     items = []
     for f, name in zip(folders, short):
         if short.count(name) > 1:  # equally named dictionaries of two runs: qualify with the run folder

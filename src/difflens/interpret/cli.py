@@ -51,7 +51,7 @@ def register(subparsers) -> None:
         "Dictionaries are compared with MLP neurons and random directions at the same site. See docs/interpret.md.",
     )
     p.add_argument("--dict", dest="dicts", action="append", default=[], metavar="DIR",
-                   help="dictionary folder or training run folder (repeat for several)")
+                   help="dictionary folder, training run folder or hf:ORG/REPO[/SUB][@REV] (repeat for several)")
     _add_data_options(p)
     p.add_argument("--out", help="output folder")
     p.add_argument("--judge", default="oracle", choices=backend_names(),
@@ -197,9 +197,11 @@ def run(args) -> int:
                                               price_output=args.price_output)
     from pathlib import Path
 
+    from difflens.dictionaries.hub import display_name
+
     names = {}
     for p in paths:
-        base = Path(p).name or "dict"
+        base = display_name(p) or Path(p).name or "dict"
         name, i = base, 2
         while name in names:
             name, i = f"{base}-{i}", i + 1
