@@ -149,3 +149,15 @@ def test_text_and_image_sites_in_one_run_on_tiny_pipelines(family, tmp_path):
     assert all(cond for e in steer.log for _, cond in e["rows"]) and all(e["tokens"] == 2 for e in steer.log)
     assert all(0 < e["tokens"] for e in edit.log)
     assert not np.array_equal(gen.images, clean.images)
+
+
+def test_edit_where_its_features_fire_equals_the_plain_edit(adapter, txt_sae):
+    """Ablating features only where they fire is the plain ablation (elsewhere their codes are 0);
+    the edit reuses the codes FiresOn computed, which must not change the result."""
+    from difflens.intervene import Ablate
+
+    feats = [0, 5, 9]
+    _, pre, a = run_with_probe(adapter, [Ablate(txt_sae, feats, where=FiresOn(txt_sae, feats))], site=TXT)
+    _, _, b = run_with_probe(adapter, [Ablate(txt_sae, feats)], site=TXT)
+    for key in pre:
+        assert torch.allclose(a[key][0], b[key][0], atol=1e-5)

@@ -109,7 +109,7 @@ def stage_interpret(out: Path, summary: dict) -> None:
     summary["interpret"] = {"out": str(out / "interpret"), "table": report.get("table", report)}
 
 
-DEMO_CASES = 50  # per row; `difflens intervene-study` defaults to 100 (README numbers)
+DEMO_CASES = 40  # per row (the demo stays under 10 minutes); `difflens intervene-study` defaults to 100 (README numbers)
 DEMO_ROWS = ("color edit", "color ablation", "color transfer", "background transfer")
 
 

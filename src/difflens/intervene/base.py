@@ -200,6 +200,7 @@ class FiresOn:
         if not self.features:
             raise DifflensError("FiresOn needs at least one feature")
         self.threshold = float(threshold)
+        self.last: tuple[torch.Tensor, tuple] | None = None  # (x, encode_codes(x)) of the last mask
 
     def mask(self, x_RTD: torch.Tensor, ctx: HookContext) -> torch.Tensor:
         R, T, D = x_RTD.shape
@@ -208,8 +209,9 @@ class FiresOn:
         dev = x_RTD.device
         if self.dictionary.device != dev:
             self.dictionary.to(dev)
-        _, _, codes = encode_codes(self.dictionary, x_RTD.reshape(R * T, D), ctx.timestep)
-        hit = codes[:, list(self.features)] > self.threshold
+        enc = encode_codes(self.dictionary, x_RTD.reshape(R * T, D), ctx.timestep)
+        self.last = (x_RTD, enc)  # an edit through the same dictionary reuses these codes
+        hit = enc[2][:, list(self.features)] > self.threshold
         return hit.any(dim=1).reshape(R, T)
 
     def describe(self) -> str:
@@ -265,6 +267,16 @@ def prep_dictionary(dictionary, adapter):
         dictionary.to(dev)
     if dictionary.param_dtype == torch.float16 and torch.device(dev).type == "cpu":
         dictionary.float()  # fp16 on CPU is slow and inexact: compute in fp32
+
+
+def codes_for(iv: Intervention, dictionary, x_RTD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """encode_codes of x flattened to [R*T, D], reusing what the intervention's FiresOn just
+    computed when it selected tokens with the same dictionary on the same tensor."""
+    w = iv.where
+    if w is not None and w.dictionary is dictionary and w.last is not None and w.last[0] is x_RTD:
+        return w.last[1]
+    R, T, D = x_RTD.shape
+    return encode_codes(dictionary, x_RTD.reshape(R * T, D), t)
 
 
 def encode_codes(dictionary, x_MD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

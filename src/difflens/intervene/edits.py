@@ -9,7 +9,16 @@ import torch
 
 from difflens.errors import DifflensError
 from difflens.hooks import HookContext, Site
-from difflens.intervene.base import Intervention, RunInfo, check_dictionary, check_features, dictionary_site, encode_codes, prep_dictionary
+from difflens.intervene.base import (
+    Intervention,
+    RunInfo,
+    check_dictionary,
+    check_features,
+    codes_for,
+    dictionary_site,
+    encode_codes,
+    prep_dictionary,
+)
 
 # ---- edits through the sparse code -------------------------------------------------------------
 EDIT_OPS = ("ablate", "clamp", "scale")
@@ -73,7 +82,7 @@ class CodeEdit(Intervention):
 
     def apply(self, x, ctx, rows, toks, acts):
         R, T, D = x.shape
-        xf, tt, codes = encode_codes(self.dictionary, x.reshape(R * T, D), ctx.timestep)
+        xf, tt, codes = codes_for(self, self.dictionary, x, ctx.timestep)
         new_codes = self.edit_codes(codes, ctx, rows, toks, (R, T))
         delta = self.dictionary.decode(new_codes, tt) - self.dictionary.decode(codes, tt)
         return (xf + delta).reshape(R, T, D)
