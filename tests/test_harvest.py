@@ -185,3 +185,73 @@ def test_cli_errors(tmp_path):
     assert r.returncode != 0 and "num-prompts" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run(_cli("--prompts", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x")), env=_env(), capture_output=True, text=True)
     assert r.returncode != 0 and "not found" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the background store writer ------------------------------------------------------------------
+def test_background_writer_order_bound_and_errors():
+    import threading
+
+    from difflens.store.background import BackgroundWriter
+
+    gate = threading.Event()
+    with BackgroundWriter(1) as w:
+        w.submit(lambda: gate.wait(5) and "a")  # runs, blocked on the gate
+        w.submit(lambda: "b")  # waits in the queue (max_pending=1)
+        t = threading.Timer(0.3, gate.set)
+        t.start()
+        w.submit(lambda: "c")  # blocks until the first job is done and the queue has room
+    assert w.results == ["a", "b", "c"] and w.wait_seconds >= 0.2
+
+    ran = []
+    w = BackgroundWriter(2)
+    w.submit(lambda: (_ for _ in ()).throw(DifflensError("disk full")))
+    w.submit(lambda: ran.append("after"))  # dropped: the writer stopped at the first failure
+    with pytest.raises(DifflensError, match="disk full"):
+        w.close()
+    assert ran == []
+
+    gate.clear()
+    with pytest.raises(KeyboardInterrupt):
+        with BackgroundWriter(3) as w:
+            w.submit(lambda: gate.wait(0.3))
+            w.submit(lambda: ran.append("queued"))
+            raise KeyboardInterrupt  # the generating side fails: queued jobs are dropped, the running one ends
+    assert ran == []
+    assert BackgroundWriter(0).max_pending == 0
+
+
+@pytest.mark.parametrize("queue", [0, 2])
+def test_background_writes_equal_synchronous_ones(tmp_path, adapter, queue):
+    prompts, scenes = world_prompts(4, seed=6)
+    ref = harvest(tmp_path / "ref", cfg(), prompts, scenes=scenes, adapter=adapter, write_queue=0)
+    out = harvest(tmp_path / f"q{queue}", cfg(), prompts, scenes=scenes, adapter=adapter, write_queue=queue)
+    assert out["rows_written"] == ref["rows_written"] and out["bytes_written"] > 0
+    assert Store(tmp_path / f"q{queue}").fingerprint() == Store(tmp_path / "ref").fingerprint()
+    assert Store(tmp_path / f"q{queue}").samples() == Store(tmp_path / "ref").samples()
+
+
+def test_a_failing_background_write_commits_whole_units_only_and_resumes(tmp_path, adapter, monkeypatch):
+    from difflens.store import StoreWriter
+
+    prompts, scenes = world_prompts(5, seed=5)  # 10 samples = 4 units of 3
+    harvest(tmp_path / "full", cfg(), prompts, scenes=scenes, adapter=adapter)
+    real = StoreWriter.write_unit
+
+    def flaky(self, unit_id, *a, **kw):
+        if unit_id.endswith("2"):
+            raise DifflensError("no space left on device (planted)")
+        return real(self, unit_id, *a, **kw)
+
+    monkeypatch.setattr(StoreWriter, "write_unit", flaky)
+    with pytest.raises(DifflensError, match="planted"):
+        harvest(tmp_path / "part", cfg(), prompts, scenes=scenes, adapter=adapter, write_queue=2)
+    monkeypatch.setattr(StoreWriter, "write_unit", real)
+    units = sorted(p.name for p in (tmp_path / "part" / "units").glob("*.json"))
+    assert units == ["u0000000.json", "u0000001.json"]  # nothing after the failure, nothing half
+    harvest(tmp_path / "part", cfg(), prompts, scenes=scenes, adapter=adapter, resume=True)
+    for site in SITES:
+        a, _ = rows_by_key(Store(tmp_path / "full"), site)
+        b, mb = rows_by_key(Store(tmp_path / "part"), site)
+        assert len(mb["sample_id"]) == len(a) and a.keys() == b.keys()
+    with pytest.raises(DifflensError, match="--write-queue"):
+        harvest(tmp_path / "x", cfg(), prompts, scenes=scenes, adapter=adapter, write_queue=-1)

@@ -101,3 +101,56 @@ def test_cache_reads_one_cfg_branch_of_a_both_branches_store(tmp_path):
     assert main(["interpret", "cache", "--random", "3", "--site", site, "--data", str(tmp_path / "s"), "--branch",
                  "uncond", "--out", str(out), "--heatmaps", "0", "--top-n", "1", "--quantiles", "0"]) == 0
     assert FeatureCache.load(out).info["data"]["branch"] == "uncond"
+
+
+def test_streaming_topk_equals_a_full_store_computation(tmp_path):
+    """harvest --dict --topk keeps, per feature, the N (sample, step) with the largest max-over-tokens
+    code and that step's token map: the same as computing every code from a full-token store."""
+    import torch
+
+    from difflens.dictionaries.config import DictConfig
+    from difflens.dictionaries.io import save
+    from difflens.dictionaries.sae import TopKSAE
+    from difflens.interpret.sources import StoreSource
+    from difflens.interpret.topk import TopKAccumulator
+    from difflens.store import Store
+    from toy_fixtures import make_tiny_toy
+
+    site, n = "transformer_blocks.1:img", 3
+    toy = make_tiny_toy(tmp_path / "toy")
+    from difflens.models.toy.adapter import ToyAdapter
+
+    d = ToyAdapter.load(folder=toy).site_dim(site)
+    torch.manual_seed(0)
+    sae = TopKSAE(DictConfig(arch="topk", d_in=d, width=10, k=2, site=site, normalization="none"))
+    save(sae, tmp_path / "sae")
+    out = tmp_path / "s"
+    rc = main(["harvest", "--model", str(toy), "--num-prompts", "5", "--seeds", "0", "--steps", "2", "--sites", site,
+               "--batch-size", "2", "--dict", str(tmp_path / "sae"), "--topk", str(n), "--out", str(out), "-q"])
+    assert rc == 0
+    got = TopKAccumulator.load(out / "topk" / "sae")
+    assert got.info["site"] == site and got.info["grid_hw"] == [16, 16]
+
+    src = StoreSource(Store(out), sites=[site])
+    (sids, acts), = list(src.iter_acts(site, src.sample_ids()))
+    with torch.no_grad():
+        codes = sae.encode(acts.reshape(-1, d)).reshape(len(sids), 2, -1, sae.num_latents)  # [n, S, T, F]
+    for f in range(sae.num_latents):
+        cands = []  # (value, arrival order = (unit, step, sample), sample, step)
+        for i, sid in enumerate(sids.tolist()):
+            for s in range(2):
+                v = float(codes[i, s, :, f].max())
+                if v > 0:
+                    cands.append((-v, (sid // 2, s, sid), sid, s))
+        want = sorted(cands)[:n]
+        ex = got.examples(f)
+        assert [(e["sample_id"], e["step"]) for e in ex] == [(w[2], w[3]) for w in want], f
+        for e, w in zip(ex, want):
+            assert e["value"] == pytest.approx(-w[0], rel=1e-5)
+            i = list(sids).index(e["sample_id"])
+            torch.testing.assert_close(e["map"], codes[i, e["step"], :, f], rtol=1e-5, atol=1e-6)
+    assert int(got.frequency.sum()) == int((codes > 0).sum())
+    assert sum(len(got.examples(f)) == n for f in range(sae.num_latents)) >= sae.num_latents // 2  # not vacuous
+    rc = main(["harvest", "--model", str(toy), "--num-prompts", "2", "--steps", "1", "--topk", "2",
+               "--out", str(tmp_path / "x"), "-q"])
+    assert rc == 2 and not (tmp_path / "x").exists()

@@ -46,6 +46,13 @@ def register(sub) -> None:
                    help="dtype the store keeps activations in (default fp32; bf16 halves the bytes)")
     p.add_argument("--batch-size", type=int, default=16, help="samples per generate() call (one store unit)")
     p.add_argument("--both-branches", action="store_true", help="record the unconditional CFG rows too")
+    p.add_argument("--dict", dest="dicts", action="append", default=[], metavar="DIR",
+                   help="with --topk: a dictionary (folder or hf:ORG/REPO[/SUB]) whose streaming top-k cache to fill "
+                   "while generating (repeat for several); written to <out>/topk/<name>/")
+    p.add_argument("--topk", type=int, default=None, metavar="N",
+                   help="examples (sample, step, token map) kept per feature of each --dict (docs/interpret.md)")
+    p.add_argument("--write-queue", type=int, default=2, metavar="N",
+                   help="finished units waiting for the background store writer (default 2; 0 = write synchronously)")
     add_out_option(p, kind="dir", help="store folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted harvest into the same store")
     p.add_argument("--append", action="store_true", help="add to a store made with another configuration")
@@ -103,9 +110,24 @@ def run(args) -> int:
         height=gk["height"],
         width=gk["width"],
     )
+    topk = None
+    if bool(args.dicts) != (args.topk is not None):
+        raise DifflensError("--dict and --topk go together: --dict DIR --topk N fills a streaming top-k cache")
+    if args.dicts:
+        from difflens.dictionaries.hub import display_name, local_folder
+
+        topk, seen = [], set()
+        for d in args.dicts:
+            folder = local_folder(d)
+            name = display_name(folder) or folder.resolve().name or "dict"
+            if name in seen:
+                raise DifflensError(f"two --dict folders are both named {name!r}: their top-k caches would collide")
+            seen.add(name)
+            topk.append((name, str(folder), args.topk))
     created = not Path(args.out).exists()
     try:
-        summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append)
+        summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append,
+                          write_queue=args.write_queue, topk=topk)
     except BaseException:
         _remove_if_empty(Path(args.out), created)
         raise

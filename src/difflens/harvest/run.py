@@ -25,6 +25,7 @@ from difflens.harvest.record import UnitRecorder
 from difflens.hooks import HookSet, Site
 from difflens.models import load_adapter
 from difflens.store import StoreWriter
+from difflens.store.background import BackgroundWriter
 from difflens.utils import progress
 
 
@@ -70,9 +71,20 @@ def harvest(
     resume: bool = False,
     append: bool = False,
     stop_after_units: int | None = None,
+    write_queue: int = 2,
+    topk: list | None = None,
 ) -> dict:
-    """Run the harvest; returns a summary. `stop_after_units` exists for crash/resume tests."""
+    """Run the harvest; returns a summary. `stop_after_units` exists for crash/resume tests.
+
+    write_queue: finished units waiting for the background writer thread (PNG encoding, row
+    concatenation and the store write overlap with generating the next units); 0 writes each
+    unit synchronously. Either way a unit is committed whole or not at all.
+    topk: [(name, feature source or dictionary folder, N)]: a streaming top-k feature cache per
+    dictionary (`interpret.topk`), filled from every image token of the conditional rows at the
+    recorded steps and saved to <out>/topk/<name>/; needs one uninterrupted run (no resume/append)."""
     cfg.validate()
+    if int(write_queue) < 0:
+        raise DifflensError(f"--write-queue must be >= 0 (units waiting for the store writer), got {write_queue}")
     rank, world = _dist_info()
     if world > 1:
         import torch.distributed as dist
@@ -122,25 +134,31 @@ def harvest(
             text_labels=text_labels,
         )
         units[u] = (rec, records)
-        return HookSet([(s, rec.hook_for(s)) for s in sites])
+        for t in streams:
+            t.unit = u
+        return HookSet([(s, rec.hook_for(s)) for s in sites] + [(t.site, t.hook) for t in streams])
 
     rows_written = 0
     t0 = time.time()
+    streams = _topk_streams(topk, adapter, cfg, samples)
+    if streams and (resume or append or done or world > 1):
+        raise DifflensError("harvest --topk fills its cache in one uninterrupted single-process pass: harvest into "
+                            "a new --out (without --resume/--append/torchrun)")
+    writes = BackgroundWriter(write_queue)
     bar = progress(total=sum(len(samples[u * cfg.batch_size : (u + 1) * cfg.batch_size]) for u in mine),
                    desc=f"harvest{f' rank {rank}' if world > 1 else ''}", unit="img")
-    if mine:
-        for b in generate_batched(adapter, samples, unit_hooks, steps=cfg.steps, guidance=cfg.guidance,
-                                  batch_size=cfg.batch_size, height=cfg.height, width=cfg.width, only=todo.__contains__):
+    with writes:
+        for b in (generate_batched(adapter, samples, unit_hooks, steps=cfg.steps, guidance=cfg.guidance,
+                                   batch_size=cfg.batch_size, height=cfg.height, width=cfg.width,
+                                   only=todo.__contains__) if mine else ()):
             rec, records = units.pop(b.index)
-            if truth is not None:
-                _add_readings(records, b.generation.images, truth)
-            images = {s.sample_id: _png(img) for s, img in zip(b.requests, b.generation.images)}
-            rows = rec.rows()
-            writer.write_unit(writer.unit_id(b.index), rows, samples=records, images=images)
-            rows_written += sum(a.shape[0] for a, _ in rows.values())
+            writes.submit(_unit_job(writer, writer.unit_id(b.index), rec, records, b, truth))
+            rows_written += sum(a.shape[0] for parts in rec.parts.values() for a, _ in parts)
             bar.update(len(b.requests))
             bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
     bar.close()
+    for t in streams:
+        t.save(out / "topk" / t.name, adapter)
     _barrier(world)
     manifest = writer.finalize() if rank == 0 else None
     return {
@@ -149,8 +167,24 @@ def harvest(
         "units_written": len(mine),
         "rows_written": rows_written,
         "seconds": time.time() - t0,
+        "write_seconds": writes.busy_seconds,  # spent encoding and writing units (overlapped when write_queue > 0)
+        "write_wait_seconds": writes.wait_seconds,  # generation blocked on a full write queue
+        "bytes_written": sum(r.bytes for r in writes.results),
         "manifest": manifest,
     }
+
+
+def _unit_job(writer: StoreWriter, unit_id: str, rec: UnitRecorder, records: list[dict], batch, truth):
+    """The writer thread's share of one unit: readings, PNGs, rows, then the atomic write + commit."""
+
+    def job():
+        images_u8 = batch.generation.images
+        if truth is not None:
+            _add_readings(records, images_u8, truth)
+        images = {s.sample_id: _png(img) for s, img in zip(batch.requests, images_u8)}
+        return writer.write_unit(unit_id, rec.rows(), samples=records, images=images)
+
+    return job
 
 
 def _barrier(world: int) -> None:
@@ -186,3 +220,63 @@ def _add_readings(records: list[dict], images, truth: GroundTruth) -> None:
         rec["reading"] = reading
     for i, scores in zip(scored, per_prompt):
         records[i]["adherent"] = bool(scores.get("prompt", 0.0) == 1.0)
+
+
+class _TopKStream:
+    """One dictionary's streaming top-k cache, fed by a hook at its site."""
+
+    def __init__(self, name: str, source, n: int, cfg: HarvestConfig, samples: list[Sample]):
+        import torch
+
+        self.name, self.source, self.n, self.site = name, source, int(n), source.site
+        self.record_steps = set(cfg.record_steps) if cfg.record_steps is not None else None
+        self.sample_ids = torch.tensor([s.sample_id for s in samples])
+        self.batch_size = cfg.batch_size
+        self.acc = None
+        self.timesteps: dict[int, float] = {}
+        self.grid_hw = None
+        self.unit = 0
+
+    def hook(self, x_BND, ctx):
+        import torch
+
+        from difflens.interpret.topk import TopKAccumulator
+
+        if self.record_steps is not None and ctx.step not in self.record_steps:
+            return None
+        rows = torch.nonzero(ctx.is_cond).flatten()
+        x = x_BND[rows]
+        B, T, D = x.shape
+        t = torch.full((B * T,), float(ctx.timestep), device=x.device)
+        with torch.no_grad():
+            codes = self.source(x.reshape(B * T, D).float(), t).reshape(B, T, -1)
+        if self.acc is None:
+            self.acc = TopKAccumulator(codes.shape[-1], self.n, T)
+            self.grid_hw = tuple(ctx.grid_hw)
+        self.timesteps[int(ctx.step)] = float(ctx.timestep)
+        local = ctx.sample_index[rows].cpu()
+        self.acc.update(codes, self.sample_ids[self.unit * self.batch_size + local], ctx.step)
+        return None
+
+    def save(self, folder: Path, adapter) -> None:
+        if self.acc is None:
+            return
+        self.acc.save(folder, {"name": self.name, "site": self.site, "source": self.source.describe(),
+                               "model": adapter.model_id, "grid_hw": list(self.grid_hw),
+                               "timesteps": {str(k): v for k, v in sorted(self.timesteps.items())}})
+
+
+def _topk_streams(specs, adapter, cfg: HarvestConfig, samples: list[Sample]) -> list[_TopKStream]:
+    if not specs:
+        return []
+    from difflens.interpret.features import as_feature_source
+
+    out = []
+    for name, obj, n in specs:
+        source = as_feature_source(obj, name=name)
+        if not source.site.endswith(":img"):
+            raise DifflensError(f"--topk reads image-token maps: {name} is at {source.site}, not an ':img' site")
+        if source.site not in adapter.sites():
+            raise DifflensError(f"{name} reads site {source.site}, which {adapter.model_id} does not have")
+        out.append(_TopKStream(name, source, n, cfg, samples))
+    return out
