@@ -37,6 +37,12 @@ def register(name: str, config_cls: type[DictConfig]):
     return deco
 
 
+def family(arch: str) -> str:
+    """The family of a registered architecture (its class's `family`, else the name itself)."""
+    cls = ARCHITECTURES.get(arch)
+    return (cls.family or arch) if cls is not None else arch
+
+
 def architecture(name: str) -> type[Dictionary]:
     """The module class registered under `name`, or a clear error listing the known ones."""
     cls = ARCHITECTURES.get(name)
@@ -89,6 +95,9 @@ class Dictionary(nn.Module):
     """Base class: normalisation plumbing, input checks, dead-latent bookkeeping, lr scaling."""
 
     arch: ClassVar[str] = ""
+    # The family reports group architectures by ("sae", "tide", "itda"): set on each class that
+    # starts a family, inherited by its variants (JumpReLU and Matryoshka are SAEs, TIDE is not).
+    family: ClassVar[str] = ""
     config_class: ClassVar[type[DictConfig]] = DictConfig
     trainable: ClassVar[bool] = True
 

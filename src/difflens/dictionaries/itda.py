@@ -64,6 +64,8 @@ def greedy_dedupe(v_ND: Tensor, thr: float, existing_AD: Tensor | None = None, c
 class ITDA(Dictionary):
     """Atoms are unit-norm copies of (normalised) real activations; no gradient training."""
 
+    family = "itda"
+
     trainable = False
     admit_per_round = 32  # rows admitted per round of `partial_fit` (see `_choose`)
     admit_order = "batch"  # "batch": candidates in batch order (as if fed one by one); "loss": worst first

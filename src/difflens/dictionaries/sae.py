@@ -91,6 +91,8 @@ class BatchComm(Protocol):
 class SAE(Dictionary):
     """Shared by all SAE flavours: parameters, init, decoder-norm hooks, dead-latent tracker."""
 
+    family = "sae"
+
     def __init__(self, cfg: SAEConfig, *, fast: bool = True):
         super().__init__(cfg)
         f, d = cfg.width, cfg.d_in

@@ -62,6 +62,8 @@ class FiLM(nn.Module):
 class TIDESAE(TopKSAE):
     """Timestep-conditioned TopK SAE; encode/decode/forward need t_B."""
 
+    family = "tide"
+
     def __init__(self, cfg: TIDEConfig, *, fast: bool = True):
         super().__init__(cfg, fast=fast)
         self.film = FiLM(cfg.d_in, cfg.tide_embed_dim, cfg.tide_hidden, cfg.tide_max_scale)

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from difflens.dictionaries.base import family
 from difflens.errors import DifflensError
-
-# Dictionary architecture -> the family name used in reports.
-ARCH_KIND = {"topk": "sae", "batchtopk": "sae", "relu": "sae", "tide": "tide", "itda": "itda"}
 
 
 @dataclass
@@ -54,7 +52,7 @@ class DictionaryFeatures(FeatureSource):
             name=name or arch,
             site=site,
             num_features=int(dictionary.num_latents),
-            kind=ARCH_KIND.get(arch, arch),
+            kind=family(arch),  # from the registry: every SAE variant reports as "sae"
             details={"arch": arch, "k": getattr(cfg, "k", None), "width": int(dictionary.num_latents),
                      "normalization": getattr(cfg, "normalization", None)},
         )
