@@ -551,3 +551,27 @@ def test_export_reads_a_dictionary_from_the_hub_cache(world, tmp_path, monkeypat
                "--data", str(world["root"] / "store"), "--out", str(out), "--max-features", "2"])
     assert rc == 0 and len(list((out / "features" / "toy-topk").glob("*.html"))) == 2
     assert main(["browse", "export", "--dict", "hf:org/gone", "--out", str(tmp_path / "z")]) == 2
+
+
+def test_browse_shows_an_interpret_cache_without_a_judge(world, tmp_path, capsys):
+    """`interpret cache --dict D --data S --out I/<name>` writes feature pages; `browse export --interp I`
+    shows them (top images, profiles, histograms) with the explanation column empty."""
+    from difflens.cli import main
+
+    interp = tmp_path / "interp"
+    rc = main(["interpret", "cache", "--dict", str(world["dicts"][0]), "--data", str(world["root"] / "store"),
+               "--out", str(interp / "topk"), "--heatmaps", "0", "--top-n", "3", "--quantiles", "1", "--min-tokens", "1"])
+    assert rc == 0
+    index = json.loads((interp / "topk" / "features" / "index.json").read_text())
+    assert index["features"] and all(r["explanation"] is None for r in index["features"])
+    out = tmp_path / "site"
+    rc = main(["browse", "export", "--dict", str(world["dicts"][0]), "--interp", str(interp),
+               "--data", str(world["root"] / "store"), "--out", str(out), "--max-features", "3"])
+    assert rc == 0, capsys.readouterr().err
+    pages = list((out / "features" / "topk").glob("*.html"))
+    assert len(pages) == 3
+    fp = page_data(pages[0])
+    assert fp["top"] and all(t["img"] for t in fp["top"]) and not fp.get("explanation")
+    assert fp["histogram"]["counts"] and len(fp["profile_mean"]) == 2
+    rows = page_data(out / "index.html")["rows"]["topk"]
+    assert len(rows) == 3 and not any(r["expl"] for r in rows)

@@ -248,6 +248,12 @@ def run_cache(args) -> int:
     cache = build_cache(fs, src, config=_cache_config(args), out=args.out, seed=args.seed)
     live = cache.live()
     say(args, f"{fs.name}: {cache.num_features} features, {int(live.sum())} live, {cache.info['num_samples']} images -> {args.out}")
+    if args.data is not None:  # feature pages the browser reads (explanations empty until a judge runs)
+        from difflens.interpret.report import export_features
+
+        export_features(cache, [], Path(args.out) / "features")
+        say(args, f"feature pages: browse them with `difflens browse export --dict DICT --interp "
+                  f"{Path(args.out).parent} --data {args.data}` (the cache folder named like the dictionary folder)")
     if args.heatmaps:
         from difflens.interpret.features import sample_live_features
 
