@@ -151,6 +151,14 @@ def test_streaming_topk_equals_a_full_store_computation(tmp_path):
             torch.testing.assert_close(e["map"], codes[i, e["step"], :, f], rtol=1e-5, atol=1e-6)
     assert int(got.frequency.sum()) == int((codes > 0).sum())
     assert sum(len(got.examples(f)) == n for f in range(sae.num_latents)) >= sae.num_latents // 2  # not vacuous
+    mean, mx = got.profiles()  # [F, steps]: mean code over every token, mean per-image max
+    torch.testing.assert_close(mean, codes.mean(dim=(0, 2)).T, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mx, codes.amax(dim=2).mean(0).T, rtol=1e-4, atol=1e-6)
+    assert torch.equal(got.hist.sum(1), got.frequency)
+    pos = codes[codes > 0]
+    edges = TopKAccumulator.hist_edges()
+    want_hist = torch.histc(torch.log2(pos.double()), bins=len(edges) - 1, min=-20, max=12)
+    assert torch.equal(got.hist.sum(0).double(), want_hist)
     rc = main(["harvest", "--model", str(toy), "--num-prompts", "2", "--steps", "1", "--topk", "2",
                "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()

@@ -8,6 +8,9 @@ feature silent on an image has no example there). Ties keep the pair seen first,
 equals sorting every (sample, step) of a full store by (max desc, arrival order) and taking the
 first N (`tests/test_interpret_real.py` checks this against a full-store computation).
 
+It also keeps each feature's timestep profile (mean code and mean per-image max per step) and a
+log2-binned histogram of its positive codes (the feature cache's bins).
+
 Memory is features x N x tokens (x 2 bytes with `map_dtype=float16`); a 4,096-latent SAE, N=8
 and a 512-px Flux image (1,024 tokens) is 64 MB. `harvest --dict DIR --topk N` fills one per
 dictionary and saves it as `topk.safetensors` + `topk.json`.
@@ -22,6 +25,8 @@ import torch
 
 from difflens.errors import DifflensError
 
+HIST_LOG2_MIN, HIST_LOG2_MAX, HIST_BPO = -20, 12, 4  # the feature cache's histogram bins (CacheConfig)
+
 
 class TopKAccumulator:
     def __init__(self, num_features: int, n: int, num_tokens: int, *, map_dtype: torch.dtype = torch.float32):
@@ -34,6 +39,13 @@ class TopKAccumulator:
         self.maps = torch.zeros((self.F, self.n, self.T), dtype=map_dtype)
         self.frequency = torch.zeros(self.F, dtype=torch.long)  # active tokens seen per feature
         self.tokens_seen = 0
+        # what a researcher reads first, next to the examples: the timestep profile (per step: sum of
+        # codes, sum of per-image maxima, images seen) and a log2-binned histogram of positive codes
+        # (the feature cache's bins: HIST_LOG2_MIN..HIST_LOG2_MAX, HIST_BPO bins per octave)
+        self.step_sum: dict[int, torch.Tensor] = {}
+        self.step_max_sum: dict[int, torch.Tensor] = {}
+        self.step_images: dict[int, int] = {}
+        self.hist = torch.zeros(self.F, (HIST_LOG2_MAX - HIST_LOG2_MIN) * HIST_BPO, dtype=torch.long)
 
     @torch.no_grad()
     def update(self, codes_BTF: torch.Tensor, sample_ids, step: int) -> None:
@@ -45,6 +57,17 @@ class TopKAccumulator:
         sids = torch.as_tensor(sample_ids, dtype=torch.long).reshape(-1)
         self.frequency += (codes > 0).sum(dim=(0, 1))
         self.tokens_seen += B * T
+        step = int(step)
+        zeros = torch.zeros(F, dtype=torch.float64)
+        self.step_sum[step] = self.step_sum.get(step, zeros) + codes.sum(dim=(0, 1), dtype=torch.float64)
+        self.step_max_sum[step] = self.step_max_sum.get(step, zeros) + codes.amax(dim=1).sum(0, dtype=torch.float64)
+        self.step_images[step] = self.step_images.get(step, 0) + B
+        flat = codes.reshape(-1, F)
+        nz = (flat > 0).nonzero()
+        if nz.numel():
+            nb = self.hist.shape[1]
+            bins = torch.floor((torch.log2(flat[nz[:, 0], nz[:, 1]]) - HIST_LOG2_MIN) * HIST_BPO).long().clamp_(0, nb - 1)
+            self.hist += torch.bincount(nz[:, 1] * nb + bins, minlength=F * nb).reshape(F, nb)
         peak = codes.amax(dim=1).T  # [F, B]
         peak = torch.where(peak > 0, peak, torch.full_like(peak, float("-inf")))
         vals = torch.cat([self.values, peak], dim=1)  # kept entries first: ties keep the earlier
@@ -65,6 +88,23 @@ class TopKAccumulator:
         stp[fresh] = int(step)
         self.values, self.sample, self.step, self.maps = new_vals, sample, stp, maps
 
+    def steps(self) -> list[int]:
+        return sorted(self.step_images)
+
+    def profiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean code per step over every token, mean per-image max per step), each [F, steps]."""
+        st = self.steps()
+        if not st:
+            return torch.zeros(self.F, 0), torch.zeros(self.F, 0)
+        mean = torch.stack([self.step_sum[s] / (self.step_images[s] * self.T) for s in st], dim=1)
+        mx = torch.stack([self.step_max_sum[s] / self.step_images[s] for s in st], dim=1)
+        return mean.float(), mx.float()
+
+    @staticmethod
+    def hist_edges() -> torch.Tensor:
+        n = (HIST_LOG2_MAX - HIST_LOG2_MIN) * HIST_BPO
+        return 2.0 ** (HIST_LOG2_MIN + torch.arange(n + 1, dtype=torch.float64) / HIST_BPO)
+
     def examples(self, feature: int) -> list[dict]:
         """The kept (sample, step, value, map [T]) of one feature, best first."""
         out = []
@@ -81,10 +121,14 @@ class TopKAccumulator:
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        mean, mx = self.profiles()
         save_file({"values": self.values.contiguous(), "sample": self.sample.contiguous(), "step": self.step.contiguous(),
-                   "maps": self.maps.contiguous(), "frequency": self.frequency.contiguous()},
+                   "maps": self.maps.contiguous(), "frequency": self.frequency.contiguous(),
+                   "profile_mean": mean.contiguous(), "profile_max": mx.contiguous(), "hist_counts": self.hist.contiguous()},
                   str(folder / "topk.safetensors"))
-        meta = {"num_features": self.F, "n": self.n, "num_tokens": self.T, "tokens_seen": self.tokens_seen, **(info or {})}
+        meta = {"num_features": self.F, "n": self.n, "num_tokens": self.T, "tokens_seen": self.tokens_seen,
+                "steps": self.steps(), "images_per_step": [self.step_images[s] for s in self.steps()],
+                "hist": {"log2_min": HIST_LOG2_MIN, "log2_max": HIST_LOG2_MAX, "bins_per_octave": HIST_BPO}, **(info or {})}
         (folder / "topk.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
         return folder
 
@@ -100,5 +144,11 @@ class TopKAccumulator:
         acc = cls(meta["num_features"], meta["n"], meta["num_tokens"], map_dtype=t["maps"].dtype)
         acc.values, acc.sample, acc.step, acc.maps, acc.frequency = t["values"], t["sample"], t["step"], t["maps"], t["frequency"]
         acc.tokens_seen = int(meta.get("tokens_seen", 0))
+        acc.hist = t["hist_counts"]
+        for j, s in enumerate(meta.get("steps", [])):  # profiles back as sums, so update() could go on
+            k = int(meta["images_per_step"][j])
+            acc.step_images[int(s)] = k
+            acc.step_sum[int(s)] = t["profile_mean"][:, j].double() * k * acc.T
+            acc.step_max_sum[int(s)] = t["profile_max"][:, j].double() * k
         acc.info = meta
         return acc
