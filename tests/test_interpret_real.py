@@ -159,6 +159,18 @@ def test_streaming_topk_equals_a_full_store_computation(tmp_path):
     edges = TopKAccumulator.hist_edges()
     want_hist = torch.histc(torch.log2(pos.double()), bins=len(edges) - 1, min=-20, max=12)
     assert torch.equal(got.hist.sum(0).double(), want_hist)
+    # the browser reads it like an interpretation (explanations empty), images from the harvest's store
+    site_out = tmp_path / "site"
+    assert main(["browse", "export", "--dict", str(tmp_path / "sae"), "--interp", str(out / "topk"), "--data", str(out),
+                 "--out", str(site_out), "--max-features", "2"]) == 0
+    import re
+
+    pages = sorted((site_out / "features" / "sae").glob("*.html"))
+    assert len(pages) == 2
+    page = json.loads(re.search(r'id="difflens-data">(.*?)</script>', pages[0].read_text(), re.S).group(1))
+    f = int(pages[0].stem)
+    assert [t["sid"] for t in page["top"]] == [e["sample_id"] for e in got.examples(f)]
+    assert all(t["img"] for t in page["top"]) and page["histogram"]["counts"] and len(page["profile_mean"]) == 2
     rc = main(["harvest", "--model", str(toy), "--num-prompts", "2", "--steps", "1", "--topk", "2",
                "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()

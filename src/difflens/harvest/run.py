@@ -261,9 +261,14 @@ class _TopKStream:
     def save(self, folder: Path, adapter) -> None:
         if self.acc is None:
             return
+        from difflens.interpret.topk import export_features
+
         self.acc.save(folder, {"name": self.name, "site": self.site, "source": self.source.describe(),
                                "model": adapter.model_id, "grid_hw": list(self.grid_hw),
                                "timesteps": {str(k): v for k, v in sorted(self.timesteps.items())}})
+        # the pages the browser reads: browse export --dict DICT --interp <out>/topk --data <out>
+        export_features(self.acc, folder / "features", timesteps=[self.timesteps[s] for s in self.acc.steps()],
+                        grid_hw=self.grid_hw, source=self.source.describe(), site=self.site)
 
 
 def _topk_streams(specs, adapter, cfg: HarvestConfig, samples: list[Sample]) -> list[_TopKStream]:

@@ -152,3 +152,47 @@ class TopKAccumulator:
             acc.step_max_sum[int(s)] = t["profile_max"][:, j].double() * k
         acc.info = meta
         return acc
+
+
+def export_features(acc: TopKAccumulator, folder, *, timesteps: list[float], grid_hw, source: dict, site: str) -> Path:
+    """The browser's feature files from a streaming top-k cache: folder/index.json (one row per live
+    feature) and folder/<f>.json (profiles, histogram, top examples with their maps), the layout
+    `interpret` writes, with no explanation or score (no judge has run) and no quantile examples."""
+    import math
+
+    from difflens.utils import write_json
+
+    def r(x, nd=4):
+        return None if x is None or not math.isfinite(float(x)) else round(float(x), nd)
+
+    def rounded(t) -> list:
+        return [float(f"{x:.4g}") for x in t.reshape(-1).tolist()]
+
+    folder = Path(folder)
+    mean, mx = acc.profiles()
+    edges = acc.hist_edges().tolist()
+    ts = [float(t) for t in timesteps]
+    index = []
+    for f in torch.nonzero(acc.frequency > 0).flatten().tolist():
+        ex = acc.examples(f)
+        peak = int(torch.argmax(mean[f])) if mean.shape[1] else 0
+        row = {"feature": f, "frequency": r(acc.frequency[f] / max(acc.tokens_seen, 1), 6),
+               "max": r(ex[0]["value"]) if ex else None, "peak_timestep": ts[peak] if ts else None,
+               "explanation": None, "score": None, "has_maps": bool(ex)}
+        index.append(row)
+        if not ex:
+            continue
+        counts = acc.hist[f]
+        nz = torch.nonzero(counts).flatten()
+        a, b = (int(nz[0]), int(nz[-1]) + 1) if nz.numel() else (0, 0)
+        write_json(folder / f"{f}.json", {
+            **row, "timesteps": ts, "profile_mean": rounded(mean[f]), "profile_max": rounded(mx[f]), "peak_step": peak,
+            "histogram": {"edges": edges[a : b + 1] if b else [], "counts": [int(c) for c in counts[a:b]],
+                          "nonpositive": int(acc.tokens_seen - acc.frequency[f])},
+            "grid_hw": list(grid_hw),
+            "top": [{"sample_id": e["sample_id"], "value": r(e["value"]), "step": e["step"],
+                     "timestep": ts[acc.steps().index(e["step"])] if ts else None, "split": "explain",
+                     "map": rounded(e["map"].float())} for e in ex],
+        })
+    write_json(folder / "index.json", {"source": source, "site": site, "timesteps": ts, "features": index})
+    return folder
