@@ -257,6 +257,65 @@ def test_cli_export(world, tmp_path, capsys):
     assert "no such folder" in capsys.readouterr().err
 
 
+def test_cli_export_warns_when_a_dictionary_has_no_interpretation(world, tmp_path, capsys):
+    import shutil
+
+    from difflens.cli import main
+
+    lone = tmp_path / "elsewhere" / "topk"  # no interpret/ folder beside it to discover
+    shutil.copytree(world["dicts"][0], lone)
+    rc = main(["browse", "export", "--dict", str(lone), "--data", str(world["root"] / "store"),
+               "--out", str(tmp_path / "bare"), "--max-features", "3"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "warning: topk: no interpretation, so its 3 feature pages say '(no explanation)'" in err
+    assert f"difflens interpret --dict {lone}" in err and "--interp INTERP" in err
+    rc = main(["browse", "export", "--dict", str(world["dicts"][0]), "--interp", str(world["root"] / "interpret"),
+               "--data", str(world["root"] / "store"), "--out", str(tmp_path / "full"), "--max-features", "3"])
+    assert rc == 0 and "warning" not in capsys.readouterr().err
+
+
+def test_neuronpedia_export_one_json_per_feature(world, tmp_path, capsys):
+    from difflens.cli import main
+    from difflens.store import Store
+
+    interp = world["root"] / "interpret"
+    out = tmp_path / "np"
+    rc = main(["browse", "neuronpedia", "--interp", str(interp), "--out", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert set(summary["sources"]) == {"topk", "itda"}
+    prompts = {s["sample_id"]: s["prompt"] for s in Store(world["root"] / "store").samples()}
+    for name in ("topk", "itda"):
+        index = json.loads((interp / name / "features" / "index.json").read_text())
+        mine = json.loads((out / name / "index.json").read_text())
+        assert [r["index"] for r in mine["features"]] == [r["feature"] for r in index["features"]]
+        assert summary["sources"][name]["features"] == len(index["features"])
+        for row in index["features"]:
+            rec = json.loads((out / name / f"{row['feature']}.json").read_text())
+            assert rec["schema"] == "difflens.feature/1" and rec["index"] == row["feature"] and rec["layer"] == SITE
+            assert rec["frac_nonzero"] == row["frequency"] and rec["maxActApprox"] == row["max"]
+            assert [e["description"] for e in rec["explanations"]] == ([] if row["explanation"] is None else [row["explanation"]])
+            src = interp / name / "features" / f"{row['feature']}.json"
+            if not src.exists():
+                assert rec["activations"] == []
+                continue
+            detail = json.loads(src.read_text())
+            assert len(rec["activations"]) == len(detail["top"])
+            for a, e in zip(rec["activations"], detail["top"]):
+                h, w = a["grid_hw"]
+                assert len(a["values"]) == h * w and a["maxValue"] == e["value"]
+                assert a["values"][a["maxValueTokenIndex"]] == max(a["values"])
+                assert a["prompt"] == prompts[a["sample_id"]] and (out / "img" / f"{a['sample_id']}.png").is_file()
+    assert main(["browse", "neuronpedia", "--interp", str(interp), "--out", str(out), "--source", "topk"]) == 0
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("x")
+    assert main(["browse", "neuronpedia", "--interp", str(interp), "--out", str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "x"
+    assert main(["browse", "neuronpedia", "--interp", str(interp), "--source", "nope", "--out", str(tmp_path / "n")]) == 2
+    assert "it holds itda, topk" in capsys.readouterr().err
+
+
 # ---- server ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def served(world, tmp_path_factory):

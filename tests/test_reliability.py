@@ -302,7 +302,7 @@ def test_4_tampered_step_column_refused(tmp_path):
 def test_4_metrics_jsonl_is_strict_json(tmp_path):
     from difflens.train.logbook import MetricsLog
 
-    log = MetricsLog(tmp_path, tensorboard=False)
+    log = MetricsLog(tmp_path)
     log.append({"kind": "train", "step": 1, "loss": float("nan"), "fvu": np.float32("inf"), "l0": torch.tensor(float("nan")),
                 "by_timestep": [{"fvu": float("nan"), "step": 0}]})
     line = (tmp_path / "metrics.jsonl").read_text().strip()

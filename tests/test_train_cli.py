@@ -93,3 +93,60 @@ def test_every_config_field_is_a_documented_flag():
     _, cfg = build_from_args(parse("--site", "s", "--arch", "topk", "--width", "8", "--k", "2", "--train-steps", "3",
                                    "--no-scale-lr", "--beta2", "0.9"))
     assert cfg.steps == 3 and cfg.scale_lr is False and cfg.beta2 == 0.9
+
+
+def test_train_ends_with_the_held_out_table(tmp_path, capsys):
+    store = make_store(tmp_path / "s", units=2)
+    rc = main(["train", "--data", str(store.root), "--site", SITE_A, "--arch", "topk,relu", "--width", "8", "--k", "2",
+               "--train-steps", "3", "--batch-size", "32", "--eval-tokens", "100", "--out", str(tmp_path / "run")])
+    assert rc == 0
+    out = capsys.readouterr()
+    assert "held-out FVU" not in out.out  # messages on stderr, stdout stays empty for data
+    err = out.err.splitlines()
+    # 100 tokens need 2 samples of 64 rows (4 steps x 16 tokens): 128 rows held out
+    assert any(line.startswith("held out: 128 tokens from 2 image(s)") and "--eval-tokens 100" in line for line in err)
+    for name in ("topk-w8-k2", "relu-w8-k2"):
+        final = [json.loads(x) for x in (tmp_path / "run" / name / "metrics.jsonl").read_text().splitlines()]
+        final = next(r for r in reversed(final) if r["kind"] == "final")
+        row = next(line.split() for line in err if line.startswith(name + " "))
+        assert row[3] == f"{final['fvu']:.4f}" and row[6] == f"{final['l0']:.1f}"
+
+
+def test_log_backends_write_or_explain_what_is_missing(tmp_path, capsys, monkeypatch):
+    import sys
+    import types
+
+    store = make_store(tmp_path / "s", units=2)
+    base = ["train", "--data", str(store.root), "--site", SITE_A, "--arch", "topk", "--width", "8", "--k", "2",
+            "--train-steps", "3", "--batch-size", "32", "--eval-tokens", "32", "--log-every", "1", "-q"]
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    assert main([*base, "--log", "tensorboard", "--out", str(tmp_path / "tb")]) == 2
+    assert "pip install 'difflens[tensorboard]'" in capsys.readouterr().err
+    from difflens.train.config import TrainConfig
+
+    with pytest.raises(DifflensError, match="jsonl, tensorboard, wandb"):  # a config file's [train] log = "nope"
+        TrainConfig(log="nope")
+
+    calls = []  # a stand-in wandb records what the trainer sends it
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", step, dict(data)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kw):
+        calls.append(("init", kw))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    assert main([*base, "--log", "wandb", "--out", str(tmp_path / "wb")]) == 0
+    assert calls[0][0] == "init" and calls[0][1]["name"] == "topk-w8-k2"
+    assert calls[0][1]["config"]["training"]["log"] == "wandb" and calls[-1] == ("finish",)
+    records = [json.loads(x) for x in (tmp_path / "wb" / "topk-w8-k2" / "metrics.jsonl").read_text().splitlines()]
+    logged = [c for c in calls if c[0] == "log"]
+    assert len(logged) == len(records)  # every JSONL record also went to wandb, same step and values
+    for (_, step, data), rec in zip(logged, records):
+        assert step == rec["step"] and data[f"{rec['kind']}/fvu"] == rec["fvu"]

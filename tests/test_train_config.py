@@ -101,7 +101,7 @@ def test_optimizer_state_round_trip_without_pickle(tmp_path):
 
 
 def test_metrics_log_truncates_on_resume_and_renders_csv(tmp_path):
-    log = MetricsLog(tmp_path, tensorboard=False)
+    log = MetricsLog(tmp_path)
     for s in (1, 2, 3):
         log.append({"kind": "train", "step": s, "loss": 1.0 / s, "fvu": float("nan")})
     log.append({"kind": "eval", "step": 3, "fvu": 0.5, "l0": 4.0, "by_timestep": [{"step": 0}]})

@@ -93,7 +93,7 @@ def labelled_grid(
         y = title_h + pad + r * (ch + cap_h + pad)
         canvas.paste(Image.fromarray(np.asarray(cell, np.uint8)), (x, y))
         if labels:
-            lines = textwrap.wrap(str(labels[i]), chars)[:label_lines]
+            lines = [w for part in str(labels[i]).split("\n") for w in textwrap.wrap(part, chars)][:label_lines]
             for j, line in enumerate(lines):
                 draw.text((x, y + ch + 2 + j * line_h), line, fill=(0, 0, 0), font=font)
     return np.asarray(canvas)

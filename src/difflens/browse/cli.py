@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from difflens.cli_options import add_data_option, add_model_options, add_out_option, load_model, out_dir, say
+from difflens.cli_options import add_data_option, add_json_option, add_model_options, add_out_option, load_model, out_dir, say
 from difflens.errors import DifflensError
 
 
@@ -31,6 +31,18 @@ def register(sub) -> None:
     _common(e)
     add_out_option(e, kind="dir", help="site folder to write (replaced if it is a previous export)")
     e.set_defaults(func=run_export)
+    n = bsub.add_parser("neuronpedia", help="one JSON per feature for feature dashboards (docs/feature-export.md)",
+                        description="Export an interpretation's features as one JSON file per feature (activations "
+                        "on the top images, explanation and score, frequency, timestep profile), in the "
+                        "`difflens.feature/1` schema of docs/feature-export.md, close to Neuronpedia's feature fields.")
+    n.add_argument("--interp", metavar="DIR", required=True, help="interpretation folder (`difflens interpret --out`)")
+    n.add_argument("--source", action="append", default=[], metavar="NAME",
+                   help="export only this source of the interpretation (repeat; default all)")
+    add_data_option(n, required=False, help="store with prompts and images (default: the interpretation's)")
+    n.add_argument("--no-images", action="store_true", help="do not copy the top images into OUT/img")
+    add_out_option(n, kind="dir", help="folder to write: <source>/<feature>.json, <source>/index.json, img/")
+    add_json_option(n)
+    n.set_defaults(func=run_neuronpedia)
     s = bsub.add_parser("serve", help="serve the site plus a playground (generate, inspect, steer)")
     _common(s)
     add_out_option(s, kind="dir", required=False, help="where to write the site (default: a temporary folder, removed on exit)")
@@ -47,7 +59,45 @@ def run_export(args) -> int:
 
     out = export_site(args.dicts, out_dir(args.out), interp=args.interp, evaluation=args.evaluation, store=args.data,
                       neighbours=args.neighbours, max_features=args.max_features, title=args.title)
+    for line in export_warnings(out):
+        say(args, line)
     say(args, f"site: {(out / 'index.html').resolve()}")
+    return 0
+
+
+def export_warnings(site: Path) -> list[str]:
+    """What a user should know about an exported site: dictionaries whose pages carry no explanation
+    (with the command that adds them), then the export's other notes."""
+    import json
+
+    from difflens.browse.export import SITE_MARKER
+
+    manifest = json.loads((site / SITE_MARKER).read_text(encoding="utf-8"))
+    out = []
+    for d in manifest.get("dictionaries", []):
+        if d.get("interp") is None:
+            out.append(f"warning: {d['name']}: no interpretation, so its {d['features']} feature pages say "
+                       f"'(no explanation)'. Add explanations with `difflens interpret --dict {d['path']} --data STORE "
+                       f"--out INTERP` and export again with --interp INTERP")
+    out += [f"note: {n}" for n in manifest.get("notes", []) if not n.startswith("no interpretation found")]
+    return out
+
+
+def run_neuronpedia(args) -> int:
+    from difflens.browse.neuronpedia import KIND, export_neuronpedia
+    from difflens.cli_options import emit_json
+
+    summary = export_neuronpedia(args.interp, out_dir(args.out, kind=KIND), sources=args.source or None, data=args.data,
+                                 copy_images=not args.no_images)
+    for name, s in summary["sources"].items():
+        if s["explained"] == 0:
+            say(args, f"warning: {name}: none of its {s['features']} features has an explanation; run `difflens "
+                      "interpret` with a judge (e.g. --judge oracle on the toy model) to add them")
+    for note in summary["notes"]:
+        say(args, f"note: {note}")
+    if getattr(args, "json", False):
+        emit_json(summary)
+    say(args, f"wrote {sum(s['features'] for s in summary['sources'].values())} feature files to {args.out}")
     return 0
 
 

@@ -76,13 +76,16 @@ def feature_grid(cache, f: int, image_of, *, n_top: int = 10, scale: int = 4, ti
         raise ValueError(f"feature {f} has no qualifying images")
     vmax = max(e.value for e in ex)
     imgs = [overlay(image_of(e.sample_id), e.map, grid_hw, vmax=vmax) for e in ex]
-    labels = [f"#{e.sample_id} {'E' if e.split == 0 else 'H'} {e.value:.3g} t{cache.timesteps[e.step]:.0f}" for e in ex]
-    top = labelled_grid(imgs, labels, cols=min(len(imgs), 5), scale=scale, label_lines=1, title=title)
+    # caption: image id and split (the explainer's images vs held-out ones for scoring), the largest
+    # activation in the image and the timestep where it occurs
+    labels = [f"img {e.sample_id} {'explain' if e.split == 0 else 'held-out'}\nmax {e.value:.3g} at t={cache.timesteps[e.step]:.0f}"
+              for e in ex]
+    top = labelled_grid(imgs, labels, cols=min(len(imgs), 5), scale=scale, label_lines=2, title=title)
     best = ex[0]
     base = image_of(best.sample_id)
     per_step = [overlay(base, best.maps_ST[s], grid_hw, vmax=vmax) for s in range(len(cache.steps))]
     row = labelled_grid(per_step, [f"t={t:.0f}" for t in cache.timesteps], cols=min(len(per_step), 12),
-                        scale=max(2, scale // 2), label_lines=1, title=f"#{best.sample_id} over steps")
+                        scale=max(2, scale // 2), label_lines=1, title=f"img {best.sample_id} at every step (same colour scale)")
     W = max(top.shape[1], row.shape[1])
     pad = lambda a: np.pad(a, ((0, 0), (0, W - a.shape[1]), (0, 0)), constant_values=255)  # noqa: E731
     return np.concatenate([pad(top), pad(row)], axis=0)

@@ -18,7 +18,8 @@ from difflens.errors import DifflensError
 DECAYS = ("none", "linear", "cosine")
 
 # Fields that only change how often we look or save; a resumed run may change them freely.
-RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "progress")
+RESUMABLE_FIELDS = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "progress", "log")
+LOGS = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclass
@@ -49,6 +50,7 @@ class TrainConfig:
     log_every: int = 10  # steps between training-loss records
     keep_checkpoints: int = 2  # resumable checkpoints kept under train_state/
     progress: bool = True  # progress bar (the CLI's -q turns it off)
+    log: str = "jsonl"  # "jsonl" (metrics.jsonl/csv only) | "tensorboard" | "wandb" (also written, when installed)
 
     def __post_init__(self) -> None:
         if self.timestep_range is not None:
@@ -73,6 +75,8 @@ class TrainConfig:
             raise bad(f"lr must be positive (got {self.lr})")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise bad(f"Adam betas must be in [0, 1) (got {self.beta1}, {self.beta2})")
+        if self.log not in LOGS:
+            raise bad(f"log {self.log!r} is unknown; use one of {', '.join(LOGS)}")
         if self.decay not in DECAYS:
             raise bad(f"decay {self.decay!r} is unknown; use one of {', '.join(DECAYS)}")
         if not 0 < self.decay_fraction <= 1:

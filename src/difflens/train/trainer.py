@@ -28,7 +28,7 @@ from difflens.train import distributed as ddp
 from difflens.train import members as mem
 from difflens.train.config import RESUMABLE_FIELDS, DictSpec, TrainConfig
 from difflens.train.data import Filters, SiteStream, choose_heldout, init_sample, load_eval_slice, nonfinite_loss_error
-from difflens.train.logbook import MetricsLog
+from difflens.train.logbook import MetricsLog, heldout_summary
 from difflens.train.optim_io import load_optimizer, save_optimizer
 from difflens.train.schedule import lr_factor
 from difflens.utils import progress, read_json, write_json
@@ -227,7 +227,8 @@ class Trainer:
         if self.env.active and hasattr(module, "set_batch_comm"):
             module.set_batch_comm(ddp.BatchComm(self.env))  # global-batch selection and AuxK statistics
         if self.env.is_main:
-            m.log = MetricsLog(self.out / spec.name)
+            m.log = MetricsLog(self.out / spec.name, backend=cfg.log, run_name=spec.name,
+                               run_config={"dictionary": spec.to_dict(), "training": cfg.to_dict()})
         return m
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -550,7 +551,11 @@ def train(store, specs: list[DictSpec], cfg: TrainConfig, out, *, resume: bool =
     """Train `specs` in lockstep on `store`; returns {name: trained dictionary}. See docs/training.md."""
     env = ddp.current()
     t0 = time.time()
-    members = Trainer(store, specs, cfg, out, resume=resume, env=env, on_step=on_step).run()
+    trainer = Trainer(store, specs, cfg, out, resume=resume, env=env, on_step=on_step)
+    members = trainer.run()
     if env.is_main and cfg.progress:
+        final = [next((r for r in reversed(m.log.records()) if r.get("kind") == "final"), None) for m in members]
+        print(heldout_summary([(m.name, m.spec.arch, m.module.num_latents, r) for m, r in zip(members, final)],
+                              heldout_samples=len(trainer.heldout), eval_tokens=cfg.eval_tokens), file=sys.stderr)
         print(f"trained {len(members)} dictionar{'y' if len(members) == 1 else 'ies'} in {time.time() - t0:.0f}s -> {out}", file=sys.stderr)
     return {m.name: m.module for m in members}

@@ -292,9 +292,9 @@
     if (top.length) {
       var tg = el("div", { className: "cards", id: "top-images" });
       top.forEach(function (t) {
-        tg.appendChild(sampleCard(t, t.map, grid, vmax, ["#" + t.sid + " · " + fmt(t.value) + " · t=" + fmt(t.timestep, 0) + (t.split ? " · " + t.split : "")]));
+        tg.appendChild(sampleCard(t, t.map, grid, vmax, ["image #" + t.sid + " · max " + fmt(t.value) + " at t=" + fmt(t.timestep, 0) + (t.split ? " · " + t.split : "")]));
       });
-      app.appendChild(section("Top images (heatmap: orange, alpha ∝ √activation; click to toggle)", [tg], "top"));
+      app.appendChild(section("Top images (heatmap: orange, alpha ∝ √activation, one colour scale; caption: image, its largest activation and the timestep t where it occurs; click to toggle)", [tg], "top"));
     } else {
       app.appendChild(section("Top images", [el("p", { className: "muted" }, "no images qualified for this feature (or no interpretation)")], "top"));
     }
@@ -311,7 +311,11 @@
         el("p", { className: "muted" }, "non-positive: " + (h.nonpositive === undefined ? "–" : h.nonpositive))], "histogram"));
     }
     if (d.timesteps && d.timesteps.length && d.profile_mean) {
-      app.appendChild(section("Timestep profile", [lineChart([{ name: "mean", values: d.profile_mean }, { name: "max", values: d.profile_max || [] }],
+      // One scale with the "max activation" above: the flat line is that largest value, so the
+      // per-step curves (averages over images) read against it rather than against their own peak.
+      var series = [{ name: "mean over tokens", values: d.profile_mean }, { name: "mean of each image's max", values: d.profile_max || [] }];
+      if (typeof d.max === "number" && isFinite(d.max)) series.push({ name: "max activation (" + fmt(d.max) + ")", values: d.timesteps.map(function () { return d.max; }) });
+      app.appendChild(section("Timestep profile (activation, same units as max activation)", [lineChart(series,
         d.timesteps, { title: "activation by timestep", xlabel: "timestep (1000 = pure noise)", reverseX: true })], "profile"));
     }
     if (d.quantiles && d.quantiles.length) {
