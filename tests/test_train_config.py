@@ -127,3 +127,12 @@ def test_dictionary_options_are_checked_against_the_architectures_config():
     ok = members.dict_config(DictSpec(name="t", arch="tide", site="s", width=8, k=2, options={"tide_hidden": 4}),
                              d_in=4, model=None, cfg=TrainConfig(steps=1, auxk=False))
     assert ok.tide_hidden == 4 and ok.auxk is False
+
+
+@pytest.mark.parametrize("decay", ["none", "linear", "cosine"])
+@pytest.mark.parametrize("total, warmup, fraction", [(10, 2, 0.5), (37, 7, 0.2), (5, 100, 1.0), (400, 100, 0.05), (3, 0, 0.2)])
+def test_torch_schedulers_give_the_documented_schedule(decay, total, warmup, fraction):
+    from difflens.train.schedule import torch_lr_factors
+
+    got = torch_lr_factors(total, warmup, decay, fraction)
+    assert got == pytest.approx([lr_factor(s, total, warmup, decay, fraction) for s in range(total)], abs=1e-9)

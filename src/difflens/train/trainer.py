@@ -30,7 +30,7 @@ from difflens.train.config import RESUMABLE_FIELDS, DictSpec, TrainConfig
 from difflens.train.data import Filters, SiteStream, choose_heldout, init_sample, load_eval_slice, nonfinite_loss_error
 from difflens.train.logbook import MetricsLog, heldout_summary
 from difflens.train.optim_io import load_optimizer, save_optimizer
-from difflens.train.schedule import lr_factor
+from difflens.train.schedule import torch_lr_factors
 from difflens.utils import progress, read_json, write_json
 
 RUN_JSON = "run.json"
@@ -330,7 +330,9 @@ class Trainer:
                 extra.update({f"itda_{k}": v for k, v in fit.items() if k != "atoms" and isinstance(v, (int, float))})
                 self._log_train(m, step, r, extra)
             return
-        factor = lr_factor(step, self.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
+        if getattr(self, "_lr_factors", None) is None or len(self._lr_factors) != self.total_steps:
+            self._lr_factors = torch_lr_factors(self.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
+        factor = self._lr_factors[step]
         lr = m.base_lr * factor
         for g in m.opt.param_groups:
             g["lr"] = cfg.lr * g.get("lr_scale", 1.0) * factor
