@@ -243,3 +243,72 @@ def test_template_override_and_missing_placeholder(tmp_path):
     p.write_text("no placeholder")
     with pytest.raises(DifflensError, match="explanation"):
         load_template(p, JUDGE_PROMPT, ("{explanation}",))
+
+
+class _FakeOpenAI:
+    """A stand-in `openai` module: records what the SDK would be asked and answers from a script."""
+
+    class APIError(Exception):
+        pass
+
+    class APIStatusError(APIError):
+        def __init__(self, message, status_code):
+            super().__init__(message)
+            self.message, self.status_code = message, status_code
+
+    def __init__(self, script):
+        self.script, self.calls, self.made = list(script), [], []
+        fake = self
+
+        class OpenAI:
+            def __init__(self, **kw):
+                fake.made.append(kw)
+                self.chat = type("Chat", (), {"completions": type("C", (), {"create": staticmethod(fake.create)})()})()
+
+        self.OpenAI = OpenAI
+
+    def create(self, **kw):
+        self.calls.append(kw)
+        item = self.script.pop(0)
+        if isinstance(item, Exception):
+            raise item
+        return type("Resp", (), {"model_dump": lambda self, d=item: d})()
+
+
+def test_openai_sdk_transport_when_installed(tmp_path, monkeypatch):
+    import sys
+
+    fake = _FakeOpenAI([answer("a red circle", (12, 4)), _FakeOpenAI.APIStatusError("bad key sk-secret", 401),
+                        _FakeOpenAI.APIError("connection reset")])
+    monkeypatch.setitem(sys.modules, "openai", fake)
+    assert ClientConfig(base_url="http://vlm.example/v1", model="m").transport == "http"  # the default
+    monkeypatch.setenv("DIFFLENS_VLM_CLIENT", "auto")  # the SDK when installed
+    cfg = ClientConfig(base_url="http://vlm.example/v1", model="m", api_key="sk-secret", timeout=7, max_retries=2)
+    client = ChatClient(cfg, cache_dir=tmp_path / "cache", log_path=tmp_path / "log.jsonl")
+    msg = [{"role": "user", "content": "what is this?"}]
+    r = client.complete(msg)
+    assert r.ok and r.content == "a red circle" and r.usage["prompt_tokens"] == 12
+    assert fake.made == [{"base_url": "http://vlm.example/v1", "api_key": "sk-secret", "timeout": 7, "max_retries": 2}]
+    assert fake.calls[0] == {"model": "m", "messages": msg, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature}
+    assert client.complete(msg).cached and len(fake.calls) == 1  # our cache still answers repeats
+    bad = client.complete([{"role": "user", "content": "again"}])
+    assert not bad.ok and bad.status == 401 and "sk-secret" not in bad.error
+    down = client.complete([{"role": "user", "content": "third"}])
+    assert not down.ok and "retries by the openai SDK" in down.error
+    assert client.tally["prompt_tokens"] == 12 and client.tally["failures"] == 2
+    assert "sk-secret" not in (tmp_path / "log.jsonl").read_text()
+
+
+def test_transport_choice_and_missing_sdk(monkeypatch):
+    import sys
+
+    from difflens.errors import DifflensError
+
+    monkeypatch.setitem(sys.modules, "openai", None)  # not installed
+    auto = ChatClient(ClientConfig(base_url="http://127.0.0.1:9/v1", model="m", transport="auto"))
+    assert auto._sdk() is None  # falls back to the standard-library client
+    monkeypatch.setenv("DIFFLENS_VLM_CLIENT", "openai")
+    with pytest.raises(DifflensError, match="pip install openai"):
+        ChatClient(ClientConfig(base_url="http://127.0.0.1:9/v1", model="m"))._sdk()
+    with pytest.raises(DifflensError, match="http, openai, auto"):
+        ChatClient(ClientConfig(base_url="http://127.0.0.1:9/v1", model="m", transport="grpc"))._sdk()

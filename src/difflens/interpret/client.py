@@ -12,8 +12,15 @@ are never followed (an answer 3xx is a failure naming where it pointed). It is n
 cache key, the cache files, the request log, error messages or `ClientConfig.public()`. `timeout` is
 a total deadline per HTTP request (a server trickling bytes cannot hold a request longer). When most
 requests of a batch fail, `complete_many` raises DifflensError with a summary, so a run cannot
-silently report chance-level scores. The standard library is enough for this; the `openai` SDK is
-not used (no extra dependency, and these guarantees stay in one small file).
+silently report chance-level scores.
+
+Transport: by default this file's standard-library client, which gives the guarantees above. With
+`DIFFLENS_VLM_CLIENT=openai` (or `auto`: the SDK when installed, else this client) requests go
+through the optional `openai` SDK instead, which many OpenAI-compatible servers are tested against
+and which brings its own retries and backoff; the cache, tally, request log, key redaction in our
+messages and the failure summary stay the same, but redirects, timeouts and response sizes are
+then handled by the SDK (its timeout is per phase, not a total deadline; no size cap), so the
+redirect and deadline guarantees above hold for the default transport only.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from difflens.errors import DifflensError
 from difflens.utils import atomic_write_text, progress
 
 ENV_BASE_URL = "DIFFLENS_VLM_BASE_URL"
+ENV_CLIENT = "DIFFLENS_VLM_CLIENT"
+TRANSPORTS = ("http", "openai", "auto")
 ENV_MODEL = "DIFFLENS_VLM_MODEL"
 ENV_API_KEYS = ("DIFFLENS_VLM_API_KEY", "OPENAI_API_KEY")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
@@ -58,6 +67,7 @@ class ClientConfig:
     price_input: float = 0.0  # USD per 1M prompt tokens (for the tally)
     price_output: float = 0.0  # USD per 1M completion tokens
     max_failure_fraction: float = 0.5  # complete_many stops the run when more requests than this fail
+    transport: str = field(default_factory=lambda: os.environ.get(ENV_CLIENT, "http"))  # http | openai | auto
 
     @classmethod
     def from_env(cls, base_url: str | None = None, model: str | None = None, api_key: str | None = None, **kw) -> ClientConfig:
@@ -191,8 +201,60 @@ class ChatClient:
         print(f"warning: {summary}; their scores count as failures", file=sys.stderr)
 
     # ---- HTTP ---------------------------------------------------------------------------------
+    def _sdk(self):
+        """The openai SDK client, or None to use the standard-library transport."""
+        c = self.config
+        if c.transport not in TRANSPORTS:
+            raise DifflensError(f"VLM transport {c.transport!r} is unknown: set {ENV_CLIENT} to one of {', '.join(TRANSPORTS)}")
+        if c.transport == "http":
+            return None
+        with self._lock:
+            if getattr(self, "_openai", None) is None:
+                try:
+                    import openai
+                except ImportError:
+                    if c.transport == "openai":
+                        raise DifflensError(f"{ENV_CLIENT}=openai needs the openai package: pip install openai "
+                                            f"(or set {ENV_CLIENT}=http)") from None
+                    self._openai = False
+                    return None
+                base = c.url[: -len("/chat/completions")]
+                self._openai = (openai, openai.OpenAI(base_url=base, api_key=c.api_key or "unused", timeout=c.timeout,
+                                                      max_retries=c.max_retries))
+            return self._openai or None
+
+    def _call_sdk(self, key: str, messages: list, sdk) -> ChatResult:
+        openai, client = sdk
+        c = self.config
+        t0 = time.monotonic()
+        with self._lock:
+            self.tally["http_requests"] += 1
+        try:
+            resp = client.chat.completions.create(model=c.model, messages=messages, max_tokens=c.max_tokens,
+                                                  temperature=c.temperature)
+            data = resp.model_dump() if hasattr(resp, "model_dump") else dict(resp)
+            content = _content_of(data)
+        except openai.APIStatusError as e:
+            err = self._clean(f"HTTP {e.status_code} {getattr(e, 'message', e)}")
+            self._log({"key": key, "status": e.status_code, "ok": False, "error": err, "via": "openai"})
+            return ChatResult(False, attempts=1, status=e.status_code, error=err)
+        except openai.APIError as e:  # connection errors and timeouts, after the SDK's own retries
+            err = f"{type(e).__name__}: {self._clean(str(e))} (after {c.max_retries} retries by the openai SDK)"
+            self._log({"key": key, "ok": False, "error": err, "via": "openai"})
+            return ChatResult(False, attempts=c.max_retries + 1, error=err)
+        except (KeyError, IndexError, TypeError) as e:
+            err = f"malformed response (no choices[0].message.content: {type(e).__name__} {e})"
+            self._log({"key": key, "ok": False, "error": err, "via": "openai"})
+            return ChatResult(False, attempts=1, error=err)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        self._log({"key": key, "ok": True, "usage": usage, "latency_s": round(time.monotonic() - t0, 3), "via": "openai"})
+        return ChatResult(True, content, usage, attempts=1, status=200)
+
     def _call(self, key: str, messages: list) -> ChatResult:
         c = self.config
+        sdk = self._sdk()
+        if sdk is not None:
+            return self._call_sdk(key, messages, sdk)
         body = json.dumps({"model": c.model, "messages": messages, "max_tokens": c.max_tokens,
                            "temperature": c.temperature}).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
