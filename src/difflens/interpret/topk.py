@@ -55,29 +55,34 @@ class TopKAccumulator:
         if (T, F) != (self.T, self.F):
             raise DifflensError(f"codes of shape {tuple(codes.shape)}: expected [B, {self.T} tokens, {self.F} features]")
         sids = torch.as_tensor(sample_ids, dtype=torch.long).reshape(-1)
-        self.frequency += (codes > 0).sum(dim=(0, 1))
         self.tokens_seen += B * T
         step = int(step)
-        zeros = torch.zeros(F, dtype=torch.float64)
-        self.step_sum[step] = self.step_sum.get(step, zeros) + codes.sum(dim=(0, 1), dtype=torch.float64)
-        self.step_max_sum[step] = self.step_max_sum.get(step, zeros) + codes.amax(dim=1).sum(0, dtype=torch.float64)
-        self.step_images[step] = self.step_images.get(step, 0) + B
         flat = codes.reshape(-1, F)
-        nz = (flat > 0).nonzero()
+        nz = (flat > 0).nonzero()  # sparse codes: cheaper than reductions over a [B, T, F] bool
+        self.frequency += torch.bincount(nz[:, 1], minlength=F)
+        zeros = torch.zeros(F, dtype=torch.float64)
+        self.step_sum[step] = self.step_sum.get(step, zeros) + flat.sum(0).double()
+        self.step_max_sum[step] = self.step_max_sum.get(step, zeros) + codes.amax(dim=1).sum(0).double()
+        self.step_images[step] = self.step_images.get(step, 0) + B
         if nz.numel():
             nb = self.hist.shape[1]
             bins = torch.floor((torch.log2(flat[nz[:, 0], nz[:, 1]]) - HIST_LOG2_MIN) * HIST_BPO).long().clamp_(0, nb - 1)
             self.hist += torch.bincount(nz[:, 1] * nb + bins, minlength=F * nb).reshape(F, nb)
         peak = codes.amax(dim=1).T  # [F, B]
         peak = torch.where(peak > 0, peak, torch.full_like(peak, float("-inf")))
-        vals = torch.cat([self.values, peak], dim=1)  # kept entries first: ties keep the earlier
+        # only features where some new pair beats the current N-th best change (ties keep the kept one)
+        rows = torch.nonzero((peak > self.values[:, -1:]).any(dim=1)).flatten()
+        if rows.numel() == 0:
+            return
+        R = rows.numel()
+        vals = torch.cat([self.values[rows], peak[rows]], dim=1)  # kept entries first: ties keep the earlier
         order = torch.sort(vals, dim=1, descending=True, stable=True).indices[:, : self.n]
         new_vals = vals.gather(1, order)
         old = order < self.n
-        f = torch.arange(F)[:, None].expand(F, self.n)
-        maps = torch.zeros_like(self.maps)
-        sample = torch.full_like(self.sample, -1)
-        stp = torch.full_like(self.step, -1)
+        f = rows[:, None].expand(R, self.n)
+        maps = torch.zeros((R, self.n, self.T), dtype=self.maps.dtype)
+        sample = torch.full((R, self.n), -1, dtype=torch.long)
+        stp = torch.full((R, self.n), -1, dtype=torch.long)
         maps[old] = self.maps[f[old], order[old]]
         sample[old] = self.sample[f[old], order[old]]
         stp[old] = self.step[f[old], order[old]]
@@ -85,8 +90,8 @@ class TopKAccumulator:
         b = order[fresh] - self.n
         maps[fresh] = codes[b, :, f[fresh]].to(self.maps.dtype)
         sample[fresh] = sids[b]
-        stp[fresh] = int(step)
-        self.values, self.sample, self.step, self.maps = new_vals, sample, stp, maps
+        stp[fresh] = step
+        self.values[rows], self.sample[rows], self.step[rows], self.maps[rows] = new_vals, sample, stp, maps
 
     def steps(self) -> list[int]:
         return sorted(self.step_images)
