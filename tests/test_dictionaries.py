@@ -88,6 +88,27 @@ def test_a_new_architecture_registers_once_and_the_trainer_accepts_it():
         CONFIGS.pop("wide-test", None)
 
 
+def test_every_registered_architecture_declares_its_report_family():
+    from difflens.dictionaries import ARCHITECTURES
+    from difflens.dictionaries.base import Dictionary, family, register
+    from difflens.dictionaries.config import CONFIGS, TopKConfig
+
+    assert {"topk", "batchtopk", "relu", "jumprelu", "matryoshka", "tide", "itda"} <= set(ARCHITECTURES)
+    for name, cls in ARCHITECTURES.items():
+        assert isinstance(cls.family, str) and cls.family, name
+        assert family(name) == cls.family
+    expected = {"topk": "sae", "batchtopk": "sae", "relu": "sae", "jumprelu": "sae", "matryoshka": "sae",
+                "tide": "tide", "itda": "itda"}
+    assert {a: family(a) for a in expected} == expected
+    assert family("from-a-newer-difflens") == "from-a-newer-difflens"
+    # a class with no family is refused at registration, with the fix in the message
+    with pytest.raises(TypeError, match="family = "):
+        @register("familyless-test", TopKConfig)
+        class Familyless(Dictionary):
+            pass
+    assert "familyless-test" not in ARCHITECTURES and "familyless-test" not in CONFIGS
+
+
 def test_flat_configs_of_earlier_checkpoints_load_per_architecture():
     """cfg.json used to carry every architecture's fields; they are dropped, future keys kept."""
     from difflens.dictionaries.config import ITDAConfig, TIDEConfig

@@ -211,6 +211,17 @@ def test_feature_sources_encode():
     assert not torch.equal(r1.W_FD, RandomDirections(SITE, D, 5, seed=5).W_FD)
 
 
+@pytest.mark.parametrize("arch", ["jumprelu", "matryoshka", "relu", "batchtopk"])
+def test_every_sae_flavour_is_reported_as_an_sae(arch):
+    from difflens.dictionaries import build
+    from difflens.dictionaries.config import DictConfig
+
+    d = build(DictConfig(arch=arch, d_in=D, width=16, k=2, site=SITE, normalization="none"))
+    fs = DictionaryFeatures(d)
+    assert (fs.name, fs.kind, fs.details["arch"]) == (arch, "sae", arch)
+    assert fs(torch.randn(5, D)).shape == (5, 16)
+
+
 @pytest.mark.parametrize("arch", ["topk", "tide", "itda"])
 def test_cache_works_for_dictionaries(arch, sparse_store):
     import difflens.dictionaries.itda  # noqa: F401  (registers the architectures)
@@ -229,7 +240,7 @@ def test_cache_works_for_dictionaries(arch, sparse_store):
     else:
         d.init_from_data(flat, t)
     fs = DictionaryFeatures(d, name=arch)
-    assert fs.kind == {"topk": "sae", "tide": "tide", "itda": "itda"}[arch]
+    assert fs.kind == {"topk": "sae", "tide": "tide", "itda": "itda"}[arch] == fs.describe()["kind"]
     cache = build_cache(fs, StoreSource(sparse_store, sites=[SITE]), config=CacheConfig(top_n=2, n_quantiles=2, min_tokens=2))
     codes = d.encode(flat, t).detach().numpy().reshape(len(sids), len(TIMESTEPS), T, -1)
     np.testing.assert_allclose(cache["frequency"], (codes > 0).mean((0, 1, 2)), rtol=1e-5)

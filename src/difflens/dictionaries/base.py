@@ -28,6 +28,11 @@ def register(name: str, config_cls: type[DictConfig]):
     def deco(cls):
         if name in ARCHITECTURES and ARCHITECTURES[name] is not cls:
             raise TypeError(f"architecture {name!r} is already registered to {ARCHITECTURES[name].__name__}")
+        if not getattr(cls, "family", ""):
+            raise TypeError(
+                f"{cls.__name__} declares no report family: give it a class attribute family = 'sae' (or the "
+                f"family reports should group {name!r} under) or subclass one that has it"
+            )
         cls.arch = name
         cls.config_class = config_cls
         ARCHITECTURES[name] = cls
