@@ -142,3 +142,30 @@ def test_steer_cli_on_the_new_architectures(arch, adapter, dictionaries, tmp_pat
     assert rc == 0 and out.is_file()
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["scales"] == [-4.0, 0.0, 4.0] and "steer features 3" in meta["intervention"]
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "matryoshka"])
+def test_new_architectures_change_the_image_and_their_noop_edits_do_not(arch, adapter, dictionaries, acts):
+    """End to end on the generated images: steering and ablating a JumpReLU / Matryoshka feature
+    changes the picture; scaling its codes by 1 and steering by 0 leave it bit-identical."""
+    import numpy as np
+
+    from difflens.intervene import Scale
+
+    d = dictionaries[arch]
+    x_all, t_all = acts
+    with torch.no_grad():
+        fired = (d.encode(x_all, t_all) != 0).sum(0)
+    feats = [int(i) for i in fired.argsort(descending=True)[:2]]
+    assert int(fired[feats[0]]) > 0, f"no {arch} feature fires on the toy model's activations"
+
+    def image(interventions):
+        return generate_with(adapter, [PROMPT], [0], interventions, steps=3).images
+
+    clean = image([])
+    for noop in (Scale(d, feats, 1.0), Steer(d, feats, 0.0, mode="absolute")):
+        assert np.array_equal(image([noop]), clean), f"{arch}: {noop.describe()} changed the image"
+    for edit in (Steer(d, [feats[0]], 8.0, mode="absolute"), Ablate(d, feats), Scale(d, feats, 4.0)):
+        edited = image([edit])
+        assert edited.shape == clean.shape
+        assert not np.array_equal(edited, clean), f"{arch}: {edit.describe()} left the image unchanged"
