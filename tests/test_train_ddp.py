@@ -87,6 +87,35 @@ def test_two_processes_match_one(tmp_path):
     assert torch.allclose(_by_provenance(one), _by_provenance(two), atol=1e-5)
 
 
+def test_ranks_share_one_out_folder_check(tmp_path):
+    """Rank 0 alone claims --out and tells the others: a folder with someone else's file is refused
+    on every rank with the same message (no hang, nothing written), and a fresh folder is claimed
+    once (rank 1 never sees rank 0's half-written marker as a foreign file)."""
+    store = make_store(tmp_path / "store", units=2, samples_per_unit=2)
+    cfg = tmp_path / "grid.json"
+    cfg.write_text(json.dumps({**CONFIG, "train": {**CONFIG["train"], "steps": 1},
+                               "dictionaries": [{"arch": "topk", "width": 16, "k": 2}]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DIFFLENS_QUIET": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(p) for p in sys.path if p])
+
+    def run(out):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(_free_port()), "-m", "difflens", "train", "--data", str(store.root),
+               "--config", str(cfg), "--quiet", "--out", str(out)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    proc = run(busy)
+    assert proc.returncode != 0
+    assert proc.stderr.count("already holds files that `difflens train` did not write (notes.txt)") == 2
+    assert sorted(os.listdir(busy)) == ["notes.txt"]
+    proc = run(tmp_path / "fresh")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "fresh" / ".difflens-out.json").is_file()
+
+
 def _batchtopk_rank(rank: int, init: str, out: str, x: torch.Tensor) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file

@@ -118,6 +118,15 @@ def broadcast_module_(module: torch.nn.Module, env: DistEnv, src: int = 0) -> No
                 dist.broadcast(t.data, src=src)
 
 
+def broadcast_object(env: DistEnv, obj, src: int = 0):
+    """Rank `src`'s small value (a message or None) on every rank."""
+    if not env.active:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def barrier(env: DistEnv) -> None:
     if env.active:
         dist.barrier()

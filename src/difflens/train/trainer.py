@@ -125,8 +125,21 @@ class Trainer:
             "heldout_sample_ids": heldout,
         }
 
+    def _claim_out(self) -> None:
+        """Rank 0 alone claims --out (others would race its marker's temp file), then tells every rank the outcome."""
+        error = None
+        if self.env.is_main:
+            try:
+                claim_out_dir(self.out, "train",
+                              accept_if=lambda p: (p / RUN_JSON).is_file() or (p / ckpt.STATE_DIR).is_dir())
+            except DifflensError as e:
+                error = str(e)
+        error = ddp.broadcast_object(self.env, error)
+        if error is not None:
+            raise DifflensError(error)
+
     def _prepare_out(self, resume: bool) -> Path | None:
-        claim_out_dir(self.out, "train", accept_if=lambda p: (p / RUN_JSON).is_file() or (p / ckpt.STATE_DIR).is_dir())
+        self._claim_out()
         found = ckpt.latest(self.out)
         if found is None:
             return None
