@@ -209,3 +209,19 @@ def test_difference_of_means_direction():
     assert torch.allclose(d2, torch.tensor([3.0, -1.0]))
     with pytest.raises(DifflensError, match="unknown concept"):
         concept_direction(FakeStore(), "s:img", "colour=red")
+
+
+def test_summary_names_every_site_tied_at_the_best_score():
+    """The demo's one-line summary must not pick one of several equally decisive sites at random."""
+    from difflens.trace import report
+    from difflens.trace.run import TraceResult
+
+    def cell(site, source):
+        return {"site": site, "window": "0-11", "branch": "both", "steps": list(range(12)), "source": source, "kept": 1.0}
+
+    res = TraceResult("color", ["a:img", "b:txt", "c:img"], [("0-11", tuple(range(12)))], ["both"],
+                      cells=[cell("a:img", 1.0), cell("b:txt", 1.0), cell("c:img", 0.25), cell("none", 0.0)])
+    line = report.summary_lines([res])[0]
+    assert line.startswith("color: best a:img, b:txt steps 0-11 both 100% (tied)") and "c:img" not in line
+    res.cells[1]["source"] = 0.5
+    assert report.summary_lines([res])[0] == "color: best a:img steps 0-11 both 100%"

@@ -107,7 +107,12 @@ def summary_lines(results: list[TraceResult]) -> list[str]:
         s = single[0] if single else None
         txt = f"{res.factor}: "
         if b:
-            txt += f"best {b['site']} steps {b['window']} {b['branch']} {100 * b.get('source', 0):.0f}%"
+            # several sites often tie (e.g. 100%): name them all rather than whichever sorted first
+            ties = [c for c in decisive(res, len(res.cells)) if c.get("source", 0.0) == b.get("source", 0.0)
+                    and c["window"] == b["window"] and c["branch"] == b["branch"]]
+            names = ", ".join(c["site"] for c in ties[:4]) + (f" (+{len(ties) - 4} more)" if len(ties) > 4 else "")
+            txt += (f"best {names} steps {b['window']} {b['branch']} {100 * b.get('source', 0):.0f}%"
+                    + (" (tied)" if len(ties) > 1 else ""))
         if s and s is not b:
             txt += f"; best window {s['site']} steps {s['window']} {s['branch']} {100 * s.get('source', 0):.0f}%"
         out.append(txt)
