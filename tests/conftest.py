@@ -8,18 +8,37 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    """tiny_folder("flux" | "sd3" | "pixart" | "dit"): a tiny random pipeline saved once per session."""
-    made = {}
+class TinyFolders:
+    """folders["flux" | "flux_dev" | "sd3" | "pixart" | "dit"]: a tiny random diffusers pipeline,
+    built and saved with `save_pretrained` on first use, once per test session."""
 
-    def get(family: str):
-        if family not in made:
+    def __init__(self, root_factory):
+        self._root = root_factory
+        self._made = {}
+
+    def __getitem__(self, family: str):
+        if family not in self._made:
             import tiny_pipelines as tp
 
-            build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline,
-                     "dit": tp.dit_pipeline}[family]
-            made[family] = tp.save(build(), tmp_path_factory.mktemp(f"tiny_{family}") / family)
-        return made[family]
+            build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline, "dit": tp.dit_pipeline,
+                     "flux_dev": lambda: tp.flux_pipeline(guidance_embeds=True, dynamic_shifting=True)}[family]
+            self._made[family] = tp.save(build(), self._root.mktemp(f"tiny_{family}") / family)
+        return self._made[family]
 
-    return get
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory):
+    """The tiny random pipelines saved to folders (see TinyFolders), shared by every test module."""
+    return TinyFolders(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tiny_folders):
+    """tiny_folder("flux" | "sd3" | "pixart" | "dit"): a tiny random pipeline saved once per session."""
+    return tiny_folders.__getitem__
+
+
+@pytest.fixture
+def hub_offline(monkeypatch):
+    """No Hugging Face Hub access in this test, whatever the environment says."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -20,19 +20,12 @@ STEPS = 2
 GRID = (8, 8)  # 32 px / (2x VAE * 2x patch or 2x2 packing)
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipes")
-    return {
-        "flux_dev": tp.save(tp.flux_pipeline(guidance_embeds=True, dynamic_shifting=True), root / "flux_dev"),
-        "pixart": tp.save(tp.pixart_pipeline(), root / "pixart"),
-        "dit": tp.save(tp.dit_pipeline(), root / "dit"),
-    }
+def folders(tiny_folders):
+    return tiny_folders  # saved once per session (conftest.TinyFolders)
 
 
 @pytest.fixture(scope="module")

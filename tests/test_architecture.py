@@ -118,3 +118,19 @@ def test_one_fvu_definition():
     direct = float(((d - x_hat.double()) ** 2).sum() / ((d - d.mean(0)) ** 2).sum())
     sums = fvu_from_sums(50, float((d**2).sum()), d.sum(0), float(((d - x_hat.double()) ** 2).sum()))
     assert sums == pytest.approx(direct, rel=1e-12) and fvu(x, x_hat) == pytest.approx(direct, rel=1e-12)
+
+
+def test_generic_stages_reach_the_world_only_through_the_ground_truth():
+    """Harvest, interpretation, evaluation, the store, training and the browser never import the
+    toy world: prompts, labels and readings come from `adapter.ground_truth()`."""
+    import re
+    from pathlib import Path
+
+    import difflens
+
+    root = Path(difflens.__file__).parent
+    generic = [root / "generation.py", root / "groundtruth.py"] + [
+        p for d in ("harvest", "interpret", "evaluate", "store", "train", "browse", "dictionaries") for p in (root / d).rglob("*.py")]
+    leaks = [f"{p.relative_to(root)}:{i + 1}" for p in generic for i, line in enumerate(p.read_text().splitlines())
+             if re.search(r"\bdifflens\.world\b|from difflens import world", line)]
+    assert len(generic) > 20 and leaks == []

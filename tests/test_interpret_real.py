@@ -9,22 +9,18 @@ import json
 import numpy as np
 import pytest
 
-import tiny_pipelines as tp
 from difflens.cli import main
 from difflens.interpret.cache import FeatureCache
 
 NEURONS = "transformer_blocks.0.ff.net.0:img"
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hub_offline")
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipes")
-    return {"flux": tp.save(tp.flux_pipeline(), root / "flux"), "dit": tp.save(tp.dit_pipeline(), root / "dit")}
+def folders(tiny_folders):
+    return tiny_folders  # saved once per session (conftest.TinyFolders)
 
 
 def _cache(folder, prompts_arg, out, *extra):
@@ -65,6 +61,10 @@ def test_real_model_without_prompts_or_offline_dataset_is_a_clear_error(folders,
                "--out", str(tmp_path / "c")])
     assert rc == 2 and "--generate" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # harvest --num-prompts asks the model's ground truth for prompts: a real model has none
+    rc = main(["harvest", "--model", str(folders["dit"]), "--num-prompts", "2", "--steps", "1", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ground-truth world" in err and "--prompts FILE" in err and not (tmp_path / "d").exists()
 
 
 def test_cache_reads_one_cfg_branch_of_a_both_branches_store(tmp_path):

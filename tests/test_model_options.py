@@ -27,17 +27,9 @@ FAMILIES = {
 }
 
 
-class _Folders:
-    def __init__(self, get):
-        self.get = get
-
-    def __getitem__(self, family):
-        return self.get(family)
-
-
 @pytest.fixture(scope="module")
-def folders(tiny_folder):
-    return _Folders(tiny_folder)
+def folders(tiny_folders):
+    return tiny_folders  # saved once per session (conftest.TinyFolders)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -100,3 +100,15 @@ def ground_truth_of(adapter) -> GroundTruth | None:
     """The adapter's ground truth, or None (also for objects that predate the interface)."""
     get = getattr(adapter, "ground_truth", None)
     return get() if callable(get) else None
+
+
+def world_prompts_of(adapter, n: int, seed: int, *, model: str, option: str, instead: str) -> tuple[list[str], list[Any]]:
+    """n prompts and their scenes from the adapter's ground-truth world (`sample_prompts`); a
+    usage error for a model without one (a real model) that names `option` and what to pass instead."""
+    from difflens.errors import DifflensError
+
+    truth = ground_truth_of(adapter)
+    if truth is None:
+        raise DifflensError(f"{option} samples prompts from the model's ground-truth world, and {model} has none "
+                            f"(only a model trained on a known world, like the toy model, has one): pass {instead}")
+    return truth.sample_prompts(int(n), int(seed))

@@ -33,9 +33,10 @@ def register(sub) -> None:
     p.add_argument("--sites", default=None, help="comma-separated sites or globs (default: the model's main site)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompt file: .txt (one per line), .jsonl, or hf:<dataset>[:split]")
-    src.add_argument("--num-prompts", type=int, help="sample N prompts from the toy world")
+    src.add_argument("--num-prompts", type=int,
+                     help="sample N prompts from the model's ground-truth world (the toy model has one; real models: --prompts)")
     p.add_argument("--prompt-column", default=None, help="column/field holding the prompt (jsonl, datasets)")
-    p.add_argument("--prompt-seed", type=int, default=1, help="seed of the toy-world prompt sampler")
+    p.add_argument("--prompt-seed", type=int, default=1, help="seed of the ground-truth world's prompt sampler (--num-prompts)")
     add_seeds_option(p)
     tok = p.add_mutually_exclusive_group()
     tok.add_argument("--tokens-per-image", type=int, default=None, help="tokens kept per image, step and stream")
@@ -64,7 +65,6 @@ def register(sub) -> None:
 def run(args) -> int:
     from difflens.harvest.config import HarvestConfig, read_prompts
     from difflens.harvest.run import harvest
-    from difflens.world.prompts import world_prompts
 
     gk = generation_kwargs(args)
     seeds = parse_int_list(args.seeds, "--seeds")
@@ -74,7 +74,7 @@ def run(args) -> int:
     if args.num_prompts is not None:
         if args.num_prompts < 1:
             raise DifflensError(f"--num-prompts must be >= 1, got {args.num_prompts}")
-        prompts, scenes = world_prompts(args.num_prompts, args.prompt_seed)
+        prompts = None  # sampled by the model's ground truth once the model is loaded
         source = f"world:{args.num_prompts}:{args.prompt_seed}"
     else:
         prompts = read_prompts(args.prompts, args.prompt_column)
@@ -82,12 +82,18 @@ def run(args) -> int:
     if args.dry_run:
         from difflens.harvest.plan import plan_harvest
 
-        plan = plan_harvest(args, n_prompts=len(prompts), seeds=seeds, record_steps=record_steps)
+        n_prompts = args.num_prompts if prompts is None else len(prompts)
+        plan = plan_harvest(args, n_prompts=n_prompts, seeds=seeds, record_steps=record_steps)
         say(None, plan.text())
         if args.json:
             emit_json(plan.to_json())
         return 0
     adapter = load_model(args)
+    if prompts is None:
+        from difflens.groundtruth import world_prompts_of
+
+        prompts, scenes = world_prompts_of(adapter, args.num_prompts, args.prompt_seed, model=args.model,
+                                           option="--num-prompts N", instead="--prompts FILE|hf:DATASET")
     steps = gk["steps"] or int(adapter.default_steps)  # the Adapter contract: every model declares one
     patterns = args.sites or adapter.default_site()
     if args.stream:

@@ -29,7 +29,7 @@ def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="activation store with every image token (harvest without --tokens-per-image)")
     g.add_argument("--generate", type=int, metavar="N",
-                   help="instead of --data: generate N images afresh (toy-world prompts unless --prompts)")
+                   help="instead of --data: generate N images afresh (prompts from the model's ground-truth world unless --prompts)")
     g.add_argument("--prompts", metavar="FILE|hf:DATASET[:SPLIT]",
                    help="for --generate on a real model: the first N prompts of a .txt (one a line) or .jsonl file, or "
                    "of a Hugging Face dataset (needs the datasets extra; DiT: class ids or names)")
@@ -37,7 +37,7 @@ def _add_data_options(p) -> None:
     g.add_argument("--branch", choices=["cond", "uncond"], default="cond",
                    help="CFG branch read from a --data store harvested with --both-branches (default cond)")
     g.add_argument("--seeds", default="0", help="comma-separated noise seeds for --generate")
-    g.add_argument("--prompt-seed", type=int, default=1, help="seed of the toy-world prompt sampler for --generate")
+    g.add_argument("--prompt-seed", type=int, default=1, help="seed of the ground-truth world's prompt sampler for --generate")
     add_model_options(p, help_suffix="for --generate")
     add_generation_options(p)
 
@@ -135,7 +135,7 @@ def _data(args, sites: list[str]):
         return args.data
     if args.generate < 1:
         raise DifflensError(f"--generate must be >= 1 (images to generate), got {args.generate}")
-    from difflens.world.prompts import world_prompts
+    from difflens.groundtruth import world_prompts_of
     from difflens.interpret.features import neuron_site_for
     from difflens.interpret.sources import generate_samples
 
@@ -148,11 +148,10 @@ def _data(args, sites: list[str]):
         from difflens.harvest.config import read_prompts
 
         prompts, scenes = read_prompts(args.prompts, args.prompt_column)[: args.generate], None
-    elif adapter.ground_truth() is None:
-        raise DifflensError(f"{args.model} has no toy world to sample prompts from: pass --prompts FILE "
-                            "(.txt/.jsonl) or --prompts hf:DATASET for --generate")
     else:
-        prompts, scenes = world_prompts(args.generate, args.prompt_seed)
+        prompts, scenes = world_prompts_of(adapter, args.generate, args.prompt_seed, model=args.model,
+                                           option="--generate N without --prompts",
+                                           instead="--prompts FILE (.txt/.jsonl) or --prompts hf:DATASET")
     return generate_samples(adapter, prompts, sorted(set(sites + [e for e in extra if e])), seeds=_seeds(args.seeds),
                             steps=steps, scenes=scenes, guidance=gk["guidance"],
                             height=gk["height"], width=gk["width"])
