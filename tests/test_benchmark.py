@@ -132,7 +132,8 @@ def test_benchmark_end_to_end_and_without_labels(tmp_path, monkeypatch):
     sae = _identity_sae(tmp_path, D, SITE)
     out = tmp_path / "bench"
     rc = main(["benchmark", "--dict", str(sae), "--data", str(store), "--out", str(out), "--autointerp", "none",
-               "--probe-rows", "3000", "--ks", "1,4", "--concepts", "color=red,region=background,position=top left"])
+               "--probe-rows", "3000", "--ks", "1,4", "--concepts", "color=red,region=background,position=top left",
+               "--causal-cases", "0"])
     assert rc == 0
     assert main(["benchmark", "--dict", str(sae), "--data", str(store), "--out", str(tmp_path / "x"),
                  "--concepts", "colour=red"]) == 2  # a clean error naming the problem

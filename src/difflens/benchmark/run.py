@@ -107,10 +107,15 @@ def _mean_over(per_concept: dict, key: str, metric: str):
 def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_images: int = 64, probe_rows: int = 8192,
                   ks=KS, recon_tokens: int | None = 50_000, autointerp: str = "oracle", interp_run=None,
                   n_features: int = 48, min_match: float = 0.2, seed: int = 0, concepts=None,
+                  causal_cases: int = 0, causal_factors=None, causal_modes=None, causal_features: int = 3,
+                  adapter=None, model: str | None = None, model_kwargs=None, steps: int | None = None, classifier=None,
                   show_progress: bool = True) -> dict:
     """Benchmark dictionaries (paths, or name -> path) on a store; writes benchmark.json/.md and plots.
 
-    concepts: the concept names to probe (default: every toy-world concept with >= 20 tokens per split)."""
+    concepts: the concept names to probe (default: every toy-world concept with >= 20 tokens per split).
+    causal_cases: prompt/seed cases of the causal-editing metric (0 skips it; it generates images with
+    `adapter`, or the store's model / `model` loaded with `model_kwargs`, and reads them with the
+    world's classifier or `classifier`); causal_factors / causal_modes default to all (causal.py)."""
     from difflens.evaluate.reconstruction import evaluate
     from difflens.world.concepts import CONCEPT_NAMES, concept_matrix
     from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
@@ -237,17 +242,39 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
             row["autointerp"] = {k: r.get(k) for k in ("mean", "ci95", "share_above_0.8", "coverage", "raw_mean", "chance_mean")}
         timings["autointerp"] = round(time.time() - t, 1)
 
+    # ---- causal editing (generates images; needs the model and a world's classifier) -----------------------
+    causal = None
+    if causal_cases and causal_cases > 0:
+        from difflens.benchmark.causal import FACTORS, MODES, benchmark_causal
+
+        t = time.time()
+        causal = benchmark_causal({it.name: it.module for it in items}, store, adapter=adapter, model=model,
+                                  model_kwargs=model_kwargs, n_cases=causal_cases, factors=causal_factors or FACTORS,
+                                  modes=causal_modes or MODES, n_features=causal_features, steps=steps,
+                                  classifier=classifier, seed=seed, show_progress=show_progress)
+        if "skipped" in causal:
+            notes.append(f"causal editing skipped: {causal['skipped']}")
+        for name, d in causal.get("dictionaries", {}).items():
+            rows[name]["causal"] = d["summary"]
+        timings["causal"] = round(time.time() - t, 1)
+    else:
+        notes.append("causal editing not run (--causal-cases 0)")
+
     result = {"site": site, "neuron_site": neuron_site if neuron_site in store.sites else None, "store": str(store.root),
               "store_fingerprint": store.fingerprint(), "images": int(len(sids)) if src is not None else 0,
               "probe_rows_per_split": probe_rows, "ks": list(ks), "min_match": min_match, "seed": seed,
               "labels": labels is not None, "dictionaries": list(rows.values()), "baselines": list(baselines.values()),
-              "notes": notes, "seconds": timings}
+              "notes": notes, "seconds": timings, "causal": causal}
     result["seconds"]["total"] = round(time.time() - t0, 1)
     write_json(out / "benchmark.json", result)
     write_json(out / "reconstruction.json", recon)
     md = markdown(result)
     (out / "benchmark.md").write_text(md, encoding="utf-8")
     plots(result, recon, out)
+    if causal and "skipped" not in causal:
+        from difflens.benchmark.causal import plot_causal
+
+        plot_causal(causal, out / "causal.png")
     return result
 
 
@@ -262,7 +289,8 @@ def _f(v, nd=3):
 def markdown(res: dict) -> str:
     ks = res["ks"]
     head = (["source", "arch", "width", "FVU", "L0", "dead %"] + [f"probe F1@{k}" for k in ks] + [f"AUC@{k}" for k in ks]
-            + ["absorption", "Moran's I", "loc. IoU", "autointerp (95% CI)", ">0.8"])
+            + ["absorption", "Moran's I", "loc. IoU", "autointerp (95% CI)", ">0.8", "edit success", "side eff.",
+               "specificity", "random ctrl"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in res["dictionaries"] + res["baselines"]:
         pr = r.get("probe") or {}
@@ -276,10 +304,13 @@ def markdown(res: dict) -> str:
         ci = ai.get("ci95")
         ai_s = "–" if ai.get("mean") is None else f"{ai['mean']:.3f}" + (f" ({ci[0]:.2f}..{ci[1]:.2f})" if ci and None not in ci else "")
         dead = r.get("dead_fraction")
+        ce = (r.get("causal") or {}).get("edit") or (r.get("causal") or {}).get("ablation") or {}
         lines.append("| " + " | ".join([r["name"], str(r.get("arch", "")), _f(r.get("width")), _f(r.get("fvu"), 4), _f(r.get("l0"), 1),
                                          "–" if dead is None else f"{100 * dead:.1f}"] + f1s + aucs
                                         + [_f(r.get("mean_absorption")), _f(r.get("moran_i")), _f(r.get("localisation")), ai_s,
-                                           _f(ai.get("share_above_0.8"), 2)]) + " |")
+                                           _f(ai.get("share_above_0.8"), 2), _f(ce.get("success"), 2),
+                                           _f(ce.get("side_effects"), 2), _f(ce.get("specificity"), 2),
+                                           _f(ce.get("control_success"), 2)]) + " |")
     md = [f"# Benchmark at `{res['site']}`", "",
           f"Store `{res['store']}` ({res['store_fingerprint']}); {res['images']} images for the token metrics; "
           f"probes on {res['probe_rows_per_split']} token rows per split (split by prompt).", "", *lines, ""]
@@ -288,7 +319,12 @@ def markdown(res: dict) -> str:
            "share of a child's tokens where the parent latent is silent and a child latent fires; Moran's I = mean over "
            "features of the spatial autocorrelation of their maps (rook adjacency, maps with >= 2 active tokens); "
            "loc. IoU = mean IoU of active tokens with the best-matching concept (features with token MCC >= "
-           f"{res['min_match']}); autointerp = the oracle's chance-corrected score (0.5 = chance).", ""]
+           f"{res['min_match']}); autointerp = the oracle's chance-corrected score (0.5 = chance); edit success / "
+           "side eff. / specificity / random ctrl = causal editing, mean over factors (edit mode; ablation if edits "
+           "were not run), below.", ""]
+    from difflens.benchmark.causal import markdown_causal
+
+    md += markdown_causal(res.get("causal"))
     if res["notes"]:
         md += ["Notes:", ""] + [f"- {n}" for n in res["notes"]] + [""]
     md += ["Seconds: " + ", ".join(f"{k} {v}" for k, v in res["seconds"].items()), ""]
