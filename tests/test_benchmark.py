@@ -8,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from difflens.benchmark.absorption import HIERARCHY, absorption
+from difflens.benchmark.absorption import absorption, hierarchy
 from difflens.benchmark.probing import sparse_probe
 from difflens.benchmark.spatial import SpatialAccumulator, iou, morans_i
-from difflens.world.concepts import CONCEPT_INDEX, CONCEPT_NAMES
+from difflens.world.concepts import CONCEPT_INDEX, CONCEPT_NAMES, TOY_CONCEPTS
+
+HIERARCHY = hierarchy(TOY_CONCEPTS)
 
 
 def morans_i_reference(x: np.ndarray) -> float:
@@ -81,7 +83,7 @@ def test_absorption_planted():
     noise = rng.random((len(y), 3)) < 0.05
     # absorbing dictionary: latent 0 = "a digit" except on sevens, latent 1 = "seven"
     a = np.concatenate([(digit & (which != seven))[:, None], (which == seven)[:, None], noise], 1)
-    r = absorption(a, y)["digit"]
+    r = absorption(a, y, TOY_CONCEPTS)["digit"]
     assert r["parent_latent"] == 0 and r["children"]["object=seven"]["absorption"] == 1.0
     assert r["children"]["object=seven"]["child_latent"] == 1 and r["children"]["object=seven"]["parent_recall"] == 0.0
     assert all(v["absorption"] == 0.0 for c, v in r["children"].items() if c != "object=seven")
@@ -89,8 +91,8 @@ def test_absorption_planted():
     # the same with a parent latent that fires on every digit: no absorption
     b = a.copy()
     b[:, 0] = digit
-    assert absorption(b, y)["digit"]["mean_absorption"] == 0.0
-    assert "skipped" in absorption(a, y)["shape"]  # no shape tokens: reported, not guessed
+    assert absorption(b, y, TOY_CONCEPTS)["digit"]["mean_absorption"] == 0.0
+    assert "skipped" in absorption(a, y, TOY_CONCEPTS)["shape"]  # no shape tokens: reported, not guessed
 
 
 def test_sparse_probe_planted():
@@ -158,4 +160,4 @@ def test_benchmark_end_to_end_and_without_labels(tmp_path, monkeypatch):
         [sae], store, tmp_path / "bench2", autointerp="oracle", show_progress=False)))
     r2 = res2["dictionaries"][0]
     assert r2["fvu"] == row["fvu"] and r2["moran_i"] == row["moran_i"] and "probe" not in r2 and "autointerp" not in r2
-    assert any("no toy-world labels" in n for n in res2["notes"])
+    assert any("no ground-truth labels" in n for n in res2["notes"])

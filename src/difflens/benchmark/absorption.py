@@ -1,4 +1,4 @@
-"""Feature absorption for parent/child concepts of the toy world (after SAEBench's metric).
+"""Feature absorption for parent/child concepts of a ground-truth world (after SAEBench's metric).
 
 A parent concept (a digit, a shape, an object of any colour) contains children (seven, triangle,
 red). A dictionary *absorbs* the parent into a child when the latent that stands for the parent
@@ -10,26 +10,27 @@ parent feature is silently incomplete. Per child c of parent P:
     absorption(c)    = share of c's tokens where p is silent and q fires
     parent recall(c) = share of c's tokens where p fires
 
-A parent's absorption is the mean over its children that occur (>= `min_tokens` tokens).
+A parent's absorption is the mean over its children that occur (>= `min_tokens` tokens). The
+parents are the world's fine concept types (`ConceptVocabulary.fine_types`; the toy world's:
+digit, shape, color), each the union of its concepts.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from difflens.world.concepts import CONCEPT_INDEX
 from difflens.interpret.oracle import mcc
-from difflens.world import vocab as V
-
-HIERARCHY = {
-    "digit": [f"object={w}" for w in V.DIGIT_WORDS],
-    "shape": [f"object={s}" for s in V.SHAPES],
-    "coloured object": [f"color={c}" for c in V.COLORS],
-}
 
 
-def parent_mask(concepts_NC: np.ndarray, parent: str) -> np.ndarray:
-    return concepts_NC[:, [CONCEPT_INDEX[c] for c in HIERARCHY[parent]]].any(1)
+def hierarchy(vocab) -> dict[str, list[str]]:
+    """Parent -> its children, from a `groundtruth.ConceptVocabulary`: each fine concept type is
+    the parent of the concepts of that type (toy world: digit > seven, shape > triangle, color > red)."""
+    out = {t: [c for c in vocab.names if vocab.type_of(c) == t] for t in vocab.fine_types}
+    return {t: cs for t, cs in out.items() if len(cs) > 1}
+
+
+def parent_mask(concepts_NC: np.ndarray, children: list[str], index: dict[str, int]) -> np.ndarray:
+    return concepts_NC[:, [index[c] for c in children]].any(1)
 
 
 def token_mcc(active_NF: np.ndarray, y_N: np.ndarray) -> np.ndarray:
@@ -39,11 +40,12 @@ def token_mcc(active_NF: np.ndarray, y_N: np.ndarray) -> np.ndarray:
     return mcc(y @ a, a.sum(0), y.sum(), len(y))
 
 
-def absorption(active_NF: np.ndarray, concepts_NC: np.ndarray, *, min_tokens: int = 20) -> dict:
-    """Per parent: its latent, its MCC, the children's absorption and recall, and the mean absorption."""
+def absorption(active_NF: np.ndarray, concepts_NC: np.ndarray, vocab, *, min_tokens: int = 20) -> dict:
+    """Per parent of `vocab`'s hierarchy (columns of `concepts_NC` are `vocab.names`): its latent,
+    its MCC, the children's absorption and recall, and the mean absorption."""
     out = {}
-    for parent, children in HIERARCHY.items():
-        yp = parent_mask(concepts_NC, parent)
+    for parent, children in hierarchy(vocab).items():
+        yp = parent_mask(concepts_NC, children, vocab.index)
         if yp.sum() < min_tokens:
             out[parent] = {"skipped": f"{int(yp.sum())} parent tokens (< {min_tokens})"}
             continue
@@ -51,7 +53,7 @@ def absorption(active_NF: np.ndarray, concepts_NC: np.ndarray, *, min_tokens: in
         p = int(np.argmax(m))
         rows = {}
         for c in children:
-            yc = concepts_NC[:, CONCEPT_INDEX[c]]
+            yc = concepts_NC[:, vocab.index[c]]
             if yc.sum() < min_tokens:
                 continue
             mc = token_mcc(active_NF, yc)

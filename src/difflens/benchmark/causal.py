@@ -36,21 +36,18 @@ from difflens.errors import DifflensError
 
 FACTORS = ("color", "object", "bgcolor")
 MODES = ("edit", "ablation")
-ABSENT = "(none)"  # no object at the case's position (as the concept study reads it)
+ABSENT = "(none)"  # no object at the case's position (`intervene.study_items.ABSENT`)
 
 
 def read_cases(classifier, images: np.ndarray, cases: Sequence) -> dict[str, list[str]]:
-    """The classifier's reading of colour and object at each case's position, and of the background."""
-    from difflens.world.classifier import PRESENCE_THRESHOLD
+    """The classifier's reading of colour and object at each case's position (ABSENT when no object
+    is there, as the concept study reads them), and of the background colour."""
+    from difflens.intervene.study_items import read_at
 
-    out: dict[str, list[str]] = {"color": [], "object": [], "bgcolor": []}
-    for r, c in zip(classifier.classify(np.asarray(images)), cases):
-        slot = r["slots"][c.position]
-        there = slot["p"] > PRESENCE_THRESHOLD
-        out["color"].append(slot["color"] if there else ABSENT)
-        out["object"].append(slot["object"] if there else ABSENT)
-        out["bgcolor"].append(r["bgcolor"])
-    return out
+    images = np.asarray(images)
+    positions = [c.position for c in cases]
+    return {"color": read_at(classifier, images, "color", positions), "object": read_at(classifier, images, "object", positions),
+            "bgcolor": [r["bgcolor"] for r in classifier.classify(images)]}
 
 
 def score_row(cases: Sequence, clean: dict, after: dict, factor: str, mode: str) -> dict:

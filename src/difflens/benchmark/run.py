@@ -1,10 +1,12 @@
-"""`difflens benchmark`: score dictionaries at one site of a store on everything the toy world can check.
+"""`difflens benchmark`: score dictionaries at one site of a store on everything a ground-truth world can check.
 
 One pass over whole images per source (dictionaries, the MLP neurons of the same block, the raw
 activations) gives a subsample of token rows (probing, absorption, concept matching) and streamed
 feature maps (Moran's I, localisation). Reconstruction comes from `evaluate` (its metrics, its
 held-out split), autointerp from the interpret pipeline's oracle. Metrics that need labels are
-skipped, with the reason, on stores without toy-world ground truth.
+skipped, with the reason, on stores without ground truth. The world is reached only through the
+ground-truth interface (`difflens.groundtruth`): its concept vocabulary labels tokens and names
+the absorption hierarchy; causal editing reads images with its classifier.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ def _items(dicts, store):
             it.name = str(name)
         return items
     return load_items([str(p) for p in dicts], store)
+
+
+def _vocabulary(store, notes: list[str]):
+    """The `ConceptVocabulary` of the world of the model the store was harvested from (through the
+    ground-truth interface, `models.ground_truth_for`), or None for a model without one."""
+    from difflens.models import ground_truth_for
+
+    model = store.manifest.get("model")
+    try:
+        truth = ground_truth_for(model)
+    except DifflensError as e:
+        notes.append(f"cannot tell whether the store's model {model!r} has ground truth ({e}): no labelled metrics")
+        return None
+    return None if truth is None else truth.vocabulary()
 
 
 def _pick_rows(n_split_imgs: int, S: int, T: int, want: int, rng) -> float:
@@ -112,30 +128,33 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
                   show_progress: bool = True) -> dict:
     """Benchmark dictionaries (paths, or name -> path) on a store; writes benchmark.json/.md and plots.
 
-    concepts: the concept names to probe (default: every toy-world concept with >= 20 tokens per split).
+    concepts: the concept names to probe (default: every concept of the world with >= 20 tokens per split).
     causal_cases: prompt/seed cases of the causal-editing metric (0 skips it; it generates images with
     `adapter`, or the store's model / `model` loaded with `model_kwargs`, and reads them with the
     world's classifier or `classifier`); causal_factors / causal_modes default to all (causal.py)."""
     from difflens.evaluate.reconstruction import evaluate
-    from difflens.world.concepts import CONCEPT_NAMES, concept_matrix
     from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
     from difflens.interpret.oracle import mcc
     from difflens.interpret.sources import StoreSource, split_of
     from difflens.store import Store
 
     t0 = time.time()
-    if concepts is None:
-        world = list(range(len(CONCEPT_NAMES)))
-    else:
-        unknown = [c for c in concepts if c not in CONCEPT_NAMES]
-        if unknown:
-            raise DifflensError(f"unknown concept(s) {unknown}: use names like color=red, object=seven, region=object")
-        world = [CONCEPT_NAMES.index(c) for c in concepts]
     if autointerp not in ("oracle", "none"):
         raise DifflensError(f"--autointerp must be 'oracle' or 'none', got {autointerp!r}")
+    store = data if isinstance(data, Store) else Store(data)
+    notes: list[str] = []
+    vocab = _vocabulary(store, notes)  # the concepts of the store's model's world (None: a real model)
+    names = tuple(vocab.names) if vocab is not None else ()
+    if concepts is None:
+        world = list(range(len(names)))
+    else:
+        unknown = [c for c in concepts if c not in names]
+        if unknown:
+            raise DifflensError(f"unknown concept(s) {unknown}: " + (f"use names like {', '.join(names[:3])}" if names else
+                                "the store's model has no ground-truth concepts, so drop --concepts"))
+        world = [names.index(c) for c in concepts]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    store = data if isinstance(data, Store) else Store(data)
     items = _items(dicts, store)
     if not items:
         raise DifflensError("benchmark needs at least one dictionary (--dict DIR)")
@@ -143,7 +162,6 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     if len(sites) > 1:
         raise DifflensError(f"dictionaries at several sites {sites}: benchmark one site at a time")
     site = sites[0]
-    notes: list[str] = []
     timings: dict[str, float] = {}
 
     # ---- reconstruction (evaluate's definitions and held-out split) ------------------------------------
@@ -173,9 +191,9 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
         sids = np.sort(rng.choice(all_ids, size=min(max_images, len(all_ids)), replace=False))
         split = split_of(src.prompt_ids(sids), seed, 0.5)
         lab = src.token_labels(sids)
-        labels = None if lab is None else concept_matrix(lab)  # [n, T, C]
+        labels = None if lab is None or vocab is None else vocab.matrix(lab)  # [n, T, C]
         if labels is None:
-            notes.append("no toy-world labels: probing, absorption, localisation and autointerp skipped "
+            notes.append("no ground-truth labels: probing, absorption, localisation and autointerp skipped "
                          "(reconstruction and Moran's I still run)")
         sources = [(it.name, DictionaryFeatures(it.module, name=it.name, site=site), True) for it in items]
         if neuron_site in store.sites:
@@ -197,10 +215,10 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
             if labels is not None:
                 y = r["y"]
                 if name == "raw":
-                    pt = probing_table(r, world, CONCEPT_NAMES, all_dims=True)
+                    pt = probing_table(r, world, names, all_dims=True)
                     row["probe"] = {"all": {"f1": _mean_over(pt, "all", "f1"), "auc": _mean_over(pt, "all", "auc")}}
                 else:
-                    pt = probing_table(r, world, CONCEPT_NAMES, ks=ks)
+                    pt = probing_table(r, world, names, ks=ks)
                     row["probe"] = {str(k): {"f1": _mean_over(pt, str(k), "f1"), "auc": _mean_over(pt, str(k), "auc")} for k in ks}
                 row["probe_concepts"] = pt
                 if spatial:
@@ -212,7 +230,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
                     good = (best_m >= min_match) & np.isfinite(loc)
                     row["matched_features"] = int(good.sum())
                     row["localisation"] = round(float(loc[good].mean()), 4) if good.any() else None
-                    ab = absorption(act, y)
+                    ab = absorption(act, y, vocab)
                     row["absorption"] = ab
                     vals = [v["mean_absorption"] for v in ab.values() if v.get("mean_absorption") is not None]
                     row["mean_absorption"] = round(float(np.mean(vals)), 4) if vals else None
