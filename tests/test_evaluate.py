@@ -146,3 +146,26 @@ def test_hub_references_evaluate_like_their_folders(trained, tmp_path, monkeypat
         expand_dict_paths(["hf:org/absent"])
     rc = main(["evaluate", "--dict", "hf:org/single", "--data", str(store.root), "--out", str(tmp_path / "ev"), "-q"])
     assert rc == 0 and json.loads((tmp_path / "ev" / "eval.json").read_text())["dictionaries"][0]["name"] == "single"
+
+
+def test_python_entry_point_takes_folders_runs_and_loaded_dictionaries(trained):
+    """`difflens.evaluate.evaluate` (what the examples use) gives the CLI's numbers for folders and run
+    folders, and evaluates an in-memory dictionary (no training record) on every row."""
+    import difflens
+    from difflens.evaluate import evaluate as evaluate_any, text_table
+
+    store, run, names = trained
+    reference = evaluate(load_items(expand_dict_paths([str(run)]), store), store, show_progress=False)
+    by_run = evaluate_any(run, store.root, show_progress=False)  # a run folder and a store path
+    assert [d["name"] for d in by_run["dictionaries"]] == names
+    for a, b in zip(reference["dictionaries"], by_run["dictionaries"]):
+        assert a["metrics"]["fvu"] == b["metrics"]["fvu"] and b["metrics"]["split"] == "heldout"
+    one = evaluate_any({"mine": run / names[0]}, store, show_progress=False)["dictionaries"]
+    assert [d["name"] for d in one] == ["mine"] and one[0]["metrics"]["fvu"] == reference["dictionaries"][0]["metrics"]["fvu"]
+    loaded = evaluate_any([difflens.load(run / names[0])], store, show_progress=False)["dictionaries"][0]
+    assert loaded["metrics"]["split"] == "all" and loaded["metrics"]["n"] > one[0]["metrics"]["n"]
+    assert names[0] in text_table(by_run).splitlines()[2]
+    with pytest.raises(DifflensError, match="pass a dictionary folder"):
+        evaluate_any([42], store)
+    with pytest.raises(DifflensError, match="nothing to evaluate"):
+        evaluate_any([], store)
