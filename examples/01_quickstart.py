@@ -31,7 +31,6 @@ from difflens.models import load_adapter
 from difflens.store import Store
 from difflens.train import TrainConfig, expand_specs, train
 from difflens.viz import labelled_grid
-from difflens.world import world_prompts
 
 TINY = os.environ.get("DIFFLENS_EXAMPLES_TINY") == "1"
 SIZES = dict(prompts=12, width=128, k=8, train_steps=60) if TINY else dict(prompts=96, width=512, k=16, train_steps=600)
@@ -63,7 +62,7 @@ print(f"outputs go to {out}  ({'tiny' if TINY else 'full'} sizes: {SIZES})")
 SITE = "transformer_blocks.1:img"
 adapter = load_adapter("toy")  # or a diffusers pipeline folder / hub id: see 02_your_own_flux.py
 print("sites of the toy model:", ", ".join(adapter.sites()[:6]), "...")
-prompts, scenes = world_prompts(SIZES["prompts"], seed=0)
+prompts, scenes = adapter.ground_truth().sample_prompts(SIZES["prompts"], seed=0)  # prompts of the toy world + their scenes
 cfg = HarvestConfig(model="toy", sites=[SITE], steps=12, record_steps=[0, 6, 11], dtype="bf16", batch_size=16)
 summary = harvest(out / "store", cfg, prompts, scenes=scenes, adapter=adapter)
 store = Store(out / "store")

@@ -1,7 +1,7 @@
 """The procedural toy world: scenes with known factors, their prompts, masks and concept labels."""
 
 from difflens.world.labels import image_concepts, token_label_masks, token_owner
-from difflens.world.prompts import parse_prompt, scene_to_prompt, world_prompts
+from difflens.world.prompts import parse_prompt, scene_to_prompt
 from difflens.world.scene import ObjectSpec, Rendered, Scene, SceneSpec, render, sample_scene
 from difflens.world.vocab import CONCEPTS, FACTORS
 
@@ -19,5 +19,4 @@ __all__ = [
     "scene_to_prompt",
     "token_label_masks",
     "token_owner",
-    "world_prompts",
 ]
