@@ -22,6 +22,7 @@ from difflens.generation import GenerationPlan, generate_batched
 from difflens.groundtruth import GroundTruth, ground_truth_of
 from difflens.harvest.config import HarvestConfig
 from difflens.harvest.record import UnitRecorder
+from difflens.harvest.topk_stream import topk_streams
 from difflens.hooks import HookSet, Site
 from difflens.models import load_adapter
 from difflens.store import StoreWriter
@@ -81,10 +82,14 @@ def harvest(
     unit synchronously. Either way a unit is committed whole or not at all.
     topk: [(name, feature source or dictionary folder, N)]: a streaming top-k feature cache per
     dictionary (`interpret.topk`), filled from every image token of the conditional rows at the
-    recorded steps and saved to <out>/topk/<name>/; needs one uninterrupted run (no resume/append)."""
+    recorded steps and saved to <out>/topk/<name>/; snapshotted per rank after each committed
+    unit, so it resumes and runs under torchrun like the store (`harvest.topk_stream`)."""
     cfg.validate()
     if int(write_queue) < 0:
         raise DifflensError(f"--write-queue must be >= 0 (units waiting for the store writer), got {write_queue}")
+    if topk and append:
+        raise DifflensError("harvest --topk cannot --append: an appended configuration would mix into the cache; "
+                            "harvest into a new --out")
     rank, world = _dist_info()
     if world > 1:
         import torch.distributed as dist
@@ -110,16 +115,28 @@ def harvest(
     for s in samples:  # an appended configuration's samples follow the store's existing ones
         s.sample_id += writer.first_sample_id
     n_units = -(-len(samples) // cfg.batch_size)
-    mine = [u for u in range(n_units) if u % world == rank and writer.unit_id(u) not in done]
+    streams = topk_streams(topk, adapter, out, rank=rank, sample_ids=[s.sample_id for s in samples],
+                           batch_size=cfg.batch_size, record_steps=cfg.record_steps)
+    # a unit is generated when the store lacks it, or when a top-k cache lacks it (a crash between
+    # the store's commit and the cache's snapshot, or a cache added on --resume): then cache only
+    mine = [u for u in range(n_units) if u % world == rank
+            and (writer.unit_id(u) not in done or any(t.needs(u) for t in streams))]
     if stop_after_units is not None:
         mine = mine[: max(stop_after_units, 0)]
     todo = set(mine)
+    cache_only = {u for u in mine if writer.unit_id(u) in done}
+    _barrier(world)  # every rank has read the snapshots before any rank writes its own
     text_tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
     units: dict[int, tuple[UnitRecorder, list[dict]]] = {}
 
     def unit_hooks(plan: GenerationPlan) -> HookSet:
         """The recorder of the unit about to run, with the ground truth's labels of its samples."""
         u = plan.batch_index
+        live = [t for t in streams if t.needs(u)]
+        for t in live:
+            t.start_unit(u)
+        if u in cache_only:
+            return HookSet([(t.site, t.hook) for t in live])
         batch = samples[u * cfg.batch_size : (u + 1) * cfg.batch_size]
         token_labels, text_labels, records = labels_and_records(batch, truth, text_tok)
         rec = UnitRecorder(
@@ -134,16 +151,10 @@ def harvest(
             text_labels=text_labels,
         )
         units[u] = (rec, records)
-        for t in streams:
-            t.unit = u
-        return HookSet([(s, rec.hook_for(s)) for s in sites] + [(t.site, t.hook) for t in streams])
+        return HookSet([(s, rec.hook_for(s)) for s in sites] + [(t.site, t.hook) for t in live])
 
     rows_written = 0
     t0 = time.time()
-    streams = _topk_streams(topk, adapter, cfg, samples)
-    if streams and (resume or append or done or world > 1):
-        raise DifflensError("harvest --topk fills its cache in one uninterrupted single-process pass: harvest into "
-                            "a new --out (without --resume/--append/torchrun)")
     writes = BackgroundWriter(write_queue)
     bar = progress(total=sum(len(samples[u * cfg.batch_size : (u + 1) * cfg.batch_size]) for u in mine),
                    desc=f"harvest{f' rank {rank}' if world > 1 else ''}", unit="img")
@@ -151,25 +162,30 @@ def harvest(
         for b in (generate_batched(adapter, samples, unit_hooks, steps=cfg.steps, guidance=cfg.guidance,
                                    batch_size=cfg.batch_size, height=cfg.height, width=cfg.width,
                                    only=todo.__contains__) if mine else ()):
-            rec, records = units.pop(b.index)
-            writes.submit(_unit_job(writer, writer.unit_id(b.index), rec, records, b, truth))
-            rows_written += sum(a.shape[0] for parts in rec.parts.values() for a, _ in parts)
+            if b.index in cache_only:
+                writes.submit(_commit_job(None, streams, b.index))
+            else:
+                rec, records = units.pop(b.index)
+                writes.submit(_commit_job(_unit_job(writer, writer.unit_id(b.index), rec, records, b, truth), streams, b.index))
+                rows_written += sum(a.shape[0] for parts in rec.parts.values() for a, _ in parts)
             bar.update(len(b.requests))
             bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
     bar.close()
-    for t in streams:
-        t.save(out / "topk" / t.name, adapter)
     _barrier(world)
     manifest = writer.finalize() if rank == 0 else None
+    if rank == 0:
+        for t in streams:
+            t.finalize(adapter, n_units)
     return {
         "store": str(out),
         "rank": rank,
-        "units_written": len(mine),
+        "units_written": len(mine) - len(cache_only),
+        "units_regenerated_for_topk": len(cache_only),  # already in the store, missing from a top-k cache
         "rows_written": rows_written,
         "seconds": time.time() - t0,
         "write_seconds": writes.busy_seconds,  # spent encoding and writing units (overlapped when write_queue > 0)
         "write_wait_seconds": writes.wait_seconds,  # generation blocked on a full write queue
-        "bytes_written": sum(r.bytes for r in writes.results),
+        "bytes_written": sum(r.bytes for r in writes.results if r is not None),
         "manifest": manifest,
     }
 
@@ -185,6 +201,19 @@ def _unit_job(writer: StoreWriter, unit_id: str, rec: UnitRecorder, records: lis
         return writer.write_unit(unit_id, rec.rows(), samples=records, images=images)
 
     return job
+
+
+def _commit_job(job, streams, unit: int):
+    """The unit's store write (if any), then its top-k caches fold it in: a cache never holds a
+    unit the store has not committed."""
+
+    def run():
+        result = job() if job is not None else None
+        for t in streams:
+            t.commit(unit)
+        return result
+
+    return run
 
 
 def _barrier(world: int) -> None:
@@ -220,68 +249,3 @@ def _add_readings(records: list[dict], images, truth: GroundTruth) -> None:
         rec["reading"] = reading
     for i, scores in zip(scored, per_prompt):
         records[i]["adherent"] = bool(scores.get("prompt", 0.0) == 1.0)
-
-
-class _TopKStream:
-    """One dictionary's streaming top-k cache, fed by a hook at its site."""
-
-    def __init__(self, name: str, source, n: int, cfg: HarvestConfig, samples: list[Sample]):
-        import torch
-
-        self.name, self.source, self.n, self.site = name, source, int(n), source.site
-        self.record_steps = set(cfg.record_steps) if cfg.record_steps is not None else None
-        self.sample_ids = torch.tensor([s.sample_id for s in samples])
-        self.batch_size = cfg.batch_size
-        self.acc = None
-        self.timesteps: dict[int, float] = {}
-        self.grid_hw = None
-        self.unit = 0
-
-    def hook(self, x_BND, ctx):
-        import torch
-
-        from difflens.interpret.topk import TopKAccumulator
-
-        if self.record_steps is not None and ctx.step not in self.record_steps:
-            return None
-        rows = torch.nonzero(ctx.is_cond).flatten()
-        x = x_BND[rows]
-        B, T, D = x.shape
-        t = torch.full((B * T,), float(ctx.timestep), device=x.device)
-        with torch.no_grad():
-            codes = self.source(x.reshape(B * T, D).float(), t).reshape(B, T, -1)
-        if self.acc is None:
-            self.acc = TopKAccumulator(codes.shape[-1], self.n, T)
-            self.grid_hw = tuple(ctx.grid_hw)
-        self.timesteps[int(ctx.step)] = float(ctx.timestep)
-        local = ctx.sample_index[rows].cpu()
-        self.acc.update(codes, self.sample_ids[self.unit * self.batch_size + local], ctx.step)
-        return None
-
-    def save(self, folder: Path, adapter) -> None:
-        if self.acc is None:
-            return
-        from difflens.interpret.topk import export_features
-
-        self.acc.save(folder, {"name": self.name, "site": self.site, "source": self.source.describe(),
-                               "model": adapter.model_id, "grid_hw": list(self.grid_hw),
-                               "timesteps": {str(k): v for k, v in sorted(self.timesteps.items())}})
-        # the pages the browser reads: browse export --dict DICT --interp <out>/topk --data <out>
-        export_features(self.acc, folder / "features", timesteps=[self.timesteps[s] for s in self.acc.steps()],
-                        grid_hw=self.grid_hw, source=self.source.describe(), site=self.site)
-
-
-def _topk_streams(specs, adapter, cfg: HarvestConfig, samples: list[Sample]) -> list[_TopKStream]:
-    if not specs:
-        return []
-    from difflens.interpret.features import as_feature_source
-
-    out = []
-    for name, obj, n in specs:
-        source = as_feature_source(obj, name=name)
-        if not source.site.endswith(":img"):
-            raise DifflensError(f"--topk reads image-token maps: {name} is at {source.site}, not an ':img' site")
-        if source.site not in adapter.sites():
-            raise DifflensError(f"{name} reads site {source.site}, which {adapter.model_id} does not have")
-        out.append(_TopKStream(name, source, n, cfg, samples))
-    return out

@@ -34,6 +34,23 @@ class FeatureSource:
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "site": self.site, "num_features": self.num_features, **self.details}
 
+    def fingerprint(self) -> str:
+        """What the features are, independent of their display name: equal fingerprints encode
+        every activation the same (a saved top-k cache is checked against it before use)."""
+        import hashlib
+        import json
+
+        desc = {k: v for k, v in self.describe().items() if k != "name"}
+        h = hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode())
+        for key, t in self._weights():
+            t = t.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{key}:{t.dtype}:{t.numel()}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:20]
+
+    def _weights(self) -> list[tuple[str, torch.Tensor]]:
+        return []
+
 
 class DictionaryFeatures(FeatureSource):
     """Latents of a trained dictionary (any architecture implementing `Dictionary.encode`)."""
@@ -57,6 +74,9 @@ class DictionaryFeatures(FeatureSource):
                      "normalization": getattr(cfg, "normalization", None)},
         )
         self.dictionary = dictionary.eval()
+
+    def _weights(self):
+        return sorted(self.dictionary.state_dict().items())
 
     @torch.no_grad()
     def __call__(self, x_ND, t_N=None):
@@ -103,6 +123,9 @@ class RandomDirections(FeatureSource):
     @property
     def num_latents(self) -> int:
         return self.num_features
+
+    def _weights(self):
+        return [("W", self.W_FD), ("center", self.center_D)]
 
     def encode(self, x_ND, t_N=None):
         if x_ND.shape[1] != self.d_in:

@@ -4,9 +4,14 @@ with their token maps, kept while generating — no full-token store needed.
 `TopKAccumulator.update(codes_BTF, sample_ids, step)` takes one step's dictionary codes for a
 batch of samples (every image token) and keeps, per feature, the N largest per-(sample, step)
 maxima over tokens together with that step's whole token map. Only positive maxima are kept (a
-feature silent on an image has no example there). Ties keep the pair seen first, so the result
-equals sorting every (sample, step) of a full store by (max desc, arrival order) and taking the
-first N (`tests/test_interpret_real.py` checks this against a full-store computation).
+feature silent on an image has no example there). Ties keep the pair seen first — arrival order
+is (unit, step, sample id), the order a harvest generates them in — so the result equals sorting
+every (sample, step) of a full store by (max desc, arrival order) and taking the first N
+(`tests/test_interpret_real.py` checks this against a full-store computation).
+
+`merge` adds another accumulator's examples and sums (the same result as having fed its codes
+here, in arrival order); `state`/`from_state` keep the exact running sums, so a harvest can
+snapshot one per rank after each committed unit and resume or merge ranks (harvest.topk_stream).
 
 It also keeps each feature's timestep profile (mean code and mean per-image max per step) and a
 log2-binned histogram of its positive codes (the feature cache's bins).
@@ -36,6 +41,7 @@ class TopKAccumulator:
         self.values = torch.full((self.F, self.n), float("-inf"))
         self.sample = torch.full((self.F, self.n), -1, dtype=torch.long)
         self.step = torch.full((self.F, self.n), -1, dtype=torch.long)
+        self.unit = torch.full((self.F, self.n), -1, dtype=torch.long)  # arrival: (unit, step, sample)
         self.maps = torch.zeros((self.F, self.n, self.T), dtype=map_dtype)
         self.frequency = torch.zeros(self.F, dtype=torch.long)  # active tokens seen per feature
         self.tokens_seen = 0
@@ -48,8 +54,9 @@ class TopKAccumulator:
         self.hist = torch.zeros(self.F, (HIST_LOG2_MAX - HIST_LOG2_MIN) * HIST_BPO, dtype=torch.long)
 
     @torch.no_grad()
-    def update(self, codes_BTF: torch.Tensor, sample_ids, step: int) -> None:
-        """One step's codes [B, T, F] for the samples `sample_ids` [B] (in arrival order)."""
+    def update(self, codes_BTF: torch.Tensor, sample_ids, step: int, unit: int = 0) -> None:
+        """One step's codes [B, T, F] for the samples `sample_ids` [B] (in arrival order) of
+        harvest unit `unit` (calls come in (unit, step) order)."""
         codes = codes_BTF.detach().float().cpu()
         B, T, F = codes.shape
         if (T, F) != (self.T, self.F):
@@ -83,15 +90,71 @@ class TopKAccumulator:
         maps = torch.zeros((R, self.n, self.T), dtype=self.maps.dtype)
         sample = torch.full((R, self.n), -1, dtype=torch.long)
         stp = torch.full((R, self.n), -1, dtype=torch.long)
+        unt = torch.full((R, self.n), -1, dtype=torch.long)
         maps[old] = self.maps[f[old], order[old]]
         sample[old] = self.sample[f[old], order[old]]
         stp[old] = self.step[f[old], order[old]]
+        unt[old] = self.unit[f[old], order[old]]
         fresh = ~old & torch.isfinite(new_vals)
         b = order[fresh] - self.n
         maps[fresh] = codes[b, :, f[fresh]].to(self.maps.dtype)
         sample[fresh] = sids[b]
         stp[fresh] = step
+        unt[fresh] = int(unit)
         self.values[rows], self.sample[rows], self.step[rows], self.maps[rows] = new_vals, sample, stp, maps
+        self.unit[rows] = unt
+
+    @torch.no_grad()
+    def merge(self, other: TopKAccumulator) -> TopKAccumulator:
+        """Add `other`'s examples and sums: the same as feeding its codes here (ties by arrival order)."""
+        if (other.F, other.n, other.T) != (self.F, self.n, self.T):
+            raise DifflensError(f"cannot merge top-k caches of {other.F} features x {other.n} x {other.T} tokens into "
+                                f"{self.F} x {self.n} x {self.T}: they were filled with other settings")
+        self.frequency += other.frequency
+        self.tokens_seen += other.tokens_seen
+        self.hist += other.hist
+        zeros = torch.zeros(self.F, dtype=torch.float64)
+        for s in other.steps():
+            self.step_sum[s] = self.step_sum.get(s, zeros) + other.step_sum[s]
+            self.step_max_sum[s] = self.step_max_sum.get(s, zeros) + other.step_max_sum[s]
+            self.step_images[s] = self.step_images.get(s, 0) + other.step_images[s]
+        rows = torch.nonzero(torch.isfinite(other.values[:, 0])).flatten()
+        if rows.numel() == 0:
+            return self
+        cat = {k: torch.cat([getattr(self, k)[rows], getattr(other, k)[rows]], dim=1)
+               for k in ("values", "sample", "step", "unit")}
+        perm = torch.arange(2 * self.n).expand(len(rows), -1)
+        for key in (cat["sample"], cat["step"], cat["unit"], -cat["values"]):  # least significant key first
+            perm = perm.gather(1, torch.sort(key.gather(1, perm), dim=1, stable=True).indices)
+        perm = perm[:, : self.n]
+        for k, v in cat.items():
+            getattr(self, k)[rows] = v.gather(1, perm)
+        maps = torch.cat([self.maps[rows], other.maps[rows]], dim=1)
+        self.maps[rows] = maps.gather(1, perm[:, :, None].expand(-1, -1, self.T))
+        return self
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything, running sums exact (float64), as tensors: `from_state` gives it back."""
+        st = self.steps()
+        z = torch.zeros(0, self.F, dtype=torch.float64)
+        return {"values": self.values, "sample": self.sample, "step": self.step, "unit": self.unit, "maps": self.maps,
+                "frequency": self.frequency, "hist": self.hist, "tokens_seen": torch.tensor([self.tokens_seen]),
+                "steps": torch.tensor(st, dtype=torch.long), "step_images": torch.tensor([self.step_images[s] for s in st]),
+                "step_sum": torch.stack([self.step_sum[s] for s in st]) if st else z,
+                "step_max_sum": torch.stack([self.step_max_sum[s] for s in st]) if st else z}
+
+    @classmethod
+    def from_state(cls, t: dict[str, torch.Tensor]) -> TopKAccumulator:
+        F, n = t["values"].shape
+        acc = cls(F, n, t["maps"].shape[2], map_dtype=t["maps"].dtype)
+        for k in ("values", "sample", "step", "unit", "maps", "frequency", "hist"):
+            setattr(acc, k, t[k].clone())
+        acc.tokens_seen = int(t["tokens_seen"][0])
+        for j, s in enumerate(t["steps"].tolist()):
+            acc.step_images[s] = int(t["step_images"][j])
+            acc.step_sum[s] = t["step_sum"][j].clone()
+            acc.step_max_sum[s] = t["step_max_sum"][j].clone()
+        return acc
 
     def steps(self) -> list[int]:
         return sorted(self.step_images)
