@@ -24,8 +24,7 @@ from PIL import Image
 import difflens
 from difflens.evaluate import evaluate, text_table
 from difflens.harvest import HarvestConfig, harvest
-from difflens.interpret import DictionaryFeatures, StoreSource, build_cache, feature_grid
-from difflens.interpret.oracle import concept_match
+from difflens.interpret import DictionaryFeatures, StoreSource, build_cache, concept_match, feature_grid
 from difflens.intervene import Window, steer_sweep
 from difflens.models import load_adapter
 from difflens.store import Store

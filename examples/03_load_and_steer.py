@@ -69,10 +69,10 @@ adapter = load_adapter(args.model or cfg.model or "toy")
 # prompt's image at the dictionary's site (every recorded step and token).
 
 # %%
-rec = record_activations(adapter, [args.prompt], [0], cfg.site)
-x = torch.cat([rec.step_acts(s).reshape(-1, cfg.d_in) for s in sorted({s for s, _ in rec.acts})])
-t = torch.tensor([rec.timesteps[s] for s in sorted({s for s, _ in rec.acts}) for _ in range(len(x) // len(rec.timesteps))],
-                 dtype=torch.float32)
+rec = record_activations(adapter, [args.prompt], [0], cfg.site)  # acts [rows, tokens, d] per denoising step
+per_step = [rec.step_acts(s).reshape(-1, cfg.d_in) for s in range(len(rec.timesteps))]
+x = torch.cat(per_step)
+t = torch.cat([torch.full((len(a),), rec.timesteps[s]) for s, a in enumerate(per_step)])  # TIDE needs the timestep
 with torch.no_grad():
     codes = sae.encode(x, t)
 copies = {}
@@ -96,14 +96,14 @@ for fmt in ("saelens", "sparsify"):
 # decoder direction; `mode="token-norm"` measures the scale in typical token norms.
 
 # %%
-top = torch.argsort(codes.mean(0), descending=True)[:5].tolist()  # the features most active on this image
+top = torch.argsort(codes.mean(0), descending=True)[:3].tolist()  # the features most active on this image
 steer_feature = top[0]
+half = Region.parse(f"0,0,{adapter.image_hw()[1] // 2},{adapter.image_hw()[0]}")  # x0,y0,x1,y1 in pixels: the left half
 runs = {
     "clean": [],
     f"ablate {len(top)} top features": [Ablate(sae, top)],
-    f"steer feature {steer_feature} x-1": [Steer(sae, [steer_feature], -1.0, mode="token-norm")],
-    f"steer {steer_feature} x-1, left half": [Steer(sae, [steer_feature], -1.0, mode="token-norm",
-                                                    region=Region.parse("0,0,16,32"))],
+    f"steer feature {steer_feature} x-0.5": [Steer(sae, [steer_feature], -0.5, mode="token-norm")],
+    f"steer {steer_feature} x-0.5, left half": [Steer(sae, [steer_feature], -0.5, mode="token-norm", region=half)],
 }
 if "saelens" in copies:
     runs["ablate via the SAELens copy"] = [Ablate(copies["saelens"], top)]
