@@ -174,3 +174,71 @@ def test_streaming_topk_equals_a_full_store_computation(tmp_path):
     rc = main(["harvest", "--model", str(toy), "--num-prompts", "2", "--steps", "1", "--topk", "2",
                "--out", str(tmp_path / "x"), "-q"])
     assert rc == 2 and not (tmp_path / "x").exists()
+
+
+def _random_sae(d: int, site: str, folder):
+    from difflens.dictionaries.config import DictConfig
+    from difflens.dictionaries.io import save
+    from difflens.dictionaries.sae import TopKSAE
+
+    save(TopKSAE(DictConfig(arch="topk", d_in=d, width=8, k=2, site=site, normalization="none")), folder)
+    return folder
+
+
+def _pages(site):
+    import re
+
+    out = {}
+    for page in sorted((site / "features").glob("*/*.html")):
+        out[page] = json.loads(re.search(r'id="difflens-data">(.*?)</script>', page.read_text(), re.S).group(1))
+    return out
+
+
+def test_generated_cache_gets_browser_pages_with_its_images(folders, tmp_path):
+    """`interpret cache --generate` on a real model saves its images and prompts next to the cache
+    (<out>/samples), and `browse export --data <out>/samples` shows them like a store's."""
+    from difflens.models import load_adapter
+
+    site = "transformer_blocks.0:img"
+    sae = _random_sae(load_adapter(str(folders["flux"])).site_dim(site), site, tmp_path / "sae")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\nblue sky over hills\na green door\n", encoding="utf-8")
+    out = tmp_path / "interp" / "sae"
+    assert main(["interpret", "cache", "--dict", str(sae), "--model", str(folders["flux"]), "--generate", "3",
+                 "--prompts", str(prompts), "--steps", "2", "--out", str(out), "--heatmaps", "0", "--top-n", "2",
+                 "--quantiles", "0", "--min-tokens", "1"]) == 0
+    assert sorted(p.name for p in (out / "samples" / "images").iterdir()) == ["0.png", "1.png", "2.png"]
+    site_out = tmp_path / "site"
+    assert main(["browse", "export", "--dict", str(sae), "--interp", str(tmp_path / "interp"), "--data",
+                 str(out / "samples"), "--out", str(site_out), "--max-features", "2"]) == 0
+    pages = _pages(site_out)
+    assert len(pages) == 2
+    for data in pages.values():
+        assert data["top"] and all(t["img"] for t in data["top"])
+        assert {t["prompt"] for t in data["top"]} <= {"a red cat", "blue sky over hills", "a green door"}
+    shown = {t["sid"] for data in pages.values() for t in data["top"]}
+    assert {p.name for p in (site_out / "img").iterdir()} == {f"{s}.png" for s in shown}
+    rc = main(["browse", "export", "--dict", str(sae), "--interp", str(tmp_path / "interp"), "--data", str(tmp_path),
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2  # neither a store nor a samples folder: a usage error naming both
+
+
+def test_generated_interpretation_run_is_browsed_without_data(tmp_path):
+    """`interpret --generate` (the scoring pipeline) keeps its samples in <out>/samples, which the
+    browser finds by itself from run.json."""
+    from difflens.models.toy.adapter import ToyAdapter
+    from toy_fixtures import make_tiny_toy
+
+    site = "transformer_blocks.1:img"
+    toy = make_tiny_toy(tmp_path / "toy")
+    sae = _random_sae(ToyAdapter.load(folder=toy).site_dim(site), site, tmp_path / "sae")
+    out = tmp_path / "run"
+    assert main(["interpret", "--dict", str(sae), "--model", str(toy), "--generate", "6", "--steps", "2",
+                 "--baselines", "none", "--n-features", "2", "--n-explain", "1", "--n-pos", "1", "--n-neg", "1",
+                 "--top-n", "2", "--quantiles", "0", "--min-tokens", "1", "--no-heatmaps", "--out", str(out)]) == 0
+    assert json.loads((out / "run.json").read_text())["data"]["kind"] == "generated"
+    site_out = tmp_path / "site"
+    assert main(["browse", "export", "--dict", str(sae), "--interp", str(out), "--out", str(site_out)]) == 0
+    pages = _pages(site_out)
+    assert any(data["top"] for data in pages.values())
+    assert all(t["img"] and t["prompt"] for data in pages.values() for t in data["top"])

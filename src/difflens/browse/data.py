@@ -133,13 +133,17 @@ def _match_source(root: Path, entry: DictEntry) -> Path | None:
 def _find_store(run: dict | None, interp_root: Path | None, given: str | Path | None, notes: list[str]) -> Path | None:
     from difflens.store import Store
 
+    from difflens.interpret.sample_folder import is_sample_folder
+
     if given is not None:
         p = Path(given)
-        if not (p / "manifest.json").exists():
-            raise DifflensError(f"--data {p}: not an activation store (no manifest.json); pass the store the "
-                                "interpretation was built from")
+        if not (p / "manifest.json").exists() and not is_sample_folder(p):
+            raise DifflensError(f"--data {p}: not an activation store (no manifest.json) nor the samples folder of "
+                                "`interpret --generate` (no samples.json); pass the one the interpretation was built from")
         return p
     data = (run or {}).get("data") or {}
+    if data.get("kind") == "generated" and interp_root is not None and is_sample_folder(interp_root / "samples"):
+        return interp_root / "samples"  # the images `interpret --generate` saved with its run
     if data.get("kind") != "store":
         if run is not None:
             notes.append(f"the interpretation used {data.get('kind', 'unknown')} samples, not a store: top images are "

@@ -153,9 +153,9 @@ class _Samples:
         self.records: dict[int, dict] = {}
         self.store = None
         if store_path is not None:
-            from difflens.store import Store
+            from difflens.interpret.sample_folder import open_samples
 
-            self.store = Store(store_path)
+            self.store = open_samples(store_path)  # a store, or the samples folder of `interpret --generate`
             self.records = {int(r["sample_id"]): r for r in self.store.samples()}
         self.used: set[int] = set()
         self._timesteps: dict[str, dict[int, float]] = {}

@@ -89,8 +89,8 @@ def feature_record(detail: dict, *, source: str, site: str, model: str | None, j
 def export_neuronpedia(interp, out, *, sources: list[str] | None = None, data=None, copy_images: bool = True) -> dict:
     """Write the per-feature JSON of every (or the chosen) source of an interpretation; returns a summary."""
     from difflens.browse.data import _find_store
+    from difflens.interpret.sample_folder import open_samples
     from difflens.outdir import claim_out_dir
-    from difflens.store import Store
 
     interp = Path(interp)
     if not (interp / "run.json").exists():
@@ -99,7 +99,7 @@ def export_neuronpedia(interp, out, *, sources: list[str] | None = None, data=No
     names = _sources(interp, sources)
     notes: list[str] = []
     store_path = _find_store(run, interp, data, notes)
-    store = Store(store_path) if store_path is not None else None
+    store = open_samples(store_path) if store_path is not None else None
     samples = {int(s["sample_id"]): s for s in store.samples()} if store is not None else {}
     model = (store.manifest.get("model") if store is not None else None) or run.get("model")
     out = claim_out_dir(out, KIND, {"interp": str(interp.resolve())})

@@ -247,12 +247,19 @@ def run_cache(args) -> int:
     cache = build_cache(fs, src, config=_cache_config(args), out=args.out, seed=args.seed)
     live = cache.live()
     say(args, f"{fs.name}: {cache.num_features} features, {int(live.sum())} live, {cache.info['num_samples']} images -> {args.out}")
-    if args.data is not None:  # feature pages the browser reads (explanations empty until a judge runs)
-        from difflens.interpret.report import export_features
+    # feature pages the browser reads (explanations empty until a judge runs); generated samples keep
+    # their images and prompts in <out>/samples, which browse export reads like a store
+    from difflens.interpret.report import export_features
 
-        export_features(cache, [], Path(args.out) / "features")
-        say(args, f"feature pages: browse them with `difflens browse export --dict DICT --interp "
-                  f"{Path(args.out).parent} --data {args.data}` (the cache folder named like the dictionary folder)")
+    export_features(cache, [], Path(args.out) / "features")
+    data = args.data
+    if data is None:
+        from difflens.interpret.sample_folder import save_samples
+
+        data = save_samples(src, Path(args.out) / "samples")
+    if args.cache_dict:
+        say(args, f"feature pages: browse them with `difflens browse export --dict {args.cache_dict} --interp "
+                  f"{Path(args.out).parent} --data {data}` (the cache folder named like the dictionary folder)")
     if args.heatmaps:
         from difflens.interpret.features import sample_live_features
 

@@ -280,6 +280,10 @@ def run_pipeline(
         "vlm": None if client is None else {"config": client.config.public(), "tally": dict(client.tally)},
         "sources": per_source,
     }
+    if src.description.get("kind") == "generated":  # images and prompts for the browser (no store holds them)
+        from difflens.interpret.sample_folder import save_samples
+
+        save_samples(src, out / "samples")
     run["seconds"] = round(time.time() - t0, 1)
     write_json(out / "run.json", run)
     return render_report(out)
