@@ -14,8 +14,9 @@
 #     python examples/03_load_and_steer.py --dict runs/examples/01_quickstart/dicts/topk
 #     python examples/03_load_and_steer.py --dict runs/demo/dicts/topk     # after `make demo`
 #
-# Any TopK/BatchTopK/JumpReLU/Matryoshka/ReLU SAE works (TIDE and ITDA load too, but step 2 is
-# refused for TIDE: its encoder depends on the timestep, which SAELens/sparsify do not take).
+# Any TopK/BatchTopK/JumpReLU/Matryoshka/ReLU SAE goes through all three steps; TIDE and ITDA load
+# and intervene too, but step 2 says why it stops (TIDE's encoder depends on the timestep, which
+# SAELens/sparsify do not take; ITDA's codes come from pursuit, so only its atoms export).
 
 # %%
 import argparse
@@ -27,6 +28,7 @@ import torch
 from PIL import Image
 
 import difflens
+from difflens import DifflensError
 from difflens.dictionaries import interop
 from difflens.intervene import Ablate, Region, Steer, generate_with, record_activations
 from difflens.models import load_adapter
@@ -77,10 +79,18 @@ with torch.no_grad():
     codes = sae.encode(x, t)
 copies = {}
 for fmt in ("saelens", "sparsify"):
-    if fmt == "sparsify" and cfg.arch != "topk":
+    if fmt == "sparsify" and cfg.arch not in ("topk", "itda"):
         print(f"  {fmt}: skipped (sparsify folders hold TopK SAEs only; this is {cfg.arch})")
         continue
-    folder = interop.export(sae, out / fmt, fmt)  # = `difflens export --format FMT DICT OUT`
+    try:
+        folder = interop.export(sae, out / fmt, fmt)  # = `difflens export --format FMT DICT OUT`
+    except DifflensError as e:  # TIDE, per-timestep normalisation: the reason is in the message
+        print(f"  {fmt}: not exported: {e}")
+        continue
+    if cfg.arch == "itda":
+        print(f"  {fmt}: wrote ITDA's atoms as a decoder in {folder}; its codes come from pursuit, not an encoder, "
+              "so there are no codes to compare")
+        continue
     copies[fmt] = difflens.load(folder)
     with torch.no_grad():
         other = copies[fmt].encode(x)

@@ -34,6 +34,10 @@ def test_readme_lists_every_example():
     scripts = sorted(p.name for p in (ROOT / "examples").glob("[0-9]*.py"))
     listed = [c.split()[1] for c in example_commands()]
     assert listed == [f"examples/{s}" for s in scripts], "README's Examples section must run every script, in order"
+    for s in scripts:  # jupytext "percent" scripts: a markdown cell first, then code cells
+        lines = (ROOT / "examples" / s).read_text(encoding="utf-8").splitlines()
+        assert lines[0] == "# %% [markdown]", s
+        assert sum(line == "# %%" for line in lines) >= 4, s
 
 
 def _png(path: Path) -> tuple[int, int]:
