@@ -39,6 +39,13 @@ def test_writes_report_files_and_dictionaries(study):
         assert d["curve"] and [p["step"] for p in d["curve"]] == [1, 2, 4, 8]  # 1, 2: early points before eval_every
     assert s["dictionaries"]["topk"]["latents"] == s["dictionaries"]["tide"]["latents"] == 16
     assert s["command"].startswith("difflens study dictionaries --data ")
+    # the recorded command is one the CLI accepts, and it asks for the same run
+    import shlex
+
+    from difflens.cli import build_parser
+
+    parsed = build_parser().parse_args(shlex.split(s["command"])[1:])
+    assert parsed.train_steps == 8 and parsed.width == 16 and parsed.k == K and parsed.eval_every == 4
     md = (out / "study.md").read_text()
     assert "TIDE − TopK" in md and "Time to a held-out FVU" in md and s["command"] in md
 

@@ -93,7 +93,7 @@ class StudyConfig:
     def command(self, data: str, out: str) -> str:
         """The `difflens study dictionaries` command line that reproduces this study."""
         parts = ["difflens study dictionaries", f"--data {data}", f"--site {self.site}", f"--out {out}",
-                 f"--width {self.width}", f"--k {self.k}", f"--steps {self.steps}", f"--batch-size {self.batch_size}"]
+                 f"--width {self.width}", f"--k {self.k}", f"--train-steps {self.steps}", f"--batch-size {self.batch_size}"]
         d = StudyConfig(site=self.site)
         for name in ("lr", "warmup_steps", "eval_every", "eval_tokens", "init_tokens", "dead_after_tokens", "normalization",
                      "itda_cap", "itda_tau", "itda_tokens", "seed", "clock"):
