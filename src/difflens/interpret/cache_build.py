@@ -18,6 +18,7 @@ from difflens.interpret.cache_passes import (
     feature_maps,
     select_examples,
     statistics,
+    thresholds,
     token_maps,
 )
 from difflens.interpret.features import FeatureSource
@@ -35,11 +36,14 @@ def build_cache(
     sample_ids=None,
     out: str | Path | None = None,
     seed: int = 0,
+    calibration: torch.Tensor | None = None,
 ) -> FeatureCache:
     """Compute the cache of `features` over the images of `data` (see the module docstring).
 
     map_features: feature ids that get token maps (None: every live feature), or a function of
     the statistics arrays returning them. The result is saved to `out` when given.
+    calibration: each feature's max over every token of these samples, known already (a harvest's
+    streamed top-k cache, `interpret.topk_use`): pass A is skipped, nothing else changes.
     """
     cfg = config or CacheConfig()
     cfg.check()
@@ -52,7 +56,14 @@ def build_cache(
     labels = src.token_labels(sids)
     vocabulary = src.vocabulary() if labels is not None else None  # the labels' world, never a model's name
 
-    thr, gmax = calibrate(run, seed)
+    if calibration is None:
+        thr, gmax = calibrate(run, seed)
+    else:
+        gmax = torch.as_tensor(calibration, dtype=torch.float32).reshape(-1)
+        if gmax.shape[0] != run.shape[3] or cfg.calib_samples is not None:
+            raise DifflensError(f"a calibration of {gmax.shape[0]} maxima cannot stand for {features.name}'s "
+                                f"{run.shape[3]} features" + (" over a calibration subset" if cfg.calib_samples else ""))
+        thr = thresholds(cfg, gmax)
     arrays = statistics(run, thr, labels, vocabulary)
     arrays["calib_max"] = gmax.numpy().astype(np.float32)
     arrays.update(select_examples(run, arrays))

@@ -74,8 +74,12 @@ def calibrate(run: CacheRun, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gmax = torch.full((F,), -math.inf)
     for _, codes in run.batches(calib, "calibrate"):
         gmax = torch.maximum(gmax, codes.amax((0, 1, 2)))
-    thr = torch.where(gmax > 0, torch.clamp(cfg.rel_threshold * gmax, min=cfg.abs_threshold), torch.tensor(float(cfg.abs_threshold)))
-    return thr, gmax
+    return thresholds(cfg, gmax), gmax
+
+
+def thresholds(cfg: CacheConfig, gmax: torch.Tensor) -> torch.Tensor:
+    """thr_f = max(abs_threshold, rel_threshold * max_f) for a feature that fires, else abs_threshold."""
+    return torch.where(gmax > 0, torch.clamp(cfg.rel_threshold * gmax, min=cfg.abs_threshold), torch.tensor(float(cfg.abs_threshold)))
 
 
 class ConceptCounts:

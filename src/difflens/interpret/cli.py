@@ -23,6 +23,9 @@ def _add_cache_options(p) -> None:
     g.add_argument("--abs-threshold", type=float, default=0.0, help="absolute threshold floor; also 'active' for frequency (0)")
     g.add_argument("--calib-samples", type=int, default=None, help="images used to calibrate feature maxima (default: all)")
     g.add_argument("--batch-rows", type=int, default=8192, help="activation rows encoded at once (memory knob)")
+    g.add_argument("--no-topk", action="store_true",
+                   help="re-encode the store for calibration even when it holds a matching streamed top-k cache "
+                   "of the dictionary (harvest --dict --topk); the result is the same, it only costs a pass")
 
 
 def _add_data_options(p) -> None:
@@ -213,7 +216,7 @@ def run(args) -> int:
         explainer_prompt=args.explainer_prompt, judge_prompt=args.judge_prompt, vlm_cache=args.vlm_cache,
         grids=not args.no_heatmaps, adherent_only=args.adherent_only, evidence=args.evidence,
         negative_overlay=args.negative_overlay, reuse_caches=not args.no_reuse, chance_controls=args.chance_controls,
-        branch=args.branch,
+        branch=args.branch, use_topk=not args.no_topk,
     )
     from difflens.interpret.report import markdown_table
 
@@ -244,7 +247,15 @@ def run_cache(args) -> int:
         src = open_source(data, sites=[args.site] if args.site else None, branch=args.branch)
         site = args.site or src.sites[0]
         fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=_site_mean(src, site))
-    cache = build_cache(fs, src, config=_cache_config(args), out=args.out, seed=args.seed)
+    config = _cache_config(args)
+    calibration = None
+    if args.cache_dict and not args.no_topk:
+        from difflens.interpret.topk_use import streamed_max
+
+        calibration, note = streamed_max(fs, src, src.sample_ids(), config)
+        if note:
+            say(args, note)
+    cache = build_cache(fs, src, config=config, out=args.out, seed=args.seed, calibration=calibration)
     live = cache.live()
     say(args, f"{fs.name}: {cache.num_features} features, {int(live.sum())} live, {cache.info['num_samples']} images -> {args.out}")
     # feature pages the browser reads (explanations empty until a judge runs); generated samples keep

@@ -137,6 +137,7 @@ def run_pipeline(
     negative_overlay: str = "feature",
     chance_controls: int | str | None = None,
     branch: str = "cond",
+    use_topk: bool = True,
 ) -> dict:
     """Score dictionaries (name -> Dictionary | checkpoint path) and baselines on the same images.
 
@@ -148,6 +149,8 @@ def run_pipeline(
     (scoring.py): None = every (map, image) pair of the test set for the oracle and one other
     image per test item for a VLM (10 extra judgements per feature); "all", an int, or "none"
     (raw scores, for comparison only). branch: the CFG rows read from a store harvested with both.
+    use_topk: calibrate a dictionary's thresholds from the store's streamed top-k cache of it, when
+    one matches (`interpret.topk_use`), instead of a pass over the store; the result is the same.
     """
     t0 = time.time()
     out = Path(out_dir)
@@ -231,7 +234,15 @@ def run_pipeline(
         if cache is not None and set(pick(cache.arrays).tolist()) <= set(cache.map_features.tolist()):
             notes.append(f"{fs.name}: reused the feature cache in {folder / 'cache'}")
         else:
-            cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed)
+            calibration = None
+            if use_topk:
+                from difflens.interpret.topk_use import streamed_max
+
+                calibration, note = streamed_max(fs, src, sids, cfg)
+                if note:
+                    notes.append(note)
+            cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed,
+                                calibration=calibration)
         selected = chosen["selected"]
         tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed,
                                      feature_fn=fs, source=src, negative_overlay=negative_overlay,

@@ -44,6 +44,7 @@ class TopKAccumulator:
         self.unit = torch.full((self.F, self.n), -1, dtype=torch.long)  # arrival: (unit, step, sample)
         self.maps = torch.zeros((self.F, self.n, self.T), dtype=map_dtype)
         self.frequency = torch.zeros(self.F, dtype=torch.long)  # active tokens seen per feature
+        self.max_all = torch.full((self.F,), float("-inf"))  # max code over every token (what calibration needs)
         self.tokens_seen = 0
         # what a researcher reads first, next to the examples: the timestep profile (per step: sum of
         # codes, sum of per-image maxima, images seen) and a log2-binned histogram of positive codes
@@ -67,6 +68,7 @@ class TopKAccumulator:
         flat = codes.reshape(-1, F)
         nz = (flat > 0).nonzero()  # sparse codes: cheaper than reductions over a [B, T, F] bool
         self.frequency += torch.bincount(nz[:, 1], minlength=F)
+        self.max_all = torch.maximum(self.max_all, flat.amax(0))
         zeros = torch.zeros(F, dtype=torch.float64)
         self.step_sum[step] = self.step_sum.get(step, zeros) + flat.sum(0).double()
         self.step_max_sum[step] = self.step_max_sum.get(step, zeros) + codes.amax(dim=1).sum(0).double()
@@ -111,6 +113,7 @@ class TopKAccumulator:
             raise DifflensError(f"cannot merge top-k caches of {other.F} features x {other.n} x {other.T} tokens into "
                                 f"{self.F} x {self.n} x {self.T}: they were filled with other settings")
         self.frequency += other.frequency
+        self.max_all = torch.maximum(self.max_all, other.max_all)
         self.tokens_seen += other.tokens_seen
         self.hist += other.hist
         zeros = torch.zeros(self.F, dtype=torch.float64)
@@ -138,7 +141,7 @@ class TopKAccumulator:
         st = self.steps()
         z = torch.zeros(0, self.F, dtype=torch.float64)
         return {"values": self.values, "sample": self.sample, "step": self.step, "unit": self.unit, "maps": self.maps,
-                "frequency": self.frequency, "hist": self.hist, "tokens_seen": torch.tensor([self.tokens_seen]),
+                "frequency": self.frequency, "max_all": self.max_all, "hist": self.hist, "tokens_seen": torch.tensor([self.tokens_seen]),
                 "steps": torch.tensor(st, dtype=torch.long), "step_images": torch.tensor([self.step_images[s] for s in st]),
                 "step_sum": torch.stack([self.step_sum[s] for s in st]) if st else z,
                 "step_max_sum": torch.stack([self.step_max_sum[s] for s in st]) if st else z}
@@ -147,7 +150,7 @@ class TopKAccumulator:
     def from_state(cls, t: dict[str, torch.Tensor]) -> TopKAccumulator:
         F, n = t["values"].shape
         acc = cls(F, n, t["maps"].shape[2], map_dtype=t["maps"].dtype)
-        for k in ("values", "sample", "step", "unit", "maps", "frequency", "hist"):
+        for k in ("values", "sample", "step", "unit", "maps", "frequency", "max_all", "hist"):
             setattr(acc, k, t[k].clone())
         acc.tokens_seen = int(t["tokens_seen"][0])
         for j, s in enumerate(t["steps"].tolist()):
@@ -191,7 +194,7 @@ class TopKAccumulator:
         folder.mkdir(parents=True, exist_ok=True)
         mean, mx = self.profiles()
         save_file({"values": self.values.contiguous(), "sample": self.sample.contiguous(), "step": self.step.contiguous(),
-                   "maps": self.maps.contiguous(), "frequency": self.frequency.contiguous(),
+                   "maps": self.maps.contiguous(), "frequency": self.frequency.contiguous(), "max_all": self.max_all.contiguous(),
                    "profile_mean": mean.contiguous(), "profile_max": mx.contiguous(), "hist_counts": self.hist.contiguous()},
                   str(folder / "topk.safetensors"))
         meta = {"num_features": self.F, "n": self.n, "num_tokens": self.T, "tokens_seen": self.tokens_seen,
@@ -212,6 +215,8 @@ class TopKAccumulator:
         acc = cls(meta["num_features"], meta["n"], meta["num_tokens"], map_dtype=t["maps"].dtype)
         acc.values, acc.sample, acc.step, acc.maps, acc.frequency = t["values"], t["sample"], t["step"], t["maps"], t["frequency"]
         acc.tokens_seen = int(meta.get("tokens_seen", 0))
+        if "max_all" in t:
+            acc.max_all = t["max_all"]
         acc.hist = t["hist_counts"]
         for j, s in enumerate(meta.get("steps", [])):  # profiles back as sums, so update() could go on
             k = int(meta["images_per_step"][j])
