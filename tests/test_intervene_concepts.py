@@ -114,8 +114,10 @@ def test_concept_study_end_to_end(adapter, tmp_path):
         assert "control_random_features" in d["rows"]["color ablation"]
     assert set(res["references"]) == {"difference of means", "random direction", "prompt changed: color",
                                       "prompt changed: object"}
-    # clean + 3 reference recordings (colour, object, background) + 2 x (7 rows + control) + 4 reference rows
-    assert res["images"] == n * (1 + 3 + 2 * 8 + 4)
+    # clean + 3 reference recordings (colour, object, background; the prompt-changed rows reuse their
+    # images) + at most 2 x (7 rows + control) + 2 steering references; cases a row does not count
+    # (the clean image misreads the factor) or leaves alone (no features) keep their clean image.
+    assert n * 4 <= res["images"] <= n * (1 + 3 + 2 * 8 + 2)
     on_disk = json.loads((tmp_path / "out" / "concepts.json").read_text())
     assert on_disk["n_cases"] == n and (tmp_path / "out" / "concepts.png").is_file()
     assert "| color edit |" in (tmp_path / "out" / "concepts.md").read_text()
@@ -161,3 +163,52 @@ def test_edit_where_its_features_fire_equals_the_plain_edit(adapter, txt_sae):
     _, _, b = run_with_probe(adapter, [Ablate(txt_sae, feats)], site=TXT)
     for key in pre:
         assert torch.allclose(a[key][0], b[key][0], atol=1e-5)
+
+
+def _tiny_itda(adapter, site, seed=0):
+    from difflens.dictionaries.config import DictConfig
+    from difflens.dictionaries.itda import ITDA
+
+    d = adapter.site_dim(site)
+    itda = ITDA(DictConfig(arch="itda", d_in=d, width=48, k=3, site=site, normalization="none", itda_tau=0.5))
+    rec = record_activations(adapter, [PROMPT, PROMPT2], [3, 4], site, steps=3)
+    x = torch.cat([a.reshape(-1, d) for a, _, _ in rec.acts.values()])
+    pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:48]
+    itda.partial_fit(x[pick], torch.full((48,), 500.0))
+    assert itda.num_atoms > 0
+    return itda.eval()
+
+
+@pytest.mark.parametrize("kind", ["topk", "itda"])
+def test_batched_per_case_interventions_equal_the_per_case_path(adapter, txt_sae, kind):
+    """A batch of cases, each with its own edit / steer / transfer (per-sample codes), gives the
+    same images whether each case runs as its own hook or all run as one `Batched` hook."""
+    from difflens.intervene import Batched, CodeEdit, batch_interventions
+    from difflens.intervene.study_items import Item, generate_items
+
+    d = txt_sae if kind == "topk" else _tiny_itda(adapter, TXT)
+    width = int(d.num_latents)
+    items = [Item(p, s, "red", "circle", "center", "black") for p, s in
+             ((PROMPT, 0), (PROMPT2, 1), (PROMPT, 2), (PROMPT2, 3), (PROMPT, 4))]
+    ref = record_activations(adapter, [PROMPT2, PROMPT, PROMPT2, PROMPT, PROMPT2], [9, 8, 7, 6, 5], TXT, steps=3)
+
+    def make(k, j):
+        f = [k % width, (3 * k + 1) % width]
+        if k % 3 == 0:
+            return [CodeEdit(d, [("ablate", [f[0]], None), ("clamp", [f[1]], 2.0 + k)], samples=[j], branch="cond")]
+        if k % 3 == 1:
+            return [Steer(d, [f[1]], 1.5, mode="absolute", where=FiresOn(d, list(range(width))), samples=[j])]
+        return [Transfer(d, (ref, j), None if k == 2 else f, samples=[j])]
+
+    one_by_one = generate_items(adapter, items, make, steps=3, batch_size=5, batched=False)
+    together = generate_items(adapter, items, make, steps=3, batch_size=5, batched=True)
+    clean = generate_items(adapter, items, None, steps=3, batch_size=5)
+    assert not np.array_equal(one_by_one, clean)
+    assert np.array_equal(one_by_one, together)
+    # The grouping: one Batched per site for disjoint samples; a repeated sample starts a new group.
+    ivs = [iv for k in range(4) for iv in make(k, k)] + make(4, 0)
+    grouped = batch_interventions(ivs)
+    assert [type(g).__name__ for g in grouped] == ["Batched", "Steer"]
+    assert len(grouped[0].members) == 4
+    with pytest.raises(DifflensError, match="share the site and token selection"):
+        Batched([Steer(d, [1], 1.0, tokens=[1], samples=[0]), Steer(d, [1], 1.0, samples=[1])])

@@ -10,6 +10,7 @@ through a dictionary's codes, transfer from a reference generation, and splicing
 See docs/intervene.md for the semantics (error term, CFG branches, regions, windows).
 """
 
+from difflens.intervene.batched import Batched, batch_interventions
 from difflens.intervene.base import BRANCHES, SCALE_MODES, Intervention, RunInfo, FiresOn
 from difflens.intervene.directions import concept_direction
 from difflens.intervene.edits import Ablate, Clamp, CodeEdit, MeanAblate, Replace, Scale, Splice
@@ -23,6 +24,7 @@ __all__ = [
     "BRANCHES",
     "SCALE_MODES",
     "Ablate",
+    "Batched",
     "Clamp",
     "FiresOn",
     "CodeEdit",
@@ -37,6 +39,7 @@ __all__ = [
     "Steer",
     "Transfer",
     "Window",
+    "batch_interventions",
     "build_hookset",
     "concept_direction",
     "feature_maxima",

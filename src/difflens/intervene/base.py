@@ -79,6 +79,7 @@ class Intervention:
         self.samples = None if samples is None else tuple(int(s) for s in samples)
         self.log: list[dict] = []
         self._token_cache: dict[tuple, torch.Tensor] = {}
+        self._codes: dict = {}  # codes of the tensor being changed, per dictionary (see `codes_for`)
         self._image_hw: tuple[int, int] | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -107,24 +108,28 @@ class Intervention:
         if rows.numel() == 0:
             return None
         toks = self._tokens(ctx, acts.shape[1], acts.device)
-        x = acts.index_select(0, rows)
-        if toks is not None:
-            x = x.index_select(1, toks)
+        self._codes.clear()
+        new = self.change(select_tokens(acts, rows, toks), ctx, rows, toks, acts)
+        self._codes.clear()
+        if new is None:
+            return None
+        out = acts.clone()
+        write_tokens(out, rows, toks, new)
+        return out
+
+    def change(self, x, ctx: HookContext, rows, toks, acts) -> torch.Tensor | None:
+        """New values for the selected [R, T, D] (`where` applied, logged), or None for no change.
+        `Batched` calls it for each member with its rows of a shared selection."""
         with torch.no_grad():
-            keep = self.where.mask(x, ctx) if self.where is not None else None  # [R, T] bool
+            keep = self.where.mask(x, ctx, self) if self.where is not None else None  # [R, T] bool
             if keep is not None and not bool(keep.any()):
                 return None
             new = self.apply(x, ctx, rows, toks, acts)
         if new is None:
             return None
-        out = acts.clone()
-        new = new.to(out.dtype)
+        new = new.to(acts.dtype)
         if keep is not None:
-            new = torch.where(keep[..., None], new, x.to(out.dtype))
-        if toks is None:
-            out[rows] = new
-        else:
-            out[rows[:, None], toks[None, :]] = new
+            new = torch.where(keep[..., None], new, x.to(acts.dtype))
         self.log.append(
             {
                 "step": ctx.step,
@@ -134,7 +139,7 @@ class Intervention:
                 "tokens": int(keep.sum()) if keep is not None else int(acts.shape[1] if toks is None else toks.numel()),
             }
         )
-        return out
+        return new
 
     def apply(self, x_RTD, ctx, rows, toks, acts) -> torch.Tensor | None:
         """New values for the selected rows x tokens [R, T, D] (or None for no change)."""
@@ -200,17 +205,20 @@ class FiresOn:
         if not self.features:
             raise DifflensError("FiresOn needs at least one feature")
         self.threshold = float(threshold)
-        self.last: tuple[torch.Tensor, tuple] | None = None  # (x, encode_codes(x)) of the last mask
 
-    def mask(self, x_RTD: torch.Tensor, ctx: HookContext) -> torch.Tensor:
+    def mask(self, x_RTD: torch.Tensor, ctx: HookContext, owner: Intervention | None = None) -> torch.Tensor:
+        """[R, T] bool: the tokens where a feature fires. With `owner`, the codes are kept for (or
+        taken from) the owner's edit through the same dictionary (`codes_for`)."""
         R, T, D = x_RTD.shape
         if int(self.dictionary.cfg.d_in) != D:
             raise DifflensError(f"FiresOn's dictionary has d_in={self.dictionary.cfg.d_in} but the site has width {D}")
         dev = x_RTD.device
         if self.dictionary.device != dev:
             self.dictionary.to(dev)
-        enc = encode_codes(self.dictionary, x_RTD.reshape(R * T, D), ctx.timestep)
-        self.last = (x_RTD, enc)  # an edit through the same dictionary reuses these codes
+        if owner is not None:
+            enc = codes_for(owner, self.dictionary, x_RTD, ctx.timestep)
+        else:
+            enc = encode_codes(self.dictionary, x_RTD.reshape(R * T, D), ctx.timestep)
         hit = enc[2][:, list(self.features)] > self.threshold
         return hit.any(dim=1).reshape(R, T)
 
@@ -270,13 +278,31 @@ def prep_dictionary(dictionary, adapter):
 
 
 def codes_for(iv: Intervention, dictionary, x_RTD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """encode_codes of x flattened to [R*T, D], reusing what the intervention's FiresOn just
-    computed when it selected tokens with the same dictionary on the same tensor."""
-    w = iv.where
-    if w is not None and w.dictionary is dictionary and w.last is not None and w.last[0] is x_RTD:
-        return w.last[1]
+    """encode_codes of x flattened to [R*T, D], computed once per (intervention, dictionary, tensor):
+    the intervention's `FiresOn` and its edit share them, and `Batched` fills them in for every
+    member from one encode of all members' rows."""
+    key = id(dictionary)
+    hit = iv._codes.get(key)
+    if hit is not None and hit[0] is x_RTD:
+        return hit[1]
     R, T, D = x_RTD.shape
-    return encode_codes(dictionary, x_RTD.reshape(R * T, D), t)
+    enc = encode_codes(dictionary, x_RTD.reshape(R * T, D), t)
+    iv._codes[key] = (x_RTD, enc)
+    return enc
+
+
+def select_tokens(acts: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor | None) -> torch.Tensor:
+    """acts[rows][:, toks] ([R, T, D]; every token when toks is None)."""
+    x = acts.index_select(0, rows)
+    return x if toks is None else x.index_select(1, toks)
+
+
+def write_tokens(out: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor | None, new: torch.Tensor) -> None:
+    """out[rows][:, toks] = new, in place."""
+    if toks is None:
+        out[rows] = new
+    else:
+        out[rows[:, None], toks[None, :]] = new
 
 
 def encode_codes(dictionary, x_MD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ reads the new value, and keeps reading the other factors as before).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +107,7 @@ def score(cases, clean: dict, after: dict, factor: str, *, mode: str = "reach") 
     reach: the factor now reads the case's target value; leave: it reads another value (object kept).
     `kept`: of those cases, the share whose other factors still read as in the clean image."""
     others = [f for f in ("color", "object", "bgcolor") if f != factor]
-    elig = [i for i, c in enumerate(cases) if clean[factor][i] == getattr(c, factor)]
+    elig = _eligible(cases, clean, factor)
     if mode == "reach":
         hits = [i for i in elig if after[factor][i] == getattr(cases[i], "to_" + factor)]
     else:
@@ -119,10 +119,18 @@ def score(cases, clean: dict, after: dict, factor: str, *, mode: str = "reach") 
             "vanished": sum(after["object"][i] == ABSENT for i in elig)}
 
 
-def _mse(clean: np.ndarray, new: np.ndarray, masks: list[np.ndarray]) -> tuple[float, float]:
+def _eligible(cases, clean: dict, factor: str) -> list[int]:
+    """The cases a row about `factor` counts: the clean image reads the prompted value."""
+    return [i for i, c in enumerate(cases) if clean[factor][i] == getattr(c, factor)]
+
+
+def _mse(clean: np.ndarray, new: np.ndarray, masks: list[np.ndarray], which: Sequence[int]) -> tuple[float, float]:
+    """Mean squared pixel change ([0,1] pixels) inside and outside the object's box, over cases `which`."""
+    if not which:
+        return 0.0, 0.0
     d = (((new.astype(np.float64) - clean.astype(np.float64)) / 255.0) ** 2).mean(-1)
-    ins = [float(d[i][m].mean()) for i, m in enumerate(masks)]
-    outs = [float(d[i][~m].mean()) for i, m in enumerate(masks)]
+    ins = [float(d[i][masks[i]].mean()) for i in which]
+    outs = [float(d[i][~masks[i]].mean()) for i in which]
     return float(np.mean(ins)), float(np.mean(outs))
 
 
@@ -174,28 +182,38 @@ def run_concept_study(
     cases = make_cases(n, seed)
     read = _Readings(clf, cases)
     gen_kw = dict(steps=steps, guidance=guidance)
-    n_ref_sites = len(set(sites.values())) * len({r.split()[0] for r in rows if "transfer" in r})
+    ref_factors = {r.split()[0] for r in rows if "transfer" in r} | {r.split()[-1] for r in references if r.startswith("prompt")}
+    n_ref_sites = len(set(sites.values())) * len(ref_factors)
     per_dict = len(rows) + ("color ablation" in rows)
-    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + len(references)), "concept study", show_progress)
+    n_steer_refs = len([r for r in references if not r.startswith("prompt")])
+    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + n_steer_refs), "concept study", show_progress)
     t0 = time.time()
     from difflens.intervene.study_items import generate_items
-
     count = [0]
 
-    def generate(make=None):
-        count[0] += n
-        return generate_items(adapter, cases, make, batch_size=batch_size, bar=bar, **gen_kw)
-
-    def generate_other(other_cases):
-        count[0] += len(other_cases)
-        return generate_items(adapter, other_cases, None, batch_size=batch_size, bar=bar, **gen_kw)
+    def generate(make=None, factor: str | None = None):
+        """Images of every case with make(k, j)'s interventions (k: the case, j: its row in the
+        batch). Only cases that `factor`'s score counts (the clean image reads the prompted value)
+        and that get an intervention are generated; the others keep their clean image."""
+        if make is None:
+            count[0] += n
+            return generate_items(adapter, cases, None, batch_size=batch_size, bar=bar, **gen_kw)
+        todo = [k for k in range(n) if (factor is None or clean[factor][k] == getattr(cases[k], factor)) and make(k, 0)]
+        bar.update(n - len(todo))
+        out = clean_img.copy()
+        if todo:
+            count[0] += len(todo)
+            out[todo] = generate_items(adapter, [cases[k] for k in todo], lambda i, j: make(todo[i], j),
+                                       batch_size=batch_size, bar=bar, **gen_kw)
+        return out
 
     clean_img = generate()
     clean = read(clean_img)
     masks = [object_region(c.position).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for c in cases]
-    refs: dict[tuple[str, str], list] = {}  # (site, factor) -> recordings, one per batch
+    refs: dict[tuple[str, str], list] = {}  # (site, factor) -> recordings, one per batch of cases
 
     def reference(site: str, factor: str):
+        """Recordings at `site` of each case's prompt with `factor` moved to its target value (same seed)."""
         if (site, factor) not in refs:
             recs = []
             for a in range(0, n, batch_size):
@@ -206,6 +224,12 @@ def run_concept_study(
                 count[0] += len(chunk)
             refs[(site, factor)] = recs
         return refs[(site, factor)]
+
+    def reference_images(factor: str) -> np.ndarray:
+        """The prompts with `factor` changed: the images of a reference recording (made if needed)."""
+        have = [recs for (_, f), recs in refs.items() if f == factor]
+        recs = have[0] if have else reference(next(iter(sites.values())), factor)
+        return np.concatenate([np.asarray(r.images) for r in recs])
 
     result: dict = {"n_cases": n, "steps": steps, "branch": branch, "scale": scale, "n_features": n_features,
                     "clean_reads_prompt": {f: float(np.mean([clean[f][i] == getattr(c, f) for i, c in enumerate(cases)]))
@@ -234,27 +258,31 @@ def run_concept_study(
             factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
             control = None
             if row.endswith("edit") or row == "color steer":
-                imgs = generate(lambda k, j, f=factor, a=(row == "color steer"): swap(f, k, j, a))
+                imgs = generate(lambda k, j, f=factor, a=(row == "color steer"): swap(f, k, j, a), factor)
                 entry = score(cases, clean, read(imgs), factor)
             elif row == "color ablation":
+                drawn: dict[int, list[int]] = {}  # each case's random features, drawn once
+
                 def ablate(k, j, random=False):
                     src = feats.get(f"color={cases[k].color}", [])
                     if random and src:
-                        src = sorted(rng.choice(d.num_latents, size=len(src), replace=False).tolist())
+                        if k not in drawn:
+                            drawn[k] = sorted(rng.choice(d.num_latents, size=len(src), replace=False).tolist())
+                        src = drawn[k]
                     return [CodeEdit(d, [("ablate", src, None)], branch=branch, samples=[j])] if src else []
-                imgs = generate(ablate)
+                imgs = generate(ablate, factor)
                 entry = score(cases, clean, read(imgs), factor, mode="leave")
-                control = score(cases, clean, read(generate(lambda k, j: ablate(k, j, True))), factor, mode="leave")
+                control = score(cases, clean, read(generate(lambda k, j: ablate(k, j, True), factor)), factor, mode="leave")
             else:  # transfer: the factor's features (every value's top features), or all, from the reference
                 tf = None if row.endswith("(all features)") else sorted(
                     {f for cpt, fs in feats.items() if cpt.startswith(factor + "=") for f in fs})
                 recs = reference(site, factor)
 
-                def transfer(k, j, tf=tf, recs=recs):
-                    return [Transfer(d, (recs[k // batch_size], j), tf, branch=branch, samples=[j])] if tf != [] else []
-                imgs = generate(transfer)
+                def transfer(k, j, tf=tf, recs=recs):  # case k is sample k % batch_size of its batch's recording
+                    return [Transfer(d, (recs[k // batch_size], k % batch_size), tf, branch=branch, samples=[j])] if tf != [] else []
+                imgs = generate(transfer, factor)
                 entry = score(cases, clean, read(imgs), factor)
-            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
             if control is not None:
                 entry["control_random_features"] = control
             res["rows"][row] = entry
@@ -265,7 +293,7 @@ def run_concept_study(
     if references:
         site = sites[next(iter(dictionaries))]
         result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate,
-                                               generate_other, seed, references)
+                                               reference_images, seed, references)
     bar.close()
     result["images"] = count[0]
     result["seconds"] = round(time.time() - t0, 1)
@@ -280,17 +308,16 @@ def run_concept_study(
     return result
 
 
-def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, generate_items_of, seed,
+def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, reference_images, seed,
                     which: Sequence[str]) -> dict:
     """Dictionary-free colour steering at the colour word's tokens: the difference of means
     (target colour's tokens minus source colour's) at its own norm, and a random direction of that norm."""
     out: dict = {}
     for factor in ("color", "object"):
         if f"prompt changed: {factor}" in which:
-            changed = [replace(c, prompt=with_value(c, factor, getattr(c, "to_" + factor))) for c in cases]
-            imgs = generate_items_of(changed)
+            imgs = reference_images(factor)
             entry = score(cases, clean, read(imgs), factor)
-            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
             out[f"prompt changed: {factor}"] = entry
     steer_rows = [(r, r == "random direction") for r in ("difference of means", "random direction") if r in which]
     if not steer_rows:
@@ -326,10 +353,10 @@ def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, 
             if v is None:
                 return []
             return [Steer(direction=v, site=site, scale=norm, mode="absolute", tokens=words[k], samples=[j])]
-        imgs = generate(make)
+        imgs = generate(make, "color")
         entry = score(cases, clean, read(imgs), "color")
         entry["color_pairs_without_direction"] = sum(v is None for v in dirs.values())
-        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks)
+        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, "color"))
         out[row] = entry
     return out
 

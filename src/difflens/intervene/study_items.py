@@ -12,6 +12,7 @@ from difflens.utils import progress
 from difflens.world import vocab as V
 from difflens.intervene.region import Region, Window
 from difflens.generation import generate_batched
+from difflens.intervene.batched import batch_interventions
 from difflens.intervene.run import intervention_hooks, warn_if_idle
 from difflens.intervene.study_labels import STUDY_OBJECTS
 
@@ -144,9 +145,11 @@ def generate_items(
     guidance: float | None = None,
     batch_size: int = 32,
     bar=None,
+    batched: bool = True,
 ) -> np.ndarray:
     """Images for `items` (through `generation.generate_batched`); `make(k, j)` gives the
-    interventions of item k as sample j of its batch."""
+    interventions of item k as sample j of its batch. With `batched`, the batch's per-sample
+    interventions at one site run as one (`Batched`: one dictionary encode for all rows)."""
     if not items:
         return np.zeros((0, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
     made: list[list] = []
@@ -154,7 +157,7 @@ def generate_items(
     def hooks(plan):
         ivs = [] if make is None else [iv for j in range(len(plan.prompts)) for iv in make(plan.batch_start + j, j)]
         made.append(ivs)
-        return intervention_hooks(ivs)(plan)
+        return intervention_hooks(batch_interventions(ivs) if batched else ivs)(plan)
 
     out = []
     for batch in generate_batched(adapter, items, hooks, steps=steps, guidance=guidance, batch_size=batch_size):

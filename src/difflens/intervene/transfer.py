@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from difflens.errors import DifflensError
-from difflens.intervene.base import Intervention, RunInfo, check_features, encode_codes
+from difflens.intervene.base import Intervention, RunInfo, check_features, codes_for, encode_codes
 from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Region
 from difflens.hooks import Site
@@ -83,35 +83,44 @@ class Transfer(CodeEdit):
             raise DifflensError(f"the reference recording lacks steps {missing}: record it with the same number of steps")
         self.reference_image = rec.images[sample] if rec.images is not None else None
 
-    def apply(self, x, ctx, rows, toks, acts):
-        R, T, D = x.shape
+    def reference_acts(self, ctx, rows, toks, device) -> torch.Tensor:
+        """The reference's activations for each target row (same step and CFG branch): [R, T', D]."""
         out = []
-        for j, r in enumerate(rows.tolist()):
+        for r in rows.tolist():
             key = (ctx.step, bool(ctx.is_cond[r]))
             if key not in self._ref:
                 raise DifflensError(
                     f"the reference run has no {'conditional' if key[1] else 'unconditional'} row at step {ctx.step}: "
                     "generate target and reference with the same guidance"
                 )
-            ref = self._ref[key].to(x.device)
-            if self.mode == "tokens":
-                src = ref if toks is None else ref.index_select(0, toks)
-            else:
-                ref_toks = self._ref_tokens(ctx, ref.shape[0], x.device, toks)
-                src = ref if ref_toks is None else ref.index_select(0, ref_toks)
-            xf, tt, codes = encode_codes(self.dictionary, x[j], ctx.timestep)
-            _, tr, ref_codes = encode_codes(self.dictionary, src, ctx.timestep)
-            if self.mode == "mean":
-                ref_codes = ref_codes.mean(0, keepdim=True).expand(T, -1)
-            new = codes.clone()
-            if self.features is None:
-                new = ref_codes.clone()
-            else:
-                f = torch.tensor(self.features, device=new.device)
-                new[:, f] = ref_codes[:, f]
-            delta = self.dictionary.decode(new, tt) - self.dictionary.decode(codes, tt)
-            out.append(xf + delta)
+            ref = self._ref[key].to(device)
+            sel = toks if self.mode == "tokens" else self._ref_tokens(ctx, ref.shape[0], device, toks)
+            out.append(ref if sel is None else ref.index_select(0, sel))
         return torch.stack(out)
+
+    def reference_codes(self, ctx, rows, toks, device) -> tuple:
+        """encode_codes of `reference_acts` (flattened), or what `Batched` encoded for this call."""
+        anchor = (ctx.step, ctx.call_index, tuple(rows.tolist()))
+        hit = self._codes.get(("ref", id(self.dictionary)))
+        if hit is not None and hit[0] == anchor:
+            return hit[1]
+        src = self.reference_acts(ctx, rows, toks, device)
+        return encode_codes(self.dictionary, src.reshape(-1, src.shape[-1]), ctx.timestep)
+
+    def apply(self, x, ctx, rows, toks, acts):
+        R, T, D = x.shape
+        xf, tt, codes = codes_for(self, self.dictionary, x, ctx.timestep)
+        ref_codes = self.reference_codes(ctx, rows, toks, x.device)[2]
+        if self.mode == "mean":
+            ref_codes = ref_codes.reshape(R, -1, ref_codes.shape[-1]).mean(1, keepdim=True).expand(R, T, -1).reshape(R * T, -1)
+        if self.features is None:
+            new = ref_codes.clone()
+        else:
+            new = codes.clone()
+            f = torch.tensor(self.features, device=new.device)
+            new[:, f] = ref_codes[:, f]
+        delta = self.dictionary.decode(new, tt) - self.dictionary.decode(codes, tt)
+        return (xf + delta).reshape(R, T, D)
 
     def _ref_tokens(self, ctx, n, device, toks):
         region = self.reference_region
