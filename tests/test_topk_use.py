@@ -47,7 +47,7 @@ def setup(tmp_path_factory):
     store = root / "store"
     assert main(["harvest", "--model", str(toy), "--num-prompts", "8", "--steps", "2", "--sites", SITE, "--batch-size", "3",
                  "--dict", str(sae), "--topk", "2", "--out", str(store), "-q"]) == 0
-    return {"root": root, "sae": sae, "other": other, "store": store}
+    return {"root": root, "sae": sae, "other": other, "store": store, "toy": toy}
 
 
 def _same(a: FeatureCache, b: FeatureCache):
@@ -124,3 +124,13 @@ def test_scored_interpretation_is_the_same_with_the_streamed_cache(setup):
     a, b = (json.loads((runs[n] / "sae" / "scores.json").read_text()) for n in ("with", "without"))
     assert a["selected"] == b["selected"] and a["results"] == b["results"] and a["summary"] == b["summary"]
     assert any(r["score"] is not None for r in a["results"])  # something was scored
+
+
+def test_a_store_without_every_token_points_at_its_streamed_cache(setup, capsys):
+    store = setup["root"] / "sparse"
+    assert main(["harvest", "--model", str(setup["toy"]), "--num-prompts", "3", "--steps", "2", "--sites", SITE,
+                 "--tokens-per-image", "4", "--dict", str(setup["sae"]), "--topk", "2", "--out", str(store), "-q"]) == 0
+    rc = main(["interpret", "cache", "--dict", str(setup["sae"]), "--data", str(store), "--out", str(setup["root"] / "x")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "full token maps" in err and "streamed top-k cache (sae in" in err
+    assert f"--interp {store / 'topk'} --data {store}" in err

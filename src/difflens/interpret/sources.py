@@ -36,6 +36,25 @@ def split_of(prompt_ids: np.ndarray, seed: int, explain_fraction: float) -> np.n
     return (u >= explain_fraction).astype(np.int8)
 
 
+def _streamed_hint(root, site: str) -> str:
+    """Where a harvest's streamed top-k caches of `site` already hold what a researcher reads first."""
+    import json
+    from pathlib import Path
+
+    names = []
+    for folder in sorted((Path(root) / "topk").glob("*/topk.json")):
+        try:
+            if json.loads(folder.read_text(encoding="utf-8")).get("site") == site:
+                names.append(folder.parent.name)
+        except (OSError, ValueError):
+            continue
+    if not names:
+        return ""
+    return (f". This store's streamed top-k cache ({', '.join(names)} in {Path(root) / 'topk'}) already holds the "
+            f"top images, token maps, timestep profiles and histograms without every token: browse them with "
+            f"`difflens browse export --dict DICT --interp {Path(root) / 'topk'} --data {root}`")
+
+
 class SampleSource:
     """Interface: sample ids, their records/images/labels, and activations per site in sample batches."""
 
@@ -182,6 +201,7 @@ class StoreSource(SampleSource):
                     f"sample {sid} of site {site} in {self.store.root} has {b - a} image-token rows, not "
                     f"{len(steps)} steps x {T} tokens: the feature cache needs full token maps. Fix: harvest "
                     "a store without --tokens-per-image/--token-fraction (all tokens), or use --generate"
+                    + _streamed_hint(self.store.root, site)
                 )
             rows[sid] = m["index"][sel]
         self._rows[site] = rows
