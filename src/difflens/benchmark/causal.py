@@ -151,8 +151,8 @@ def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_case
 
         for factor in factors:
             res["rows"][factor] = {}
-            without = sum(1 for s, t, _, _ in plan[factor] if not s or (not t and "edit" in modes))
             for mode in modes:
+                without = sum(1 for s, t, _, _ in plan[factor] if not s or (mode == "edit" and not t))
                 entry: dict = {}
                 for control in (False, True):
                     def make(k, j, factor=factor, mode=mode, control=control):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from difflens.benchmark.causal import FACTORS, MODES
 
-CAUSAL_CASES = 16  # small: 16 cases x (1 + dictionaries x factors x modes x 2) images
+CAUSAL_CASES = 8  # small: 8 cases x (1 + dictionaries x factors x modes x 2) images
 
 
 def register(sub) -> None:
