@@ -14,9 +14,12 @@ share of dead latents with an AuxK pick whose b_enc gradient is positive (Adam t
 pre-activation). Everything also goes to OUT/auxk_window.json.
 
 ``--aux-decoder-only`` is a diagnostic, not a training option: it zeroes the AuxK gradient of the
-dead latents' pre-activations (so AuxK moves only their decoder rows), to test whether the
-encoder-side gradient is what silences them. It hooks library internals (`kernels.sddmm`, and
-`sae` methods for the traces) and applies to every AuxK dictionary of the run.
+dead latents' pre-activations (so AuxK moves only their decoder rows; this also removes AuxK's
+share of the shared ``b_dec`` gradient, which flows through those pre-activations), to test
+whether the encoder-side gradient is what silences them. ``--aux-no-bdec`` removes only AuxK's
+share of the ``b_dec`` gradient (the dead rows keep their encoder gradient), separating the two.
+Both hook library internals (`kernels.sddmm`, `kernels.SparseSAEFunction.backward`, and `sae`
+methods for the traces) and apply to every AuxK dictionary of the run.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=4096)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--aux-decoder-only", action="store_true")
+    ap.add_argument("--aux-no-bdec", action="store_true")
     ap.add_argument("variants", nargs="+", help="name:on|off:window[:k_aux]")
     args = ap.parse_args()
 
@@ -111,6 +115,16 @@ def main() -> None:
     S._SparseSAE._aux_select, S.auxk_loss, S.SAE.before_optimizer_step, S.SAE._track = aux_select, auxk_loss, before, track
     if args.aux_decoder_only:
         kernels.sddmm = sddmm
+    if args.aux_no_bdec:
+        orig_backward = kernels.SparseSAEFunction.backward
+
+        def backward(ctx, g, g_aux=None):  # b_dec's gradient from the main term alone
+            full = orig_backward(ctx, g, g_aux)
+            if g_aux is None:
+                return full
+            return (full[0], orig_backward(ctx, g, None)[1], *full[2:])
+
+        kernels.SparseSAEFunction.backward = staticmethod(backward)
 
     out = Path(args.out)
     cfg = TrainConfig(steps=args.train_steps, batch_size=1024, eval_every=0, checkpoint_every=0, progress=False)
