@@ -188,19 +188,20 @@ class TopKAccumulator:
 
     def save(self, folder, info: dict | None = None) -> Path:
         """`topk.safetensors` (values, sample, step, maps, frequency) + `topk.json` (sizes, `info`)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from difflens.utils import atomic_write_bytes, write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         mean, mx = self.profiles()
-        save_file({"values": self.values.contiguous(), "sample": self.sample.contiguous(), "step": self.step.contiguous(),
+        atomic_write_bytes(folder / "topk.safetensors", save({"values": self.values.contiguous(), "sample": self.sample.contiguous(), "step": self.step.contiguous(),
                    "maps": self.maps.contiguous(), "frequency": self.frequency.contiguous(), "max_all": self.max_all.contiguous(),
-                   "profile_mean": mean.contiguous(), "profile_max": mx.contiguous(), "hist_counts": self.hist.contiguous()},
-                  str(folder / "topk.safetensors"))
+                   "profile_mean": mean.contiguous(), "profile_max": mx.contiguous(), "hist_counts": self.hist.contiguous()}))
         meta = {"num_features": self.F, "n": self.n, "num_tokens": self.T, "tokens_seen": self.tokens_seen,
                 "steps": self.steps(), "images_per_step": [self.step_images[s] for s in self.steps()],
                 "hist": {"log2_min": HIST_LOG2_MIN, "log2_max": HIST_LOG2_MAX, "bins_per_octave": HIST_BPO}, **(info or {})}
-        (folder / "topk.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        write_json(folder / "topk.json", meta)  # both files atomically: a reader never sees half of one
         return folder
 
     @classmethod
