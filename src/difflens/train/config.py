@@ -39,7 +39,7 @@ class TrainConfig:
     decay_fraction: float = 0.2  # share of the steps the lr decay spans
     grad_clip: float = 10.0  # max global grad norm per dictionary; 0 disables
     auxk: bool = True  # dead-latent auxiliary loss (dictionaries that support it)
-    dead_after_tokens: int = 10_000_000  # a latent silent this long counts as dead (lower it for small stores)
+    dead_after_tokens: int = 10_000_000  # a latent silent this long counts as dead (not below live latents' silences; docs/training.md)
     seed: int = 0  # data order and initialisation seed
     timestep_range: tuple[float, float] | None = None  # train only on t in [lo, hi]
     denoise_steps: list[int] | None = None  # train only on these denoising step indices
