@@ -120,6 +120,11 @@ def test_concept_study_end_to_end(adapter, tmp_path):
     assert n * 4 <= res["images"] <= n * (1 + 3 + 2 * 8 + 2)
     on_disk = json.loads((tmp_path / "out" / "concepts.json").read_text())
     assert on_disk["n_cases"] == n and (tmp_path / "out" / "concepts.png").is_file()
+    img = tiny_sae(adapter.site_dim("transformer_blocks.1:img"), site="transformer_blocks.1:img")
+    with pytest.raises(DifflensError, match="pair with no dictionary"):
+        run_concept_study(adapter, dicts, store, n=n, image_dictionaries={"c": img}, classifier=clf, show_progress=False)
+    with pytest.raises(DifflensError, match=r"lacks sites \['transformer_blocks.1:img'\]"):
+        run_concept_study(adapter, dicts, store, n=n, image_dictionaries={"a": img}, classifier=clf, show_progress=False)
     assert "| color edit |" in (tmp_path / "out" / "concepts.md").read_text()
     with pytest.raises(DifflensError, match="unknown study rows"):
         run_concept_study(adapter, dicts, store, None, n=2, rows=["colour edit"], classifier=clf)

@@ -145,8 +145,15 @@ def register(subparsers) -> None:
     p.add_argument("--cases", type=int, default=100, help="prompt/seed cases per row (--study concepts; default 100)")
     p.add_argument("--rows", default=None, help="comma-separated rows of the concept study (default: all): "
                    "color edit, color steer, object edit, color ablation, color transfer, background transfer")
-    p.add_argument("--scale", type=float, default=1.0, help="target features at this multiple of their store maximum (concepts)")
+    p.add_argument("--image-dict", dest="image_dict_dir", action="append", default=None, metavar="DIR",
+                   help="image-stream dictionary (e.g. at transformer_blocks.1:img) whose colour/object features the "
+                   "colour and object edits also swap inside the object's box; one per --dict, in the same order (--study concepts)")
+    p.add_argument("--image-scale", type=float, default=None,
+                   help="the image-stream edit's target features at this multiple of their store maximum (default: colour 0.35, object 1)")
+    p.add_argument("--scale", type=float, default=None,
+                   help="target features at this multiple of their store maximum (concepts; default 1.5)")
     p.add_argument("--branch", choices=["both", "cond", "uncond"], default="both", help="CFG rows to act on (--study concepts; default both)")
+    add_step_window(p, help="denoising steps the concept study's edits act on: a:b (b excluded) or 0,2,4 (default: every step)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
     p.add_argument("--scales", default=None, help="comma-separated steering scales (--study features; default 0.25,0.5,1,2,4)")
@@ -395,16 +402,12 @@ def run_study(args: argparse.Namespace) -> int:
         steps=args.steps, guidance=args.guidance, mode=args.scale_mode,
         scales=parse_scales(args.scales) if args.scales else None, seed=args.seed, show_progress=not quiet,
     )
-    if args.json:
-        emit_json(summary)
-    else:
-        print(summary_markdown(summary))
-    say(args, f"wrote {out.resolve()}")
-    return 0
+    return _report(args, summary, summary_markdown, out)
 
 
 def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
     import difflens
+    from difflens.intervene.region import Window
     from difflens.intervene.study_concepts import ROWS, markdown, run_concept_study
 
     if args.data is None:
@@ -416,13 +419,25 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
         while name in names:
             name += "'"
         names[name] = difflens.load(d, device=str(adapter.device))
+    images = {}
+    if args.image_dict_dir:
+        if len(args.image_dict_dir) != len(args.dict_dir):
+            raise DifflensError(f"{len(args.image_dict_dir)} --image-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
+        images = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.image_dict_dir)}
+    extra = {k: v for k, v in (("scale", args.scale), ("image_scale", args.image_scale)) if v is not None}
     result = run_concept_study(
-        adapter, names, _store(args.data), out, n=args.cases, rows=rows, scale=args.scale, branch=args.branch,
+        adapter, names, _store(args.data), out, n=args.cases, rows=rows, branch=args.branch, image_dictionaries=images,
+        window=Window.parse(args.step_window) if args.step_window else None, **extra,
         steps=args.steps, guidance=args.guidance, seed=args.seed, show_progress=not getattr(args, "quiet", False),
     )
+    return _report(args, result, markdown, out)
+
+
+def _report(args: argparse.Namespace, result: dict, to_markdown, out: Path) -> int:
+    """A study's result on stdout (JSON with --json, else its markdown table) and where it was written."""
     if args.json:
         emit_json(result)
     else:
-        print(markdown(result))
+        print(to_markdown(result))
     say(args, f"wrote {out.resolve()}")
     return 0

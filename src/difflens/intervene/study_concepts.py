@@ -34,9 +34,10 @@ from difflens.world import vocab as V
 from difflens.intervene.base import FiresOn, default_steps
 from difflens.intervene.directions import concept_direction
 from difflens.intervene.edits import CodeEdit
+from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import Steer, feature_maxima
-from difflens.intervene.study_items import ABSENT, object_region, progress_bar, study_classifier
+from difflens.intervene.study_items import ABSENT, Item, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import STUDY_OBJECTS, label_features
 from difflens.intervene.transfer import Transfer
 
@@ -45,18 +46,17 @@ ROWS = ("color edit", "color steer", "object edit", "color ablation", "color tra
 QUICK_ROWS = ("color edit", "object edit", "color ablation", "color transfer", "background transfer")
 REFERENCE_ROWS = ("difference of means", "random direction", "prompt changed: color", "prompt changed: object")
 LABEL_FACTORS = ("color", "object", "bgcolor")
+DEFAULT_SCALE = 1.5  # target features at 1.5 x their store maximum: colour edit 77% -> 79% (TopK, n=100; docs/intervene.md)
+# The image-stream edit's target features (with image dictionaries), per factor: colour at 0.35 x
+# their maximum (TopK colour edit 79% -> 88%, kept 78%; at 0.5: 89% but kept 64%), object at 1 x
+# (object edit 13% -> 22%; at 0.5: 10%, at 2: objects vanish). docs/intervene.md has the sweep.
+DEFAULT_IMAGE_SCALE = {"color": 0.35, "object": 1.0}
 
 
 @dataclass(frozen=True)
-class Case:
-    """One prompt of the study and the values it is moved to."""
+class Case(Item):
+    """One prompt of the study (an `Item`) and the values it is moved to."""
 
-    prompt: str
-    seed: int
-    color: str
-    object: str
-    position: str
-    bgcolor: str
     to_color: str
     to_object: str
     to_bgcolor: str
@@ -150,8 +150,11 @@ def run_concept_study(
     rows: Sequence[str] = ROWS,
     references: Sequence[str] = REFERENCE_ROWS,
     n_features: int = 3,
-    scale: float = 1.0,
+    scale: float = DEFAULT_SCALE,
     branch: str = "both",
+    window: Window | None = None,
+    image_dictionaries: Mapping[str, object] | None = None,
+    image_scale: float | Mapping[str, float] | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     classifier=None,
@@ -162,7 +165,11 @@ def run_concept_study(
     """Run the study's rows for every dictionary (name -> dictionary) on the same n cases.
 
     `scale` multiplies the target features' store maximum (edits, steering); `branch` picks the CFG
-    rows acted on. Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
+    rows acted on, `window` the steps (default: every step). `image_dictionaries` (name -> an
+    image-stream dictionary, e.g. at `transformer_blocks.1:img`, where the trace says objects are
+    written) add to that name's colour and object edits the same swap of the factor's features
+    inside the object's box, in both CFG branches, the target's at `image_scale` x their maximum
+    (one number, or per factor; default DEFAULT_IMAGE_SCALE). Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
     row's success rate, the share of cases whose other factors were kept, and pixel MSE inside and
     outside the object's box.
     """
@@ -176,7 +183,11 @@ def run_concept_study(
     clf = study_classifier(classifier)
     steps = default_steps(adapter) if steps is None else int(steps)
     sites = {name: str(Site.parse(d.cfg.site)) for name, d in dictionaries.items()}
-    missing = sorted({s for s in sites.values() if s not in store.sites})
+    image_dictionaries = dict(image_dictionaries or {})
+    extra = sorted(set(image_dictionaries) - set(dictionaries))
+    if extra:
+        raise DifflensError(f"image dictionaries {extra} pair with no dictionary: name them as the text-stream ones ({', '.join(dictionaries)})")
+    missing = sorted({s for s in [*sites.values(), *(d.cfg.site for d in image_dictionaries.values())] if s not in store.sites})
     if missing:
         raise DifflensError(f"store {store.root} lacks sites {missing} of the dictionaries: harvest them (labels come from it)")
     cases = make_cases(n, seed)
@@ -231,7 +242,12 @@ def run_concept_study(
         recs = have[0] if have else reference(next(iter(sites.values())), factor)
         return np.concatenate([np.asarray(r.images) for r in recs])
 
+    window = window or Window.all()
+    image_scale = dict(DEFAULT_IMAGE_SCALE) if image_scale is None else (
+        dict(image_scale) if isinstance(image_scale, Mapping) else {f: float(image_scale) for f in DEFAULT_IMAGE_SCALE})
     result: dict = {"n_cases": n, "steps": steps, "branch": branch, "scale": scale, "n_features": n_features,
+                    "window": window.describe(), "image_dictionaries": {k: v.cfg.site for k, v in image_dictionaries.items()},
+                    "image_scale": image_scale,
                     "clean_reads_prompt": {f: float(np.mean([clean[f][i] == getattr(c, f) for i, c in enumerate(cases)]))
                                            for f in ("color", "object", "bgcolor")},
                     "dictionaries": {}, "references": {}}
@@ -244,15 +260,27 @@ def run_concept_study(
         rng = np.random.default_rng(seed + 7)
         res: dict = {"site": site, "arch": d.cfg.arch, "width": int(d.num_latents), "rows": {}}
 
+        img = image_dictionaries.get(name)
+        if img is not None and any(r.endswith("edit") or r == "color steer" for r in rows):
+            img_feats = concept_features(img, store, n_features)
+            img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
+
         def swap(factor, k, j, add_only=False):
             c = cases[k]
             src, tgt = feats.get(f"{factor}={getattr(c, factor)}", []), feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
             if not src or not tgt:
                 return []
-            if add_only:
-                return [Steer(d, tgt, scale, mode="feature-max", feature_max=fmax, where=FiresOn(d, src), branch=branch, samples=[j])]
+            if add_only:  # steering stays at the dictionary's own site
+                return [Steer(d, tgt, scale, mode="feature-max", feature_max=fmax, where=FiresOn(d, src), branch=branch,
+                              window=window, samples=[j])]
             ops = [("ablate", src, None)] + [("clamp", [f], scale * fmax[f]) for f in tgt]
-            return [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, samples=[j])]
+            out = [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, window=window, samples=[j])]
+            if img is not None:  # and where the object is drawn: the same swap in its box, both branches
+                src, tgt = img_feats.get(f"{factor}={getattr(c, factor)}", []), img_feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
+                if src and tgt:
+                    ops = [("ablate", src, None)] + [("clamp", [f], image_scale.get(factor, 1.0) * img_max[f]) for f in tgt]
+                    out.append(CodeEdit(img, ops, region=object_region(c.position), window=window, samples=[j]))
+            return out
 
         for row in rows:
             factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
@@ -283,6 +311,8 @@ def run_concept_study(
                 imgs = generate(transfer, factor)
                 entry = score(cases, clean, read(imgs), factor)
             entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
+            if row.endswith("edit") and img is not None:
+                entry["image_site"] = img.cfg.site
             if control is not None:
                 entry["control_random_features"] = control
             res["rows"][row] = entry
@@ -371,8 +401,11 @@ def markdown(result: dict) -> str:
     head = "| intervention | " + " | ".join(f"{n} (`{ds[n]['site']}`)" for n in names) + " |"
     lines = [
         f"Concept study: {result['n_cases']} prompt/seed cases per row, {result['steps']} steps, CFG branch "
-        f"{result['branch']}, features at {result['scale']:g} x their store maximum. Cell: success (of n eligible) "
-        "/ other factors kept.",
+        f"{result['branch']}, {result.get('window', 'all steps')}, features at {result['scale']:g} x their store maximum"
+        + "".join(f"; {n}'s edits also at `{s}` in the object's box (" + ", ".join(
+                  f"{f} {v:g} x" for f, v in result["image_scale"].items()) + ")"
+                  for n, s in result.get("image_dictionaries", {}).items())
+        + ". Cell: success (of n eligible) / other factors kept.",
         "",
         head,
         "|---|" + "---|" * len(names),
