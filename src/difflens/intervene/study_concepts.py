@@ -427,6 +427,12 @@ def markdown(result: dict) -> str:
     lines += ["", "Pixel MSE outside the object's box (colour/object rows; [0,1] pixels): " + ", ".join(
         f"{n}: " + ", ".join(f"{r} {e['mse_outside_box']:.4f}" for r, e in ds[n]["rows"].items() if not r.startswith("background"))
         for n in names)]
+    ceiling = {f: (result.get("references", {}).get(f"prompt changed: {f}") or {}).get("kept_rate") for f in ("color", "object")}
+    if ceiling["color"]:
+        lines.append(f"Kept against re-prompting (which keeps {_pct(ceiling['color'])} for colour): " + ", ".join(
+            f"{n}: " + ", ".join(f"{r} {_pct(e['kept_rate'] / ceiling['color'])}" for r, e in ds[n]["rows"].items()
+                                 if r.startswith("color") and e.get("kept_rate") is not None)
+            for n in names) + ".")
     if result.get("images_per_second"):
         lines.append(f"{result['images']} images in {result['seconds']} s ({result['images_per_second']} images/s).")
     return "\n".join(lines) + "\n"
