@@ -123,10 +123,8 @@ def stage_intervene(out: Path, summary: dict) -> None:
     adapter = load_adapter("toy")
     summary["trace"] = run_trace_demo(out / "trace", adapter)
     dicts = {n: difflens.load(d) for n, d in summary["train"]["text_dictionaries"].items()}
-    # the colour edit also acts at the image-stream dictionaries, in the object's box (docs/intervene.md)
-    images = {n: difflens.load(d) for n, d in summary["train"]["dictionaries"].items() if n in dicts}
     res = run_concept_study(adapter, dicts, Store(out / "store"), out / "intervene", n=DEMO_CASES, rows=DEMO_ROWS,
-                            image_dictionaries=images, references=("difference of means", "random direction"))
+                            references=("difference of means", "random direction"))
     r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
     summary["intervene"] = {
         "table": res["files"]["table"], "examples": res["files"]["examples"], "images_per_second": res["images_per_second"],
@@ -186,8 +184,7 @@ def _readable_summary(out: Path, summary: dict) -> str:
                   "full map: difflens trace):"] + ["  " + line for line in tr.get("summary", [])]
     iv = summary.get("intervene", {})
     if iv:
-        parts += ["", f"interventions at {TEXT_SITE} where the concept features fire (colour edit also at {MAIN_SITE} in the "
-                  f"object's box; {DEMO_CASES} cases per row; "
+        parts += ["", f"interventions at {TEXT_SITE} where the concept features fire ({DEMO_CASES} cases per row; "
                   "cell: success (n) / other factors kept; full study: difflens intervene-study):",
                   _first_table(out / "intervene" / "concepts.md")]
     secs = summary.get("seconds", {})
