@@ -128,13 +128,13 @@ def test_benchmark_table_json_and_plot(adapter, store, sae, tmp_path):
 
     save(sae, tmp_path / "sae")
     cases = make_cases(N, 0)
-    res = run_benchmark([tmp_path / "sae"], store, tmp_path / "bench", autointerp="none", causal_cases=N,
+    res = run_benchmark([tmp_path / "sae"], store, tmp_path / "bench", autointerp="none", causal_cases=N, causal_scale=2.0,
                         causal_modes=("edit",), causal_factors=("color",), adapter=adapter, steps=2,
                         classifier=PlantedReader(cases), show_progress=False)
     row = res["dictionaries"][0]
     assert set(row["causal"]) == {"edit"} and row["causal"]["edit"]["factors"] == ["color"]
     on_disk = json.loads((tmp_path / "bench" / "benchmark.json").read_text())
-    assert on_disk["causal"]["n_cases"] == N and on_disk["causal"]["factors"] == ["color"]
+    assert on_disk["causal"]["n_cases"] == N and on_disk["causal"]["factors"] == ["color"] and on_disk["causal"]["scale"] == 2.0
     md = (tmp_path / "bench" / "benchmark.md").read_text()
     assert "edit success" in md and "## Causal editing" in md and "| sae | color | edit |" in md
     assert (tmp_path / "bench" / "causal.png").is_file()
@@ -156,3 +156,4 @@ def test_cli_options(tmp_path, capsys):
     assert main(["benchmark", "--dict", "x", "--data", "y", "--out", str(tmp_path / "o"), "--causal-factors", "colour"]) == 2
     assert "--causal-factors" in capsys.readouterr().err
     assert main(["benchmark", "--dict", "x", "--data", "y", "--out", str(tmp_path / "o"), "--causal-cases", "-1"]) == 2
+    assert main(["benchmark", "--dict", "x", "--data", "y", "--out", str(tmp_path / "o"), "--causal-scale", "0"]) == 2

@@ -271,7 +271,8 @@ def markdown_causal(causal: dict) -> list[str]:
         return []
     if "skipped" in causal:
         return [f"Causal editing skipped: {causal['skipped']}", ""]
-    md = [f"## Causal editing ({causal['n_cases']} cases, {causal['steps']} steps, model {causal.get('model', '?')})", "",
+    md = [f"## Causal editing ({causal['n_cases']} cases, {causal['steps']} steps, model {causal.get('model', '?')}, "
+          f"targets at {causal.get('scale', 1.0):g} x their store maximum)", "",
           "Unedited images read the prompted value: " + ", ".join(f"{f} {_pct(v)}" for f, v in causal["clean_reads_prompt"].items())
           + ". Cell: success / side effects / specificity (eligible cases); control = the same with as many random features.",
           "", "| dictionary | factor | mode | eligible | success | side effects | specificity | control success | control side eff. |",

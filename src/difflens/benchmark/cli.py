@@ -33,6 +33,8 @@ def register(sub) -> None:
     g.add_argument("--causal-modes", default=",".join(MODES),
                    help="edit (swap the prompt value's features for the target's), ablation (features off); default both")
     g.add_argument("--causal-features", type=int, default=3, metavar="K", help="top features per concept (default 3)")
+    g.add_argument("--causal-scale", type=float, default=1.0, metavar="S",
+                   help="edits set the target's features to S x their store maximum (default 1)")
     g.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps of the edited generations "
                    "(default: the model's own)")
     add_model_options(p, default=None, help_suffix="for causal editing; default: the model the store was harvested from")
@@ -58,6 +60,8 @@ def run(args) -> int:
         raise DifflensError(f"--causal-cases must be >= 0 (0 skips causal editing), got {args.causal_cases}")
     if args.steps is not None and args.steps < 1:
         raise DifflensError(f"--steps must be >= 1 (denoising steps), got {args.steps}")
+    if not args.causal_scale > 0:
+        raise DifflensError(f"--causal-scale must be > 0 (a multiple of the features' store maximum), got {args.causal_scale}")
     if args.causal_features < 1:
         raise DifflensError(f"--causal-features must be >= 1, got {args.causal_features}")
 
@@ -68,6 +72,7 @@ def run(args) -> int:
                         concepts=[c.strip() for c in args.concepts.split(",")] if args.concepts else None,
                         causal_cases=args.causal_cases, causal_factors=_names(args.causal_factors, FACTORS, "--causal-factors"),
                         causal_modes=_names(args.causal_modes, MODES, "--causal-modes"), causal_features=args.causal_features,
+                        causal_scale=args.causal_scale,
                         model=args.model, model_kwargs=model_kwargs(args), steps=args.steps,
                         show_progress=not getattr(args, "quiet", False))
     from pathlib import Path

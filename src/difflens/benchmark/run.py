@@ -123,7 +123,7 @@ def _mean_over(per_concept: dict, key: str, metric: str):
 def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_images: int = 64, probe_rows: int = 8192,
                   ks=KS, recon_tokens: int | None = 50_000, autointerp: str = "oracle", interp_run=None,
                   n_features: int = 48, min_match: float = 0.2, seed: int = 0, concepts=None,
-                  causal_cases: int = 0, causal_factors=None, causal_modes=None, causal_features: int = 3,
+                  causal_cases: int = 0, causal_factors=None, causal_modes=None, causal_features: int = 3, causal_scale: float = 1.0,
                   adapter=None, model: str | None = None, model_kwargs=None, steps: int | None = None, classifier=None,
                   show_progress: bool = True) -> dict:
     """Benchmark dictionaries (paths, or name -> path) on a store; writes benchmark.json/.md and plots.
@@ -268,7 +268,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
         t = time.time()
         causal = benchmark_causal({it.name: it.module for it in items}, store, adapter=adapter, model=model,
                                   model_kwargs=model_kwargs, n_cases=causal_cases, factors=causal_factors or FACTORS,
-                                  modes=causal_modes or MODES, n_features=causal_features, steps=steps,
+                                  modes=causal_modes or MODES, n_features=causal_features, scale=causal_scale, steps=steps,
                                   classifier=classifier, seed=seed, show_progress=show_progress)
         if "skipped" in causal:
             notes.append(f"causal editing skipped: {causal['skipped']}")
