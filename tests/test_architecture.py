@@ -121,8 +121,8 @@ def test_one_fvu_definition():
 
 
 def test_generic_stages_reach_the_world_only_through_the_ground_truth():
-    """Harvest, interpretation, evaluation, the store, training and the browser never import the
-    toy world: prompts, labels and readings come from `adapter.ground_truth()`."""
+    """Harvest, interpretation, evaluation, the store, training, the browser and the intervention
+    studies never import the toy world: prompts, labels and readings come from `adapter.ground_truth()`."""
     import re
     from pathlib import Path
 
@@ -130,7 +130,32 @@ def test_generic_stages_reach_the_world_only_through_the_ground_truth():
 
     root = Path(difflens.__file__).parent
     generic = [root / "generation.py", root / "groundtruth.py"] + [
-        p for d in ("harvest", "interpret", "evaluate", "store", "train", "browse", "dictionaries", "benchmark") for p in (root / d).rglob("*.py")]
+        p for d in ("harvest", "interpret", "evaluate", "store", "train", "browse", "dictionaries", "benchmark", "intervene") for p in (root / d).rglob("*.py")]
     leaks = [f"{p.relative_to(root)}:{i + 1}" for p in generic for i, line in enumerate(p.read_text().splitlines())
              if re.search(r"\bdifflens\.world\b|from difflens import world", line)]
     assert len(generic) > 20 and leaks == []
+
+
+def test_toy_world_geometry_and_per_position_readings():
+    """The members the intervention studies use: object boxes, image geometry, readings at a position."""
+    world = ToyWorld()
+    assert (world.image_size, world.grid) == (V.IMAGE_SIZE, V.GRID)
+    # a large object at top left: centre (8, 8), half 16 // 2 + 2 margin -> clipped at 0
+    assert world.object_box("top left", "large", 2) == (0, 0, 18, 18)
+    assert world.object_box("center", "small") == (11, 11, 21, 21)
+    with pytest.raises(DifflensError, match="no object box"):
+        world.object_box("middle", "large")
+
+    class Reader:  # the classifier's reading format: slots per position, background per image
+        def classify(self, images):
+            slot = {p: {"p": 0.9 if p == "center" else 0.1, "color": "red", "object": "seven"} for p in V.POSITIONS}
+            return [{"slots": slot, "bgcolor": "navy", "bg": "dots"} for _ in images]
+
+    got = world.read_at(np.zeros((2, 32, 32, 3), np.uint8), ["center", "top left"], ("color", "object", "bgcolor"), reader=Reader())
+    assert got == {"color": ["red", None], "object": ["seven", None], "bgcolor": ["navy", "navy"]}
+
+    from difflens.intervene.study_items import ABSENT, object_mask, object_region, read_at
+
+    assert read_at(Reader(), np.zeros((2, 32, 32, 3), np.uint8), "color", ["center", "top left"], truth=world) == ["red", ABSENT]
+    assert object_region("top left", truth=world).box == (0, 0, 18, 18)
+    assert object_mask("center", world).shape == (32, 32)

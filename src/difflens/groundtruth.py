@@ -91,6 +91,25 @@ class GroundTruth(Protocol):
         """How well images follow their prompts: {"accuracy": {factor | "prompt": float | None},
         "per_prompt": [{factor: score}], ...}."""
 
+    # ---- geometry and per-position readings (the intervention studies) --------------------------
+    image_size: int  # generated images are image_size x image_size pixels ...
+    grid: int  # ... on a grid x grid grid of image tokens
+
+    def object_box(self, position: str, size: str, margin: int = 0) -> tuple[int, int, int, int]:
+        """(x0, y0, x1, y1) in pixels: the box an object of `size` at `position` can cover, grown
+        by `margin` pixels on every side and clipped to the image."""
+
+    def image_reader(self) -> Any:
+        """The world's image reader (e.g. its classifier): `.classify(uint8 [B, H, W, 3])` gives
+        the full reading of each image, which `read_at` interprets. Raises a DifflensError saying
+        what is missing (no classifier weights)."""
+
+    def read_at(self, images: np.ndarray, positions: Sequence[str], factors: Sequence[str], *,
+                reader: Any = None) -> dict[str, list[str | None]]:
+        """Per factor, its value in each image i read at `positions[i]` (None when no object is
+        seen there); a background factor is read for the whole image. `reader` replaces
+        `image_reader()` (anything whose `.classify` gives the same reading, e.g. a test's stand-in)."""
+
     # ---- interpretation ------------------------------------------------------------------------
     def vocabulary(self) -> ConceptVocabulary:
         """The concepts the token labels stand for, as the oracle explainer and judge read them."""

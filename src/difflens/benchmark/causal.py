@@ -39,15 +39,19 @@ MODES = ("edit", "ablation")
 ABSENT = "(none)"  # no object at the case's position (`intervene.study_items.ABSENT`)
 
 
-def read_cases(classifier, images: np.ndarray, cases: Sequence) -> dict[str, list[str]]:
+def read_cases(classifier, images: np.ndarray, cases: Sequence, truth=None) -> dict[str, list[str]]:
     """The classifier's reading of colour and object at each case's position (ABSENT when no object
-    is there, as the concept study reads them), and of the background colour."""
+    is there, as the concept study reads them), and of the background colour (through
+    `truth.read_at`; default: `intervene.truth.truth_of()`)."""
     from difflens.intervene.study_items import read_at
+    from difflens.intervene.truth import truth_of
 
+    truth = truth_of(None, truth)
     images = np.asarray(images)
     positions = [c.position for c in cases]
-    return {"color": read_at(classifier, images, "color", positions), "object": read_at(classifier, images, "object", positions),
-            "bgcolor": [r["bgcolor"] for r in classifier.classify(images)]}
+    return {"color": read_at(classifier, images, "color", positions, truth=truth),
+            "object": read_at(classifier, images, "object", positions, truth=truth),
+            "bgcolor": truth.read_at(images, positions, ("bgcolor",), reader=classifier)["bgcolor"]}
 
 
 def score_row(cases: Sequence, clean: dict, after: dict, factor: str, mode: str) -> dict:
@@ -105,21 +109,23 @@ def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_case
     from difflens.intervene import CodeEdit, FiresOn, feature_maxima
     from difflens.intervene.study_concepts import concept_features, make_cases
     from difflens.intervene.study_items import progress_bar, study_classifier
+    from difflens.intervene.truth import truth_of
 
     bad = [f for f in factors if f not in FACTORS] + [m for m in modes if m not in MODES]
     if bad:
         raise DifflensError(f"unknown causal factors/modes {bad}: factors are {', '.join(FACTORS)}, modes {', '.join(MODES)}")
     if n_cases < 1:
         raise DifflensError(f"causal editing needs at least one case, got {n_cases}")
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     steps = adapter.default_steps if steps is None else int(steps)
     t0 = time.time()
-    cases = make_cases(n_cases, seed)
+    cases = make_cases(n_cases, seed, truth=truth)
     n_rows = len(dictionaries) * len(factors) * len(modes) * 2
     bar = progress_bar(n_cases * (1 + n_rows), "causal editing", show_progress)
     kw = dict(steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
     clean_img, _, _ = _generate(adapter, cases, None, **kw)
-    clean = read_cases(clf, clean_img, cases)
+    clean = read_cases(clf, clean_img, cases, truth)
     images = n_cases
     result: dict = {"n_cases": n_cases, "steps": steps, "scale": scale, "n_features": n_features, "seed": seed,
                     "factors": list(factors), "modes": list(modes),
@@ -128,7 +134,7 @@ def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_case
                     "dictionaries": {}}
     for name, d in dictionaries.items():
         feats = ({c: [int(f) for f in fs] for c, fs in features[name].items()} if features is not None
-                 else concept_features(d, store, n_features))
+                 else concept_features(d, store, n_features, truth=truth))
         rng = np.random.default_rng([seed, 23])
         F = int(d.num_latents)
         # per (factor, case): the concept's source and target features and a random pair of the same sizes
@@ -167,7 +173,7 @@ def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_case
 
                     imgs, built, idle = _generate(adapter, cases, make, **kw)
                     images += n_cases
-                    s = score_row(cases, clean, read_cases(clf, imgs, cases), factor, mode)
+                    s = score_row(cases, clean, read_cases(clf, imgs, cases, truth), factor, mode)
                     s["edits_that_never_acted"] = idle
                     s["edits"] = built
                     used = [len(r[2 * control]) + (len(r[2 * control + 1]) if mode == "edit" else 0)

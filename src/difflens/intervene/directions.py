@@ -16,17 +16,19 @@ from difflens.errors import DifflensError
 
 
 def concept_direction(store, site: str, concept: str, *, against: Sequence[str] | None = None, steps: Sequence[int] | None = None,
-                      max_rows: int = 60000, seed: int = 0) -> torch.Tensor:
+                      max_rows: int = 60000, seed: int = 0, truth=None) -> torch.Tensor:
     """mean(x | concept) − mean(x | not concept) over the store's labelled tokens at `site` ([D], unnormalised).
 
     `against` restricts the negatives to tokens carrying one of those concepts (e.g. the other
     colours, so the direction is "red rather than another colour", not "object rather than
-    background"). Labels are the store's per-token concept bitmasks (ground-truth worlds only)."""
-    from difflens.world import vocab as V
+    background"). Labels are the store's per-token concept bitmasks (ground-truth worlds only),
+    read through `truth` (default: the world of the store's model, `intervene.truth.store_truth`)."""
+    from difflens.intervene.truth import concept_ids, store_truth
 
     if site not in store.sites:
         raise DifflensError(f"store {store.root} has no site {site!r}: harvest it first")
-    if concept not in V.CONCEPT_ID:
+    ids = concept_ids(store_truth(store, truth))
+    if concept not in ids:
         raise DifflensError(f"unknown concept {concept!r}: write factor=value, e.g. color=red")
     meta = store.meta(site, ["step", "labels"])
     if "labels" not in meta or meta["labels"] is None:
@@ -35,13 +37,13 @@ def concept_direction(store, site: str, concept: str, *, against: Sequence[str] 
     keep = np.ones(len(labels), bool)
     if steps is not None:
         keep &= np.isin(meta["step"], np.asarray(list(steps)))
-    has = ((labels >> V.CONCEPT_ID[concept]) & 1).astype(bool)
+    has = ((labels >> ids[concept]) & 1).astype(bool)
     if against:
         neg_mask = np.zeros(len(labels), bool)
         for c in against:
-            if c not in V.CONCEPT_ID:
+            if c not in ids:
                 raise DifflensError(f"unknown concept {c!r} in against")
-            neg_mask |= ((labels >> V.CONCEPT_ID[c]) & 1).astype(bool)
+            neg_mask |= ((labels >> ids[c]) & 1).astype(bool)
         neg_mask &= ~has
     else:
         neg_mask = ~has

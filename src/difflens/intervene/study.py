@@ -12,6 +12,7 @@ from difflens.intervene.study_edits import ABLATION_VARIANTS, run_ablation_study
 from difflens.intervene.study_items import study_classifier
 from difflens.intervene.study_labels import label_features
 from difflens.intervene.study_steer import run_steering_study
+from difflens.intervene.truth import truth_of
 
 # ---- everything ----------------------------------------------------------------------------------
 def run_intervention_study(
@@ -37,12 +38,14 @@ def run_intervention_study(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     label_info = None
     if feature_labels is None:
         if store is None:
             raise DifflensError("feature labels needed: pass a store (--data) to label features from, or a labels JSON (--labels)")
-        feature_labels, label_info = label_features(dictionary, store, return_scores=True, show_progress=show_progress)
+        feature_labels, label_info = label_features(dictionary, store, return_scores=True, show_progress=show_progress,
+                                                    truth=truth)
         write_json(out / "labels.json", {"labels": {str(k): v for k, v in feature_labels.items()}, **label_info})
     if guidance is None and store is not None:
         g = (store.manifest.get("harvest_config") or {}).get("guidance")

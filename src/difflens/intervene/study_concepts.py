@@ -30,16 +30,16 @@ import torch
 from difflens.errors import DifflensError
 from difflens.hooks import Site
 from difflens.utils import save_image, write_json
-from difflens.world import vocab as V
 from difflens.intervene.base import FiresOn, default_steps
 from difflens.intervene.directions import concept_direction
 from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import Steer, feature_maxima
-from difflens.intervene.study_items import ABSENT, Item, object_region, progress_bar, study_classifier
+from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import STUDY_OBJECTS, label_features
 from difflens.intervene.transfer import Transfer
+from difflens.intervene.truth import truth_of
 
 ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer", "object transfer (all features)",
         "background transfer")
@@ -62,17 +62,20 @@ class Case(Item):
     to_bgcolor: str
 
 
-def make_cases(n: int, seed: int = 0) -> list[Case]:
+def make_cases(n: int, seed: int = 0, *, truth=None) -> list[Case]:
+    """n cases, the values from `truth.factors` (default: `intervene.truth.truth_of()`)."""
+    values = truth_of(None, truth).factors
+    colors, positions, bg_colors = values["color"], values["position"], values["bgcolor"]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        c, o = str(rng.choice(V.COLORS)), str(rng.choice(STUDY_OBJECTS))
-        p, b = V.POSITIONS[i % len(V.POSITIONS)], V.BG_COLORS[(i // len(V.POSITIONS)) % len(V.BG_COLORS)]
+        c, o = str(rng.choice(colors)), str(rng.choice(STUDY_OBJECTS))
+        p, b = positions[i % len(positions)], bg_colors[(i // len(positions)) % len(bg_colors)]
         out.append(Case(
             f"a large {c} {o} in the {p} on a {b} plain background", 10_000 + seed * 1000 + i, c, o, p, b,
-            str(rng.choice([x for x in V.COLORS if x != c])),
+            str(rng.choice([x for x in colors if x != c])),
             str(rng.choice([x for x in STUDY_OBJECTS if x != o])),
-            str(rng.choice([x for x in V.BG_COLORS if x != b])),
+            str(rng.choice([x for x in bg_colors if x != b])),
         ))
     return out
 
@@ -84,22 +87,16 @@ def with_value(case: Case, factor: str, value: str) -> str:
 
 
 class _Readings:
-    """The classifier's reading of colour/object at each case's position and of the background."""
+    """The classifier's reading of colour/object at each case's position and of the background
+    (through `truth.read_at`; ABSENT where no object is seen)."""
 
-    def __init__(self, classifier, cases: Sequence[Case]):
-        self.clf, self.cases = classifier, list(cases)
+    def __init__(self, classifier, cases: Sequence[Case], truth=None):
+        self.clf, self.cases, self.truth = classifier, list(cases), truth_of(None, truth)
 
     def __call__(self, images: np.ndarray) -> dict[str, list[str]]:
-        from difflens.world.classifier import PRESENCE_THRESHOLD
-
-        out = {"color": [], "object": [], "bgcolor": []}
-        for r, c in zip(self.clf.classify(np.asarray(images)), self.cases):
-            slot = r["slots"][c.position]
-            there = slot["p"] > PRESENCE_THRESHOLD
-            out["color"].append(slot["color"] if there else ABSENT)
-            out["object"].append(slot["object"] if there else ABSENT)
-            out["bgcolor"].append(r["bgcolor"])
-        return out
+        got = self.truth.read_at(np.asarray(images), [c.position for c in self.cases], ("color", "object", "bgcolor"),
+                                 reader=self.clf)
+        return {f: [ABSENT if v is None else v for v in vs] for f, vs in got.items()}
 
 
 def score(cases, clean: dict, after: dict, factor: str, *, mode: str = "reach") -> dict:
@@ -134,9 +131,10 @@ def _mse(clean: np.ndarray, new: np.ndarray, masks: list[np.ndarray], which: Seq
     return float(np.mean(ins)), float(np.mean(outs))
 
 
-def concept_features(dictionary, store, n_features: int, *, min_f1: float = 0.05, show_progress: bool = False):
+def concept_features(dictionary, store, n_features: int, *, min_f1: float = 0.05, show_progress: bool = False, truth=None):
     """{concept: its top features by F1} for the study's factors, from the store's ground truth."""
-    _, info = label_features(dictionary, store, factors=LABEL_FACTORS, return_scores=True, show_progress=show_progress)
+    _, info = label_features(dictionary, store, factors=LABEL_FACTORS, return_scores=True, show_progress=show_progress,
+                             truth=truth)
     return {c: [f for f, s in fs[:n_features] if s >= min_f1] for c, fs in info["by_concept"].items()}
 
 
@@ -180,7 +178,8 @@ def run_concept_study(
         raise DifflensError(f"unknown study rows {bad}: choose from {', '.join(ROWS)} (references: {', '.join(REFERENCE_ROWS)})")
     if not dictionaries:
         raise DifflensError("the concept study needs at least one dictionary")
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     steps = default_steps(adapter) if steps is None else int(steps)
     sites = {name: str(Site.parse(d.cfg.site)) for name, d in dictionaries.items()}
     image_dictionaries = dict(image_dictionaries or {})
@@ -190,8 +189,8 @@ def run_concept_study(
     missing = sorted({s for s in [*sites.values(), *(d.cfg.site for d in image_dictionaries.values())] if s not in store.sites})
     if missing:
         raise DifflensError(f"store {store.root} lacks sites {missing} of the dictionaries: harvest them (labels come from it)")
-    cases = make_cases(n, seed)
-    read = _Readings(clf, cases)
+    cases = make_cases(n, seed, truth=truth)
+    read = _Readings(clf, cases, truth)
     gen_kw = dict(steps=steps, guidance=guidance)
     ref_factors = {r.split()[0] for r in rows if "transfer" in r} | {r.split()[-1] for r in references if r.startswith("prompt")}
     n_ref_sites = len(set(sites.values())) * len(ref_factors)
@@ -220,7 +219,7 @@ def run_concept_study(
 
     clean_img = generate()
     clean = read(clean_img)
-    masks = [object_region(c.position).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for c in cases]
+    masks = [object_mask(c.position, truth) for c in cases]
     refs: dict[tuple[str, str], list] = {}  # (site, factor) -> recordings, one per batch of cases
 
     def reference(site: str, factor: str):
@@ -254,7 +253,7 @@ def run_concept_study(
     shown: dict[str, np.ndarray] = {}
     for name, d in dictionaries.items():
         site = sites[name]
-        feats = concept_features(d, store, n_features)
+        feats = concept_features(d, store, n_features, truth=truth)
         need = sorted({f for fs in feats.values() for f in fs})
         fmax = feature_maxima(d, store, need) if need else {}
         rng = np.random.default_rng(seed + 7)
@@ -262,7 +261,7 @@ def run_concept_study(
 
         img = image_dictionaries.get(name)
         if img is not None and any(r.endswith("edit") or r == "color steer" for r in rows):
-            img_feats = concept_features(img, store, n_features)
+            img_feats = concept_features(img, store, n_features, truth=truth)
             img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
 
         def swap(factor, k, j, add_only=False):
@@ -279,7 +278,7 @@ def run_concept_study(
                 src, tgt = img_feats.get(f"{factor}={getattr(c, factor)}", []), img_feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
                 if src and tgt:
                     ops = [("ablate", src, None)] + [("clamp", [f], image_scale.get(factor, 1.0) * img_max[f]) for f in tgt]
-                    out.append(CodeEdit(img, ops, region=object_region(c.position), window=window, samples=[j]))
+                    out.append(CodeEdit(img, ops, region=object_region(c.position, truth=truth), window=window, samples=[j]))
             return out
 
         for row in rows:
@@ -369,7 +368,7 @@ def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, 
         key = (c.color, c.to_color)
         if key not in dirs:
             try:
-                dirs[key] = concept_direction(store, site, f"color={c.to_color}", against=[f"color={c.color}"])
+                dirs[key] = concept_direction(store, site, f"color={c.to_color}", against=[f"color={c.color}"], truth=truth)
             except DifflensError:  # the store has no token of one of the two colours
                 dirs[key] = None
         v = dirs[key]

@@ -9,13 +9,13 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.utils import save_image, write_json
-from difflens.world import vocab as V
 from difflens.intervene.base import default_steps
 from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Window
 from difflens.intervene.study_items import (
     generate_items,
     make_item,
+    object_mask,
     object_region,
     pixel_change,
     progress_bar,
@@ -26,6 +26,7 @@ from difflens.intervene.study_items import (
 )
 from difflens.intervene.study_labels import STUDY_OBJECTS, features_by_concept
 from difflens.intervene.transfer import Transfer
+from difflens.intervene.truth import truth_of
 
 # ---- ablation ------------------------------------------------------------------------------------
 ABLATION_VARIANTS: tuple[tuple[str, str, float | None, str], ...] = (
@@ -67,12 +68,13 @@ def run_ablation_study(
     before. The control applies the same edit to as many random features labelled with no value
     of the factor.
     """
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     steps = default_steps(adapter) if steps is None else int(steps)
-    by_concept = features_by_concept(feature_labels, (factor,))
+    by_concept = features_by_concept(feature_labels, (factor,), truth=truth)
     if concept_features:
         ranked = {c: [int(f) for f in fs][:features_per_value] for c, fs in concept_features.items()
-                  if c.startswith(factor + "=") and c in V.CONCEPT_ID}
+                  if c.startswith(factor + "=") and c in truth.concepts}
         by_concept = {c: fs for c, fs in ranked.items() if fs}
     else:
         by_concept = {c: fs[:features_per_value] for c, fs in by_concept.items()}
@@ -87,7 +89,7 @@ def run_ablation_study(
     cases = []
     for concept, feats in sorted(by_concept.items()):
         value = concept.split("=", 1)[1]
-        for it in study_items(factor, value, prompts_per_value, rng, has=True, seed0=seed * 1000 + 500):
+        for it in study_items(factor, value, prompts_per_value, rng, has=True, seed0=seed * 1000 + 500, truth=truth):
             ctrl = sorted(rng.choice(pool, size=min(len(feats), len(pool)), replace=False).tolist()) if control and len(pool) else []
             cases.append((concept, feats, ctrl, it))
     items = [c[3] for c in cases]
@@ -96,7 +98,7 @@ def run_ablation_study(
     bar = progress_bar(len(items) * (1 + len(variants) * (1 + int(control))), "ablation study", show_progress)
     win = window or Window.all()
     clean = generate_items(adapter, items, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
-    before = read_at(clf, clean, factor, positions)
+    before = read_at(clf, clean, factor, positions, truth=truth)
 
     def edit(which: int, op: str, value, branch: str):
         def make(k, j):
@@ -117,11 +119,11 @@ def run_ablation_study(
     shown = {}
     for name, op, value, branch in variants:
         imgs = edit(1, op, value, branch)
-        after = read_at(clf, imgs, factor, positions)
+        after = read_at(clf, imgs, factor, positions, truth=truth)
         entry = success_rate(before, after, values, mode="leave")
         entry["became"] = counts([a for a, b, v in zip(after, before, values) if b == v and a != v])
         if control:
-            ctrl = read_at(clf, edit(2, op, value, branch), factor, positions)
+            ctrl = read_at(clf, edit(2, op, value, branch), factor, positions, truth=truth)
             entry["control_random_features"] = success_rate(before, ctrl, values, mode="leave")
         res["variants"][name] = entry
         shown[name] = (imgs, after)
@@ -176,18 +178,20 @@ def run_transfer_study(
     show_progress: bool = True,
 ) -> dict:
     """Transfer a factor from a reference that differs only in it, inside the object's box."""
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     steps = default_steps(adapter) if steps is None else int(steps)
     feats = sorted({f for f, c in feature_labels.items() if str(c).startswith(factor + "=")})
     if not feats:
         raise DifflensError(f"no feature is labelled with a {factor} concept: label features first")
     rng = np.random.default_rng(seed + 2)
     pairs = []
-    values = list(V.FACTORS[factor]) if factor != "object" else list(STUDY_OBJECTS)
+    values = list(truth.factors[factor]) if factor != "object" else list(STUDY_OBJECTS)
+    colors, positions_, bg_colors = truth.factors["color"], truth.factors["position"], truth.factors["bgcolor"]
     for i in range(n_pairs):
         a, b = rng.choice(values, size=2, replace=False)
-        base = dict(color=str(rng.choice(V.COLORS)), obj=str(rng.choice(STUDY_OBJECTS)),
-                    position=V.POSITIONS[i % len(V.POSITIONS)], bgcolor=V.BG_COLORS[i % len(V.BG_COLORS)])
+        base = dict(color=str(rng.choice(colors)), obj=str(rng.choice(STUDY_OBJECTS)),
+                    position=positions_[i % len(positions_)], bgcolor=bg_colors[i % len(bg_colors)])
         key = "obj" if factor == "object" else factor
         tgt = make_item(**{**base, key: str(a)}, seed=seed * 1000 + 700 + i)
         # Same seed: the pair differs only in the factor, so codes that carry the noise state agree too.
@@ -200,26 +204,25 @@ def run_transfer_study(
     bar = progress_bar(len(pairs) * 6, "transfer study", show_progress)
     clean = generate_items(adapter, targets, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
     ref_imgs = generate_items(adapter, refs, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
-    before = read_at(clf, clean, factor, positions)
-    ref_read = read_at(clf, ref_imgs, factor, positions)
+    before = read_at(clf, clean, factor, positions, truth=truth)
+    ref_read = read_at(clf, ref_imgs, factor, positions, truth=truth)
     res = {
         "factor": factor, "mode": mode, "n_pairs": len(pairs), "features": feats,
         "reference_correct_rate": float(np.mean([r == w for r, w in zip(ref_read, want)])),
-        "mse_inside_reference_vs_target": pixel_change(clean, ref_imgs, [
-            object_region(p).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for p in positions])["mse_inside"],
+        "mse_inside_reference_vs_target": pixel_change(clean, ref_imgs, [object_mask(p, truth) for p in positions])["mse_inside"],
     }
     examples = {}
     for name, chosen in ((f"{factor} features", feats), ("all features", None)):
         def make(k, j, chosen=chosen):
-            return [Transfer(dictionary, (refs[k].prompt, refs[k].seed), chosen, mode=mode, region=object_region(positions[k]), samples=[j])]
+            return [Transfer(dictionary, (refs[k].prompt, refs[k].seed), chosen, mode=mode, region=object_region(positions[k], truth=truth), samples=[j])]
 
         imgs = generate_items(adapter, targets, make, steps=steps, guidance=guidance, batch_size=batch_size, bar=bar)
         bar.update(len(pairs))  # the reference generations inside Transfer.prepare
-        after = read_at(clf, imgs, factor, positions)
+        after = read_at(clf, imgs, factor, positions, truth=truth)
         ok = [i for i in range(len(pairs)) if ref_read[i] == want[i]]  # the reference shows what we transfer
         res[name] = success_rate([before[i] for i in ok], [after[i] for i in ok], [want[i] for i in ok])
         # Did the box become the reference, or just something the classifier reads as its colour?
-        boxes = [object_region(p).pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) for p in positions]
+        boxes = [object_mask(p, truth) for p in positions]
         res[name]["mse_inside_to_reference"] = pixel_change(ref_imgs, imgs, boxes)["mse_inside"]
         res[name]["mse_inside_to_target"] = pixel_change(clean, imgs, boxes)["mse_inside"]
         examples[name] = (imgs, after)

@@ -1,4 +1,5 @@
-"""The study's prompts, regions, readings and success rates (toy world, read by the factor classifier)."""
+"""The study's prompts, regions, readings and success rates (a ground-truth world's values, geometry
+and image reader, through `GroundTruth`; see `intervene.truth`)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.utils import progress
-from difflens.world import vocab as V
 from difflens.intervene.region import Region, Window
 from difflens.generation import generate_batched
 from difflens.intervene.batched import batch_interventions
 from difflens.intervene.run import intervention_hooks, warn_if_idle
 from difflens.intervene.study_labels import STUDY_OBJECTS
+from difflens.intervene.truth import truth_of
 
 MARGIN_PX = 2  # object jitter around its position's centre
 
@@ -41,9 +42,13 @@ def make_item(color: str, obj: str, position: str, bgcolor: str, seed: int) -> I
     return Item(prompt, int(seed), color, obj, position, bgcolor)
 
 
-def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, has: bool, seed0: int = 0) -> list[Item]:
-    """n single-object prompts that do (has=True) or do not name `factor=value`."""
-    colors = [c for c in V.COLORS if (c == value) == has] if factor == "color" else list(V.COLORS)
+def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, has: bool, seed0: int = 0,
+                truth=None) -> list[Item]:
+    """n single-object prompts that do (has=True) or do not name `factor=value` (values from
+    `truth.factors`; default: `intervene.truth.truth_of()`)."""
+    values = truth_of(None, truth).factors
+    positions, bg_colors = values["position"], values["bgcolor"]
+    colors = [c for c in values["color"] if (c == value) == has] if factor == "color" else list(values["color"])
     objects = [o for o in STUDY_OBJECTS if (o == value) == has] if factor == "object" else list(STUDY_OBJECTS)
     if factor == "object" and has and value not in STUDY_OBJECTS:
         objects = [value]
@@ -55,30 +60,33 @@ def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, ha
             make_item(
                 str(rng.choice(colors)),
                 str(rng.choice(objects)),
-                V.POSITIONS[i % len(V.POSITIONS)],
-                V.BG_COLORS[(i // len(V.POSITIONS)) % len(V.BG_COLORS)],
+                positions[i % len(positions)],
+                bg_colors[(i // len(positions)) % len(bg_colors)],
                 seed0 + i,
             )
         )
     return out
 
 
-def object_region(position: str, size: str = "large", margin: int = MARGIN_PX) -> Region:
-    """The pixel box an object of this size at this position can cover (with jitter margin)."""
-    cy, cx = V.POSITION_CENTER[position]
-    half = V.SIZE_PIXELS[size] // 2 + margin
-    lo_x, lo_y = max(0, cx - half), max(0, cy - half)
-    hi_x, hi_y = min(V.IMAGE_SIZE, cx + half), min(V.IMAGE_SIZE, cy + half)
-    return Region(box=(lo_x, lo_y, hi_x, hi_y), units="px", label=f"{position} object box")
+def object_region(position: str, size: str = "large", margin: int = MARGIN_PX, *, truth=None) -> Region:
+    """The pixel box an object of this size at this position can cover (with jitter margin;
+    `truth.object_box`)."""
+    box = truth_of(None, truth).object_box(position, size, margin)
+    return Region(box=tuple(int(v) for v in box), units="px", label=f"{position} object box")
 
 
-def study_classifier(classifier):
+def object_mask(position: str, truth=None, size: str = "large") -> np.ndarray:
+    """bool [image_size, image_size]: the pixels of `object_region(position)` as the token grid resolves them."""
+    truth = truth_of(None, truth)
+    return object_region(position, size, truth=truth).pixel_mask((truth.image_size,) * 2, (truth.grid,) * 2)
+
+
+def study_classifier(classifier, truth=None):
+    """`classifier` if given, else the world's image reader (`truth.image_reader()`)."""
     if classifier is not None:
         return classifier
-    from difflens.world.classifier import default_classifier
-
     try:
-        return default_classifier()
+        return truth_of(None, truth).image_reader()
     except DifflensError as e:
         raise DifflensError(f"the intervention study judges images with the factor classifier: {e}") from None
 
@@ -86,17 +94,12 @@ def study_classifier(classifier):
 ABSENT = "(none)"  # the reading when the classifier sees no object at the slot
 
 
-def read_at(classifier, images, factor: str, positions: Sequence[str]) -> list[str]:
-    """The factor read at each image's own object position, or ABSENT when no object is there
-    (presence <= 0.5): an edit that erases the object must not count as changing its colour."""
-    from difflens.world.classifier import PRESENCE_THRESHOLD
-
-    readings = classifier.classify(np.asarray(images))
-    out = []
-    for r, p in zip(readings, positions):
-        slot = r["slots"][p]
-        out.append(slot[factor] if slot["p"] > PRESENCE_THRESHOLD else ABSENT)
-    return out
+def read_at(classifier, images, factor: str, positions: Sequence[str], *, truth=None) -> list[str]:
+    """The factor read (by `classifier`, through `truth.read_at`) at each image's own object
+    position, or ABSENT when no object is there: an edit that erases the object must not count as
+    changing its colour."""
+    got = truth_of(None, truth).read_at(np.asarray(images), positions, (factor,), reader=classifier)[factor]
+    return [ABSENT if v is None else v for v in got]
 
 
 def success_rate(before: Sequence[str], after: Sequence[str], target: Sequence[str], *, mode: str = "reach") -> dict:
@@ -151,7 +154,7 @@ def generate_items(
     interventions of item k as sample j of its batch. With `batched`, the batch's per-sample
     interventions at one site run as one (`Batched`: one dictionary encode for all rows)."""
     if not items:
-        return np.zeros((0, V.IMAGE_SIZE, V.IMAGE_SIZE, 3), np.uint8)
+        return np.zeros((0, *adapter.image_hw(), 3), np.uint8)
     made: list[list] = []
 
     def hooks(plan):

@@ -10,7 +10,7 @@ import torch
 
 from difflens.errors import DifflensError
 from difflens.utils import progress
-from difflens.world import vocab as V
+from difflens.intervene.truth import concept_ids, store_truth, truth_of
 
 STUDY_FACTORS = ("color", "object")
 STUDY_OBJECTS = ("circle", "square", "triangle", "two", "five", "seven")
@@ -27,6 +27,7 @@ def label_features(
     seed: int = 0,
     return_scores: bool = False,
     show_progress: bool = True,
+    truth=None,
 ):
     """{feature: "factor=value"} for features whose firing best matches a concept with F1 >= min_f1.
 
@@ -36,15 +37,15 @@ def label_features(
     prompt's words on a text stream); each feature takes its best
     concept. Labels are ordered by F1, best first. With `return_scores`, also returns
     {"f1": {f: score}, "by_concept": {concept: [[f, f1], ...top 10]}, "rows": n}.
+    Concepts and label bitmasks are read through `truth` (default: the store's model's world).
     """
-    from difflens.world.labels import concept_token_matrix
-
+    truth = store_truth(store, truth)
     site = dictionary.cfg.site
     if site not in store.sites:
         raise DifflensError(f"store {store.root} has no site {site!r} (the dictionary's): harvest it first")
-    bad = [f for f in factors if f not in V.FACTORS]
+    bad = [f for f in factors if f not in truth.factors]
     if bad:
-        raise DifflensError(f"unknown factors {bad}; use some of {', '.join(V.FACTORS)}")
+        raise DifflensError(f"unknown factors {bad}; use some of {', '.join(truth.factors)}")
     from difflens.store.format import STREAMS
     from difflens.hooks import Site
 
@@ -58,8 +59,9 @@ def label_features(
     rng = np.random.default_rng(seed)
     if rows.size > max_rows:
         rows = np.sort(rng.choice(rows, size=max_rows, replace=False))
-    concepts = [c for c in V.CONCEPTS if V.concept_factor(c) in factors]
-    cols = np.array([V.CONCEPT_ID[c] for c in concepts])
+    ids = concept_ids(truth)
+    concepts = [c for c in truth.concepts if c.split("=", 1)[0] in factors]
+    cols = np.array([ids[c] for c in concepts])
     F = dictionary.num_latents
     batch = int(max(64, min(4096, 2**24 // max(F, 1))))
     tp = torch.zeros(F, len(concepts), dtype=torch.float64)
@@ -74,7 +76,7 @@ def label_features(
         t = torch.from_numpy(meta["timestep"][idx]).float().to(dev)
         with torch.no_grad():
             act = (dictionary.encode(x, t) > 0).double().cpu()
-        y = torch.from_numpy(concept_token_matrix(meta["labels"][idx])[:, cols]).double()
+        y = torch.from_numpy(truth.decode(meta["labels"][idx])[:, cols]).double()
         tp += act.T @ y
         fired += act.sum(0)
         pos += y.sum(0)
@@ -115,14 +117,17 @@ def read_labels(path: str | Path) -> dict[int, str]:
     return out
 
 
-def features_by_concept(feature_labels: Mapping[int, str], factors: Sequence[str] = STUDY_FACTORS) -> dict[str, list[int]]:
-    """concept -> its features, in the labels' order (best first when they come from label_features)."""
+def features_by_concept(feature_labels: Mapping[int, str], factors: Sequence[str] = STUDY_FACTORS, *,
+                        truth=None) -> dict[str, list[int]]:
+    """concept -> its features, in the labels' order (best first when they come from label_features);
+    labels that are not concepts of `truth` are skipped."""
+    known = set(truth_of(None, truth).concepts)
     out: dict[str, list[int]] = {}
     for f, c in feature_labels.items():
         c = str(c).strip()
         if "=" not in c or c.split("=", 1)[0] not in factors:
             continue
-        if c not in V.CONCEPT_ID:
+        if c not in known:
             continue
         out.setdefault(c, []).append(int(f))
     return out

@@ -9,7 +9,6 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.utils import write_json
-from difflens.world import vocab as V
 from difflens.intervene.base import default_steps
 from difflens.intervene.region import Window
 from difflens.intervene.steer import Steer
@@ -26,6 +25,7 @@ from difflens.intervene.study_items import (
 )
 from difflens.intervene.study_labels import STUDY_FACTORS, features_by_concept
 from difflens.intervene.study_plots import steering_files
+from difflens.intervene.truth import truth_of
 
 # ---- steering ------------------------------------------------------------------------------------
 def run_steering_study(
@@ -57,10 +57,11 @@ def run_steering_study(
     The scale sweep uses the first window (default: the first 5/7 of the steps); the window sweep
     uses `window_scale` (default: the scale with the best success rate in the scale sweep).
     """
-    clf = study_classifier(classifier)
+    truth = truth_of(adapter)
+    clf = study_classifier(classifier, truth)
     steps = default_steps(adapter) if steps is None else int(steps)
     windows = dict(windows or default_windows(steps))
-    by_concept = features_by_concept(feature_labels, factors)
+    by_concept = features_by_concept(feature_labels, factors, truth=truth)
     if not by_concept:
         raise DifflensError(
             f"no feature is labelled with a {'/'.join(factors)} concept (labels like 'color=red'): "
@@ -70,17 +71,15 @@ def run_steering_study(
     cases = []  # (feature, concept, item)
     for concept, feats in sorted(by_concept.items()):
         factor, value = concept.split("=", 1)
-        items = study_items(factor, value, prompts_per_feature, rng, has=False, seed0=seed * 1000)
+        items = study_items(factor, value, prompts_per_feature, rng, has=False, seed0=seed * 1000, truth=truth)
         for f in feats[:features_per_concept]:
             cases += [(f, concept, it) for it in items]
     items = [c[2] for c in cases]
     targets = [c[1].split("=", 1)[1] for c in cases]
     factor_of = [c[1].split("=", 1)[0] for c in cases]
-    regions = [object_region(it.position) if use_region else None for it in items]
-    masks = [
-        (r.pixel_mask((V.IMAGE_SIZE, V.IMAGE_SIZE), (V.GRID, V.GRID)) if r is not None else np.ones((V.IMAGE_SIZE,) * 2, bool))
-        for r in regions
-    ]
+    regions = [object_region(it.position, truth=truth) if use_region else None for it in items]
+    size, grid = (truth.image_size,) * 2, (truth.grid,) * 2
+    masks = [(r.pixel_mask(size, grid) if r is not None else np.ones(size, bool)) for r in regions]
     window_names = list(windows)
     compare_branches = [b for b in compare_branches if b != branch]
     n_configs = len(scales) * (1 + len(compare_branches)) + len(window_names) - 1
@@ -91,7 +90,7 @@ def run_steering_study(
         out = [None] * len(items)
         for fac in set(factor_of):
             idx = [i for i in range(len(items)) if factor_of[i] == fac]
-            vals = read_at(clf, images[idx], fac, [items[i].position for i in idx])
+            vals = read_at(clf, images[idx], fac, [items[i].position for i in idx], truth=truth)
             for i, v in zip(idx, vals):
                 out[i] = v
         return out

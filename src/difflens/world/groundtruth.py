@@ -14,7 +14,7 @@ import numpy as np
 from difflens.errors import DifflensError
 from difflens.world import vocab as V
 from difflens.world.concepts import TOY_CONCEPTS, ToyConcepts
-from difflens.world.classifier import FactorClassifier, adherence, classify, default_classifier, read_factor
+from difflens.world.classifier import PRESENCE_THRESHOLD, FactorClassifier, adherence, classify, default_classifier, read_factor
 from difflens.world.labels import concept_token_matrix, concepts_to_mask, image_concepts, token_label_masks
 from difflens.world.prompts import parse_prompt, scene_to_prompt, world_prompts
 from difflens.world.scene import Scene, render, sample_scene
@@ -31,6 +31,8 @@ class ToyWorld:
     name = "toy-world"
     concepts: tuple[str, ...] = V.CONCEPTS
     factors: dict[str, tuple[str, ...]] = V.FACTORS
+    image_size: int = V.IMAGE_SIZE
+    grid: int = V.GRID
 
     def __init__(self, classifier: FactorClassifier | None = None):
         self._classifier = classifier
@@ -117,6 +119,30 @@ class ToyWorld:
 
     def read_factor(self, images: np.ndarray, factor: str, position: str | None = None) -> list[str]:
         return read_factor(images, factor, position, classifier=self.classifier)
+
+    def image_reader(self) -> FactorClassifier:
+        return self.classifier
+
+    def read_at(self, images: np.ndarray, positions: Sequence[str], factors: Sequence[str], *,
+                reader=None) -> dict[str, list[str | None]]:
+        """The classifier's slot at each image's position (None when its presence is <= 0.5, so
+        an edit that erases the object does not count as changing its colour); bgcolor/bg per image."""
+        readings = (self.classifier if reader is None else reader).classify(np.asarray(images))
+        out: dict[str, list[str | None]] = {f: [] for f in factors}
+        for r, p in zip(readings, positions):
+            slot = r["slots"][p]
+            there = slot["p"] > PRESENCE_THRESHOLD
+            for f in factors:
+                out[f].append(r[f] if f in V.BACKGROUND_FACTORS else (slot[f] if there else None))
+        return out
+
+    def object_box(self, position: str, size: str, margin: int = 0) -> tuple[int, int, int, int]:
+        if position not in V.POSITION_CENTER or size not in V.SIZE_PIXELS:
+            raise DifflensError(f"no object box for position {position!r}, size {size!r}: positions are "
+                                f"{', '.join(V.POSITIONS)}, sizes {', '.join(V.SIZES)}")
+        cy, cx = V.POSITION_CENTER[position]
+        half = V.SIZE_PIXELS[size] // 2 + margin
+        return max(0, cx - half), max(0, cy - half), min(V.IMAGE_SIZE, cx + half), min(V.IMAGE_SIZE, cy + half)
 
     def adherence(self, prompts: Sequence[str], images: np.ndarray) -> dict:
         return adherence(prompts, images, classifier=self.classifier)
