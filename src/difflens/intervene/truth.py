@@ -5,7 +5,7 @@ they take its value lists (`truth.factors`), concept names (`truth.concepts`), i
 (`image_size`, `grid`, `object_box`) and per-position readings (`read_at`) from a `GroundTruth`:
 the one passed in (`truth=`), else the adapter's (`adapter.ground_truth()`), else the world of the
 store's model (`models.ground_truth_for`). Helpers called with none of these (a test building
-cases, say) use the world of the CLI's default model, `DEFAULT_MODEL`.
+cases, say, or a store naming no model) use the world of the CLI's default model, `DEFAULT_MODEL`.
 """
 
 from __future__ import annotations
@@ -41,13 +41,16 @@ def truth_of(adapter=None, truth: GroundTruth | None = None) -> GroundTruth:
 
 def store_truth(store, truth: GroundTruth | None = None) -> GroundTruth:
     """`truth` if given, else the world of the model the store was harvested from (how its token
-    labels are read); a usage error when that model has none."""
+    labels are read; a usage error when that model has none), else (a store naming no model, e.g.
+    a duck-typed one) the default world."""
     if truth is not None:
         return truth
     from difflens.models import ground_truth_for
 
     model = (getattr(store, "manifest", None) or {}).get("model")
-    found = ground_truth_for(model) if model else None
+    if not model:
+        return default_truth()
+    found = ground_truth_for(model)
     if found is None:
         raise DifflensError(f"store {store.root} was harvested from {model!r}, which has no ground-truth world: "
                             "concept labels need a model trained on a known world")
