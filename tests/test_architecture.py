@@ -159,3 +159,23 @@ def test_toy_world_geometry_and_per_position_readings():
     assert read_at(Reader(), np.zeros((2, 32, 32, 3), np.uint8), "color", ["center", "top left"], truth=world) == ["red", ABSENT]
     assert object_region("top left", truth=world).box == (0, 0, 18, 18)
     assert object_mask("center", world).shape == (32, 32)
+
+
+def test_toy_world_describe_is_the_studies_one_template():
+    """`describe` writes prompts in the world's grammar; the studies' prompts come from it."""
+    world = ToyWorld()
+    values = {"color": "red", "object": "seven", "position": "top left", "bgcolor": "navy"}
+    p = world.describe(values)
+    assert p == "a large red seven in the top left on a navy plain background" and world.knows([p])
+    obj = world.scene_for(p, 0).objects[0]
+    assert (obj.color, obj.object, obj.position) == ("red", "seven", "top left")
+    with pytest.raises(DifflensError, match="needs a value for bgcolor"):
+        world.describe({k: v for k, v in values.items() if k != "bgcolor"})
+
+    from difflens.intervene.study_concepts import make_cases, with_value
+
+    case = make_cases(3, 0, truth=world)[1]
+    assert case.prompt == world.describe({"color": case.color, "object": case.object, "position": case.position,
+                                          "bgcolor": case.bgcolor})
+    moved = with_value(case, "color", case.to_color, truth=world)
+    assert moved == case.prompt.replace(f"large {case.color} ", f"large {case.to_color} ", 1)

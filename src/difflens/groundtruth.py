@@ -95,6 +95,11 @@ class GroundTruth(Protocol):
     image_size: int  # generated images are image_size x image_size pixels ...
     grid: int  # ... on a grid x grid grid of image tokens
 
+    def describe(self, values: dict[str, str]) -> str:
+        """A prompt naming one object with these factor values (the interventions' factors: color,
+        object, position, bgcolor), always in the same template so prompts that differ in one value
+        have aligned text tokens."""
+
     def object_box(self, position: str, size: str, margin: int = 0) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1) in pixels: the box an object of `size` at `position` can cover, grown
         by `margin` pixels on every side and clipped to the image."""

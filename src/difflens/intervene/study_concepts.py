@@ -64,7 +64,8 @@ class Case(Item):
 
 def make_cases(n: int, seed: int = 0, *, truth=None) -> list[Case]:
     """n cases, the values from `truth.factors` (default: `intervene.truth.truth_of()`)."""
-    values = truth_of(None, truth).factors
+    truth = truth_of(None, truth)
+    values = truth.factors
     colors, positions, bg_colors = values["color"], values["position"], values["bgcolor"]
     rng = np.random.default_rng(seed)
     out = []
@@ -72,7 +73,7 @@ def make_cases(n: int, seed: int = 0, *, truth=None) -> list[Case]:
         c, o = str(rng.choice(colors)), str(rng.choice(STUDY_OBJECTS))
         p, b = positions[i % len(positions)], bg_colors[(i // len(positions)) % len(bg_colors)]
         out.append(Case(
-            f"a large {c} {o} in the {p} on a {b} plain background", 10_000 + seed * 1000 + i, c, o, p, b,
+            truth.describe({"color": c, "object": o, "position": p, "bgcolor": b}), 10_000 + seed * 1000 + i, c, o, p, b,
             str(rng.choice([x for x in colors if x != c])),
             str(rng.choice([x for x in STUDY_OBJECTS if x != o])),
             str(rng.choice([x for x in bg_colors if x != b])),
@@ -80,10 +81,10 @@ def make_cases(n: int, seed: int = 0, *, truth=None) -> list[Case]:
     return out
 
 
-def with_value(case: Case, factor: str, value: str) -> str:
-    """The case's prompt with one factor changed (same template, so text tokens line up)."""
-    return f"a large {value if factor == 'color' else case.color} {value if factor == 'object' else case.object} " \
-           f"in the {case.position} on a {value if factor == 'bgcolor' else case.bgcolor} plain background"
+def with_value(case: Case, factor: str, value: str, *, truth=None) -> str:
+    """The case's prompt with one factor changed (the world's one template, so text tokens line up)."""
+    values = {"color": case.color, "object": case.object, "position": case.position, "bgcolor": case.bgcolor}
+    return truth_of(None, truth).describe({**values, factor: value})
 
 
 class _Readings:
@@ -228,7 +229,7 @@ def run_concept_study(
             recs = []
             for a in range(0, n, batch_size):
                 chunk = cases[a : a + batch_size]
-                recs.append(record_activations(adapter, [with_value(c, factor, getattr(c, "to_" + factor)) for c in chunk],
+                recs.append(record_activations(adapter, [with_value(c, factor, getattr(c, "to_" + factor), truth=truth) for c in chunk],
                                                [c.seed for c in chunk], site, **gen_kw))
                 bar.update(len(chunk))
                 count[0] += len(chunk)

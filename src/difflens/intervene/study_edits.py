@@ -193,9 +193,9 @@ def run_transfer_study(
         base = dict(color=str(rng.choice(colors)), obj=str(rng.choice(STUDY_OBJECTS)),
                     position=positions_[i % len(positions_)], bgcolor=bg_colors[i % len(bg_colors)])
         key = "obj" if factor == "object" else factor
-        tgt = make_item(**{**base, key: str(a)}, seed=seed * 1000 + 700 + i)
+        tgt = make_item(**{**base, key: str(a)}, seed=seed * 1000 + 700 + i, truth=truth)
         # Same seed: the pair differs only in the factor, so codes that carry the noise state agree too.
-        ref = make_item(**{**base, key: str(b)}, seed=seed * 1000 + 700 + i)
+        ref = make_item(**{**base, key: str(b)}, seed=seed * 1000 + 700 + i, truth=truth)
         pairs.append((tgt, ref))
     targets = [t for t, _ in pairs]
     refs = [r for _, r in pairs]

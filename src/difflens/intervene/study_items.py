@@ -37,8 +37,8 @@ class Item:
         return {"color": self.color, "object": self.object, "position": self.position}
 
 
-def make_item(color: str, obj: str, position: str, bgcolor: str, seed: int) -> Item:
-    prompt = f"a large {color} {obj} in the {position} on a {bgcolor} plain background"
+def make_item(color: str, obj: str, position: str, bgcolor: str, seed: int, *, truth=None) -> Item:
+    prompt = truth_of(None, truth).describe({"color": color, "object": obj, "position": position, "bgcolor": bgcolor})
     return Item(prompt, int(seed), color, obj, position, bgcolor)
 
 
@@ -63,6 +63,7 @@ def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, ha
                 positions[i % len(positions)],
                 bg_colors[(i // len(positions)) % len(bg_colors)],
                 seed0 + i,
+                truth=truth,
             )
         )
     return out

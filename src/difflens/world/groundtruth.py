@@ -136,6 +136,13 @@ class ToyWorld:
                 out[f].append(r[f] if f in V.BACKGROUND_FACTORS else (slot[f] if there else None))
         return out
 
+    def describe(self, values: dict[str, str]) -> str:
+        missing = [f for f in ("color", "object", "position", "bgcolor") if f not in values]
+        if missing:
+            raise DifflensError(f"describe() needs a value for {', '.join(missing)}")
+        return (f"a large {values['color']} {values['object']} in the {values['position']} "
+                f"on a {values['bgcolor']} plain background")
+
     def object_box(self, position: str, size: str, margin: int = 0) -> tuple[int, int, int, int]:
         if position not in V.POSITION_CENTER or size not in V.SIZE_PIXELS:
             raise DifflensError(f"no object box for position {position!r}, size {size!r}: positions are "
