@@ -16,7 +16,6 @@
 import argparse
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -31,18 +30,10 @@ from difflens.store import Store
 from difflens.train import TrainConfig, expand_specs, train
 from difflens.viz import labelled_grid
 
+from _common import new_folder  # examples/_common.py: never write over earlier output
+
 TINY = os.environ.get("DIFFLENS_EXAMPLES_TINY") == "1"
 SIZES = dict(prompts=12, width=128, k=8, train_steps=60) if TINY else dict(prompts=96, width=512, k=16, train_steps=600)
-
-
-def new_folder(path: str) -> Path:
-    """`path`, or `path-2`, `path-3`... if it already holds files: an example never writes over earlier output."""
-    p, i = Path(path), 1
-    while p.exists() and any(p.iterdir()):
-        i += 1
-        p = Path(f"{path}-{i}")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 parser = argparse.ArgumentParser(description=__doc__)

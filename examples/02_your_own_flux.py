@@ -33,17 +33,9 @@ from difflens.store import Store
 from difflens.train import TrainConfig, expand_specs, train
 from difflens.viz import labelled_grid
 
+from _common import new_folder  # examples/_common.py: never write over earlier output
+
 TINY = os.environ.get("DIFFLENS_EXAMPLES_TINY") == "1"
-
-
-def new_folder(path: str) -> Path:
-    """`path`, or `path-2`, `path-3`... if it already holds files: an example never writes over earlier output."""
-    p, i = Path(path), 1
-    while p.exists() and any(p.iterdir()):
-        i += 1
-        p = Path(f"{path}-{i}")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 parser = argparse.ArgumentParser(description="harvest, train, evaluate and steer on a diffusers Flux pipeline")

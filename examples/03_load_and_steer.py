@@ -21,7 +21,6 @@
 # %%
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,15 +33,7 @@ from difflens.intervene import Ablate, Region, Steer, generate_with, record_acti
 from difflens.models import load_adapter
 from difflens.viz import labelled_grid
 
-
-def new_folder(path: str) -> Path:
-    """`path`, or `path-2`, `path-3`... if it already holds files: an example never writes over earlier output."""
-    p, i = Path(path), 1
-    while p.exists() and any(p.iterdir()):
-        i += 1
-        p = Path(f"{path}-{i}")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+from _common import new_folder  # examples/_common.py: never write over earlier output
 
 
 parser = argparse.ArgumentParser(description="load a dictionary and steer / ablate with it")
