@@ -36,7 +36,6 @@ from difflens.errors import DifflensError
 
 FACTORS = ("color", "object", "bgcolor")
 MODES = ("edit", "ablation")
-ABSENT = "(none)"  # no object at the case's position (`intervene.study_items.ABSENT`)
 
 
 def read_cases(classifier, images: np.ndarray, cases: Sequence, truth=None) -> dict[str, list[str]]:
@@ -56,6 +55,8 @@ def read_cases(classifier, images: np.ndarray, cases: Sequence, truth=None) -> d
 
 def score_row(cases: Sequence, clean: dict, after: dict, factor: str, mode: str) -> dict:
     """Success, side effects and specificity of one row (definitions in the module docstring)."""
+    from difflens.intervene.study_items import ABSENT  # what the readings say where no object is seen
+
     others = [f for f in FACTORS if f != factor]
     elig = [i for i, c in enumerate(cases) if clean[factor][i] == getattr(c, factor)]
     if mode == "edit":
@@ -80,22 +81,23 @@ def _r(v):
 
 
 def _generate(adapter, cases, make, *, steps, guidance, batch_size: int, bar) -> tuple[np.ndarray, int, int]:
-    """Images of `cases` with the interventions `make(k, j)` (case k is sample j of its batch);
+    """Images of `cases` with the interventions `make(k, j)` (case k is sample j of its batch),
+    through the studies' one loop (`generate_items`, unbatched so each edit keeps its own log);
     also how many interventions were built and how many never acted (their features never fired)."""
-    from difflens.intervene import generate_with
+    from difflens.intervene.study_items import generate_items
 
-    out, built, idle = [], 0, 0
-    for a in range(0, len(cases), batch_size):
-        chunk = cases[a : a + batch_size]
-        ivs = [] if make is None else [iv for j in range(len(chunk)) for iv in make(a + j, j)]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="intervention never acted")
-            gen = generate_with(adapter, [c.prompt for c in chunk], [c.seed for c in chunk], ivs, steps=steps, guidance=guidance)
-        built += len(ivs)
-        idle += sum(not iv.log for iv in ivs)
-        out.append(np.asarray(gen.images))
-        bar.update(len(chunk))
-    return np.concatenate(out), built, idle
+    made: list = []
+
+    def collect(k, j):
+        ivs = make(k, j)
+        made.extend(ivs)
+        return ivs
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="intervention never acted")
+        images = generate_items(adapter, cases, None if make is None else collect, steps=steps, guidance=guidance,
+                                batch_size=batch_size, bar=bar, batched=False)
+    return images, len(made), sum(not iv.log for iv in made)
 
 
 def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_cases: int = 16,
