@@ -179,3 +179,23 @@ def test_toy_world_describe_is_the_studies_one_template():
                                           "bgcolor": case.bgcolor})
     moved = with_value(case, "color", case.to_color, truth=world)
     assert moved == case.prompt.replace(f"large {case.color} ", f"large {case.to_color} ", 1)
+
+
+def test_study_objects_come_from_the_world():
+    """The studies draw objects from `truth.study_objects`: a world listing other objects changes
+    every study's prompts without touching `intervene/`."""
+    import numpy as np
+
+    from difflens.intervene.study_concepts import make_cases
+    from difflens.intervene.study_items import study_items
+
+    class TwoShapes(ToyWorld):
+        study_objects = ("square", "eight")
+
+    world = TwoShapes()
+    cases = make_cases(12, 0, truth=world)
+    assert {c.object for c in cases} <= {"square", "eight"} and {c.to_object for c in cases} <= {"square", "eight"}
+    assert all(c.object != c.to_object for c in cases)
+    items = study_items("color", "red", 8, np.random.default_rng(0), has=True, truth=world)
+    assert {i.object for i in items} <= {"square", "eight"}
+    assert all(i.object in ToyWorld.study_objects for i in make_cases(12, 0, truth=ToyWorld()))

@@ -94,6 +94,7 @@ class GroundTruth(Protocol):
     # ---- geometry and per-position readings (the intervention studies) --------------------------
     image_size: int  # generated images are image_size x image_size pixels ...
     grid: int  # ... on a grid x grid grid of image tokens
+    study_objects: tuple[str, ...]  # the object values the intervention studies draw
 
     def describe(self, values: dict[str, str]) -> str:
         """A prompt naming one object with these factor values (the interventions' factors: color,

@@ -37,7 +37,7 @@ from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import Steer, feature_maxima
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
-from difflens.intervene.study_labels import STUDY_OBJECTS, label_features
+from difflens.intervene.study_labels import label_features
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
 
@@ -70,12 +70,12 @@ def make_cases(n: int, seed: int = 0, *, truth=None) -> list[Case]:
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        c, o = str(rng.choice(colors)), str(rng.choice(STUDY_OBJECTS))
+        c, o = str(rng.choice(colors)), str(rng.choice(truth.study_objects))
         p, b = positions[i % len(positions)], bg_colors[(i // len(positions)) % len(bg_colors)]
         out.append(Case(
             truth.describe({"color": c, "object": o, "position": p, "bgcolor": b}), 10_000 + seed * 1000 + i, c, o, p, b,
             str(rng.choice([x for x in colors if x != c])),
-            str(rng.choice([x for x in STUDY_OBJECTS if x != o])),
+            str(rng.choice([x for x in truth.study_objects if x != o])),
             str(rng.choice([x for x in bg_colors if x != b])),
         ))
     return out

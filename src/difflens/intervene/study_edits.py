@@ -24,7 +24,7 @@ from difflens.intervene.study_items import (
     study_items,
     success_rate,
 )
-from difflens.intervene.study_labels import STUDY_OBJECTS, features_by_concept
+from difflens.intervene.study_labels import features_by_concept
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
 
@@ -186,11 +186,11 @@ def run_transfer_study(
         raise DifflensError(f"no feature is labelled with a {factor} concept: label features first")
     rng = np.random.default_rng(seed + 2)
     pairs = []
-    values = list(truth.factors[factor]) if factor != "object" else list(STUDY_OBJECTS)
+    values = list(truth.factors[factor]) if factor != "object" else list(truth.study_objects)
     colors, positions_, bg_colors = truth.factors["color"], truth.factors["position"], truth.factors["bgcolor"]
     for i in range(n_pairs):
         a, b = rng.choice(values, size=2, replace=False)
-        base = dict(color=str(rng.choice(colors)), obj=str(rng.choice(STUDY_OBJECTS)),
+        base = dict(color=str(rng.choice(colors)), obj=str(rng.choice(truth.study_objects)),
                     position=positions_[i % len(positions_)], bgcolor=bg_colors[i % len(bg_colors)])
         key = "obj" if factor == "object" else factor
         tgt = make_item(**{**base, key: str(a)}, seed=seed * 1000 + 700 + i, truth=truth)

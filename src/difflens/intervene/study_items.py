@@ -14,7 +14,6 @@ from difflens.intervene.region import Region, Window
 from difflens.generation import generate_batched
 from difflens.intervene.batched import batch_interventions
 from difflens.intervene.run import intervention_hooks, warn_if_idle
-from difflens.intervene.study_labels import STUDY_OBJECTS
 from difflens.intervene.truth import truth_of
 
 MARGIN_PX = 2  # object jitter around its position's centre
@@ -46,11 +45,12 @@ def study_items(factor: str, value: str, n: int, rng: np.random.Generator, *, ha
                 truth=None) -> list[Item]:
     """n single-object prompts that do (has=True) or do not name `factor=value` (values from
     `truth.factors`; default: `intervene.truth.truth_of()`)."""
-    values = truth_of(None, truth).factors
+    truth = truth_of(None, truth)
+    values, study_objects = truth.factors, truth.study_objects
     positions, bg_colors = values["position"], values["bgcolor"]
     colors = [c for c in values["color"] if (c == value) == has] if factor == "color" else list(values["color"])
-    objects = [o for o in STUDY_OBJECTS if (o == value) == has] if factor == "object" else list(STUDY_OBJECTS)
-    if factor == "object" and has and value not in STUDY_OBJECTS:
+    objects = [o for o in study_objects if (o == value) == has] if factor == "object" else list(study_objects)
+    if factor == "object" and has and value not in study_objects:
         objects = [value]
     if not colors or not objects:
         raise DifflensError(f"no study prompts for {factor}={value} (has={has})")

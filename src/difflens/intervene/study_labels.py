@@ -13,7 +13,6 @@ from difflens.utils import progress
 from difflens.intervene.truth import concept_ids, store_truth, truth_of
 
 STUDY_FACTORS = ("color", "object")
-STUDY_OBJECTS = ("circle", "square", "triangle", "two", "five", "seven")
 
 # ---- labelling features from the store's ground truth -----------------------------------------
 def label_features(

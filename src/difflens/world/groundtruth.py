@@ -33,6 +33,9 @@ class ToyWorld:
     factors: dict[str, tuple[str, ...]] = V.FACTORS
     image_size: int = V.IMAGE_SIZE
     grid: int = V.GRID
+    # Objects the intervention studies draw: three shapes and three digits, a fixed subset so the
+    # studies' cases (and their numbers) stay comparable from run to run.
+    study_objects: tuple[str, ...] = ("circle", "square", "triangle", "two", "five", "seven")
 
     def __init__(self, classifier: FactorClassifier | None = None):
         self._classifier = classifier
