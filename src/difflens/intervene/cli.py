@@ -389,7 +389,7 @@ def run_study(args: argparse.Namespace) -> int:
     adapter = load_model(args)
     if ground_truth_of(adapter) is None:
         raise DifflensError(f"intervene-study reads images with a ground-truth world's classifier, and {args.model} has none: "
-                            "use a model trained on one (--model toy)")
+                            "use a model trained on one (such as the default --model)")
     if args.study == "concepts":
         return _run_concept_study(args, adapter, out)
     if len(args.dict_dir) > 1:

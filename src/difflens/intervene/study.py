@@ -79,7 +79,7 @@ def _pct(x) -> str:
 def summary_markdown(s: dict) -> str:
     st, ab, tr = s["steering"], s["ablation"], s["transfer"]
     lines = [
-        "# Intervention study (toy model)",
+        "# Intervention study",
         "",
         f"Dictionary: {s['dictionary']['arch']} width {s['dictionary']['width']} at `{s['dictionary']['site']}`; "
         f"{s['labelled_features']} labelled features.",

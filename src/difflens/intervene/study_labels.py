@@ -31,7 +31,7 @@ def label_features(
     """{feature: "factor=value"} for features whose firing best matches a concept with F1 >= min_f1.
 
     A feature fires on a token when its code is > 0; a concept holds on a token per the store's
-    `labels` column (toy-world ground truth). F1 is computed for every (feature, concept) pair
+    `labels` column (the world's ground truth). F1 is computed for every (feature, concept) pair
     of the chosen factors over (up to `max_rows`) rows of the site's stream (image tokens, or the
     prompt's words on a text stream); each feature takes its best
     concept. Labels are ordered by F1, best first. With `return_scores`, also returns

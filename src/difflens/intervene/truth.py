@@ -5,7 +5,8 @@ they take its value lists (`truth.factors`), concept names (`truth.concepts`), i
 (`image_size`, `grid`, `object_box`) and per-position readings (`read_at`) from a `GroundTruth`:
 the one passed in (`truth=`), else the adapter's (`adapter.ground_truth()`), else the world of the
 store's model (`models.ground_truth_for`). Helpers called with none of these (a test building
-cases, say, or a store naming no model) use the world of the CLI's default model, `DEFAULT_MODEL`.
+cases, say, or a store naming no model) use the world of the CLI's default model
+(`models.default_ground_truth`).
 """
 
 from __future__ import annotations
@@ -13,14 +14,12 @@ from __future__ import annotations
 from difflens.errors import DifflensError
 from difflens.groundtruth import GroundTruth, ground_truth_of
 
-DEFAULT_MODEL = "toy"  # the `--model` default; its world serves helpers called without one
-
 
 def default_truth() -> GroundTruth:
-    """The ground truth of `DEFAULT_MODEL` (resolved without loading weights)."""
-    from difflens.models import ground_truth_for
+    """The ground truth of the CLI's default model (resolved without loading weights)."""
+    from difflens.models import DEFAULT_MODEL, default_ground_truth
 
-    truth = ground_truth_for(DEFAULT_MODEL)
+    truth = default_ground_truth()
     if truth is None:
         raise DifflensError(f"the default model {DEFAULT_MODEL!r} has no ground-truth world: pass truth= (a GroundTruth)")
     return truth
@@ -35,7 +34,7 @@ def truth_of(adapter=None, truth: GroundTruth | None = None) -> GroundTruth:
     found = ground_truth_of(adapter)
     if found is None:
         raise DifflensError(f"the intervention studies read images with a ground-truth world, and the model "
-                            f"{getattr(adapter, 'name', adapter)!r} has none: use a model trained on one (--model {DEFAULT_MODEL})")
+                            f"{getattr(adapter, 'name', adapter)!r} has none: use a model trained on one (such as the default --model)")
     return found
 
 

@@ -6,6 +6,8 @@ from the pipeline's model_index.json. Heavy imports (diffusers, transformers) ha
 
 from difflens.models.base import Adapter, Generation
 
+DEFAULT_MODEL = "toy"  # the CLI's `--model` default: the embedded model trained on a known world
+
 
 def load_adapter(model: str, *, dtype="fp32", device="cpu", quantize: str | None = None, offload: str | None = "none",
                  max_text_length: int | None = None) -> Adapter:
@@ -23,4 +25,9 @@ def ground_truth_for(model: str):
     return _truth(model)
 
 
-__all__ = ["Adapter", "Generation", "ground_truth_for", "load_adapter"]
+def default_ground_truth():
+    """The world of `DEFAULT_MODEL`: what helpers called with no adapter, store or world use."""
+    return ground_truth_for(DEFAULT_MODEL)
+
+
+__all__ = ["DEFAULT_MODEL", "Adapter", "Generation", "default_ground_truth", "ground_truth_for", "load_adapter"]
