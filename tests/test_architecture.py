@@ -134,6 +134,10 @@ def test_generic_stages_reach_the_world_only_through_the_ground_truth():
     leaks = [f"{p.relative_to(root)}:{i + 1}" for p in generic for i, line in enumerate(p.read_text().splitlines())
              if re.search(r"\bdifflens\.world\b|from difflens import world", line)]
     assert len(generic) > 20 and leaks == []
+    # ... and never branch on a model's name (the toy model is one adapter among others)
+    by_name = [f"{p.relative_to(root)}:{i + 1}" for p in generic for i, line in enumerate(p.read_text().splitlines())
+               if re.search(r"""==\s*["']toy["']|["']toy["']\s*(==|in\b)|\bis_toy\b""", line)]
+    assert by_name == []
 
 
 def test_toy_world_geometry_and_per_position_readings():
