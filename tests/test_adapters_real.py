@@ -90,7 +90,8 @@ def test_flux_site_table(flux):
     assert "transformer_blocks.1.ff.net.0:img" in sites
     assert "transformer_blocks.1.ff_context.net.0:txt" in sites
     assert "single_transformer_blocks.1.act_mlp:txt" in sites
-    assert len(sites) == 16
+    assert sites[-1] == "context_embedder:txt" and flux.site_dim("context_embedder:txt") == 32
+    assert len(sites) == 17
     assert flux.default_site() == "transformer_blocks.1:img"
     assert flux.site_dim("transformer_blocks.0:txt") == 32
     assert flux.site_dim("transformer_blocks.0.ff.net.0") == 128  # 4x MLP
@@ -248,6 +249,31 @@ def test_modifying_hook_changes_images_and_is_removed_afterwards(family):
     assert np.array_equal(_gen(adapter, prompts, size).images, base.images)
 
 
+def test_text_tokens_entering_block_0_are_a_site(flux):
+    """`context_embedder:txt` fires once per transformer call with the padded T5 sequence, and an
+    edit there reaches block 0's image stream (a block-0 text-output edit cannot)."""
+    size = {"height": 32, "width": 32}
+    seen, img0 = [], {}
+
+    def record(tag):  # block 0's image output at the first transformer call
+        def hook(a, c):
+            img0.setdefault(tag, a.clone())
+        return hook
+
+    hooks = HookSet().add("context_embedder:txt", lambda a, c: seen.append((tuple(a.shape), c.text_mask.sum(1).tolist())))
+    base = _gen(flux, ["a red cat", "blue sky"], size, hooks.add("transformer_blocks.0:img", record("clean")))
+    assert len(seen) == STEPS and seen[0][0] == (2, 512, 32)
+    assert seen[0][1] == [_real_tokens(flux.pipe.tokenizer_2, p) for p in ("a red cat", "blue sky")]
+    push = 3.0 * torch.randn(32, generator=torch.Generator().manual_seed(0))  # not constant: LayerNorm removes that
+    for site, tag in (("context_embedder:txt", "early"), ("transformer_blocks.0:txt", "late")):
+        hooks = HookSet().add(site, lambda a, c: a + push.to(a.dtype)).add("transformer_blocks.0:img", record(tag))
+        edited = _gen(flux, ["a red cat", "blue sky"], size, hooks)
+        assert not np.array_equal(edited.images, base.images)
+    assert not torch.equal(img0["early"], img0["clean"])
+    assert torch.equal(img0["late"], img0["clean"])
+    assert _no_hooks_left(flux)
+
+
 def test_a_failing_hook_still_leaves_the_model_clean(flux):
     size = {"height": 32, "width": 32}
     base = _gen(flux, ["a red cat"], size)
@@ -352,7 +378,8 @@ def test_sites_verb_lists_sites_dims_and_default(folders, capsys):
     rows = dict(line.split() for line in lines[:-1])
     assert rows["transformer_blocks.0:img"] == "32"
     assert rows["single_transformer_blocks.1.act_mlp:txt"] == "128"
-    assert len(rows) == 16
+    assert rows["context_embedder:txt"] == "32"
+    assert len(rows) == 17
     assert lines[-1] == "default: transformer_blocks.1:img"
 
     assert main(["sites", "--model", str(folders["dit"]), "--model-dtype", "fp16"]) == 2

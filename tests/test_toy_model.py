@@ -144,3 +144,20 @@ def test_guidance_interval_config_and_sampling(toy):
                                atol=1e-4, rtol=1e-4)
     partial = run(guidance=5.0, guidance_interval=(0.5, 1.0))
     assert not torch.allclose(partial, everywhere, atol=1e-3) and not torch.allclose(partial, run(guidance=1.0), atol=1e-3)
+
+
+def test_context_embedder_site_on_the_toy_model(toy):
+    """The toy model (a diffusers Flux transformer) has the site for the text tokens entering block
+    0: it fires in both CFG rows, an identity hook leaves images bit-identical, and changing the
+    prompt's tokens there changes the image."""
+    from difflens.hooks import HookSet
+
+    p = ["a large red circle in the center on a black plain background"]
+    base = toy.generate(p, [0], steps=2).images
+    seen = []
+    hooks = HookSet().add("context_embedder:txt", lambda a, c: seen.append((tuple(a.shape), c.is_cond.tolist())))
+    assert np.array_equal(toy.generate(p, [0], steps=2, hooks=hooks).images, base)
+    assert len(seen) == 2 and seen[0] == ((2, toy.model.cfg.max_text_length, toy.site_dim("context_embedder:txt")),
+                                          [False, True])
+    zeroed = toy.generate(p, [0], steps=2, hooks=HookSet().add("context_embedder:txt", lambda a, c: a * 0)).images
+    assert np.abs(zeroed.astype(int) - base.astype(int)).mean() > 1.0

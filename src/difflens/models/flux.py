@@ -2,7 +2,8 @@
 
 Sites: double blocks `transformer_blocks.{i}:img|txt`, single blocks
 `single_transformer_blocks.{i}:img|txt` (the single block's output sliced back into streams),
-MLP neurons `transformer_blocks.{i}.ff.net.0:img`, `transformer_blocks.{i}.ff_context.net.0:txt`
+the text tokens entering the first block `context_embedder:txt` (the projected prompt encoding,
+before block 0's joint attention reads it), MLP neurons `transformer_blocks.{i}.ff.net.0:img`, `transformer_blocks.{i}.ff_context.net.0:txt`
 and `single_transformer_blocks.{i}.act_mlp:img|txt` (one MLP over [txt; img], sliced).
 
 CFG: dev's distilled guidance is an embedding (one call per step, all rows conditional); true
@@ -34,6 +35,11 @@ def flux_site_bindings(transformer: nn.Module) -> dict[str, SiteBinding]:
         hidden = int(block.proj_mlp.out_features)
         for stream in ("img", "txt"):
             out[f"{path}:{stream}"] = SiteBinding(path, hidden, "tokens", text_from=block_path)
+    # Block outputs come after block 0's joint attention has already read the prompt; this is the
+    # one place where an edit of the text tokens reaches every block's image stream.
+    embedder = getattr(transformer, "context_embedder", None)
+    if embedder is not None:
+        out["context_embedder:txt"] = SiteBinding("context_embedder", int(embedder.out_features), "tensor")
     return out
 
 
