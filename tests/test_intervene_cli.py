@@ -1,4 +1,5 @@
-"""The steer / edit / transfer verbs end to end on the tiny toy model, and their error messages."""
+"""The steer / edit / transfer verbs end to end on the tiny toy model, their error messages, and the
+intervention registry: a verb and a playground action declared in this file alone."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from difflens.cli import main
+from difflens.errors import DifflensError
 
 PROMPT = "a large red circle in the top left on a black plain background"
 SITE = "transformer_blocks.1:img"
@@ -105,3 +107,137 @@ def test_intervene_study_needs_ground_truth(cli, setup, tmp_path, monkeypatch, c
     rc = main(["intervene-study", "--dict", str(root / "sae"), "--labels", str(tmp_path / "l.json"),
                "--out", str(tmp_path / "study")])
     assert rc == 2 and "has none" in capsys.readouterr().err
+
+
+# ---- a new intervention touches only its own module: here, this test file ---------------------------------------
+def zero_tokens_spec():
+    """A "zero tokens" intervention declared the way an intervention module does: the class, its
+    flags, its playground parameter and one `InterventionSpec`; nothing else in difflens names it."""
+    import torch
+
+    from difflens.intervene.base import Intervention, dictionary_site
+    from difflens.intervene.registry import InterventionSpec, Param, parse_ids
+
+    class Zero(Intervention):
+        kind = "zero-tokens"
+
+        def __init__(self, dictionary, tokens, **common):
+            super().__init__(site=dictionary_site(dictionary, None), tokens=tokens, **common)
+
+        def apply(self, x, ctx, rows, toks, acts):
+            return torch.zeros_like(x)
+
+    def arguments(p):
+        p.add_argument("--tokens", required=True, help="token indices to zero: 0,1,2")
+
+    return InterventionSpec(
+        "zero-tokens", "set chosen tokens' activations to zero",
+        build=lambda args, d, where: Zero(d, parse_ids(args.tokens, "--tokens"), **where),
+        add_arguments=arguments, labels=("clean", "zeroed"),
+        params=(Param("token", "int", 0, "token index to zero", min=0, max=255),),
+        from_request=lambda p, d: Zero(d, [p["token"]]),
+    )
+
+
+@pytest.fixture
+def zero_tokens(monkeypatch):
+    from difflens.intervene.registry import INTERVENTIONS, intervention_specs
+
+    intervention_specs()  # the built-in verbs first
+    spec = zero_tokens_spec()
+    monkeypatch.setitem(INTERVENTIONS, spec.name, spec)
+    return spec
+
+
+def test_registry_lists_the_builtin_verbs():
+    from difflens.intervene.registry import get_intervention, intervention_specs, playground_specs
+
+    assert {"steer", "edit", "transfer"} <= {s.name for s in intervention_specs()}
+    assert {"steer", "edit", "transfer"} <= {s.name for s in playground_specs()}
+    assert get_intervention("transfer").extra_images is not None
+    with pytest.raises(DifflensError, match="unknown intervention 'nope': use one of"):
+        get_intervention("nope")
+
+
+def test_a_registered_intervention_is_a_cli_verb(cli, zero_tokens, tmp_path, capsys):
+    from difflens.cli import build_parser
+
+    args = build_parser().parse_args(["zero-tokens", "--dict", "d", "--tokens", "0,1", "--prompt", PROMPT, "--out", "x.png"])
+    assert args.tokens == "0,1" and args.intervention_verb == "zero-tokens"
+    out = tmp_path / "z.png"
+    assert cli("zero-tokens", "--tokens", "0,1,2,3", "--step-window", ":2", "--prompt", PROMPT, "--out", str(out)) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["verb"] == "zero-tokens" and meta["steps_applied"] == [0, 1]
+    assert "tokens 0,1,2,3" in meta["intervention"] and meta["labels"][1].startswith("zeroed")
+    assert meta["mean_abs_pixel_change"] > 0  # zeroing tokens changed the picture
+    # its flags are checked (before the model loads) with the shared messages
+    rc = cli("zero-tokens", "--tokens", "a", "--prompt", PROMPT, "--out", str(tmp_path / "y.png"))
+    assert rc == 2 and "--tokens 'a'" in capsys.readouterr().err
+
+
+def test_unregistered_verb_is_unknown(cli, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli("zero-tokens", "--tokens", "0", "--prompt", PROMPT, "--out", str(tmp_path / "z.png"))
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_registry_refuses_bad_specs_and_params(zero_tokens, setup):
+    from difflens.intervene.registry import InterventionSpec, Param, get_intervention, register_intervention
+
+    with pytest.raises(DifflensError, match="registered twice"):
+        register_intervention(zero_tokens_spec())
+    with pytest.raises(DifflensError, match="lower-case"):
+        register_intervention(InterventionSpec("Zero Tokens", "x", build=lambda *a: None))
+    with pytest.raises(DifflensError, match="no from_request"):
+        register_intervention(InterventionSpec("zt", "x", build=lambda *a: None, params=(Param("a", "int", 0),)))
+    with pytest.raises(DifflensError, match="kind 'vector' unknown"):
+        Param("a", "vector")
+
+    class D:
+        num_latents = 64
+
+    steer = get_intervention("steer")
+    assert steer.parse_params({"feature": 63, "scale": -2}, D()) == {"feature": 63, "scale": -2.0}
+    assert steer.parse_params({}, D()) == {"feature": 0, "scale": 1.0}  # defaults
+    for raw, msg in (({"feature": 64}, "feature must be an integer in 0..63, got 64"),
+                     ({"feature": True}, "feature must be an integer"),
+                     ({"scale": 101}, "scale must be a number in -100..100"),
+                     ({"scale": "1"}, "scale must be a number"),
+                     ({"sclae": 1}, "steer has no parameter 'sclae': it takes feature, scale"),
+                     ([1], "params must be a JSON object")):
+        with pytest.raises(DifflensError, match=msg):
+            steer.parse_params(raw, D())
+    transfer = get_intervention("transfer")
+    got = transfer.parse_params({"reference_prompt": " a blue seven ", "features": "1,2"}, D())
+    assert got == {"reference_prompt": "a blue seven", "reference_seed": 0, "features": [1, 2], "mode": "tokens"}
+    assert transfer.parse_params({"reference_prompt": "x", "features": "all"}, D())["features"] is None
+    for raw, msg in (({}, "reference_prompt is missing"), ({"reference_prompt": "x", "features": [64]}, "0..63"),
+                     ({"reference_prompt": "x", "mode": "style"}, "mode must be one of tokens, mean"),
+                     ({"reference_prompt": "x" * 501}, "under 500")):
+        with pytest.raises(DifflensError, match=msg):
+            transfer.parse_params(raw, D())
+
+
+def test_playground_runs_a_registered_intervention(zero_tokens, setup):
+    """The playground's generic action builds any registered intervention from its declared params."""
+    import difflens
+    from difflens.browse.server import Playground
+
+    adapter, root = setup
+    pg = Playground(adapter, {"sae": difflens.load(root / "sae")}, default_steps=2)
+    names = [s["name"] for s in pg.interventions()]
+    assert "zero-tokens" in names and {"steer", "edit", "transfer"} <= set(names)
+    spec = next(s for s in pg.interventions() if s["name"] == "zero-tokens")
+    assert spec["params"] == [{"name": "token", "kind": "int", "default": 0, "help": "token index to zero", "min": 0, "max": 255}]
+    body = {"prompt": PROMPT, "seed": 1, "steps": 2, "dict": "sae"}
+    clean = pg.intervene({**body, "kind": "zero-tokens", "params": {"token": 0}})
+    assert clean["kind"] == "zero-tokens" and clean["params"] == {"token": 0} and "tokens 0" in clean["intervention"]
+    other = pg.intervene({**body, "kind": "zero-tokens", "params": {"token": 5}})
+    assert other["image"] != clean["image"]
+    moved = pg.intervene({**body, "kind": "transfer", "params": {"reference_prompt": "a small blue square"}})
+    assert [e["label"] for e in moved["extra"]] == ["reference"] and moved["extra"][0]["image"].startswith("data:image/png")
+    for req, msg in (({"kind": "zero-tokens", "params": {"token": 256}}, "token must be an integer in 0..255"),
+                     ({"kind": "zero-tokens", "params": {"tokn": 1}}, "no parameter 'tokn'"),
+                     ({"kind": "nope"}, "unknown intervention 'nope'")):
+        with pytest.raises(DifflensError, match=msg):
+            pg.intervene({**body, **req})

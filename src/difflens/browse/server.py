@@ -11,9 +11,13 @@ MAX_JSON_DEPTH levels deep, finite numbers only; every field validated; errors a
 `{"error": message}` (no tracebacks). Each connection has a read timeout, so stalled clients do not
 hold threads; SIGTERM stops the server like Ctrl-C and removes its temporary site folder.
 
-API (POST, JSON body):
-    /api/generate  {prompt, seed, steps, dict}                 -> image + per step / per token top features
-    /api/steer     {prompt, seed, steps, dict, feature, scale} -> image generated with the feature steered
+API:
+    GET  /api/interventions                                         -> the registered interventions and their params
+    POST /api/generate  {prompt, seed, steps, dict}                 -> image + per step / per token top features
+    POST /api/intervene {kind, params, prompt, seed, steps, dict}   -> image generated with that intervention
+    POST /api/steer     {prompt, seed, steps, dict, feature, scale} -> /api/intervene with kind "steer" (kept for old clients)
+Interventions and their parameters come from `difflens.intervene.registry`; each parameter is
+validated by its declared `Param` (type, range, feature ids below the dictionary's width).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ MAX_PROMPT = 500
 MAX_STEPS = 50
 TOP_PER_TOKEN = 5
 TOP_PER_STEP = 12
+ACTIONS = {"/api/generate": "generate", "/api/intervene": "intervene", "/api/steer": "steer"}  # POST route -> Playground method
 MIME = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
         ".png": "image/png", ".json": "application/json", ".svg": "image/svg+xml"}
 
@@ -72,7 +77,7 @@ class Playground:
         self.default_steps = int(default_steps or adapter.default_steps)  # every Adapter declares its default
 
     # ---- request validation ----------------------------------------------------------------------------
-    def _parse(self, body: dict, steer: bool) -> dict:
+    def _parse(self, body: dict) -> dict:
         if not isinstance(body, dict):
             raise DifflensError("the request body must be a JSON object")
         prompt = body.get("prompt")
@@ -91,16 +96,7 @@ class Playground:
             slug = next(iter(self.dicts))
         if slug not in self.dicts:
             raise DifflensError(f"unknown dictionary {slug!r}: use one of {', '.join(self.dicts)}")
-        req = {"prompt": prompt.strip(), "seed": int(seed), "steps": int(steps), "dict": slug}
-        if steer:
-            f, scale = body.get("feature"), body.get("scale")
-            n = int(self.dicts[slug].num_latents)
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or f != int(f) or not 0 <= f < n:
-                raise DifflensError(f"feature must be an integer in 0..{n - 1}, got {f!r}")
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or abs(scale) > 100:
-                raise DifflensError(f"scale must be a number in -100..100, got {scale!r}")
-            req.update(feature=int(f), scale=float(scale))
-        return req
+        return {"prompt": prompt.strip(), "seed": int(seed), "steps": int(steps), "dict": slug}
 
     # ---- the two actions ------------------------------------------------------------------------------------
     def generate(self, body: dict) -> dict:
@@ -108,7 +104,7 @@ class Playground:
 
         from difflens.intervene.run import record_activations
 
-        req = self._parse(body, steer=False)
+        req = self._parse(body)
         d = self.dicts[req["dict"]]
         site = str(d.cfg.site)
         with self.lock, torch.no_grad():
@@ -137,20 +133,41 @@ class Playground:
         return {"image": _png_data_url(img, scale), "grid_hw": grid, "steps": steps_out, "slug": req["dict"],
                 "prompt": req["prompt"], "seed": req["seed"]}
 
-    def steer(self, body: dict) -> dict:
+    def interventions(self) -> list[dict]:
+        """The registered interventions the playground offers, with their parameters (`Param.to_json`)."""
+        from difflens.intervene.registry import playground_specs
+
+        return [s.to_json() for s in playground_specs()]
+
+    def intervene(self, body: dict) -> dict:
+        """{kind, params, prompt, seed, steps, dict}: generate with the registered intervention `kind`
+        built from its validated params; the changed image and any extra ones (a transfer's reference)."""
         import torch
 
+        from difflens.intervene.registry import get_intervention
         from difflens.intervene.run import generate_with
-        from difflens.intervene.steer import Steer
 
-        req = self._parse(body, steer=True)
+        req = self._parse(body)
+        spec = get_intervention(body.get("kind"), playground=True)
         d = self.dicts[req["dict"]]
+        params = spec.parse_params(body.get("params"), d)
         with self.lock, torch.no_grad():
-            iv = Steer(d, [req["feature"]], req["scale"], mode="token-norm")
+            iv = spec.from_request(params, d)
             gen = generate_with(self.adapter, [req["prompt"]], [req["seed"]], [iv], steps=req["steps"])
+            extra = list(spec.extra_images(iv)) if spec.extra_images else []
         img = np.asarray(gen.images[0])
         scale = max(1, 320 // max(img.shape[:2]))
-        return {"image": _png_data_url(img, scale), "feature": req["feature"], "scale": req["scale"], "slug": req["dict"]}
+        return {"kind": spec.name, "params": params, "image": _png_data_url(img, scale), "slug": req["dict"],
+                "intervention": iv.describe(), "steps_applied": iv.steps_applied(),
+                "extra": [{"label": lab, "image": _png_data_url(np.asarray(im), scale)} for lab, im in extra]}
+
+    def steer(self, body: dict) -> dict:
+        """/api/steer {feature, scale, ...}: the registered steer intervention, answered as before."""
+        if not isinstance(body, dict):
+            raise DifflensError("the request body must be a JSON object")
+        params = {k: body[k] for k in ("feature", "scale") if k in body}
+        out = self.intervene({**body, "kind": "steer", "params": params})
+        return {**out, **out["params"]}
 
 
 def resolve_in_site(root: Path, url_path: str) -> Path | None:
@@ -298,6 +315,10 @@ def _make_handler(root: Path, playground: Playground | None, quiet: bool):
         def do_GET(self):  # noqa: N802 - stdlib name
             if not self._host_ok():
                 return self._error(421, "misdirected request: unknown Host")
+            if urlsplit(self.path).path == "/api/interventions":
+                if playground is None:
+                    return self._json(503, {"error": "the playground is off (served with --no-playground)"})
+                return self._json(200, {"interventions": playground.interventions()})
             self._file(head=False)
 
         def do_HEAD(self):  # noqa: N802
@@ -314,7 +335,7 @@ def _make_handler(root: Path, playground: Playground | None, quiet: bool):
             if ctype != "application/json":
                 return self._json(415, {"error": "send the body as Content-Type: application/json"})
             route = urlsplit(self.path).path
-            if route not in ("/api/generate", "/api/steer"):
+            if route not in ACTIONS:
                 return self._json(404, {"error": f"no API endpoint {route}"})
             if playground is None:
                 return self._json(503, {"error": "the playground is off (served with --no-playground)"})
@@ -329,7 +350,7 @@ def _make_handler(root: Path, playground: Playground | None, quiet: bool):
             except ValueError as e:
                 return self._json(400, {"error": str(e)})
             try:
-                out = playground.generate(body) if route == "/api/generate" else playground.steer(body)
+                out = getattr(playground, ACTIONS[route])(body)
             except DifflensError as e:
                 return self._json(400, {"error": str(e)})
             except Exception as e:  # noqa: BLE001 - answer, never dump a traceback to the client
@@ -383,7 +404,8 @@ def build_playground(dict_paths, model: str = "toy", device: str = "cpu", adapte
     example = truth.sample_prompts(1, 0)[0][0] if truth is not None else ""
     hint = f"This model knows only its world's prompt grammar (e.g. '{example}')." if truth is not None else ""
     config = {"model": getattr(adapter, "model_id", model), "slugs": list(dicts), "default_steps": pg.default_steps,
-              "max_steps": MAX_STEPS, "hint": hint, "notes": notes, "example_prompt": example}
+              "max_steps": MAX_STEPS, "hint": hint, "notes": notes, "example_prompt": example,
+              "interventions": pg.interventions()}
     return pg, config
 
 

@@ -1,11 +1,13 @@
-"""`difflens steer | edit | transfer | intervene-study`: thin verbs over difflens.intervene.
+"""`difflens <intervention> | intervene-study`: thin verbs over difflens.intervene.
 
-Flags come from the shared vocabulary (`difflens.cli_options`): `--steps` is the number of
-denoising steps, `--step-window` the step indices an intervention acts on, `--timestep-range`
-scheduler timestep values, `--model-dtype` the model's dtype. Every verb writes the PNG asked for
-(the clean image beside the changed one, or a labelled sweep grid) and a JSON next to it with
-the settings, the steps the intervention acted on and, on a model with ground truth
-(`adapter.ground_truth()`), the world's reading of each image.
+One verb per registered intervention (`intervene/registry.py`; steer, edit and transfer declare
+theirs in their own modules): this module adds the shared flags and runs them all through
+`run_intervention`. Flags come from the shared vocabulary (`difflens.cli_options`): `--steps` is
+the number of denoising steps, `--step-window` the step indices an intervention acts on,
+`--timestep-range` scheduler timestep values, `--model-dtype` the model's dtype. Every verb
+writes the PNG asked for (the clean image beside the changed one, or a labelled sweep grid) and a
+JSON next to it with the settings, the steps the intervention acted on and, on a model with
+ground truth (`adapter.ground_truth()`), the world's reading of each image.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from difflens.cli_options import (
 )
 from difflens.errors import DifflensError
 from difflens.groundtruth import ground_truth_of
+from difflens.intervene.registry import parse_ids, parse_pairs, parse_scales  # noqa: F401 - the verbs' parsers, re-exported
 
 WINDOW_HELP = ("denoising step indices to act on: a:b (b excluded; either side may be empty, ':5' = the first 5) "
                "or a list 0,2,4 (default: every step)")
@@ -66,63 +69,20 @@ def _out_option(p) -> None:
 
 
 def register(subparsers) -> None:
+    from difflens.intervene.registry import intervention_specs
     from difflens.trace.cli import register as register_trace
 
     register_trace(subparsers)
-    p = subparsers.add_parser(
-        "steer",
-        help="add a feature's decoder direction during generation (one scale or a sweep)",
-        description="Steer generation by adding dictionary features' unit decoder directions at the site. "
-        "Scales may be negative. Flux recipe: --scale 0.8 --scale-mode token-norm --step-window :5 --steps 7 with a region.",
-    )
-    _model_options(p)
-    p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
-    sc = p.add_mutually_exclusive_group(required=True)
-    sc.add_argument("--scale", type=float, help="steering scale (see --scale-mode)")
-    sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image; write it with '=' when "
-                    "the first is negative: --scales=-8,-4,0,4,8")
-    p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm",
-                   help="token-norm (default): scale x mean image-token norm; absolute: raw units; "
-                   "feature-max: scale x the feature's max activation in --data")
-    add_data_option(p, required=False,
-                    help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
-    _gen_options(p)
-    _where_options(p)
-    _out_option(p)
-    p.set_defaults(func=run_steer)
-
-    p = subparsers.add_parser(
-        "edit",
-        help="ablate / clamp / scale features through the dictionary's codes (error term kept)",
-        description="Encode the site's activations, change chosen codes, decode and add back the error term "
-        "x - x_hat, so everything the edit does not touch stays as it was.",
-    )
-    _model_options(p)
-    p.add_argument("--ablate", default=None, help="features to set to 0: F,F,...")
-    p.add_argument("--clamp", default=None, help="features to set to a value: F=V,F=V,...")
-    p.add_argument("--scale", default=None, help="features to multiply: F=S,F=S,... (-1 inverts)")
-    p.add_argument("--only-active", action="store_true", help="--clamp only where the feature is already active")
-    _gen_options(p)
-    _where_options(p)
-    _out_option(p)
-    p.set_defaults(func=run_edit)
-
-    p = subparsers.add_parser(
-        "transfer",
-        help="take features' codes from a reference generation into the target (style / attribute transfer)",
-        description="Generate the reference, then generate the target with the chosen features' codes replaced "
-        "by the reference's at every (selected) step, token by token or as the reference's mean code.",
-    )
-    _model_options(p)
-    p.add_argument("--reference-prompt", required=True, help="prompt of the reference generation")
-    p.add_argument("--reference-seed", type=int, default=0, help="seed of the reference generation")
-    p.add_argument("--features", default="all", help="feature ids F,F,... to transfer, or 'all' (default)")
-    p.add_argument("--mode", choices=["tokens", "mean"], default="tokens",
-                   help="tokens: same positions (default); mean: the reference's mean code on every target token")
-    _gen_options(p)
-    _where_options(p)
-    _out_option(p)
-    p.set_defaults(func=run_transfer)
+    for spec in intervention_specs():
+        if spec.name in subparsers.choices:
+            raise DifflensError(f"intervention {spec.name!r} clashes with the verb `difflens {spec.name}`: rename it")
+        p = subparsers.add_parser(spec.name, help=spec.help, description=spec.description or spec.help)
+        _model_options(p)
+        spec.add_arguments(p)
+        _gen_options(p)
+        _where_options(p)
+        _out_option(p)
+        p.set_defaults(func=run_intervention, intervention_verb=spec.name)
 
     p = subparsers.add_parser(
         "intervene-study",
@@ -164,44 +124,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_study)
 
 
-# ---- parsing helpers -----------------------------------------------------------------------------
-def parse_ids(text: str, what: str = "--feature") -> list[int]:
-    try:
-        ids = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise DifflensError(f"{what} {text!r}: give integer feature ids separated by commas, e.g. 12,40") from None
-    if not ids:
-        raise DifflensError(f"{what} names no feature; e.g. {what} 12")
-    return ids
-
-
-def parse_pairs(text: str, what: str) -> list[tuple[int, float]]:
-    out = []
-    for part in str(text).split(","):
-        if not part.strip():
-            continue
-        f, sep, v = part.partition("=")
-        if not sep:
-            raise DifflensError(f"{what} {text!r}: each entry needs =value, e.g. {what} 12=3.5,40=0")
-        try:
-            out.append((int(f), float(v)))
-        except ValueError:
-            raise DifflensError(f"{what} {text!r}: write F=V pairs separated by commas, e.g. {what} 12=3.5,40=0") from None
-    if not out:
-        raise DifflensError(f"{what} names no feature")
-    return out
-
-
-def parse_scales(text: str) -> list[float]:
-    try:
-        vals = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise DifflensError(f"--scales {text!r}: give numbers separated by commas, e.g. -8,-4,0,4,8") from None
-    if not vals:
-        raise DifflensError("--scales names no scale")
-    return vals
-
-
+# ---- helpers -----------------------------------------------------------------------------------------
 def _where(args) -> dict:
     from difflens.intervene.region import Region, Window
 
@@ -211,14 +134,6 @@ def _where(args) -> dict:
     elif args.mask:
         kw["region"] = Region.from_png(args.mask)
     return kw
-
-
-def _load(args):
-    import difflens
-
-    adapter = load_model(args)
-    dictionary = difflens.load(args.dict_dir, device=str(adapter.device))
-    return adapter, dictionary
 
 
 def _readings(adapter, images) -> list[dict] | None:
@@ -283,95 +198,44 @@ def _captioned(adapter, images, labels):
 
 
 # ---- verbs -----------------------------------------------------------------------------------------
-def run_steer(args: argparse.Namespace) -> int:
-    from difflens.intervene.run import generate_with
-    from difflens.intervene.steer import Steer
-    from difflens.intervene.sweep import steer_sweep
-
-    features = parse_ids(args.feature)
-    where = _where(args)
-    gk = generation_kwargs(args)
-    adapter, dictionary = _load(args)
-    store = _store(args.data)
-    site = args.site or dictionary.cfg.site
-    stats = store.stats(site) if (store is not None and args.scale_mode == "token-norm" and site in store.sites) else None
-    steer_kw = dict(mode=args.scale_mode, stats=stats, store=store, site=args.site, **where)
-    if args.scales is not None:
-        scales = parse_scales(args.scales)
-        if gk["height"] or gk["width"]:
-            raise DifflensError("--scales sweeps use the model's default size: drop --height/--width or use --scale")
-        res = steer_sweep(adapter, dictionary, features, scales, args.prompt, args.seed,
-                          steps=gk["steps"], guidance=gk["guidance"], **steer_kw)
-        images, labels = res["images"], res["labels"]
-        desc = res["steer"]
-    else:
-        iv = Steer(dictionary, features, args.scale, **steer_kw)
-        clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
-        steered = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
-        images = [clean.images[0], steered.images[0]]
-        labels = ["unsteered", f"scale {args.scale:+g}"]
-        desc = iv.describe()
-    labels, readings = _captioned(adapter, images, labels)
-    meta = {
-        "verb": "steer", "prompt": args.prompt, "seed": args.seed, "features": features, "scale_mode": args.scale_mode,
-        "scales": parse_scales(args.scales) if args.scales else [args.scale], "intervention": desc,
-        "labels": labels, "readings": readings,
-    }
-    _write(args, images, labels, f"steer f{','.join(map(str, features))}: {args.prompt}", meta)
-    return 0
-
-
-def run_edit(args: argparse.Namespace) -> int:
+def run_intervention(args: argparse.Namespace) -> int:
+    """Any registered intervention: build it from its flags (dictionary on the CPU, before the model
+    loads, so bad flags fail fast), generate clean and changed (one batch for a sweep), write PNG + JSON."""
     import numpy as np
 
-    from difflens.intervene.edits import CodeEdit
+    import difflens
+    from difflens.intervene.registry import get_intervention, sweep_or_single
     from difflens.intervene.run import generate_with
 
-    ops = []
-    if args.ablate:
-        ops.append(("ablate", parse_ids(args.ablate, "--ablate"), None))
-    for name, text in (("clamp", args.clamp), ("scale", args.scale)):
-        if text:
-            for f, v in parse_pairs(text, f"--{name}"):
-                ops.append((name, [f], v))
-    if not ops:
-        raise DifflensError("edit needs at least one of --ablate F,.. / --clamp F=V,.. / --scale F=S,..")
+    spec = get_intervention(args.intervention_verb)
     where = _where(args)
     gk = generation_kwargs(args)
-    adapter, dictionary = _load(args)
-    iv = CodeEdit(dictionary, ops, only_active=args.only_active, site=args.site, **where)
-    clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
-    edited = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
-    images = [clean.images[0], edited.images[0]]
-    labels, readings = _captioned(adapter, images, ["clean", "edited"])
-    diff = float(np.abs(images[1].astype(int) - images[0].astype(int)).mean())
-    meta = {
-        "verb": "edit", "prompt": args.prompt, "seed": args.seed, "intervention": iv.describe(),
-        "steps_applied": iv.steps_applied(), "mean_abs_pixel_change": diff, "labels": labels, "readings": readings,
-    }
-    _write(args, images, labels, f"edit: {args.prompt}", meta)
-    return 0
-
-
-def run_transfer(args: argparse.Namespace) -> int:
-    from difflens.intervene.run import generate_with
-    from difflens.intervene.transfer import Transfer
-
-    features = None if str(args.features).strip().lower() == "all" else parse_ids(args.features, "--features")
-    where = _where(args)
-    gk = generation_kwargs(args)
-    adapter, dictionary = _load(args)
-    iv = Transfer(dictionary, (args.reference_prompt, args.reference_seed), features, mode=args.mode, site=args.site, **where)
-    clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
-    moved = generate_with(adapter, [args.prompt], [args.seed], [iv], **gk)
-    images = [clean.images[0], iv.reference_image, moved.images[0]]
-    labels, readings = _captioned(adapter, images, ["target", "reference", "transferred"])
-    meta = {
-        "verb": "transfer", "prompt": args.prompt, "seed": args.seed, "reference_prompt": args.reference_prompt,
-        "reference_seed": args.reference_seed, "intervention": iv.describe(), "steps_applied": iv.steps_applied(),
-        "labels": labels, "readings": readings,
-    }
-    _write(args, images, labels, f"transfer: {args.reference_prompt} -> {args.prompt}", meta)
+    dictionary = difflens.load(args.dict_dir)
+    variants = sweep_or_single(spec.build(args, dictionary, where))
+    adapter = load_model(args)
+    dictionary.to(adapter.device)
+    fields = vars(args)
+    ivs = [iv for _, iv in variants]
+    if variants[0][0] is None:  # one intervention: clean, then changed (unbatched, as the studies)
+        clean = generate_with(adapter, [args.prompt], [args.seed], [], **gk)
+        changed = generate_with(adapter, [args.prompt], [args.seed], ivs, **gk)
+        extras = list(spec.extra_images(ivs[0])) if spec.extra_images else []
+        images = [clean.images[0], *(im for _, im in extras), changed.images[0]]
+        labels = [spec.labels[0].format(**fields), *(lab for lab, _ in extras), spec.labels[1].format(**fields)]
+    else:  # a sweep: one batch, the clean image as sample 0 and variant i as sample i + 1
+        for i, iv in enumerate(ivs):
+            iv.samples = (i + 1,)
+        n = len(ivs) + 1
+        gen = generate_with(adapter, [args.prompt] * n, [args.seed] * n, ivs, **gk)
+        images = list(gen.images)
+        labels = [spec.labels[0].format(**fields), *(str(lab) for lab, _ in variants)]
+    labels, readings = _captioned(adapter, images, labels)
+    meta = {"verb": spec.name, "prompt": args.prompt, "seed": args.seed, **(spec.meta(args) if spec.meta else {}),
+            "intervention": ivs[0].describe(), "steps_applied": ivs[0].steps_applied()}
+    if len(ivs) == 1:
+        meta["mean_abs_pixel_change"] = float(np.abs(images[-1].astype(int) - images[0].astype(int)).mean())
+    meta.update(labels=labels, readings=readings)
+    _write(args, images, labels, spec.title.format(**fields), meta)
     return 0
 
 

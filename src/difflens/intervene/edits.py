@@ -19,6 +19,7 @@ from difflens.intervene.base import (
     encode_codes,
     prep_dictionary,
 )
+from difflens.intervene.registry import InterventionSpec, Param, parse_ids, parse_pairs, register_intervention
 
 # ---- edits through the sparse code -------------------------------------------------------------
 EDIT_OPS = ("ablate", "clamp", "scale")
@@ -174,3 +175,42 @@ def MeanAblate(site, stats=None, means_by_step: Mapping[int, torch.Tensor] | Non
     iv = Replace(site, value, **common)
     iv.kind = "mean-ablate"
     return iv
+
+
+# ---- the `edit` verb and playground section (intervene/registry.py) ------------------------------------
+def _edit_arguments(p) -> None:
+    p.add_argument("--ablate", default=None, help="features to set to 0: F,F,...")
+    p.add_argument("--clamp", default=None, help="features to set to a value: F=V,F=V,...")
+    p.add_argument("--scale", default=None, help="features to multiply: F=S,F=S,... (-1 inverts)")
+    p.add_argument("--only-active", action="store_true", help="--clamp only where the feature is already active")
+
+
+def _edit_from_args(args, dictionary, where) -> CodeEdit:
+    ops = []
+    if args.ablate:
+        ops.append(("ablate", parse_ids(args.ablate, "--ablate"), None))
+    for name, text in (("clamp", args.clamp), ("scale", args.scale)):
+        if text:
+            for f, v in parse_pairs(text, f"--{name}"):
+                ops.append((name, [f], v))
+    if not ops:
+        raise DifflensError("edit needs at least one of --ablate F,.. / --clamp F=V,.. / --scale F=S,..")
+    return CodeEdit(dictionary, ops, only_active=args.only_active, site=args.site, **where)
+
+
+register_intervention(InterventionSpec(
+    "edit",
+    "ablate / clamp / scale features through the dictionary's codes (error term kept)",
+    build=_edit_from_args,
+    add_arguments=_edit_arguments,
+    description="Encode the site's activations, change chosen codes, decode and add back the error term "
+    "x - x_hat, so everything the edit does not touch stays as it was.",
+    labels=("clean", "edited"),
+    params=(Param("features", "features", None, "feature ids to edit, e.g. 12,40"),
+            Param("op", "choice", "ablate", "ablate: code to 0; clamp: code to value; scale: code x value",
+                  choices=EDIT_OPS),
+            Param("value", "float", 0.0, "the clamp value or scale factor (ablate ignores it)", min=-1000, max=1000,
+                  step=0.1)),
+    from_request=lambda p, dictionary: CodeEdit(
+        dictionary, [(p["op"], p["features"], None if p["op"] == "ablate" else p["value"])]),
+))

@@ -18,6 +18,7 @@ from difflens.intervene.base import (
     dictionary_site,
     prep_dictionary,
 )
+from difflens.intervene.registry import InterventionSpec, Param, parse_ids, parse_scales, register_intervention
 
 # ---- steering --------------------------------------------------------------------------------
 class Steer(Intervention):
@@ -163,3 +164,57 @@ def feature_maxima(dictionary, store, features: Sequence[int], *, max_rows: int 
     if zero:
         warnings.warn(f"features {zero} never fired on {len(idx)} store rows: their feature-max is 0", stacklevel=2)
     return {f: float(v) for f, v in zip(feats, best.tolist())}
+
+
+# ---- the `steer` verb and playground section (intervene/registry.py) -----------------------------------
+def _steer_arguments(p) -> None:
+    from difflens.cli_options import add_data_option
+
+    p.add_argument("--feature", required=True, help="feature id(s), comma-separated: 12 or 12,40")
+    sc = p.add_mutually_exclusive_group(required=True)
+    sc.add_argument("--scale", type=float, help="steering scale (see --scale-mode)")
+    sc.add_argument("--scales", help="comma-separated scales for a sweep grid beside the unsteered image; write it with '=' when "
+                    "the first is negative: --scales=-8,-4,0,4,8")
+    p.add_argument("--scale-mode", choices=list(SCALE_MODES), default="token-norm",
+                   help="token-norm (default): scale x mean image-token norm; absolute: raw units; "
+                   "feature-max: scale x the feature's max activation in --data")
+    add_data_option(p, required=False,
+                    help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
+
+
+def _steer_from_args(args, dictionary, where):
+    """One Steer, or with --scales a sweep of one Steer per scale."""
+    features = parse_ids(args.feature)
+    store = None
+    if args.data is not None:
+        from difflens.store import Store
+
+        store = Store(args.data)
+    site = args.site or dictionary.cfg.site
+    stats = store.stats(site) if (store is not None and args.scale_mode == "token-norm" and site in store.sites) else None
+    kw = dict(mode=args.scale_mode, stats=stats, store=store, site=args.site, **where)
+    if args.scales is not None:
+        return [(f"scale {s:+g}", Steer(dictionary, features, s, **kw)) for s in parse_scales(args.scales)]
+    return Steer(dictionary, features, args.scale, **kw)
+
+
+def _steer_meta(args) -> dict:
+    return {"features": parse_ids(args.feature), "scale_mode": args.scale_mode,
+            "scales": parse_scales(args.scales) if args.scales else [args.scale]}
+
+
+register_intervention(InterventionSpec(
+    "steer",
+    "add a feature's decoder direction during generation (one scale or a sweep)",
+    build=_steer_from_args,
+    add_arguments=_steer_arguments,
+    description="Steer generation by adding dictionary features' unit decoder directions at the site. "
+    "Scales may be negative. Flux recipe: --scale 0.8 --scale-mode token-norm --step-window :5 --steps 7 with a region.",
+    labels=("unsteered", "scale {scale:+g}"),
+    title="steer f{feature}: {prompt}",
+    meta=_steer_meta,
+    params=(Param("feature", "feature", 0, "the feature whose unit decoder direction is added"),
+            Param("scale", "float", 1.0, "x the mean image-token norm (negative subtracts)", min=-100, max=100, step=0.1,
+                  slider=(-4, 4))),
+    from_request=lambda p, dictionary: Steer(dictionary, [p["feature"]], p["scale"], mode="token-norm"),
+))

@@ -10,6 +10,7 @@ from difflens.errors import DifflensError
 from difflens.intervene.base import Intervention, RunInfo, check_features, codes_for, encode_codes
 from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Region
+from difflens.intervene.registry import InterventionSpec, Param, parse_ids, register_intervention
 from difflens.hooks import Site
 from difflens.intervene.run import Recording, record_activations
 
@@ -134,3 +135,39 @@ class Transfer(CodeEdit):
     def describe(self) -> str:
         feats = "all features" if self.features is None else "features " + ",".join(map(str, self.features))
         return f"transfer {feats} from {self.reference[0]!r} seed {self.reference[1]} ({self.mode}); " + Intervention.describe(self)
+
+
+# ---- the `transfer` verb and playground section (intervene/registry.py) --------------------------------
+def _transfer_arguments(p) -> None:
+    p.add_argument("--reference-prompt", required=True, help="prompt of the reference generation")
+    p.add_argument("--reference-seed", type=int, default=0, help="seed of the reference generation")
+    p.add_argument("--features", default="all", help="feature ids F,F,... to transfer, or 'all' (default)")
+    p.add_argument("--mode", choices=["tokens", "mean"], default="tokens",
+                   help="tokens: same positions (default); mean: the reference's mean code on every target token")
+
+
+def _transfer_from_args(args, dictionary, where) -> Transfer:
+    features = None if str(args.features).strip().lower() == "all" else parse_ids(args.features, "--features")
+    return Transfer(dictionary, (args.reference_prompt, args.reference_seed), features, mode=args.mode, site=args.site,
+                    **where)
+
+
+register_intervention(InterventionSpec(
+    "transfer",
+    "take features' codes from a reference generation into the target (style / attribute transfer)",
+    build=_transfer_from_args,
+    add_arguments=_transfer_arguments,
+    description="Generate the reference, then generate the target with the chosen features' codes replaced "
+    "by the reference's at every (selected) step, token by token or as the reference's mean code.",
+    labels=("target", "transferred"),
+    title="transfer: {reference_prompt} -> {prompt}",
+    meta=lambda args: {"reference_prompt": args.reference_prompt, "reference_seed": args.reference_seed},
+    extra_images=lambda iv: [("reference", iv.reference_image)],
+    params=(Param("reference_prompt", "text", None, "prompt of the reference generation"),
+            Param("reference_seed", "int", 0, "seed of the reference generation", min=0, max=2**31 - 1),
+            Param("features", "features", "all", "feature ids to take from the reference, or 'all'", all_ok=True),
+            Param("mode", "choice", "tokens", "tokens: same positions; mean: the reference's mean code everywhere",
+                  choices=("tokens", "mean"))),
+    from_request=lambda p, dictionary: Transfer(dictionary, (p["reference_prompt"], p["reference_seed"]), p["features"],
+                                                mode=p["mode"]),
+))
