@@ -383,7 +383,7 @@ def test_resolve_in_site_rejects_symlinks_out(tmp_path):
     assert resolve_in_site(root, "/a/b.html") == (root / "a" / "b.html").resolve()
 
 
-def test_api_generate_and_steer(served, world):
+def test_api_generate_steer_and_intervene(served, world):
     port = served["port"]
     prompt = "a large red circle in the center on a black plain background"
     st, _, body = _request(port, "POST", "/api/generate", {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk"})
@@ -406,7 +406,8 @@ def test_api_generate_and_steer(served, world):
     st, _, body = _request(port, "POST", "/api/steer", {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk",
                                                         "feature": 3, "scale": 4.0})
     assert st == 200, body
-    assert json.loads(body)["image"] != out["image"]  # steering changed the picture
+    steered = json.loads(body)
+    assert steered["image"] != out["image"] and (steered["feature"], steered["scale"]) == (3, 4.0)  # steering changed the picture
     # bad inputs: a 400 with the message, not a traceback
     for req, msg in (({"prompt": f"a red {XSS_SCRIPT}", "steps": 2, "dict": "topk"}, "word"),
                      ({"prompt": prompt, "steps": 0, "dict": "topk"}, "steps"),
@@ -416,11 +417,47 @@ def test_api_generate_and_steer(served, world):
         st, ct, body = _request(port, "POST", path, req)
         assert st == 400 and ct == "application/json", body
         assert msg in json.loads(body)["error"] and "Traceback" not in body.decode()
+    # the generic route: the same steering through /api/intervene, and the registry's specs over GET
+    st, _, body = _request(port, "POST", "/api/intervene", {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk",
+                                                            "kind": "steer", "params": {"feature": 3, "scale": 4.0}})
+    assert st == 200, body
+    assert json.loads(body)["image"] == steered["image"] and json.loads(body)["params"] == {"feature": 3, "scale": 4.0}
+    st, ct, body = _request(port, "GET", "/api/interventions")
+    specs = {s["name"]: s for s in json.loads(body)["interventions"]}
+    assert st == 200 and ct == "application/json" and {"steer", "edit", "transfer"} <= set(specs)
+    assert [p["name"] for p in specs["steer"]["params"]] == ["feature", "scale"]
+    for req, msg in (({"kind": "steer", "params": {"feature": 64 * 99}}, "feature must be an integer in 0.."),
+                     ({"kind": "edit", "params": {"features": "1,x"}}, "features must be feature ids"),
+                     ({"kind": "edit", "params": {"features": [1], "op": "drop"}}, "op must be one of ablate, clamp, scale"),
+                     ({"kind": "transfer", "params": {}}, "reference_prompt is missing"),
+                     ({"kind": "nope", "params": {}}, "unknown intervention 'nope'")):
+        st, ct, body = _request(port, "POST", "/api/intervene", {"prompt": prompt, "steps": 2, "dict": "topk", **req})
+        assert st == 400 and ct == "application/json", body
+        assert msg in json.loads(body)["error"], body
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     c.request("POST", "/api/generate", body=b"{not json", headers={"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.status == 400 and "JSON" in json.loads(r.read())["error"]
     c.close()
+
+
+def test_a_registered_intervention_reaches_the_playground_api(served, monkeypatch):
+    """An intervention declared only in a test file (tests/test_intervene_cli.py) is listed and runs."""
+    from test_intervene_cli import zero_tokens_spec
+
+    from difflens.intervene.registry import INTERVENTIONS, intervention_specs
+
+    intervention_specs()
+    monkeypatch.setitem(INTERVENTIONS, "zero-tokens", zero_tokens_spec())
+    port = served["port"]
+    st, _, body = _request(port, "GET", "/api/interventions")
+    assert "zero-tokens" in {s["name"] for s in json.loads(body)["interventions"]}
+    req = {"prompt": "a large red circle in the center on a black plain background", "seed": 1, "steps": 2, "dict": "topk",
+           "kind": "zero-tokens"}
+    st, _, body = _request(port, "POST", "/api/intervene", {**req, "params": {"token": 120}})
+    assert st == 200 and json.loads(body)["steps_applied"] == [0, 1], body
+    st, _, body = _request(port, "POST", "/api/intervene", {**req, "params": {"token": -1}})
+    assert st == 400 and "token must be an integer in 0..255" in json.loads(body)["error"]
 
 
 # ---- headless Chromium ------------------------------------------------------------------------------------------
@@ -568,9 +605,24 @@ def test_server_and_playground(driver, served):
     driver.find_element(By.ID, "pg-image").click()  # pick the centre token
     _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#token-features li"), "token features")
     assert "token" in driver.find_element(By.ID, "token-label").text
+    # the intervention sections are built from the registry's specs: steer with its feature and scale slider
+    assert {"steer-section", "edit-section", "transfer-section"} <= {
+        e.get_attribute("id") for e in driver.find_elements(By.CSS_SELECTOR, "section[id$='-section']")}
+    assert driver.find_element(By.ID, "steer-scale").get_attribute("type") == "range"
+    driver.find_element(By.CSS_SELECTOR, "#step-features li button").click()  # "use": the feature goes into the fields
+    picked = driver.find_element(By.CSS_SELECTOR, "#step-features li").text.split()[0].lstrip("#")
+    assert driver.find_element(By.ID, "steer-feature").get_attribute("value") == picked
+    assert driver.find_element(By.ID, "edit-features").get_attribute("value") == picked
     driver.find_element(By.ID, "steer").click()
-    _wait(driver, lambda d: d.find_element(By.ID, "pg-steered").is_displayed() or d.find_element(By.ID, "error").text, "steered image")
+    _wait(driver, lambda d: d.find_element(By.ID, "result-steer").is_displayed() or d.find_element(By.ID, "error").text, "steered image")
     assert driver.find_element(By.ID, "error").text == ""
+    assert f"features {picked} " in driver.find_element(By.ID, "result-steer-caption").text
+    # a transfer shows the reference image beside its result
+    driver.find_element(By.ID, "transfer").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "result-transfer").is_displayed() or d.find_element(By.ID, "error").text,
+          "transferred image")
+    assert driver.find_element(By.ID, "error").text == ""
+    assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#transfer-section figcaption")][1:] == ["reference"]
     assert _severe(driver) == []
     # a prompt with markup: the server's error message comes back and is shown as text
     box = driver.find_element(By.ID, "prompt")

@@ -450,14 +450,9 @@
     right.appendChild(tokList);
     right.appendChild(el("h3", null, "strongest features at this step (sum over tokens)"));
     right.appendChild(stepList);
-    var steerF = el("input", { id: "steer-feature", type: "number", min: 0, value: 0, "aria-label": "feature to steer" });
-    var steerS = el("input", { id: "steer-scale", type: "range", min: -4, max: 4, step: 0.1, value: 1, "aria-label": "steering scale" });
-    var steerV = el("span", { id: "steer-value" }, "1");
-    var steerBtn = el("button", { id: "steer", type: "button" }, "Steer");
-    var steered = el("img", { id: "pg-steered", alt: "steered image", width: SIZE, height: SIZE, className: "pg", hidden: true });
-    var steerSec = section("Steer", [el("div", { className: "controls" }, [el("label", null, ["feature ", steerF]), " ",
-      el("label", null, ["scale (× mean token norm) ", steerS]), " ", steerV, " ", steerBtn]), steered], "steer-section");
-    app.appendChild(steerSec);
+    // one section per registered intervention (difflens.intervene.registry), built from its declared params
+    var ivInputs = [];  // {kind, param, input} of every control
+    (d.interventions || []).forEach(function (iv) { app.appendChild(interventionSection(iv)); });
     var baseImg = new Image();
 
     function featLink(slug, f, v) {
@@ -465,8 +460,8 @@
       var li = el("li", null, [href ? el("a", { href: href }, "#" + f) : "#" + f, " " + fmt(v) + " "]);
       var ex = (d.explanations && d.explanations[slug]) ? d.explanations[slug][String(f)] : null;
       if (ex) li.appendChild(el("span", { className: "expl" }, ex));
-      var use = el("button", { type: "button", className: "small" }, "steer");
-      use.addEventListener("click", function () { steerF.value = String(f); });
+      var use = el("button", { type: "button", className: "small", title: "put this feature into the interventions' feature fields" }, "use");
+      use.addEventListener("click", function () { useFeature(f); });
       li.appendChild(use);
       return li;
     }
@@ -527,18 +522,79 @@
       paint(); showLists();
     });
     stepSlider.addEventListener("input", showLists);
-    steerS.addEventListener("input", function () { steerV.textContent = steerS.value; });
-    steerBtn.addEventListener("click", function () {
-      err.textContent = ""; status.textContent = "steering…"; steerBtn.disabled = true;
-      var body = request();
-      body.feature = Number(steerF.value); body.scale = Number(steerS.value);
-      post("api/steer", body).then(function (j) {
-        var src = safeDataUrl(j.image);
-        if (src) { steered.src = src; steered.hidden = false; }
-        status.textContent = "steered";
-      }).catch(function (e) { err.textContent = String(e.message || e); status.textContent = ""; })
-        .then(function () { steerBtn.disabled = false; });
-    });
+    function safeId(s) { return typeof s === "string" && /^[A-Za-z0-9_-]+$/.test(s); }
+    function useFeature(f) {
+      ivInputs.forEach(function (c) {
+        if (c.param.kind === "feature") c.input.value = String(f);
+        if (c.param.kind === "features") {
+          var cur = c.input.value.trim(), ids = (cur && cur.toLowerCase() !== "all") ? cur.split(",") : [];
+          if (ids.map(function (x) { return x.trim(); }).indexOf(String(f)) < 0) ids.push(String(f));
+          c.input.value = ids.join(",");
+        }
+      });
+    }
+    function paramControl(kind, p) {
+      var id = kind + "-" + p.name, input, shown = null;
+      var def = p.default === null || p.default === undefined ? "" : p.default;
+      if (p.kind === "choice") {
+        input = el("select", { id: id, "aria-label": p.name });
+        (p.choices || []).forEach(function (c) { input.appendChild(el("option", { value: c, selected: c === def }, c)); });
+      } else if (p.kind === "text" || p.kind === "features") {
+        if (p.kind === "text" && def === "") def = d.example_prompt || "";
+        input = el("input", { id: id, type: "text", size: p.kind === "text" ? 50 : 12, value: def, "aria-label": p.name,
+          placeholder: p.kind === "features" ? (p.all_ok ? "all or 12,40" : "e.g. 12,40") : null });
+      } else if (p.kind === "float" && p.slider) {
+        input = el("input", { id: id, type: "range", min: p.slider[0], max: p.slider[1], step: p.step || "any", value: def, "aria-label": p.name });
+        shown = el("span", { id: id + "-value" }, String(def));
+        input.addEventListener("input", function () { shown.textContent = input.value; });
+      } else {  // int, float, feature
+        input = el("input", { id: id, type: "number", min: p.kind === "feature" ? 0 : p.min, max: p.max,
+          step: p.kind === "float" ? (p.step || "any") : 1, value: def, "aria-label": p.name });
+      }
+      ivInputs.push({ kind: kind, param: p, input: input });
+      return el("label", { title: p.help || null }, [p.name + (p.help ? " (" + p.help + ") " : " "), input, shown ? " " : null, shown]);
+    }
+    function paramValue(p, input) {
+      var v = input.value;
+      if (p.kind === "int" || p.kind === "float" || p.kind === "feature") return v === "" ? null : Number(v);
+      return v;
+    }
+    function interventionSection(iv) {
+      var kind = iv.name;
+      if (!safeId(kind)) return null;
+      var params = (iv.params || []).filter(function (p) { return safeId(p.name); });
+      var controls = el("div", { className: "controls" });
+      params.forEach(function (p) { controls.appendChild(paramControl(kind, p)); controls.appendChild(txt(" ")); });
+      var btn = el("button", { id: kind, type: "button" }, kind[0].toUpperCase() + kind.slice(1));
+      controls.appendChild(btn);
+      var img = el("img", { id: "result-" + kind, alt: kind + " image", width: SIZE, height: SIZE, className: "pg", hidden: true });
+      var caption = el("figcaption", { id: "result-" + kind + "-caption", className: "muted" });
+      var extras = el("div", { className: "pg-out" });
+      var results = el("div", { className: "pg-out" }, [el("figure", null, [img, caption]), extras]);
+      btn.addEventListener("click", function () {
+        err.textContent = ""; status.textContent = kind + "…"; btn.disabled = true;
+        var body = request(), values = {};
+        params.forEach(function (p) {
+          var c = ivInputs.filter(function (x) { return x.kind === kind && x.param === p; })[0];
+          values[p.name] = paramValue(p, c.input);
+        });
+        body.kind = kind; body.params = values;
+        post("api/intervene", body).then(function (j) {
+          var src = safeDataUrl(j.image);
+          if (src) { img.src = src; img.hidden = false; }
+          caption.textContent = typeof j.intervention === "string" ? j.intervention : "";
+          clear(extras);
+          (j.extra || []).forEach(function (x) {
+            var xs = safeDataUrl(x.image);
+            if (xs) extras.appendChild(el("figure", null, [el("img", { src: xs, alt: String(x.label), width: SIZE, height: SIZE, className: "pg" }),
+              el("figcaption", null, String(x.label))]));
+          });
+          status.textContent = "done";
+        }).catch(function (e) { err.textContent = String(e.message || e); status.textContent = ""; })
+          .then(function () { btn.disabled = false; });
+      });
+      return section(kind[0].toUpperCase() + kind.slice(1), [el("p", { className: "muted" }, iv.help || ""), controls, results], kind + "-section");
+    }
   }
 
   var renderers = { index: renderIndex, feature: renderFeature, compare: renderCompare, playground: renderPlayground };
