@@ -7,7 +7,9 @@ through a dictionary's codes, transfer from a reference generation, and splicing
         Ablate(sae, [7, 9], branch="cond"),
     ])
 
-See docs/intervene.md for the semantics (error term, CFG branches, regions, windows).
+See docs/intervene.md for the semantics (error term, CFG branches, regions, windows). Each
+intervention module registers its CLI verb and playground section with `register_intervention`
+(docs/architecture.md, "Where to add things").
 """
 
 from difflens.intervene.batched import Batched, batch_interventions
@@ -18,6 +20,7 @@ from difflens.intervene.run import Recording, build_hookset, generate_with, reco
 from difflens.intervene.steer import Steer, feature_maxima
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.region import Region, Window
+from difflens.intervene.registry import InterventionSpec, Param, intervention_specs, register_intervention
 from difflens.intervene.sweep import steer_sweep
 
 __all__ = [
@@ -29,7 +32,9 @@ __all__ = [
     "FiresOn",
     "CodeEdit",
     "Intervention",
+    "InterventionSpec",
     "MeanAblate",
+    "Param",
     "Recording",
     "Region",
     "Replace",
@@ -44,7 +49,9 @@ __all__ = [
     "concept_direction",
     "feature_maxima",
     "generate_with",
+    "intervention_specs",
     "record_activations",
     "recorder",
+    "register_intervention",
     "steer_sweep",
 ]

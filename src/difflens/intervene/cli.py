@@ -206,6 +206,7 @@ def run_intervention(args: argparse.Namespace) -> int:
     import difflens
     from difflens.intervene.registry import get_intervention, sweep_or_single
     from difflens.intervene.run import generate_with
+    from difflens.intervene.sweep import generate_sweep
 
     spec = get_intervention(args.intervention_verb)
     where = _where(args)
@@ -223,11 +224,7 @@ def run_intervention(args: argparse.Namespace) -> int:
         images = [clean.images[0], *(im for _, im in extras), changed.images[0]]
         labels = [spec.labels[0].format(**fields), *(lab for lab, _ in extras), spec.labels[1].format(**fields)]
     else:  # a sweep: one batch, the clean image as sample 0 and variant i as sample i + 1
-        for i, iv in enumerate(ivs):
-            iv.samples = (i + 1,)
-        n = len(ivs) + 1
-        gen = generate_with(adapter, [args.prompt] * n, [args.seed] * n, ivs, **gk)
-        images = list(gen.images)
+        images = list(generate_sweep(adapter, args.prompt, args.seed, ivs, **gk).images)
         labels = [spec.labels[0].format(**fields), *(str(lab) for lab, _ in variants)]
     labels, readings = _captioned(adapter, images, labels)
     meta = {"verb": spec.name, "prompt": args.prompt, "seed": args.seed, **(spec.meta(args) if spec.meta else {}),

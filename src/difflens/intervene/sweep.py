@@ -1,7 +1,7 @@
 """Steering sweeps: one prompt/seed at several scales, beside the unsteered image, in one batch.
 
-The whole sweep is a single generate() call: sample 0 is unsteered and sample i+1 carries a
-`Steer` restricted to it (`samples=[i+1]`), so the sweep costs one batched generation.
+The whole sweep is a single generate() call (`generate_sweep`): sample 0 is unsteered and sample
+i+1 carries a `Steer` restricted to it (`samples=[i+1]`), so the sweep costs one batched generation.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ def steer_sweep(
     Extra keyword arguments go to every `Steer` (mode, window, region, branch, stats, ...).
     """
     scales = [float(s) for s in scales]
-    n = len(scales) + 1
-    ivs = [Steer(dictionary, features, s, samples=[i + 1], **steer_kwargs) for i, s in enumerate(scales)]
-    gen = generate_with(adapter, [prompt] * n, [int(seed)] * n, ivs, steps=steps, guidance=guidance)
+    ivs = [Steer(dictionary, features, s, **steer_kwargs) for s in scales]
+    gen = generate_sweep(adapter, prompt, seed, ivs, steps=steps, guidance=guidance)
     labels = ["unsteered"] + [f"scale {s:+g}" for s in scales]
     readings = None
     if read is not None:
@@ -54,6 +53,17 @@ def steer_sweep(
         "timesteps": list(gen.timesteps),
         "steer": ivs[0].describe() if ivs else None,
     }
+
+
+def generate_sweep(adapter, prompt: str, seed: int, interventions: Sequence, **gen_kwargs):
+    """One generation of len(interventions) + 1 samples of one prompt and seed: sample 0 clean,
+    intervention i restricted to sample i + 1 (its `samples` is set here). Used by `steer_sweep`
+    and by every CLI verb whose build returns a sweep."""
+    interventions = list(interventions)
+    for i, iv in enumerate(interventions):
+        iv.samples = (i + 1,)
+    n = len(interventions) + 1
+    return generate_with(adapter, [prompt] * n, [int(seed)] * n, interventions, **gen_kwargs)
 
 
 def read_factor_safe(adapter, images, factor: str, position: str | None) -> list[str] | None:
