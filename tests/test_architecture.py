@@ -203,3 +203,46 @@ def test_study_objects_come_from_the_world():
     items = study_items("color", "red", 8, np.random.default_rng(0), has=True, truth=world)
     assert {i.object for i in items} <= {"square", "eight"}
     assert all(i.object in ToyWorld.study_objects for i in make_cases(12, 0, truth=ToyWorld()))
+
+
+def test_no_import_circle_at_module_level():
+    """Module-level imports inside difflens form no cycle (imports inside functions are the
+    deliberate lazy ones and are not counted)."""
+    import ast
+    from pathlib import Path
+
+    import difflens
+
+    root = Path(difflens.__file__).parent
+    mods = {}
+    for p in root.rglob("*.py"):
+        parts = list(p.relative_to(root.parent).with_suffix("").parts)
+        mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, p in mods.items():
+        pkg = m if p.name == "__init__.py" else m.rsplit(".", 1)[0]
+        for node in ast.parse(p.read_text()).body:
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    base = ".".join(pkg.split(".")[: len(pkg.split(".")) - node.level + 1] + ([base] if base else []))
+                names = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            else:
+                continue
+            graph[m] |= {n if n in mods else n.rsplit(".", 1)[0] for n in names if n.startswith("difflens")} & set(mods)
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def cycle_from(v, path):
+        state[v] = 1
+        for w in sorted(graph[v]):
+            if state.get(w) == 1:
+                return path[path.index(w):] + [w] if w in path else [v, w]
+            if w not in state and (found := cycle_from(w, path + [w])):
+                return found
+        state[v] = 2
+        return None
+
+    cycles = [c for m in sorted(graph) if m not in state and (c := cycle_from(m, [m]))]
+    assert len(graph) > 100 and cycles == []
