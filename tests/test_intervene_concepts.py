@@ -112,12 +112,13 @@ def test_concept_study_end_to_end(adapter, tmp_path):
             assert 0 <= e["eligible"] <= n and e["mse_outside_box"] >= 0
             assert e["success_rate"] is None or 0 <= e["success_rate"] <= 1
         assert "control_random_features" in d["rows"]["color ablation"]
+        assert "control_random_direction" in d["rows"]["color steer"]
     assert set(res["references"]) == {"difference of means", "random direction", "prompt changed: color",
                                       "prompt changed: object"}
     # clean + 3 reference recordings (colour, object, background; the prompt-changed rows reuse their
-    # images) + at most 2 x (7 rows + control) + 2 steering references; cases a row does not count
+    # images) + at most 2 x (7 rows + 2 controls) + 2 steering references; cases a row does not count
     # (the clean image misreads the factor) or leaves alone (no features) keep their clean image.
-    assert n * 4 <= res["images"] <= n * (1 + 3 + 2 * 8 + 2)
+    assert n * 4 <= res["images"] <= n * (1 + 3 + 2 * 9 + 2)
     on_disk = json.loads((tmp_path / "out" / "concepts.json").read_text())
     assert on_disk["n_cases"] == n and (tmp_path / "out" / "concepts.png").is_file()
     img = tiny_sae(adapter.site_dim("transformer_blocks.1:img"), site="transformer_blocks.1:img")
@@ -217,3 +218,75 @@ def test_batched_per_case_interventions_equal_the_per_case_path(adapter, txt_sae
     assert len(grouped[0].members) == 4
     with pytest.raises(DifflensError, match="share the site and token selection"):
         Batched([Steer(d, [1], 1.0, tokens=[1], samples=[0]), Steer(d, [1], 1.0, samples=[1])])
+
+
+# ---- the colour-steer row's settings ----------------------------------------------------------------
+def test_steer_random_direction_has_the_same_norm_at_the_same_tokens(adapter, txt_sae):
+    """The steer's control: the same per-token length, at the same tokens, along another direction."""
+    feats = [3, 7]
+    a = Steer(txt_sae, feats, 2.0, mode="absolute", tokens=[1, 3])
+    b = Steer(txt_sae, feats, 2.0, mode="absolute", tokens=[1, 3], random_direction=5)
+    _, pre, post_a = run_with_probe(adapter, [a], site=TXT)
+    _, _, post_b = run_with_probe(adapter, [b], site=TXT)
+    key = next(iter(pre))
+    da, db = post_a[key][0] - pre[key][0], post_b[key][0] - pre[key][0]
+    assert torch.allclose(da.norm(dim=-1), db.norm(dim=-1), atol=1e-4)
+    moved = db.norm(dim=-1) > 1e-6
+    assert moved[:, [1, 3]].all() and moved.sum() == 2 * db.shape[0]
+    cos = torch.nn.functional.cosine_similarity(da[:, 1], db[:, 1], dim=-1)
+    assert (cos.abs() < 0.9).all()  # another direction
+    assert "random direction" in b.describe()
+
+
+def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adapter, txt_sae):
+    from difflens.intervene.study_concept_steer import SteerRecipe, steer_interventions
+    from difflens.intervene.study_items import Item, generate_items
+    from difflens.intervene.region import Window
+
+    img = tiny_sae(adapter.site_dim("transformer_blocks.1:img"), site="transformer_blocks.1:img")
+
+    class Case(Item):
+        to_color = "blue"
+
+    case = Case(PROMPT, 0, "red", "circle", "center", "black")
+    feats = {"color=red": [0, 5, 9, 11], "color=blue": [1, 2, 4, 6]}
+    fmax = {f: 2.0 for fs in feats.values() for f in fs}
+    kw = dict(text=txt_sae, feats=feats, fmax=fmax, branch="both", window=Window.all(), image=img, image_feats=feats,
+              image_max=fmax)
+    [one] = steer_interventions(SteerRecipe(scale=2.5), case, 0, **kw)
+    assert one.scale == 2.5 and one.features == (1, 2, 4, 6) and one.where.features == (0, 5, 9, 11)
+    assert one.random_direction is None and one.branch == "both"
+    txt, im = steer_interventions(SteerRecipe(tokens="all", image_scale=0.5, n_features=2, branch="cond"), case, 3,
+                                  control=7, **kw)
+    assert txt.where is None and txt.features == (1, 2) and txt.branch == "cond" and txt.random_direction == 7
+    assert im.site != txt.site and im.region is not None and im.scale == 0.5 and im.branch == "both" and im.samples == (3,)
+    assert steer_interventions(SteerRecipe(), Case(PROMPT, 0, "green", "circle", "center", "black"), 0, **kw) == []
+    # A zero-scale steer (text and image stream) leaves the generation bit-identical to the clean one.
+    items = [case, Case(PROMPT2, 1, "red", "square", "center", "gray")]
+    clean = generate_items(adapter, items, None, steps=2)
+    zero = SteerRecipe(scale=0.0, image_scale=0.0, tokens="all")
+    assert np.array_equal(generate_items(adapter, items, lambda k, j: steer_interventions(zero, items[k], j, **kw), steps=2),
+                          clean)
+    some = SteerRecipe(scale=1.0, tokens="all")
+    assert not np.array_equal(
+        generate_items(adapter, items, lambda k, j: steer_interventions(some, items[k], j, **kw), steps=2), clean)
+    for bad, match in (({"tokens": "word"}, "fires, all"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
+                       ({"n_features": 0}, ">= 1")):
+        with pytest.raises(DifflensError, match=match):
+            SteerRecipe(**bad)
+
+
+def test_steer_options_parse_into_the_recipe():
+    from difflens.cli import build_parser
+    from difflens.intervene.cli import _steer_recipe
+    from difflens.intervene.study_concept_steer import SteerRecipe
+
+    base = ["intervene-study", "--model", "toy", "--dict", "d", "--data", "s", "--out", "o"]
+    args = build_parser().parse_args(base + ["--steer-scale", "2.5", "--steer-tokens", "all", "--steer-branch", "cond",
+                                             "--steer-window", "0:6", "--steer-features", "5"])
+    r = _steer_recipe(args)
+    assert (r.scale, r.tokens, r.branch, r.n_features, r.image_scale) == (2.5, "all", "cond", 5, 0.0)
+    assert r.window.describe() == SteerRecipe(window=r.window).describe()["window"] and "0" in r.window.describe()
+    assert _steer_recipe(build_parser().parse_args(base)) == SteerRecipe()
+    with pytest.raises(DifflensError, match="--image-dict"):
+        _steer_recipe(build_parser().parse_args(base + ["--steer-image-scale", "0.3"]))

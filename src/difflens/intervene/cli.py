@@ -114,6 +114,20 @@ def register(subparsers) -> None:
                    help="target features at this multiple of their store maximum (concepts; default 1.5)")
     p.add_argument("--branch", choices=["both", "cond", "uncond"], default="both", help="CFG rows to act on (--study concepts; default both)")
     add_step_window(p, help="denoising steps the concept study's edits act on: a:b (b excluded) or 0,2,4 (default: every step)")
+    p.add_argument("--references", default=None,
+                   help="comma-separated dictionary-free reference rows, or 'none' (--study concepts; default all): "
+                   "difference of means, random direction, prompt changed: color, prompt changed: object")
+    g = p.add_argument_group("colour steer row (--study concepts; the target's features added, the prompt's colour left)")
+    g.add_argument("--steer-scale", type=float, default=None,
+                   help="text-stream target features at this multiple of their store maximum (default 1.5)")
+    g.add_argument("--steer-image-scale", type=float, default=None,
+                   help="with --image-dict, also add the target colour's image-stream features in the object's box at this "
+                   "multiple of their maximum (0: text only)")
+    g.add_argument("--steer-tokens", choices=["fires", "all"], default=None,
+                   help="fires: the tokens where the prompt colour's features fire (default); all: every text token")
+    g.add_argument("--steer-branch", choices=["both", "cond", "uncond"], default=None, help="CFG rows of the text push (default: --branch)")
+    g.add_argument("--steer-window", default=None, metavar="W", help="steps of the steer: a:b or 0,2,4 (default: --step-window)")
+    g.add_argument("--steer-features", type=int, default=None, metavar="N", help="target features per colour (default 3)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
     p.add_argument("--scales", default=None, help="comma-separated steering scales (--study features; default 0.25,0.5,1,2,4)")
@@ -274,6 +288,11 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
     if args.data is None:
         raise DifflensError("--study concepts labels features from a store: pass --data STORE (harvested at the dictionaries' sites)")
     rows = ROWS if args.rows is None else tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    if args.references is not None:
+        extra_refs = {"references": () if args.references.strip().lower() == "none"
+                      else tuple(r.strip() for r in args.references.split(",") if r.strip())}
+    else:
+        extra_refs = {}
     names: dict[str, object] = {}
     for d in args.dict_dir:
         name = Path(d).name
@@ -286,12 +305,27 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
             raise DifflensError(f"{len(args.image_dict_dir)} --image-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
         images = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.image_dict_dir)}
     extra = {k: v for k, v in (("scale", args.scale), ("image_scale", args.image_scale)) if v is not None}
+    extra["steer"] = _steer_recipe(args)
+    extra.update(extra_refs)
     result = run_concept_study(
         adapter, names, _store(args.data), out, n=args.cases, rows=rows, branch=args.branch, image_dictionaries=images,
         window=Window.parse(args.step_window) if args.step_window else None, **extra,
         steps=args.steps, guidance=args.guidance, seed=args.seed, show_progress=not getattr(args, "quiet", False),
     )
     return _report(args, result, markdown, out)
+
+
+def _steer_recipe(args: argparse.Namespace):
+    """The colour-steer row's settings from --steer-* (unset ones keep `SteerRecipe`'s defaults)."""
+    from difflens.intervene.region import Window
+    from difflens.intervene.study_concept_steer import SteerRecipe
+
+    given = {"scale": args.steer_scale, "image_scale": args.steer_image_scale, "tokens": args.steer_tokens,
+             "branch": args.steer_branch, "n_features": args.steer_features,
+             "window": Window.parse(args.steer_window, steps_flag="--steer-window") if args.steer_window else None}
+    if given["image_scale"] and not args.image_dict_dir:
+        raise DifflensError("--steer-image-scale adds image-stream features: give --image-dict (one per --dict)")
+    return SteerRecipe(**{k: v for k, v in given.items() if v is not None})
 
 
 def _report(args: argparse.Namespace, result: dict, to_markdown, out: Path) -> int:

@@ -32,6 +32,9 @@ class Steer(Intervention):
       feature-max  m = scale × the largest activation of f seen in a store (`feature_max` or `store`),
                    converted to raw units through the decoder, i.e. scale=1 adds f at its max.
     Negative scales subtract. Without a dictionary, `direction` (a [D] vector, normalised here) is used.
+    `random_direction=seed` is the control of a steer: each token gets a vector of the same length
+    (same features, scale, tokens, steps and rows) along one fixed random unit direction drawn from
+    the seed, so only the direction differs.
     """
 
     kind = "steer"
@@ -48,6 +51,7 @@ class Steer(Intervention):
         store=None,
         feature_max: Mapping[int, float] | None = None,
         site: str | Site | None = None,
+        random_direction: int | None = None,
         **common,
     ) -> None:
         if mode not in SCALE_MODES:
@@ -74,6 +78,8 @@ class Steer(Intervention):
             if n == 0 or n != n:
                 raise DifflensError("the steering direction is zero or not finite")
             self._raw_direction = direction / n
+        self.random_direction = None if random_direction is None else int(random_direction)
+        self._random: torch.Tensor | None = None
         self._dirs: torch.Tensor | None = None
         self._gain: dict[float, torch.Tensor] = {}
 
@@ -101,6 +107,9 @@ class Steer(Intervention):
             if self._raw_direction.numel() != d:
                 raise DifflensError(f"direction has {self._raw_direction.numel()} dims but site {self.site} has {d}")
             self._dirs = self._raw_direction[None].to(dev)
+        if self.random_direction is not None:
+            r = torch.randn(self._dirs.shape[1], generator=torch.Generator().manual_seed(self.random_direction))
+            self._random = (r / r.norm()).to(dev)
         self._gain.clear()
 
     def _feature_gain(self, t: float) -> torch.Tensor:
@@ -132,10 +141,13 @@ class Steer(Intervention):
 
     def apply(self, x, ctx, rows, toks, acts):
         vec = self.magnitudes(ctx, acts, rows) @ self._dirs.to(acts.device)  # [R, D]
+        if self._random is not None:
+            vec = vec.norm(dim=-1, keepdim=True) * self._random.to(acts.device)[None, :]
         return x.float() + vec[:, None, :]
 
     def describe(self) -> str:
         what = f"features {','.join(map(str, self.features))}" if self.features else "direction"
+        what += ", random direction of the same norm" if self.random_direction is not None else ""
         return f"steer {what} x {self.scale:g} ({self.mode}); " + super().describe()
 
 

@@ -10,7 +10,8 @@ classifier; a case counts when its clean image reads the prompted value.
 
 Rows (per dictionary): colour and object *edits* (swap the codes of the prompt's concept features
 for the target concept's features at their store maximum), colour *steering* (add the target's
-features, leaving the source), colour *ablation* (with a random-feature control), and colour and
+features, leaving the source; its own settings, `SteerRecipe`, and a random-direction control of
+the same norm), colour *ablation* (with a random-feature control), and colour and
 background *transfer* from a reference prompt that differs in that factor only (the object's
 transfer takes every feature: no few features carry it). Dictionary-free references: the
 difference-of-means direction and a random direction of the same norm, added at the tokens of the
@@ -36,6 +37,7 @@ from difflens.intervene.edits import CodeEdit
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import Steer, feature_maxima
+from difflens.intervene.study_concept_steer import SteerRecipe, steer_interventions
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import label_features
 from difflens.intervene.transfer import Transfer
@@ -154,6 +156,7 @@ def run_concept_study(
     window: Window | None = None,
     image_dictionaries: Mapping[str, object] | None = None,
     image_scale: float | Mapping[str, float] | None = None,
+    steer: SteerRecipe | None = None,
     steps: int | None = None,
     guidance: float | None = None,
     classifier=None,
@@ -168,7 +171,8 @@ def run_concept_study(
     image-stream dictionary, e.g. at `transformer_blocks.1:img`, where the trace says objects are
     written) add to that name's colour and object edits the same swap of the factor's features
     inside the object's box, in both CFG branches, the target's at `image_scale` x their maximum
-    (one number, or per factor; default DEFAULT_IMAGE_SCALE). Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
+    (one number, or per factor; default DEFAULT_IMAGE_SCALE). `steer` sets the colour-steer row
+    (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`). Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
     row's success rate, the share of cases whose other factors were kept, and pixel MSE inside and
     outside the object's box.
     """
@@ -195,7 +199,7 @@ def run_concept_study(
     gen_kw = dict(steps=steps, guidance=guidance)
     ref_factors = {r.split()[0] for r in rows if "transfer" in r} | {r.split()[-1] for r in references if r.startswith("prompt")}
     n_ref_sites = len(set(sites.values())) * len(ref_factors)
-    per_dict = len(rows) + ("color ablation" in rows)
+    per_dict = len(rows) + ("color ablation" in rows) + ("color steer" in rows)
     n_steer_refs = len([r for r in references if not r.startswith("prompt")])
     bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + n_steer_refs), "concept study", show_progress)
     t0 = time.time()
@@ -243,36 +247,42 @@ def run_concept_study(
         return np.concatenate([np.asarray(r.images) for r in recs])
 
     window = window or Window.all()
+    steer = steer or SteerRecipe()
     image_scale = dict(DEFAULT_IMAGE_SCALE) if image_scale is None else (
         dict(image_scale) if isinstance(image_scale, Mapping) else {f: float(image_scale) for f in DEFAULT_IMAGE_SCALE})
     result: dict = {"n_cases": n, "steps": steps, "branch": branch, "scale": scale, "n_features": n_features,
                     "window": window.describe(), "image_dictionaries": {k: v.cfg.site for k, v in image_dictionaries.items()},
-                    "image_scale": image_scale,
+                    "image_scale": image_scale, "steer": steer.describe(),
                     "clean_reads_prompt": {f: float(np.mean([clean[f][i] == getattr(c, f) for i, c in enumerate(cases)]))
                                            for f in ("color", "object", "bgcolor")},
                     "dictionaries": {}, "references": {}}
     shown: dict[str, np.ndarray] = {}
     for name, d in dictionaries.items():
         site = sites[name]
-        feats = concept_features(d, store, n_features, truth=truth)
-        need = sorted({f for fs in feats.values() for f in fs})
+        n_steer = max(n_features, steer.n_features or 0) if "color steer" in rows else n_features
+        steer_feats = concept_features(d, store, n_steer, truth=truth)
+        feats = {c: fs[:n_features] for c, fs in steer_feats.items()}
+        need = sorted({f for fs in steer_feats.values() for f in fs})
         fmax = feature_maxima(d, store, need) if need else {}
         rng = np.random.default_rng(seed + 7)
         res: dict = {"site": site, "arch": d.cfg.arch, "width": int(d.num_latents), "rows": {}}
 
         img = image_dictionaries.get(name)
         if img is not None and any(r.endswith("edit") or r == "color steer" for r in rows):
-            img_feats = concept_features(img, store, n_features, truth=truth)
+            img_feats = concept_features(img, store, n_steer, truth=truth)
             img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
 
-        def swap(factor, k, j, add_only=False):
+        def steered(k, j, control=False):
+            return steer_interventions(steer, cases[k], j, text=d, feats=steer_feats, fmax=fmax, branch=branch, window=window,
+                                       image=img, image_feats=img_feats if img is not None else None,
+                                       image_max=img_max if img is not None else None, truth=truth,
+                                       control=(seed + 1000 * k) if control else None)
+
+        def swap(factor, k, j):
             c = cases[k]
             src, tgt = feats.get(f"{factor}={getattr(c, factor)}", []), feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
             if not src or not tgt:
                 return []
-            if add_only:  # steering stays at the dictionary's own site
-                return [Steer(d, tgt, scale, mode="feature-max", feature_max=fmax, where=FiresOn(d, src), branch=branch,
-                              window=window, samples=[j])]
             ops = [("ablate", src, None)] + [("clamp", [f], scale * fmax[f]) for f in tgt]
             out = [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, window=window, samples=[j])]
             if img is not None:  # and where the object is drawn: the same swap in its box, both branches
@@ -285,9 +295,13 @@ def run_concept_study(
         for row in rows:
             factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
             control = None
-            if row.endswith("edit") or row == "color steer":
-                imgs = generate(lambda k, j, f=factor, a=(row == "color steer"): swap(f, k, j, a), factor)
+            if row.endswith("edit"):
+                imgs = generate(lambda k, j, f=factor: swap(f, k, j), factor)
                 entry = score(cases, clean, read(imgs), factor)
+            elif row == "color steer":
+                imgs = generate(steered, factor)
+                entry = score(cases, clean, read(imgs), factor)
+                control = score(cases, clean, read(generate(lambda k, j: steered(k, j, True), factor)), factor)
             elif row == "color ablation":
                 drawn: dict[int, list[int]] = {}  # each case's random features, drawn once
 
@@ -311,10 +325,10 @@ def run_concept_study(
                 imgs = generate(transfer, factor)
                 entry = score(cases, clean, read(imgs), factor)
             entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
-            if row.endswith("edit") and img is not None:
+            if (row.endswith("edit") or (row == "color steer" and steer.image_scale > 0)) and img is not None:
                 entry["image_site"] = img.cfg.site
             if control is not None:
-                entry["control_random_features"] = control
+                entry["control_random_direction" if row == "color steer" else "control_random_features"] = control
             res["rows"][row] = entry
             if name == next(iter(dictionaries)):
                 shown[row] = imgs
@@ -405,6 +419,7 @@ def markdown(result: dict) -> str:
         + "".join(f"; {n}'s edits also at `{s}` in the object's box (" + ", ".join(
                   f"{f} {v:g} x" for f, v in result["image_scale"].items()) + ")"
                   for n, s in result.get("image_dictionaries", {}).items())
+        + _steer_note(result.get("steer"), names, ds)
         + ". Cell: success (of n eligible) / other factors kept.",
         "",
         head,
@@ -417,9 +432,12 @@ def markdown(result: dict) -> str:
             e = ds[n]["rows"].get(row)
             cells.append("-" if e is None else f"{_pct(e['success_rate'])} ({e['eligible']}) / {_pct(e['kept_rate'])}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-        if row == "color ablation":
-            cells = [_pct(ds[n]["rows"][row]["control_random_features"]["success_rate"]) if row in ds[n]["rows"] else "-" for n in names]
-            lines.append("| color ablation, random features (control) | " + " | ".join(cells) + " |")
+        for r, key, what in (("color ablation", "control_random_features", "random features"),
+                             ("color steer", "control_random_direction", "random direction of the same norm")):
+            if row == r:
+                cells = [_pct(ds[n]["rows"][row][key]["success_rate"]) if row in ds[n]["rows"] and key in ds[n]["rows"][row]
+                         else "-" for n in names]
+                lines.append(f"| {r}, {what} (control) | " + " | ".join(cells) + " |")
     for row, e in result.get("references", {}).items():
         if isinstance(e, dict):
             lines.append(f"| {row} (no dictionary) | " + " | ".join(
@@ -436,6 +454,18 @@ def markdown(result: dict) -> str:
     if result.get("images_per_second"):
         lines.append(f"{result['images']} images in {result['seconds']} s ({result['images_per_second']} images/s).")
     return "\n".join(lines) + "\n"
+
+
+def _steer_note(steer: dict | None, names, ds) -> str:
+    """How the colour-steer row was run, when it was."""
+    if not steer or not any("color steer" in ds[n]["rows"] for n in names):
+        return ""
+    parts = [f"text features at {steer['scale']:g} x", "where the prompt colour fires" if steer["tokens"] == "fires"
+             else "at every text token"]
+    if steer.get("image_scale"):
+        parts.append(f"image features at {steer['image_scale']:g} x in the box")
+    parts += [f"{k} {steer[k]}" for k in ("branch", "window", "n_features") if steer.get(k) is not None]
+    return "; colour steer: " + ", ".join(parts)
 
 
 def _examples(out: Path, cases, clean, clean_img, shown) -> str | None:
