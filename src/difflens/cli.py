@@ -25,7 +25,7 @@ VERB_MODULES = [
     "difflens.store.cli",
     "difflens.train.cli",
     "difflens.evaluate.cli",
-    "difflens.evaluate.study",
+    "difflens.evaluate.study_cli",
     "difflens.compare.cli",
     "difflens.interpret.cli",
     "difflens.benchmark.cli",
