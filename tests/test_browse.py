@@ -152,9 +152,16 @@ def test_export_discovers_and_writes_pages(world, site):
     assert [d["name"] for d in man["dictionaries"]] == ["topk", "itda"]
     # interpretation, store found by the demo layout (dicts/<name> next to interpret/, store/)
     assert all(d["interp"] for d in man["dictionaries"]) and man["store"] and man["images"] > 0
-    for f in ("index.html", "compare.html", "app.js", "style.css"):
+    for f in ("index.html", "compare.html", "app.js", "pages.js", "style.css"):
         assert (site / f).is_file()
-    assert not (site / "playground.html").exists()  # static export: no playground
+    assert not (site / "playground.html").exists() and not (site / "playground.js").exists()  # static export: no playground
+    # every page loads app.js first, then its own script, all files of the site, and nothing else
+    srcs = {}
+    for page in [site / "index.html", site / "compare.html", *site.glob("features/*/*.html")]:
+        srcs[page] = re.findall(r'<script src="([^"]+)"></script>', page.read_text(encoding="utf-8"))
+        assert [Path(s).name for s in srcs[page]] == ["app.js", "pages.js"], page
+        assert all((page.parent / s).resolve().is_file() for s in srcs[page])
+    assert {p.name for p in site.glob("*.js")} == {"app.js", "pages.js"} and set(man["files"]) >= {"app.js", "pages.js"}
     idx = page_data(site / "index.html")
     rows = idx["rows"]["topk"]
     live = json.loads((world["root"] / "interpret/topk/features/index.json").read_text())["features"]
@@ -202,9 +209,12 @@ def test_export_escapes_planted_markup(world, site):
     fp = page_data(site / "features" / "topk" / f"{PLANTED}.html")
     assert fp["explanation"] == XSS
     assert any((t["prompt"] or "").endswith(XSS) for t in fp["top"])
-    js = (site / "app.js").read_text()
-    assert "innerHTML" not in js and "document.write" not in js and "eval(" not in js
-    assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js
+    scripts = sorted(site.glob("*.js"))
+    assert len(scripts) >= 2
+    for f in scripts:
+        js = f.read_text()
+        assert "innerHTML" not in js and "document.write" not in js and "eval(" not in js, f.name
+        assert "http://" not in js.replace("http://www.w3.org/2000/svg", "") and "https://" not in js, f.name
     assert "https://" not in (site / "style.css").read_text() and "@import" not in (site / "style.css").read_text()
 
 
@@ -357,7 +367,11 @@ def test_server_binds_localhost_and_serves_only_its_files(served):
     st, ct, body = _request(port, "GET", "/")
     assert st == 200 and ct.startswith("text/html") and b'data-page="index"' in body
     assert _request(port, "GET", "/features/topk/0.html")[0] == 200
-    assert _request(port, "GET", "/playground.html")[0] == 200
+    st, _, body = _request(port, "GET", "/playground.html")
+    assert st == 200 and re.findall(rb'<script src="([^"]+)"></script>', body) == [b"app.js", b"playground.js"]
+    for js in ("/app.js", "/playground.js", "/pages.js"):  # the playground page's scripts and the other pages'
+        st, ct, body = _request(port, "GET", js)
+        assert st == 200 and ct.startswith("text/javascript") and b"register" in body, js
     for bad in ("/../secret.txt", "/%2e%2e/secret.txt", "/%2E%2E/%2e%2e/etc/passwd", "/features/../../secret.txt",
                 "/..%2fsecret.txt", "//etc/passwd", "/%2fetc%2fpasswd", "/img/%00.png"):
         st, _, body = _request(port, "GET", bad)

@@ -9,7 +9,8 @@ Layout of the site folder:
     features/<dict>/grid_<id>.png  the interpretation's heatmap grid, when it made one
     img/<sample>.png             the images the pages show (copied from the store)
     plots/*.png                  plots of the interpretation and evaluation
-    app.js, style.css            the only script and style sheet; no CDN, no remote fonts
+    app.js, pages.js, style.css  the scripts and style sheet (playground.js too with the playground);
+                                 no CDN, no remote fonts
     site.json                    what was exported, from where, with which notes
 
 Pages build their DOM with textContent/createElement from JSON embedded in a
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from difflens.browse.assets import APP_JS, STYLE_CSS
+from difflens.browse.assets import PAGE_SCRIPTS, static_files
 from difflens.browse.data import DictEntry, Inputs, resolve_inputs
 from difflens.errors import DifflensError
 from difflens.outdir import os_error_message
@@ -55,7 +56,10 @@ def json_for_script(obj) -> str:
 
 
 def page_html(title: str, page: str, data, root: str = "", nav: list[tuple[str, str]] | None = None) -> str:
-    """A page shell: escaped title, the embedded data, the one script. Everything else is built by app.js."""
+    """A page shell: escaped title, the embedded data, the page's scripts (assets.PAGE_SCRIPTS). Everything
+    else is built by the scripts."""
+    if page not in PAGE_SCRIPTS:
+        raise ValueError(f"page_html: unknown page kind {page!r}; one of {', '.join(PAGE_SCRIPTS)}")
     links = "".join(f'<a href="{html.escape(root + href, quote=True)}">{html.escape(label)}</a>'
                     for href, label in (nav or []))
     return (
@@ -67,9 +71,10 @@ def page_html(title: str, page: str, data, root: str = "", nav: list[tuple[str, 
         f"<link rel=\"stylesheet\" href=\"{html.escape(root, quote=True)}style.css\">\n</head>\n"
         f"<body data-page=\"{html.escape(page, quote=True)}\">\n"
         f"<nav class=\"top\">{links}</nav>\n<main id=\"app\"><h1>{html.escape(title)}</h1>"
-        "<noscript>This page needs JavaScript (a local file, app.js; nothing is loaded from the network).</noscript></main>\n"
+        "<noscript>This page needs JavaScript (its scripts are files of this site; nothing is loaded from the network).</noscript></main>\n"
         f"<script type=\"application/json\" id=\"difflens-data\">{json_for_script(data)}</script>\n"
-        f"<script src=\"{html.escape(root, quote=True)}app.js\"></script>\n</body>\n</html>\n"
+        + "".join(f"<script src=\"{html.escape(root + name, quote=True)}\"></script>\n" for name in PAGE_SCRIPTS[page])
+        + "</body>\n</html>\n"
     )
 
 
@@ -366,8 +371,9 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
     except OSError as e:
         raise DifflensError(os_error_message(e, out.parent, "write into")) from None
     try:
-        (tmp / "app.js").write_text(APP_JS, encoding="utf-8")
-        (tmp / "style.css").write_text(STYLE_CSS, encoding="utf-8")
+        kinds = ["index", "feature", "compare"] + (["playground"] if playground is not None else [])
+        for name, text in static_files(kinds).items():  # the scripts those pages load, and the style sheet
+            (tmp / name).write_text(text, encoding="utf-8")
         nav = [("index.html", "Features"), ("compare.html", "Compare dictionaries")]
         if playground is not None:
             nav.append(("playground.html", "Playground"))
