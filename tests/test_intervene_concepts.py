@@ -113,6 +113,7 @@ def test_concept_study_end_to_end(adapter, tmp_path):
             assert e["success_rate"] is None or 0 <= e["success_rate"] <= 1
         assert "control_random_features" in d["rows"]["color ablation"]
         assert "control_random_direction" in d["rows"]["color steer"]
+        assert d["rows"]["object edit"]["recipe"].startswith("code shift")  # a text-stream dictionary: the object's context
     assert set(res["references"]) == {"difference of means", "random direction", "prompt changed: color",
                                       "prompt changed: object"}
     # clean + 3 reference recordings (colour, object, background; the prompt-changed rows reuse their

@@ -15,7 +15,7 @@ intervention module registers its CLI verb and playground section with `register
 from difflens.intervene.batched import Batched, batch_interventions
 from difflens.intervene.base import BRANCHES, SCALE_MODES, Intervention, RunInfo, FiresOn
 from difflens.intervene.directions import concept_direction
-from difflens.intervene.edits import Ablate, Clamp, CodeEdit, MeanAblate, Replace, Scale, Splice
+from difflens.intervene.edits import Ablate, Clamp, CodeEdit, CodeShift, MeanAblate, Replace, Scale, Splice
 from difflens.intervene.run import Recording, build_hookset, generate_with, record_activations, recorder
 from difflens.intervene.steer import Steer, feature_maxima
 from difflens.intervene.transfer import Transfer
@@ -31,6 +31,7 @@ __all__ = [
     "Clamp",
     "FiresOn",
     "CodeEdit",
+    "CodeShift",
     "Intervention",
     "InterventionSpec",
     "MeanAblate",

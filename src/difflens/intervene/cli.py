@@ -113,6 +113,10 @@ def register(subparsers) -> None:
     p.add_argument("--scale", type=float, default=None,
                    help="target features at this multiple of their store maximum (concepts; default 1.5)")
     p.add_argument("--branch", choices=["both", "cond", "uncond"], default="both", help="CFG rows to act on (--study concepts; default both)")
+    p.add_argument("--object-shift", default=None, metavar="N,SCALE",
+                   help="object edit on a text-stream dictionary: per token from the object word on, the N features whose mean "
+                   "code differs most between target and source object, at SCALE x that difference (default 8,1.5); "
+                   "'off': the few-feature swap of the colour edit (--study concepts)")
     add_step_window(p, help="denoising steps the concept study's edits act on: a:b (b excluded) or 0,2,4 (default: every step)")
     p.add_argument("--references", default=None,
                    help="comma-separated dictionary-free reference rows, or 'none' (--study concepts; default all): "
@@ -306,6 +310,8 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
         images = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.image_dict_dir)}
     extra = {k: v for k, v in (("scale", args.scale), ("image_scale", args.image_scale)) if v is not None}
     extra["steer"] = _steer_recipe(args)
+    if args.object_shift is not None:
+        extra["object_shift"] = _object_shift(args.object_shift)
     extra.update(extra_refs)
     result = run_concept_study(
         adapter, names, _store(args.data), out, n=args.cases, rows=rows, branch=args.branch, image_dictionaries=images,
@@ -313,6 +319,20 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
         steps=args.steps, guidance=args.guidance, seed=args.seed, show_progress=not getattr(args, "quiet", False),
     )
     return _report(args, result, markdown, out)
+
+
+def _object_shift(text: str):
+    """--object-shift 'N,SCALE' or 'off'."""
+    if text.strip().lower() == "off":
+        return None
+    try:
+        n, scale = text.split(",")
+        n, scale = int(n), float(scale)
+    except ValueError:
+        raise DifflensError(f"--object-shift {text!r}: write N,SCALE (e.g. 8,1.5) or off") from None
+    if n < 1 or scale <= 0:
+        raise DifflensError(f"--object-shift {text!r}: N must be >= 1 and SCALE > 0")
+    return (n, scale)
 
 
 def _steer_recipe(args: argparse.Namespace):

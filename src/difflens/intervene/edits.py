@@ -93,6 +93,39 @@ class CodeEdit(Intervention):
         return f"edit [{ops or 'no change'}]; " + super().describe()
 
 
+class CodeShift(CodeEdit):
+    """Add `delta` to the codes, error term kept: [F] at every selected token, or [T, F] per token
+    of the site's sequence (a row of zeros leaves its token as it is). Codes that were >= 0 stay
+    >= 0. Why: a concept that a text encoder spreads over the prompt (the object, after a
+    bidirectional encoder) is carried by shifts of the features already active at each token,
+    not by a few features of its own that could be clamped."""
+
+    kind = "shift"
+
+    def __init__(self, dictionary, delta, **common) -> None:
+        super().__init__(dictionary, [], **common)
+        delta = torch.as_tensor(delta, dtype=torch.float32)
+        width = int(dictionary.num_latents)
+        if delta.ndim not in (1, 2) or delta.shape[-1] != width:
+            raise DifflensError(f"shift delta of shape {tuple(delta.shape)}: give [{width}] or [tokens, {width}] (the dictionary's width)")
+        self.delta = delta
+
+    def edit_codes(self, codes, ctx, rows, toks, shape):
+        R, T = shape
+        d = self.delta.to(codes.device, codes.dtype)
+        if d.ndim == 2:
+            n = int(toks.max()) + 1 if toks is not None else T
+            if d.shape[0] < n:
+                raise DifflensError(f"shift delta covers {d.shape[0]} tokens; site {self.site} has {n}: give one row per token")
+            d = d.index_select(0, toks) if toks is not None else d[:T]
+            d = d[None].expand(R, T, -1).reshape(R * T, -1)
+        new = codes + d
+        return torch.where(codes >= 0, new.clamp_min(0), new)
+
+    def describe(self) -> str:
+        return f"code shift (|delta| {float(self.delta.abs().sum()):.3g}); " + Intervention.describe(self)
+
+
 def Ablate(dictionary, features, **kw) -> CodeEdit:
     """Set the features' codes to zero (error term kept)."""
     return CodeEdit(dictionary, [("ablate", features, None)], **kw)

@@ -33,13 +33,14 @@ from difflens.hooks import Site
 from difflens.utils import save_image, write_json
 from difflens.intervene.base import FiresOn, default_steps
 from difflens.intervene.directions import concept_direction
-from difflens.intervene.edits import CodeEdit
+from difflens.intervene.edits import CodeEdit, CodeShift
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import Steer, feature_maxima
 from difflens.intervene.study_concept_steer import SteerRecipe, steer_interventions
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import label_features
+from difflens.intervene.study_shift import context_code_means, shift_delta, shift_ready
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
 
@@ -53,6 +54,10 @@ DEFAULT_SCALE = 1.5  # target features at 1.5 x their store maximum: colour edit
 # their maximum (TopK colour edit 79% -> 88%, kept 78%; at 0.5: 89% but kept 64%), object at 1 x
 # (object edit 13% -> 22%; at 0.5: 10%, at 2: objects vanish). docs/intervene.md has the sweep.
 DEFAULT_IMAGE_SCALE = {"color": 0.35, "object": 1.0}
+# The object edit on a text-stream dictionary (study_shift): per token from the object word on, the
+# 8 features whose mean code differs most between the target's and the source's context, at 1.5 x
+# that difference. docs/intervene.md has the sweep; None = the few-feature swap of the colour edit.
+DEFAULT_OBJECT_SHIFT = (8, 1.5)
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ def run_concept_study(
     image_dictionaries: Mapping[str, object] | None = None,
     image_scale: float | Mapping[str, float] | None = None,
     steer: SteerRecipe | None = None,
+    object_shift: tuple[int, float] | None = DEFAULT_OBJECT_SHIFT,
     steps: int | None = None,
     guidance: float | None = None,
     classifier=None,
@@ -172,7 +178,10 @@ def run_concept_study(
     written) add to that name's colour and object edits the same swap of the factor's features
     inside the object's box, in both CFG branches, the target's at `image_scale` x their maximum
     (one number, or per factor; default DEFAULT_IMAGE_SCALE). `steer` sets the colour-steer row
-    (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`). Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
+    (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`).
+    `object_shift` (n features per token, scale) makes the object edit on a text-stream dictionary
+    a code shift of the object's context (`study_shift`, conditional rows), None the few-feature
+    swap. Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
     row's success rate, the share of cases whose other factors were kept, and pixel MSE inside and
     outside the object's box.
     """
@@ -278,19 +287,30 @@ def run_concept_study(
                                        image_max=img_max if img is not None else None, truth=truth,
                                        control=(seed + 1000 * k) if control else None)
 
+        tok = shift_ready(adapter, d) if object_shift and "object edit" in rows else None
+        means = context_code_means(d, store, "object", tok, truth=truth) if tok is not None else None
+
         def swap(factor, k, j):
             c = cases[k]
+            if factor == "object" and means is not None:  # the object's context, not a few features
+                delta = shift_delta(means, c.prompt, f"object={c.object}", f"object={c.to_object}", tok, truth=truth,
+                                    n_features=object_shift[0], scale=object_shift[1])
+                out = [] if delta is None else [CodeShift(d, delta, branch="cond", window=window, samples=[j])]
+                return out + image_swap(factor, c, j)
             src, tgt = feats.get(f"{factor}={getattr(c, factor)}", []), feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
             if not src or not tgt:
                 return []
             ops = [("ablate", src, None)] + [("clamp", [f], scale * fmax[f]) for f in tgt]
-            out = [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, window=window, samples=[j])]
-            if img is not None:  # and where the object is drawn: the same swap in its box, both branches
-                src, tgt = img_feats.get(f"{factor}={getattr(c, factor)}", []), img_feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
-                if src and tgt:
-                    ops = [("ablate", src, None)] + [("clamp", [f], image_scale.get(factor, 1.0) * img_max[f]) for f in tgt]
-                    out.append(CodeEdit(img, ops, region=object_region(c.position, truth=truth), window=window, samples=[j]))
-            return out
+            return [CodeEdit(d, ops, where=FiresOn(d, src), branch=branch, window=window, samples=[j])] + image_swap(factor, c, j)
+
+        def image_swap(factor, c, j):  # where the object is drawn: the same swap in its box, both branches
+            if img is None:
+                return []
+            src, tgt = img_feats.get(f"{factor}={getattr(c, factor)}", []), img_feats.get(f"{factor}={getattr(c, 'to_' + factor)}", [])
+            if not src or not tgt:
+                return []
+            ops = [("ablate", src, None)] + [("clamp", [f], image_scale.get(factor, 1.0) * img_max[f]) for f in tgt]
+            return [CodeEdit(img, ops, region=object_region(c.position, truth=truth), window=window, samples=[j])]
 
         for row in rows:
             factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
@@ -325,6 +345,8 @@ def run_concept_study(
                 imgs = generate(transfer, factor)
                 entry = score(cases, clean, read(imgs), factor)
             entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
+            if row == "object edit" and means is not None:
+                entry["recipe"] = f"code shift of the object's context: {object_shift[0]} features per token x {object_shift[1]:g}"
             if (row.endswith("edit") or (row == "color steer" and steer.image_scale > 0)) and img is not None:
                 entry["image_site"] = img.cfg.site
             if control is not None:
