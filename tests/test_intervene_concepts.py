@@ -255,8 +255,10 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     kw = dict(text=txt_sae, feats=feats, fmax=fmax, branch="both", window=Window.all(), image=img, image_feats=feats,
               image_max=fmax)
     [one] = steer_interventions(SteerRecipe(scale=2.5), case, 0, **kw)
-    assert one.scale == 2.5 and one.features == (1, 2, 4, 6) and one.where.features == (0, 5, 9, 11)
-    assert one.random_direction is None and one.branch == "both"
+    assert steer_interventions(SteerRecipe(mode="token-norm"), case, 0, **kw)[0].mode == "token-norm"
+    assert one.scale == 2.5 and one.mode == "feature-max" and one.features == (1, 2, 4, 6) and one.where.features == (0, 5, 9, 11)
+    assert one.random_direction is None and one.branch == "cond"  # the recipe's default, not the study's
+    assert steer_interventions(SteerRecipe(branch=None), case, 0, **kw)[0].branch == "both"
     txt, im = steer_interventions(SteerRecipe(tokens="all", image_scale=0.5, n_features=2, branch="cond"), case, 3,
                                   control=7, **kw)
     assert txt.where is None and txt.features == (1, 2) and txt.branch == "cond" and txt.random_direction == 7
@@ -271,7 +273,7 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     some = SteerRecipe(scale=1.0, tokens="all")
     assert not np.array_equal(
         generate_items(adapter, items, lambda k, j: steer_interventions(some, items[k], j, **kw), steps=2), clean)
-    for bad, match in (({"tokens": "word"}, "fires, all"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
+    for bad, match in (({"tokens": "word"}, "fires, all"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
                        ({"n_features": 0}, ">= 1")):
         with pytest.raises(DifflensError, match=match):
             SteerRecipe(**bad)
@@ -284,9 +286,9 @@ def test_steer_options_parse_into_the_recipe():
 
     base = ["intervene-study", "--model", "toy", "--dict", "d", "--data", "s", "--out", "o"]
     args = build_parser().parse_args(base + ["--steer-scale", "2.5", "--steer-tokens", "all", "--steer-branch", "cond",
-                                             "--steer-window", "0:6", "--steer-features", "5"])
+                                             "--steer-window", "0:6", "--steer-features", "5", "--steer-mode", "token-norm"])
     r = _steer_recipe(args)
-    assert (r.scale, r.tokens, r.branch, r.n_features, r.image_scale) == (2.5, "all", "cond", 5, 0.0)
+    assert (r.scale, r.tokens, r.branch, r.n_features, r.image_scale, r.mode) == (2.5, "all", "cond", 5, 0.0, "token-norm")
     assert r.window.describe() == SteerRecipe(window=r.window).describe()["window"] and "0" in r.window.describe()
     assert _steer_recipe(build_parser().parse_args(base)) == SteerRecipe()
     with pytest.raises(DifflensError, match="--image-dict"):

@@ -123,13 +123,16 @@ def register(subparsers) -> None:
                    "difference of means, random direction, prompt changed: color, prompt changed: object")
     g = p.add_argument_group("colour steer row (--study concepts; the target's features added, the prompt's colour left)")
     g.add_argument("--steer-scale", type=float, default=None,
-                   help="text-stream target features at this multiple of their store maximum (default 1.5)")
+                   help="text-stream target features at this multiple of their store maximum (default 2)")
+    g.add_argument("--steer-mode", choices=["feature-max", "token-norm"], default=None,
+                   help="feature-max: each feature at --steer-scale x its store maximum (default); token-norm: at "
+                   "--steer-scale x the row's mean token norm")
     g.add_argument("--steer-image-scale", type=float, default=None,
                    help="with --image-dict, also add the target colour's image-stream features in the object's box at this "
                    "multiple of their maximum (0: text only)")
     g.add_argument("--steer-tokens", choices=["fires", "all"], default=None,
                    help="fires: the tokens where the prompt colour's features fire (default); all: every text token")
-    g.add_argument("--steer-branch", choices=["both", "cond", "uncond"], default=None, help="CFG rows of the text push (default: --branch)")
+    g.add_argument("--steer-branch", choices=["both", "cond", "uncond"], default=None, help="CFG rows of the text push (default cond)")
     g.add_argument("--steer-window", default=None, metavar="W", help="steps of the steer: a:b or 0,2,4 (default: --step-window)")
     g.add_argument("--steer-features", type=int, default=None, metavar="N", help="target features per colour (default 3)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
@@ -340,7 +343,7 @@ def _steer_recipe(args: argparse.Namespace):
     from difflens.intervene.region import Window
     from difflens.intervene.study_concept_steer import SteerRecipe
 
-    given = {"scale": args.steer_scale, "image_scale": args.steer_image_scale, "tokens": args.steer_tokens,
+    given = {"scale": args.steer_scale, "mode": args.steer_mode, "image_scale": args.steer_image_scale, "tokens": args.steer_tokens,
              "branch": args.steer_branch, "n_features": args.steer_features,
              "window": Window.parse(args.steer_window, steps_flag="--steer-window") if args.steer_window else None}
     if given["image_scale"] and not args.image_dict_dir:

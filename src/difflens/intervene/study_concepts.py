@@ -486,7 +486,8 @@ def _steer_note(steer: dict | None, names, ds) -> str:
     """How the colour-steer row was run, when it was."""
     if not steer or not any("color steer" in ds[n]["rows"] for n in names):
         return ""
-    parts = [f"text features at {steer['scale']:g} x", "where the prompt colour fires" if steer["tokens"] == "fires"
+    unit = "" if steer.get("mode", "feature-max") == "feature-max" else " the token norm"
+    parts = [f"text features at {steer['scale']:g} x{unit}", "where the prompt colour fires" if steer["tokens"] == "fires"
              else "at every text token"]
     if steer.get("image_scale"):
         parts.append(f"image features at {steer['image_scale']:g} x in the box")
