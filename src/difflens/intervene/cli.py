@@ -123,7 +123,7 @@ def register(subparsers) -> None:
                    "difference of means, random direction, prompt changed: color, prompt changed: object")
     g = p.add_argument_group("colour steer row (--study concepts; the target's features added, the prompt's colour left)")
     g.add_argument("--steer-scale", type=float, default=None,
-                   help="text-stream target features at this multiple of their store maximum (default 2)")
+                   help="text-stream target features at this multiple of their store maximum (default 1.5)")
     g.add_argument("--steer-mode", choices=["feature-max", "token-norm"], default=None,
                    help="feature-max: each feature at --steer-scale x its store maximum (default); token-norm: at "
                    "--steer-scale x the row's mean token norm")
