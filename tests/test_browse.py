@@ -330,7 +330,7 @@ def test_neuronpedia_export_one_json_per_feature(world, tmp_path, capsys):
 @pytest.fixture(scope="session")
 def served(world, tmp_path_factory):
     """The site (with playground) served on a free port by a background thread."""
-    from difflens.browse.export import _feature_rows, export_site
+    from difflens.browse.export import export_site, feature_rows
     from difflens.browse.data import resolve_inputs
     from difflens.browse.server import build_playground, make_server, playground_page_extras
 
@@ -339,7 +339,7 @@ def served(world, tmp_path_factory):
     assert pg.default_steps == world["adapter"].default_steps
     assert config["example_prompt"] and truth.knows([config["example_prompt"]]) and config["example_prompt"] in config["hint"]
     inputs = resolve_inputs(world["dicts"])
-    config.update(playground_page_extras({e.slug: _feature_rows(e, None) for e in inputs.dicts}, config["slugs"]))
+    config.update(playground_page_extras({e.slug: feature_rows(e, None) for e in inputs.dicts}, config["slugs"]))
     config["default_steps"] = 2
     site = export_site(world["dicts"], tmp_path_factory.mktemp("served") / "site", playground=config, show_progress=False)
     (site.parent / "secret.txt").write_text("outside the site")

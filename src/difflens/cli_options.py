@@ -21,6 +21,7 @@ import argparse
 from pathlib import Path
 
 from difflens.errors import DifflensError
+from difflens.models import DEFAULT_MODEL
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -30,7 +31,7 @@ OFFLOAD = ("none", "model", "sequential")
 
 
 # ---- model: what to load and how ------------------------------------------------------------------
-def add_model_options(p: argparse.ArgumentParser, *, default: str | None = "toy", required: bool = False,
+def add_model_options(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_MODEL, required: bool = False,
                       help_suffix: str = "") -> argparse._ArgumentGroup:
     """--model, --device, --model-dtype, --quantize, --offload, --max-text-length."""
     g = p.add_argument_group("model" + (f" ({help_suffix})" if help_suffix else ""))

@@ -130,7 +130,7 @@ def _match_source(root: Path, entry: DictEntry) -> Path | None:
     return None
 
 
-def _find_store(run: dict | None, interp_root: Path | None, given: str | Path | None, notes: list[str]) -> Path | None:
+def find_store(run: dict | None, interp_root: Path | None, given: str | Path | None, notes: list[str]) -> Path | None:
     from difflens.store import Store
 
     from difflens.interpret.sample_folder import is_sample_folder
@@ -249,5 +249,5 @@ def resolve_inputs(dicts, *, interp=None, evaluation=None, store=None) -> Inputs
             e.evaluation = row
             e.splice = next((r for r in splice if r.get("name") == (row or {}).get("name", e.name)), None)
 
-    store_path = _find_store(run, interp_root, store, notes)
+    store_path = find_store(run, interp_root, store, notes)
     return Inputs(entries, interp_root, run, comparison, eval_path, eval_report, store_path, notes)

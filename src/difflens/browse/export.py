@@ -221,7 +221,7 @@ def _dict_summary(e: DictEntry) -> dict:
     return row
 
 
-def _feature_rows(e: DictEntry, max_features: int | None) -> list[dict]:
+def feature_rows(e: DictEntry, max_features: int | None) -> list[dict]:
     """Index rows: from the interpretation when there is one, else every latent (id only)."""
     if e.index and isinstance(e.index.get("features"), list):
         rows = []
@@ -379,7 +379,7 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
             nav.append(("playground.html", "Playground"))
 
         # rows and decoder geometry
-        rows = {e.slug: _feature_rows(e, max_features) for e in inputs.dicts}
+        rows = {e.slug: feature_rows(e, max_features) for e in inputs.dicts}
         expl = {e.slug: {r["f"]: r["expl"] for r in rows[e.slug]} for e in inputs.dicts}
         dirs = {}
         for e in inputs.dicts:

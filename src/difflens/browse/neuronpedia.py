@@ -88,7 +88,7 @@ def feature_record(detail: dict, *, source: str, site: str, model: str | None, j
 
 def export_neuronpedia(interp, out, *, sources: list[str] | None = None, data=None, copy_images: bool = True) -> dict:
     """Write the per-feature JSON of every (or the chosen) source of an interpretation; returns a summary."""
-    from difflens.browse.data import _find_store
+    from difflens.browse.data import find_store
     from difflens.interpret.sample_folder import open_samples
     from difflens.outdir import claim_out_dir
 
@@ -98,7 +98,7 @@ def export_neuronpedia(interp, out, *, sources: list[str] | None = None, data=No
     run = read_json(interp / "run.json")
     names = _sources(interp, sources)
     notes: list[str] = []
-    store_path = _find_store(run, interp, data, notes)
+    store_path = find_store(run, interp, data, notes)
     store = open_samples(store_path) if store_path is not None else None
     samples = {int(s["sample_id"]): s for s in store.samples()} if store is not None else {}
     model = (store.manifest.get("model") if store is not None else None) or run.get("model")

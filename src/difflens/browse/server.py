@@ -41,6 +41,7 @@ import numpy as np
 from difflens.browse.export import CSP, export_site, read_site_manifest
 from difflens.errors import DifflensError
 from difflens.groundtruth import ground_truth_of
+from difflens.models import DEFAULT_MODEL
 
 MAX_BODY = 64 * 1024
 MAX_JSON_DEPTH = 16
@@ -376,7 +377,7 @@ def make_server(site: str | Path, *, host: str = "127.0.0.1", port: int = 0, pla
     return httpd
 
 
-def build_playground(dict_paths, model: str = "toy", device: str = "cpu", adapter=None):
+def build_playground(dict_paths, model: str = DEFAULT_MODEL, device: str = "cpu", adapter=None):
     """(Playground, page config) for the dictionaries that fit the model's sites."""
     import difflens
     from difflens.browse.data import resolve_inputs
@@ -421,16 +422,16 @@ def playground_page_extras(site_rows: dict, slugs) -> dict:
 
 def serve(dicts, *, host: str = "127.0.0.1", port: int = 8000, out=None, interp=None, evaluation=None, store=None,
           neighbours: int = 8, max_features: int | None = None, title: str = "difflens feature browser",
-          model: str | None = "toy", device: str = "cpu", adapter=None) -> None:
+          model: str | None = DEFAULT_MODEL, device: str = "cpu", adapter=None) -> None:
     """Export (into `out` or a temporary folder), load the model once (or use `adapter`), serve until Ctrl-C."""
     from difflens.browse.data import resolve_inputs
-    from difflens.browse.export import _feature_rows
+    from difflens.browse.export import feature_rows
 
     pg, config = (None, None)
     if model is not None:
         pg, config = build_playground(dicts, model=model, device=device, adapter=adapter)
         inputs = resolve_inputs(dicts, interp=interp, evaluation=evaluation, store=store)
-        rows = {e.slug: _feature_rows(e, max_features) for e in inputs.dicts}
+        rows = {e.slug: feature_rows(e, max_features) for e in inputs.dicts}
         config.update(playground_page_extras(rows, config["slugs"]))
     with _sigterm_as_interrupt():
         tmp = None

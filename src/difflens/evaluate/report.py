@@ -99,7 +99,7 @@ def _family(d: dict) -> str:
     return f"{d['arch']} w={d['width']}{k}"
 
 
-def _png(fig) -> bytes:
+def figure_png(fig) -> bytes:
     import io
 
     buf = io.BytesIO()
@@ -131,7 +131,7 @@ def plot_timestep(result: dict, path: str | Path) -> bool:
     axes[0].set_title("reconstruction error by timestep")
     axes[1].set_title("active latents by timestep")
     axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    atomic_write_bytes(path, _png(fig))
+    atomic_write_bytes(path, figure_png(fig))
     plt.close(fig)
     return True
 
@@ -164,7 +164,7 @@ def plot_layer(result: dict, path: str | Path) -> bool:
     axes[0].set_title("reconstruction error by layer")
     axes[1].set_title("active latents by layer")
     axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    atomic_write_bytes(path, _png(fig))
+    atomic_write_bytes(path, figure_png(fig))
     plt.close(fig)
     return True
 

@@ -162,7 +162,7 @@ def plot(study: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from difflens.evaluate.report import _png
+    from difflens.evaluate.report import figure_png
     from difflens.utils import atomic_write_bytes
 
     clock = study["config"].get("clock", "cpu")
@@ -184,6 +184,6 @@ def plot(study: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{study['site']}: width {study['config']['width']}, k {study['config']['k']}", fontsize="medium")
-    atomic_write_bytes(path, _png(fig))
+    atomic_write_bytes(path, figure_png(fig))
     plt.close(fig)
 

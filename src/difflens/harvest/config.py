@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from difflens.errors import DifflensError
+from difflens.models import DEFAULT_MODEL
 
 
 @dataclass
 class HarvestConfig:
-    model: str = "toy"
+    model: str = DEFAULT_MODEL
     sites: list[str] = field(default_factory=list)  # resolved site strings
     steps: int | None = None  # None = the model's default (`Adapter.default_steps`), filled in by harvest()
     guidance: float | None = None

@@ -88,7 +88,7 @@ def free_disk(path: str | Path) -> int:
 def plan(model, *, sites: list[str], n_prompts: int, seeds: int, steps: int, record_steps: list[int] | None,
          tokens_per_image: int | None, token_fraction: float | None, both_branches: bool, store_dtype: str,
          out: str | None = None) -> HarvestPlan:
-    """The plan for a `difflens.models._loading.ModelPlan` and harvest settings."""
+    """The plan of a harvest of `model` (a `difflens.models.describe_model` result) with these settings."""
     if store_dtype not in ACT_BYTES:
         raise DifflensError(f"--store-dtype must be fp32 or bf16, got {store_dtype!r}")
     if record_steps is not None and any(not 0 <= s < steps for s in record_steps):
@@ -115,7 +115,7 @@ def plan(model, *, sites: list[str], n_prompts: int, seeds: int, steps: int, rec
 def plan_harvest(args, *, n_prompts: int, seeds: list[int], record_steps: list[int] | None) -> HarvestPlan:
     """The plan the `harvest` flags describe (reads configs, never weights)."""
     from difflens.hooks import expand_sites
-    from difflens.models._loading import describe_model
+    from difflens.models import describe_model
 
     model = describe_model(args.model, height=args.height, width=args.width, max_text_length=args.max_text_length)
     patterns = args.sites or model.default_site

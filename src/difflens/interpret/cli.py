@@ -231,7 +231,7 @@ def run_cache(args) -> int:
     from difflens.interpret.cache_build import build_cache
     from difflens.interpret.features import NeuronFeatures, RandomDirections, as_feature_source
     from difflens.interpret.heatmap import write_feature_grids
-    from difflens.interpret.pipeline import _Images, _site_mean
+    from difflens.interpret.pipeline import SampleImages, site_mean
     from difflens.interpret.sources import open_source
 
     if args.cache_dict:
@@ -246,7 +246,7 @@ def run_cache(args) -> int:
         data = _data(args, [args.site] if args.site else [])
         src = open_source(data, sites=[args.site] if args.site else None, branch=args.branch)
         site = args.site or src.sites[0]
-        fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=_site_mean(src, site))
+        fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=site_mean(src, site))
     config = _cache_config(args)
     calibration = None
     if args.cache_dict and not args.no_topk:
@@ -275,7 +275,7 @@ def run_cache(args) -> int:
         from difflens.interpret.features import sample_live_features
 
         feats = sample_live_features(cache["frequency"], args.heatmaps, args.seed)
-        paths = write_feature_grids(cache, feats, _Images(src), Path(args.out) / "heatmaps")
+        paths = write_feature_grids(cache, feats, SampleImages(src), Path(args.out) / "heatmaps")
         say(args, f"{len(paths)} heatmap grids in {Path(args.out) / 'heatmaps'}")
     return 0
 

@@ -49,7 +49,7 @@ from difflens.utils import read_json, write_json
 BASELINES = ("neurons", "random")
 
 
-class _Images:
+class SampleImages:
     """Images by sample id, loaded once (explainer, judge and grids all reuse them)."""
 
     def __init__(self, source: SampleSource):
@@ -63,7 +63,8 @@ class _Images:
         return self._c[sid]
 
 
-def _site_mean(src: SampleSource, site: str):
+def site_mean(src: SampleSource, site: str):
+    """The site's mean activation (random directions are centred on it), or None when unknown."""
     import torch
 
     if isinstance(src, StoreSource):
@@ -192,7 +193,7 @@ def run_pipeline(
         sources.append(NeuronFeatures(neuron_site, src.d(neuron_site)))
     if "random" in baselines:
         d = src.d(site)
-        sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=_site_mean(src, site)))
+        sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=site_mean(src, site)))
     if not sources:
         raise DifflensError("nothing to interpret: pass --dict and/or baselines")
 
@@ -203,7 +204,7 @@ def run_pipeline(
         sids = np.array(keep, np.int64)
     has_truth = src.token_labels(sids[:1]) is not None
     truth = Truth(src) if has_truth else None
-    image_of = _Images(src)
+    image_of = SampleImages(src)
     ex, ju, client = make_backends(judge, explainer, truth=truth, image_of=image_of, client_config=client_config,
                                    out_dir=out, explainer_prompt=explainer_prompt, judge_prompt=judge_prompt,
                                    vlm_cache=vlm_cache, evidence=evidence)

@@ -122,7 +122,3 @@ def summary_markdown(s: dict) -> str:
             f"(reference vs target: {tr['mse_inside_reference_vs_target']:.4f})"
         )
     return "\n".join(lines) + "\n"
-
-
-def save_labels(path: str | Path, labels: Mapping[int, str], extra: dict | None = None) -> None:
-    write_json(path, {"labels": {str(k): v for k, v in labels.items()}, **(extra or {})})

@@ -25,9 +25,18 @@ def ground_truth_for(model: str):
     return _truth(model)
 
 
+def describe_model(model: str, *, height: int | None = None, width: int | None = None,
+                   max_text_length: int | None = None):
+    """A `ModelPlan` (sites and widths, image size, token counts, default steps) read from the
+    model's configs without loading weights, for planning a harvest."""
+    from difflens.models._loading import describe_model as _describe
+
+    return _describe(model, height=height, width=width, max_text_length=max_text_length)
+
+
 def default_ground_truth():
     """The world of `DEFAULT_MODEL`: what helpers called with no adapter, store or world use."""
     return ground_truth_for(DEFAULT_MODEL)
 
 
-__all__ = ["DEFAULT_MODEL", "Adapter", "Generation", "default_ground_truth", "ground_truth_for", "load_adapter"]
+__all__ = ["DEFAULT_MODEL", "Adapter", "Generation", "default_ground_truth", "describe_model", "ground_truth_for", "load_adapter"]
