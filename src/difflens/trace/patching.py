@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from difflens.errors import DifflensError
+from difflens.generation import generate_batched, requests_of
 from difflens.hooks import HookSet, Site, SiteBinding
 
 BRANCH_CODES = {"both": 0, "cond": 1, "uncond": 2}
@@ -215,15 +216,31 @@ def patch_hooks(cells: Sequence[Cell], pair_of: Sequence[int], source: SourceRun
     return hooks
 
 
+def patched_batches(adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell], pair_of: Sequence[int],
+                    source: SourceRun, *, steps: int, guidance: float | None = None,
+                    regions: dict[str, np.ndarray] | None = None, extra: dict[str, SiteBinding] | None = None,
+                    batch_size: int = 64, **gen_kwargs) -> Iterator[tuple[int, np.ndarray]]:
+    """(first sample, images) per batch of at most `batch_size` targets, generated through
+    `generation.generate_batched`; sample j patched as `cells[j]` from source pair `pair_of[j]` (see patch_hooks)."""
+    if len(prompts) != len(seeds) or len(prompts) != len(cells) or len(cells) != len(pair_of):
+        raise DifflensError("patched_generate: prompts, seeds, cells and pair_of must have one entry per sample")
+    cells, pair_of = list(cells), list(pair_of)
+
+    def hooks(plan):
+        a, b = plan.batch_start, plan.batch_start + len(plan.prompts)
+        return patch_hooks(cells[a:b], pair_of[a:b], source, regions=regions) or None
+
+    with with_sites(adapter, extra or {}):
+        for b in generate_batched(adapter, requests_of(prompts, seeds), hooks, steps=steps, guidance=guidance,
+                                  batch_size=batch_size, **gen_kwargs):
+            yield b.start, np.asarray(b.generation.images)
+
+
 def patched_generate(adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell], pair_of: Sequence[int],
                      source: SourceRun, *, steps: int, guidance: float | None = None,
                      regions: dict[str, np.ndarray] | None = None, extra: dict[str, SiteBinding] | None = None,
                      **gen_kwargs) -> np.ndarray:
-    """Images of the targets, sample j patched as `cells[j]` from source pair `pair_of[j]` (see patch_hooks)."""
-    if len(prompts) != len(seeds) or len(prompts) != len(cells):
-        raise DifflensError("patched_generate: prompts, seeds, cells and pair_of must have one entry per sample")
-    hooks = patch_hooks(cells, pair_of, source, regions=regions)
-    with with_sites(adapter, extra or {}):
-        gen = adapter.generate(list(prompts), [int(s) for s in seeds], steps=steps, guidance=guidance, hooks=hooks or None,
-                               **gen_kwargs)
-    return np.asarray(gen.images)
+    """Images of the targets in one generate() call, sample j patched as `cells[j]` from source pair `pair_of[j]`."""
+    return np.concatenate([imgs for _, imgs in patched_batches(
+        adapter, prompts, seeds, cells, pair_of, source, steps=steps, guidance=guidance, regions=regions, extra=extra,
+        batch_size=max(1, len(prompts)), **gen_kwargs)])

@@ -17,7 +17,7 @@ import numpy as np
 
 from difflens.errors import DifflensError
 from difflens.hooks import Site
-from difflens.trace.patching import NO_PATCH, Cell, block_sites, conditioning_sites, patched_generate, record_source
+from difflens.trace.patching import NO_PATCH, Cell, block_sites, conditioning_sites, patched_batches, record_source
 from difflens.trace.readouts import WorldReadout
 from difflens.utils import progress
 
@@ -135,15 +135,13 @@ def trace(
                                guidance=guidance, extra=extra, **gen_kwargs)
         items = [(k, c) for k in range(len(group)) for c in range(len(cells))]
         imgs = np.zeros((len(items),) + source.images.shape[1:], np.uint8)
-        for a in range(0, len(items), batch_size):
-            chunk = items[a : a + batch_size]
-            imgs[a : a + len(chunk)] = patched_generate(
-                adapter, [group[k].target for k, _ in chunk], [group[k].seed for k, _ in chunk],
-                [cells[c] for _, c in chunk], [k for k, _ in chunk], source, steps=steps, guidance=guidance,
+        for a, batch in patched_batches(
+                adapter, [group[k].target for k, _ in items], [group[k].seed for k, _ in items],
+                [cells[c] for _, c in items], [k for k, _ in items], source, steps=steps, guidance=guidance,
                 regions=None if regions is None else {n: m[g0 : g0 + len(group)] for n, m in regions.items()}, extra=extra,
-                **gen_kwargs,
-            )
-            bar.update(len(chunk))
+                batch_size=batch_size, **gen_kwargs):
+            imgs[a : a + len(batch)] = batch
+            bar.update(len(batch))
         per_pair = imgs.reshape(len(group), len(cells), *imgs.shape[1:])
         clean = per_pair[:, 0]
         for c in range(len(cells)):

@@ -12,18 +12,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from difflens.errors import DifflensError
+from difflens.generation import generate_batched, requests_of
+from difflens.groundtruth import ground_truth_of
 from difflens.trace.readouts import WorldReadout
 from difflens.trace.run import Pair
 
 TRACE_FACTORS = ("color", "object", "position", "bgcolor", "bg")
 # Factors that must keep the target's reading while `factor` is patched.
 KEEP_FACTORS = ("color", "object", "position", "bgcolor")
-
-
-def ground_truth(adapter):
-    """The adapter's ground truth (`adapter.ground_truth()`), or None for a real model."""
-    get = getattr(adapter, "ground_truth", None)
-    return get() if callable(get) else None
 
 
 def world_readout(truth, factor: str) -> WorldReadout:
@@ -45,11 +41,8 @@ def world_pairs(adapter, truth, factor: str, n: int, *, seed: int = 0, steps: in
         cand.append(Pair(tgt, src, seed * 1000 + i, factor, values[a], values[b]))
     prompts = [p.target for p in cand] + [p.source for p in cand]
     seeds = [p.seed for p in cand] * 2
-    images = []
-    for a in range(0, len(prompts), batch_size):
-        images.append(np.asarray(adapter.generate(prompts[a : a + batch_size], seeds[a : a + batch_size], steps=steps,
-                                                  guidance=guidance).images))
-    images = np.concatenate(images)
+    images = np.concatenate([np.asarray(b.generation.images) for b in generate_batched(
+        adapter, requests_of(prompts, seeds), steps=steps, guidance=guidance, batch_size=batch_size)])
     reads = truth.read_factor(images, factor)
     ok = [i for i, p in enumerate(cand) if reads[i] == p.target_value and reads[len(cand) + i] == p.source_value]
     kept = [cand[i] for i in ok][:n]
@@ -58,7 +51,7 @@ def world_pairs(adapter, truth, factor: str, n: int, *, seed: int = 0, steps: in
 
 def trace_world(adapter, factors: Sequence[str], n_pairs: int, **kw):
     """Yields (factor, pairs, pair_info, readout) for each factor (helper for the CLI and the demo)."""
-    truth = ground_truth(adapter)
+    truth = ground_truth_of(adapter)
     if truth is None:
         raise DifflensError("this model has no ground truth: give prompt pairs (--pair 'target|source') and use the pixel readout")
     for f in factors:

@@ -94,6 +94,7 @@ def _targets(out: str, n: int, grid: bool) -> tuple[Path | None, Path | None]:
 
 
 def run_generate(args) -> int:
+    from difflens.generation import generate_batched, requests_of
     from difflens.utils import progress, save_image, write_json
     from difflens.viz import labelled_grid
 
@@ -106,11 +107,10 @@ def run_generate(args) -> int:
     adapter = load_model(args)
     images, timesteps = [], []
     bar = progress(total=len(prompts), desc="generate", unit="img")
-    for i in range(0, len(prompts), args.batch_size):
-        gen = adapter.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size], **gk)
-        images.extend(gen.images)
-        timesteps = gen.timesteps
-        bar.update(len(gen.images))
+    for b in generate_batched(adapter, requests_of(prompts, seeds), batch_size=args.batch_size, **gk):
+        images.extend(b.generation.images)
+        timesteps = b.generation.timesteps
+        bar.update(len(b.generation.images))
     bar.close()
     settings = {
         "model": args.model, "model_id": getattr(adapter, "model_id", args.model), "steps": len(timesteps),
