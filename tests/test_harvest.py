@@ -70,6 +70,14 @@ def test_harvest_coordinates_labels_and_values(tmp_path, adapter):
         sel = m["sample_id"] == s["sample_id"]
         assert (m["labels"][sel] == expect[m["token"][sel]]).all()
         assert store.image_path(s["sample_id"]).exists()
+    # Text rows carry the world's labels of the words, tokenized by the adapter's own tokenizer.
+    _, mt = rows_by_key(store, "transformer_blocks.0:txt")
+    world = adapter.ground_truth()
+    for s in samples:
+        expect = world.text_labels(s["prompt"], adapter.text_tokenizer())
+        sel = mt["sample_id"] == s["sample_id"]
+        assert (mt["labels"][sel] == expect[mt["token"][sel]]).all()
+    assert mt["labels"].any()
     # Stored activations equal what a hook sees in a direct generation.
     seen = {}
 

@@ -126,7 +126,7 @@ def harvest(
     todo = set(mine)
     cache_only = {u for u in mine if writer.unit_id(u) in done}
     _barrier(world)  # every rank has read the snapshots before any rank writes its own
-    text_tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
+    text_tok = adapter.text_tokenizer()
     units: dict[int, tuple[UnitRecorder, list[dict]]] = {}
 
     def unit_hooks(plan: GenerationPlan) -> HookSet:

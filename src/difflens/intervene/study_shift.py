@@ -100,7 +100,7 @@ def shift_delta(means: dict, prompt: str, source: str, target: str, tokenizer, *
 def shift_ready(adapter, dictionary) -> object | None:
     """The tokenizer the shift needs (the model's own), or None: a text-stream dictionary on a
     model whose tokenizer the world's `text_labels` reads."""
-    tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
+    tok = adapter.text_tokenizer()
     return tok if tok is not None and Site.parse(dictionary.cfg.site).stream == "txt" else None
 
 

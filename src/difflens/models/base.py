@@ -78,6 +78,11 @@ class Adapter(ABC):
             self._world = self.world_class()
         return self._world
 
+    def text_tokenizer(self):
+        """The tokenizer whose tokens the ground truth's `text_labels` labels (the model's own), or
+        None when this model's text tokens carry no labels."""
+        return None
+
     # ---- sites -------------------------------------------------------------------------
     @abstractmethod
     def site_bindings(self) -> dict[str, SiteBinding]:

@@ -46,6 +46,9 @@ class ToyAdapter(Adapter):
     def site_bindings(self) -> dict[str, SiteBinding]:
         return self._bindings
 
+    def text_tokenizer(self):
+        return self.model.tokenizer  # the world's grammar tokenizer: `text_labels` reads its words
+
     def default_site(self) -> str:
         return flux_default_site(self.transformer)
 
