@@ -234,6 +234,7 @@ def labels_and_records(batch: list[Sample], truth: GroundTruth | None, tokenizer
             fields, labels = truth.label_scene(s.scene)
             token_labels[s.sample_id] = labels
             rec.update(fields)
+            rec["token_labels"] = [int(x) for x in labels]  # what interpretation reads, whatever the world's fields
             if text_labels is not None:
                 text_labels[s.sample_id] = truth.text_labels(s.prompt, tokenizer)
         records.append(rec)
@@ -243,7 +244,7 @@ def labels_and_records(batch: list[Sample], truth: GroundTruth | None, tokenizer
 def _add_readings(records: list[dict], images, truth: GroundTruth) -> None:
     """The ground truth's reading of each generated image, so later stages can trust labels per sample."""
     readings = truth.read_images(images)
-    scored = [i for i, r in enumerate(records) if "scene" in r]
+    scored = [i for i, r in enumerate(records) if "token_labels" in r]  # samples with a reference scene
     per_prompt = truth.adherence([records[i]["prompt"] for i in scored], images[scored])["per_prompt"] if scored else []
     for rec, reading in zip(records, readings):
         rec["reading"] = reading
