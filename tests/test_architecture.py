@@ -101,13 +101,27 @@ def test_one_adapter_registry_and_judge_registry():
     from difflens.models.dit import DiTAdapter
     from difflens.models.pixart import PixArtAdapter
 
-    reg = registered_adapters()
+    reg = registered_adapters()  # every family module of models/ is found without a hand-kept list
     assert reg["DiTPipeline"] is DiTAdapter and reg["PixArtSigmaPipeline"] is PixArtAdapter
+    assert {"FluxPipeline", "StableDiffusion3Pipeline", "PixArtAlphaPipeline"} <= set(reg)
     assert {"oracle", "openai"} <= set(backend_names()) and get_backend("oracle").needs_truth
     with pytest.raises(DifflensError, match="must be one of"):
         get_backend("nope")
     with pytest.raises(DifflensError, match="needs ground truth"):
         make_backends("oracle", None, truth=None, image_of=None)
+
+
+def test_adapter_families_are_found_without_a_list():
+    """A fresh process that imports no family module itself still finds every family: each public
+    module of models/ is imported when the registry is read (adding a family is adding its module)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from difflens.models._loading import registered_adapters; "
+            "print(sorted(registered_adapters())); print('diffusers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == str(sorted(["DiTPipeline", "FluxPipeline", "PixArtAlphaPipeline", "PixArtSigmaPipeline",
+                                 "StableDiffusion3Pipeline"])) and out[1] == "False"
 
 
 def test_one_fvu_definition():

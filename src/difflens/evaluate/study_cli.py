@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from difflens.dictionaries.config import NORMALIZATIONS
 from difflens.errors import DifflensError
 from difflens.evaluate.study import StudyConfig, run_study
 from difflens.evaluate.study_report import markdown
@@ -40,7 +41,7 @@ def register(subparsers) -> None:
     d.add_argument("--init-tokens", type=int, default=16384, help="rows for data-dependent init (default 16384)")
     d.add_argument("--dead-after-tokens", type=int, default=100_000,
                    help="training-time dead-latent window for AuxK (default 100000)")
-    d.add_argument("--normalization", choices=["none", "scalar", "per-timestep", "pca-whiten"], default="scalar",
+    d.add_argument("--normalization", choices=list(NORMALIZATIONS), default="scalar",
                    help="input normalisation of all three (default scalar)")
     d.add_argument("--itda-cap", type=int, default=0, help="ITDA atom cap (default 0 = 50,000)")
     d.add_argument("--itda-tau", type=float, default=0.3, help="ITDA's add-atom loss threshold τ (default 0.3)")

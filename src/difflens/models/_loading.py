@@ -29,15 +29,22 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-# The built-in families; importing a module registers its adapter class in `models.base.ADAPTERS`
-# under the diffusers `_class_name`s it declares (`pipeline_classes`). None of them imports diffusers.
-ADAPTER_MODULES = ("difflens.models.flux", "difflens.models.sd3", "difflens.models.pixart", "difflens.models.dit")
+# Modules of models/ that hold no adapter family (the toy family is loaded by name, not by `_class_name`).
+NOT_FAMILIES = ("base", "cli", "toy")
 
 
 def registered_adapters() -> dict[str, type]:
-    """model_index.json `_class_name` -> adapter class, over the built-in families and any imported one."""
-    for module in ADAPTER_MODULES:
-        importlib.import_module(module)
+    """model_index.json `_class_name` -> adapter class. Every public module of models/ is a family
+    and is imported here (importing one registers its class in `models.base.ADAPTERS` under the
+    `pipeline_classes` it declares), so a new family is one new module; none imports diffusers at
+    module level."""
+    import pkgutil
+
+    import difflens.models as pkg
+
+    for m in pkgutil.iter_modules(pkg.__path__):
+        if not m.name.startswith("_") and m.name not in NOT_FAMILIES:
+            importlib.import_module(f"{pkg.__name__}.{m.name}")
     return ADAPTERS
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

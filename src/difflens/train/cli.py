@@ -106,13 +106,16 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="run folder: one sub-folder per dictionary, plus train_state/")
     p.add_argument("--config", help="JSON or TOML file listing dictionaries (and training settings)")
     p.add_argument("--site", help="site(s), comma-separated: one dictionary per site (a layer sweep)")
-    p.add_argument("--arch", help="topk | batchtopk | relu | tide | itda (comma list for a grid)")
+    from difflens.dictionaries import ARCHITECTURES  # the registry is the one list of architectures
+    from difflens.dictionaries.config import NORMALIZATIONS
+
+    p.add_argument("--arch", help=f"{' | '.join(sorted(ARCHITECTURES))} (comma list for a grid)")
     p.add_argument("--width", help="number of latents (comma list for a grid); for ITDA the atom cap")
     p.add_argument("--k", help="active latents per token (comma list for a grid)")
-    p.add_argument("--normalization", choices=["none", "scalar", "per-timestep", "pca-whiten"],
+    p.add_argument("--normalization", choices=list(NORMALIZATIONS),
                    help="input normalisation inside the dictionaries (default scalar; pca-whiten as in the Flux paper)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other dictionary option, e.g. --option tau=0.3 (JSON values)")
+                   help="any other field of the architecture's config, e.g. --option itda_tau=0.3 (JSON values)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add_config_flags(p)
     p.set_defaults(func=run)
