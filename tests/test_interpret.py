@@ -507,6 +507,8 @@ def test_oracle_pipeline_writes_everything(planted_store, tmp_path):
     assert 0 in h["color"]["features"] and h["color"]["median_peak_timestep"] == 500.0  # planted to grow late
     md = (out / "comparison.md").read_text()
     assert md.count("\n") >= 4 and "planted" in md and "random" in md
+    run = json.loads((out / "run.json").read_text())  # the oracle costs nothing: every chance control
+    assert run["protocol"]["chance_controls"] == "all" and run["evidence"] == "split"
 
 
 def test_cli_interpret_run_cache_and_report(planted_store, tmp_path):

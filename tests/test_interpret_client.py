@@ -221,6 +221,8 @@ def test_vlm_pipeline_against_local_server(tmp_path, monkeypatch):
             assert r["score"] == pytest.approx(0.5)  # 0.7 on positives and negatives = chance
         assert sum(r["judge_failures"] for r in res) >= 1  # the unparsable "not sure" is a recorded failure
         assert rep["vlm"]["tally"]["prompt_tokens"] > 0
+        run = json.loads((out / "run.json").read_text())  # a paid judge: one chance control per item, no evidence mode
+        assert run["protocol"]["chance_controls"] == 1 and run["evidence"] is None
         # a re-run is served from the cache: no new requests, same scores
         rep2 = run_pipeline({"planted": NeuronFeatures(SITE, D, name="planted")}, store, out, **kw)
         assert len(server.requests) == n_req

@@ -48,6 +48,10 @@ class Backend:
     make_judge: Callable[[BackendContext], Judge]
     needs_truth: bool = False
     needs_client: bool = False
+    # permutation controls per test item when the caller names none: "all" pairs for a judge whose
+    # calls cost nothing, one for a judge that is paid per call (scoring.py)
+    chance_controls: int | str = 1
+    uses_evidence: bool = False  # the explainer reads `evidence` ("split" or "top")
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -85,7 +89,8 @@ def _vlm_judge(ctx: BackendContext):
     return VLMJudge(ctx.client, ctx.image_of, template=load_template(ctx.judge_prompt, JUDGE_PROMPT, ("{explanation}",)))
 
 
-register_backend(Backend("oracle", "ground-truth oracle (toy world, offline)", _oracle_explainer, _oracle_judge, needs_truth=True))
+register_backend(Backend("oracle", "ground-truth oracle (toy world, offline)", _oracle_explainer, _oracle_judge, needs_truth=True,
+                         chance_controls="all", uses_evidence=True))
 register_backend(Backend("openai", "a VLM behind an OpenAI-compatible API", _vlm_explainer, _vlm_judge, needs_client=True))
 
 

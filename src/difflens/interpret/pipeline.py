@@ -32,7 +32,7 @@ from difflens.interpret.features import (
     neuron_site_for,
     sample_live_features,
 )
-from difflens.interpret.judges import make_backends
+from difflens.interpret.judges import get_backend, make_backends
 from difflens.interpret.report import (
     export_features,
     hierarchy,
@@ -147,8 +147,8 @@ def run_pipeline(
     A cache already in <out>/<source>/cache built from the same features, data, samples and
     cache config is reused (re-judging with another backend costs no recomputation).
     chance_controls: the permutation baseline that measures each feature's chance level
-    (scoring.py): None = every (map, image) pair of the test set for the oracle and one other
-    image per test item for a VLM (10 extra judgements per feature); "all", an int, or "none"
+    (scoring.py): None = the judge backend's `chance_controls` (every (map, image) pair of the test
+    set for the oracle, one other image per test item for a VLM: 10 extra judgements per feature); "all", an int, or "none"
     (raw scores, for comparison only). branch: the CFG rows read from a store harvested with both.
     use_topk: calibrate a dictionary's thresholds from the store's streamed top-k cache of it, when
     one matches (`interpret.topk_use`), instead of a pass over the store; the result is the same.
@@ -210,7 +210,7 @@ def run_pipeline(
                                    vlm_cache=vlm_cache, evidence=evidence)
     cfg = cache_config or CacheConfig()
     if chance_controls is None:
-        chance_controls = "all" if judge == "oracle" else 1
+        chance_controls = get_backend(judge).chance_controls
     chance = None if chance_controls in ("none", 0) else chance_controls
     if chance not in (None, "all") and (not str(chance).isdigit() or int(chance) < 1):
         raise DifflensError(f"chance_controls must be 'all', 'none' or a positive integer, got {chance_controls!r}")
@@ -278,7 +278,7 @@ def run_pipeline(
         "num_samples": int(len(sids)),
         "judge": judge,
         "explainer": explainer or judge,
-        "evidence": evidence if (explainer or judge) == "oracle" else None,
+        "evidence": evidence if get_backend(explainer or judge, "explainer").uses_evidence else None,
         "n_features": n_features,
         "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed,
                      "negative_overlay": negative_overlay, "chance_controls": chance},
