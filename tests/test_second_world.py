@@ -115,9 +115,10 @@ class HalvesWorld:
         return "red" if image[..., 0].mean() >= image[..., 2].mean() else "blue"
 
     def read_factor(self, images, factor, position=None):
-        if factor != "color":
-            raise DifflensError(f"the halves world reads only color, not {factor}")
-        return [self._color(im) for im in np.asarray(images)]
+        if factor not in self.factors:
+            raise DifflensError(f"the halves world has no factor {factor}")
+        # its reader tells colours apart, not shapes: every object reads as a circle
+        return [self._color(im) if factor == "color" else "circle" for im in np.asarray(images)]
 
     def adherence(self, prompts, images):
         per = [{"color": float(self._color(im) in p), "prompt": float(self._color(im) in p)} for p, im in zip(prompts, images)]
@@ -215,3 +216,21 @@ def test_generic_stages_run_through_a_second_world(family, tmp_path):
     assert all(r["score"] is not None for r in results)  # and the judge scores them against its labels
     hierarchy = json.loads((tmp_path / "interp" / "hierarchy.json").read_text())["d"]
     assert set(hierarchy["types"]) == {"color", "object"}
+
+
+def test_trace_runs_through_a_second_world(family):
+    """`difflens trace`'s world path: pairs from the world's `prompt_pair`, kept when its reader
+    reads them as prompted, and a grid scored by its reader (only the factors the world has kept)."""
+    from difflens.trace.run import Pair, trace
+    from difflens.trace.world import trace_world
+
+    adapter, _ = family
+    world = adapter.ground_truth()
+    (factor, pairs, info, readout), = list(trace_world(adapter, ["color"], 2, steps=2))
+    assert factor == "color" and info["candidates"] == 4 and readout.others == ("object",)
+    assert len(pairs) == info["used"] and all(world.knows([p.target, p.source]) for p in pairs)
+    # the random network rarely draws the prompted colour, so the grid runs on a pair of the world's own
+    pair = Pair(*world.prompt_pair("color", "red", "blue"), 0, "color", "red", "blue")
+    res = trace(adapter, [pair], readout, sites=[IMG], steps=2, bin_size=2, branches=("both",), factor="color",
+                show_progress=False).to_dict()
+    assert res["factor"] == "color" and res["pairs"][0]["target"] == "a red circle"

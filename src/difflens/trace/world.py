@@ -23,7 +23,8 @@ KEEP_FACTORS = ("color", "object", "position", "bgcolor")
 
 
 def world_readout(truth, factor: str) -> WorldReadout:
-    others = [f for f in KEEP_FACTORS if f != factor and not (factor == "bg" and f == "bgcolor")]
+    """Reads `factor` (did the source's value come through?) and the world's other kept factors."""
+    others = [f for f in KEEP_FACTORS if f in truth.factors and f != factor and not (factor == "bg" and f == "bgcolor")]
     return WorldReadout(lambda images, f: list(truth.read_factor(np.asarray(images), f)), factor, others)
 
 
