@@ -75,6 +75,49 @@ def test_every_documented_command_parses(where, cmd):
     assert getattr(args, "func", None) is not None, f"{where}: `{cmd}` names no verb"
 
 
+def inline_commands() -> list[tuple[str, str]]:
+    """`difflens ...` spans in the prose (outside code blocks): often a verb and a few of its flags."""
+    found = []
+    for path in DOCS:
+        prose = re.sub(r"^```.*?^```", "", path.read_text(encoding="utf-8"), flags=re.S | re.M)
+        for m in re.finditer(r"(`+)(difflens [^`]*?)\1", prose):
+            cmd = " ".join(m.group(2).split())
+            if "<" not in cmd:  # a placeholder (`difflens <name>`), not a command
+                found.append((path.name, cmd))
+    return found
+
+
+def _stale(spans: list[tuple[str, str]]) -> list[str]:
+    """The spans whose verb does not exist or that show a flag their verb does not have."""
+    import argparse
+
+    wrong = []
+    for where, cmd in spans:
+        node, words = build_parser(), shlex.split(cmd)[1:]
+        verbs = 0
+        for w in words:
+            sub = [a for a in node._actions if isinstance(a, argparse._SubParsersAction)]
+            if not sub or w not in sub[0].choices:
+                break
+            node, verbs = sub[0].choices[w], verbs + 1
+        flags = {o for a in node._actions for o in a.option_strings}
+        bad = [w.split("=")[0] for w in words if w.startswith("-") and not re.match(r"-\d", w) and w.split("=")[0] not in flags]
+        if verbs == 0 or bad:
+            wrong.append(f"{where}: `{cmd}`" + (f" (unknown {', '.join(bad)})" if bad else " (no verb)"))
+    return wrong
+
+
+def test_commands_in_the_prose_name_real_verbs_and_flags():
+    """Issue 14: a command quoted in a sentence need not be complete, but its verb and every flag
+    it shows must exist (a renamed flag leaves no stale mention behind)."""
+    spans = inline_commands()
+    assert len(spans) > 20 and _stale(spans) == []
+    # the check itself
+    assert _stale([("x.md", "difflens train --steps 5 --data d"), ("x.md", "difflens frobnicate"),
+                   ("x.md", "difflens store verify"), ("x.md", "difflens steer --scales=-8,8")]) == [
+        "x.md: `difflens train --steps 5 --data d` (unknown --steps)", "x.md: `difflens frobnicate` (no verb)"]
+
+
 def _shim(tmp_path: Path) -> dict:
     """`difflens` on PATH as this interpreter running this source tree."""
     bin_dir = tmp_path / "bin"
