@@ -21,6 +21,7 @@ import torch
 
 from difflens.compare.similarity import jaccard, linear_cka, svcca
 from difflens.errors import DifflensError
+from difflens.evaluate.metrics import fvu as fvu_of
 
 AXES = ("sites", "steps", "stores")
 KEY_FIELDS = {"sites": ("sample_id", "step", "token"), "steps": ("sample_id", "token"), "stores": ("sample_id", "step", "token")}
@@ -149,7 +150,7 @@ def compare(stores: list, cfg: CompareConfig, *, progress: bool = True) -> dict:
         xm = g.store.read_rows(g.site, rows[pos_m])
         with torch.no_grad():
             xh = itda(xm).x_hat
-        fvu = float((xm - xh).pow(2).sum() / (xm - xm.mean(0)).pow(2).sum().clamp_min(1e-12))
+        fvu = fvu_of(xm, xh)  # the one FVU definition (evaluate/metrics.py)
         p = itda.provenance
         atom_ids.append(np.stack([p[c].numpy() for c in fields], 1))
         acts.append(xm.numpy())
