@@ -327,3 +327,76 @@ def test_no_private_name_is_imported_across_modules():
     assert _private_imports({"a/x.py": "from difflens.b.y import _z, w\n"}) == ["a/x.py:1 _z"]
     assert _private_imports({"a/x.py": "from difflens.b._y import w\n", "b/x.py": "from difflens.b._y import w\n"}) == [
         "a/x.py:1 difflens.b._y"]
+
+
+def _layer(module: str) -> int | None:
+    """The layer docs/architecture.md gives a module (None: outside the layering, e.g. `difflens`)."""
+    parts = module.split(".")[1:]
+    name = ".".join(parts)
+    if not parts:
+        return None
+    if parts[-1] == "cli" or name in ("cli", "cli_options", "__main__"):
+        return 6
+    if name in ("errors", "utils", "viz", "evaluate.metrics", "hooks"):
+        return 1
+    if parts[0] in ("models", "world") or name == "groundtruth":
+        return 2
+    if name in ("generation", "outdir") or parts[0] in ("store", "dictionaries"):
+        return 3
+    if parts[0] in ("harvest", "train"):
+        return 4
+    return 5  # evaluate, interpret, intervene, trace, compare, benchmark, browse, demo
+
+
+# Imports that go up a layer, each one stated in docs/architecture.md (module -> imported package).
+UPWARD = {("difflens.models.toy.quality", "difflens.generation"), ("difflens.harvest.topk_stream", "difflens.interpret"),
+          ("difflens.intervene.steer", "difflens.cli_options"), ("difflens.demo", "difflens.cli")}
+
+
+def test_layers_import_only_downwards():
+    """Each layer of docs/architecture.md imports only the layers below it (inside functions too),
+    apart from the few upward imports the page names."""
+    import ast
+    from pathlib import Path
+
+    import difflens
+
+    root = Path(difflens.__file__).parent
+    upward = set()
+    for p in root.rglob("*.py"):
+        parts = list(p.relative_to(root.parent).with_suffix("").parts)
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("difflens."):
+                target = node.module
+            elif isinstance(node, ast.Import) and node.names[0].name.startswith("difflens."):
+                target = node.names[0].name
+            else:
+                continue
+            if _layer(module) is not None and _layer(target) is not None and _layer(target) > _layer(module):
+                upward.add((module, ".".join(target.split(".")[:2]) if _layer(target) == 5 else target))
+    assert upward == UPWARD
+    doc = (root.parents[1] / "docs" / "architecture.md").read_text(encoding="utf-8")
+    for module, target in UPWARD:
+        assert module.split(".", 1)[1].replace(".", "/") in doc, module
+
+
+def test_no_generation_loop_outside_generation_py():
+    """Issue 14: one batched generation loop. Outside generation.py no loop calls `.generate(`
+    (single calls remain: the demo's sample grid, trace's recorded source run)."""
+    import ast
+    from pathlib import Path
+
+    import difflens
+
+    root = Path(difflens.__file__).parent
+    loops = []
+    for p in root.rglob("*.py"):
+        if p.name == "generation.py":
+            continue
+        for loop in ast.walk(ast.parse(p.read_text())):
+            if isinstance(loop, (ast.For, ast.While, ast.comprehension, ast.ListComp, ast.GeneratorExp)):
+                for node in ast.walk(loop):
+                    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate":
+                        loops.append(f"{p.relative_to(root)}:{node.lineno}")
+    assert loops == []

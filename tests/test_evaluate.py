@@ -13,7 +13,7 @@ from test_train_fixtures import SITE_A, SITE_B, make_store
 
 from difflens.cli import main
 from difflens.errors import DifflensError
-from difflens.evaluate.cli import expand_dict_paths
+from difflens.dictionaries.io import expand_dict_paths
 from difflens.evaluate.metrics import ReconAccumulator
 from difflens.evaluate.reconstruction import evaluate, load_items
 from difflens.train.config import TrainConfig, expand_specs

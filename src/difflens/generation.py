@@ -1,9 +1,10 @@
 """The one batched generation loop: requests in, one `Generation` per batch out, hooks per batch.
 
-Harvest, interpretation (`--generate`), splice evaluation, interventions and the toy model's
-adherence check all generate through `generate_batched`, so batching, default steps and the
-run's plan (timesteps, token grid, image size, known before the first step) are decided in
-one place. Each sample's noise comes from its own seed, so batching does not change images.
+Harvest, interpretation (`--generate`), splice evaluation, interventions, trace, `difflens
+generate` and the toy model's adherence check all generate through `generate_batched`, so
+batching, default steps and the run's plan (timesteps, token grid, image size, known before
+the first step) are decided in one place. Each sample's noise comes from its own seed, so
+batching does not change images.
 
 Hooks are either one `HookSet` for every batch or a function of the batch's `GenerationPlan`
 returning one: recorders that need to know the batch's samples, and interventions that need

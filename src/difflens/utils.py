@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -67,3 +68,14 @@ def save_image(path: str | os.PathLike, img_HW3) -> None:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(img_HW3, dtype=np.uint8)).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def json_safe(obj):
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

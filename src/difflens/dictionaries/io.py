@@ -206,3 +206,29 @@ def load(path, *, expect_site: str | None = None, expect_d_in: int | None = None
     d.to(device)
     d.eval()
     return d
+
+
+def expand_dict_paths(paths: list[str]) -> list[str]:
+    """A training run folder (with run.json) stands for all of its dictionaries; ``hf:ORG/REPO[/SUB][@REV]``
+    is resolved to its folder in the local Hugging Face cache (downloaded first when online)."""
+    from difflens.dictionaries.hub import local_folder
+
+    out = []
+    for path in paths:
+        p = local_folder(path)
+        if not p.exists():
+            raise DifflensError(f"dictionary folder {p} does not exist; pass a folder written by `difflens train`")
+        if (p / "cfg.json").exists():
+            out.append(str(p))
+            continue
+        if (p / "run.json").exists():
+            from difflens.utils import read_json
+
+            names = [d["name"] for d in read_json(p / "run.json")["dictionaries"]]
+            found = [str(p / n) for n in names if (p / n / "cfg.json").exists()]
+            if not found:
+                raise DifflensError(f"training run {p} has no saved dictionary yet; wait for its first checkpoint")
+            out.extend(found)
+            continue
+        raise DifflensError(f"{p} is not a dictionary folder (no cfg.json) nor a training run (no run.json)")
+    return out

@@ -24,7 +24,7 @@ def evaluate(dicts, data, **kwargs) -> dict:
     import torch
 
     from difflens.errors import DifflensError
-    from difflens.evaluate.cli import expand_dict_paths
+    from difflens.dictionaries.io import expand_dict_paths
     from difflens.evaluate.reconstruction import Evaluated, evaluate as _evaluate, load_items
     from difflens.train.trainer import open_store
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import math
 from pathlib import Path
 
 from difflens.cli_options import (
@@ -18,7 +17,9 @@ from difflens.cli_options import (
     out_dir,
     say,
 )
+from difflens.dictionaries.io import expand_dict_paths
 from difflens.errors import DifflensError
+from difflens.utils import json_safe
 
 
 def register(subparsers) -> None:
@@ -48,32 +49,6 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def expand_dict_paths(paths: list[str]) -> list[str]:
-    """A training run folder (with run.json) stands for all of its dictionaries; ``hf:ORG/REPO[/SUB][@REV]``
-    is resolved to its folder in the local Hugging Face cache (downloaded first when online)."""
-    from difflens.dictionaries.hub import local_folder
-
-    out = []
-    for path in paths:
-        p = local_folder(path)
-        if not p.exists():
-            raise DifflensError(f"dictionary folder {p} does not exist; pass a folder written by `difflens train`")
-        if (p / "cfg.json").exists():
-            out.append(str(p))
-            continue
-        if (p / "run.json").exists():
-            from difflens.utils import read_json
-
-            names = [d["name"] for d in read_json(p / "run.json")["dictionaries"]]
-            found = [str(p / n) for n in names if (p / n / "cfg.json").exists()]
-            if not found:
-                raise DifflensError(f"training run {p} has no saved dictionary yet; wait for its first checkpoint")
-            out.extend(found)
-            continue
-        raise DifflensError(f"{p} is not a dictionary folder (no cfg.json) nor a training run (no run.json)")
-    return out
-
-
 def _splice_module():
     try:
         return importlib.import_module("difflens.evaluate.splice")
@@ -101,17 +76,6 @@ def parse_splice_steps(text: str | None) -> tuple[int, int] | None:
     if not 0 <= a < b:
         raise DifflensError(f"--splice-window {text!r}: need 0 <= a < b")
     return a, b
-
-
-def json_safe(obj):
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
 def run(args: argparse.Namespace) -> int:

@@ -253,8 +253,7 @@ def run_study(data, cfg: StudyConfig, out, *, overwrite: bool = False) -> dict:
         "by_timestep": bucket_table(dictionaries),
         "time_to_fvu": time_to_fvu(dictionaries, cfg.fvu_targets, cfg.clock),
     }
-    from difflens.evaluate.cli import json_safe
-    from difflens.utils import atomic_write_text, write_json
+    from difflens.utils import atomic_write_text, json_safe, write_json
 
     study = json_safe(study)
     write_json(out / "study.json", study)

@@ -177,7 +177,7 @@ def run(args) -> int:
     from difflens.outdir import claim_out_dir
 
     claim_out_dir(args.out, "interpret", accept_if=lambda p: (p / "run.json").is_file())
-    from difflens.evaluate.cli import expand_dict_paths
+    from difflens.dictionaries.io import expand_dict_paths
     from difflens.interpret.pipeline import run_pipeline
 
     paths = expand_dict_paths(args.dicts) if args.dicts else []
