@@ -13,6 +13,6 @@ def test_readable_summary_shows_each_stage_table(tmp_path: Path):
     text = _readable_summary(tmp_path, summary)
     assert "| 1 | 2 |" in text and "later" not in text  # only the first table of a report
     assert "| topk | 0.6 |" in text
-    assert "color 100%, object 50%" in text and "interventions at transformer_blocks.0:txt" in text
+    assert "color 100%, object 50%" in text and "interventions where the concept is decided" in text
     assert "(missing:" in text  # the intervention report was never written: said, not crashed
     assert _first_table(tmp_path / "nope.md").startswith("(missing:")

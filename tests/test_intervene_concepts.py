@@ -135,6 +135,40 @@ def test_concept_study_end_to_end(adapter, tmp_path):
         run_concept_study(adapter, img, store, None, n=2, classifier=clf)
 
 
+def test_object_rows_run_on_the_object_dictionary_at_its_site(adapter, tmp_path):
+    """`object_dictionaries`: a name's object rows run on its partner at another site (what the demo
+    does at context_embedder:txt), its other rows are unchanged, and every table row says its site."""
+    from test_splice import tiny_store
+
+    from difflens.intervene.study_concepts import markdown, run_concept_study
+    from difflens.world.classifier import FactorClassifier
+
+    ctx = "context_embedder:txt"
+    prompts = [f"a large {c} {o} in the center on a {b} plain background"
+               for c, o, b in (("red", "circle", "black"), ("blue", "square", "gray"), ("green", "two", "navy"))]
+    store = tiny_store(adapter, tmp_path / "store", prompts, [TXT, ctx])
+    torch.manual_seed(0)
+    clf = FactorClassifier().eval()
+    dicts = {"a": tiny_sae(adapter.site_dim(TXT), width=32, k=3, site=TXT, seed=1)}
+    objs = {"a": tiny_sae(adapter.site_dim(ctx), width=32, k=3, site=ctx, seed=3)}
+    rows = ("color edit", "object edit", "object transfer (all features)")
+    kw = dict(n=4, steps=2, classifier=clf, batch_size=4, show_progress=False, rows=rows, references=())
+    res = run_concept_study(adapter, dicts, store, tmp_path / "out", object_dictionaries=objs, **kw)
+    a = res["dictionaries"]["a"]
+    assert a["site"] == TXT and a["object_dictionary"]["site"] == ctx
+    assert "site" not in a["rows"]["color edit"]
+    assert {a["rows"][r]["site"] for r in rows[1:]} == {ctx}
+    assert res["images"] == 4 + sum(e["images"] for e in a["rows"].values())  # clean + each row's own images
+    plain = run_concept_study(adapter, dicts, store, None, **kw)["dictionaries"]["a"]
+    assert "object_dictionary" not in plain and "site" not in plain["rows"]["object edit"]
+    assert a["rows"]["color edit"] == plain["rows"]["color edit"]
+    md = markdown(res)
+    assert f"| color edit at `{TXT}` |" in md and f"| object edit at `{ctx}` |" in md and "| a |" in md
+    assert f"(`{TXT}`)" in markdown({**res, "dictionaries": {"a": {**a, "rows": {"color edit": a["rows"]["color edit"]}}}})
+    with pytest.raises(DifflensError, match="object dictionaries .* pair with no dictionary"):
+        run_concept_study(adapter, dicts, store, object_dictionaries={"b": objs["a"]}, **kw)
+
+
 @pytest.mark.parametrize("family", ["flux", "sd3"])  # MM-DiTs: PixArt and DiT have no text stream
 def test_text_and_image_sites_in_one_run_on_tiny_pipelines(family, tmp_path):
     """The study's mechanics on real diffusers pipelines: a text-stream steer at chosen tokens of the

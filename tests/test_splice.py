@@ -105,7 +105,8 @@ def test_store_input_uses_its_prompts_and_statistics(adapter, tmp_path):
 
 
 def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
-    """A small store recorded from one generation (all tokens, cond rows, toy-world token labels)."""
+    """A small store recorded from one generation (all tokens, cond rows, toy-world token labels);
+    `site` may be a list of sites, recorded together."""
     from difflens.harvest.record import UnitRecorder
     from difflens.harvest.run import labels_and_records, plan_samples
     from difflens.hooks import HookSet, Site
@@ -114,7 +115,8 @@ def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
 
     truth = ToyWorld()
     samples = plan_samples(list(prompts), list(seeds), None, truth)
-    tokenizer = getattr(adapter.model, "tokenizer", None) if site.endswith(":txt") else None
+    sites = [site] if isinstance(site, str) else list(site)
+    tokenizer = getattr(adapter.model, "tokenizer", None) if any(s.endswith(":txt") for s in sites) else None
     token_labels, text_labels, records = labels_and_records(samples, truth, tokenizer)
     rec = UnitRecorder(
         sample_ids=np.array([s.sample_id for s in samples]),
@@ -128,8 +130,8 @@ def tiny_store(adapter, path, prompts, site, seeds=(0,), steps=3):
         text_labels=text_labels,
     )
     adapter.generate([s.prompt for s in samples], [s.seed for s in samples], steps=steps,
-                     hooks=HookSet([(site, rec.hook_for(Site.parse(site)))]))
-    w = StoreWriter.open(path, model=adapter.model_id, sites={site: adapter.site_dim(site)}, dtype="fp32",
+                     hooks=HookSet([(s, rec.hook_for(Site.parse(s))) for s in sites]))
+    w = StoreWriter.open(path, model=adapter.model_id, sites={s: adapter.site_dim(s) for s in sites}, dtype="fp32",
                          harvest_config={"steps": steps, "guidance": None, "seeds": list(seeds)})
     w.write_unit("u0000000", rec.rows(), samples=records)
     w.finalize()

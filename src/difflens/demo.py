@@ -52,6 +52,9 @@ NEURON_SITE = "transformer_blocks.1.ff.net.0:img"
 # Where `difflens trace` finds colour and background decided: the prompt's words in block 0's text
 # stream. The intervention study acts there (docs/intervene.md).
 TEXT_SITE = "transformer_blocks.0:txt"
+# The text tokens entering block 0: objects move there (block 0's image stream reads the prompt
+# before an edit of block 0's text output acts), so the study's object rows use dictionaries here.
+OBJECT_SITE = "context_embedder:txt"
 ARCHS = ("topk", "tide", "itda")
 
 
@@ -67,7 +70,7 @@ def _cli(argv: list[str]) -> None:
 def stage_harvest(out: Path, summary: dict) -> None:
     store = out / "store"
     _cli(["harvest", "--model", "toy", "--num-prompts", "160", "--steps", "12", "--step-window", "0,3,6,9,11",
-          "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE},{TEXT_SITE}",
+          "--sites", f"transformer_blocks.*:img,single_transformer_blocks.*:img,{NEURON_SITE},{TEXT_SITE},{OBJECT_SITE}",
           "--store-dtype", "bf16", "--batch-size", "32", "--out", str(store)]
          + (["--resume"] if (store / "manifest.json").exists() else []))
     from difflens.store import Store
@@ -80,7 +83,9 @@ def stage_train(out: Path, summary: dict) -> None:
     config = {
         "defaults": {"site": MAIN_SITE, "width": 1024, "k": 16},
         "dictionaries": [{"name": a, "arch": a} for a in ARCHS]
-        + [{"name": f"{a}_txt", "arch": a, "site": TEXT_SITE, "width": 512, "k": 8} for a in ARCHS],
+        + [{"name": f"{a}_txt", "arch": a, "site": TEXT_SITE, "width": 512, "k": 8} for a in ARCHS]
+        # appended last: a dictionary's initial weights are seeded by its position in this list
+        + [{"name": f"{a}_ctx", "arch": a, "site": OBJECT_SITE, "width": 512, "k": 8} for a in ARCHS],
     }
     cfg_path = out / "train_config.json"
     atomic_write_text(cfg_path, json.dumps(config, indent=2) + "\n")
@@ -88,7 +93,8 @@ def stage_train(out: Path, summary: dict) -> None:
     _cli(["train", "--data", str(out / "store"), "--config", str(cfg_path), "--train-steps", "400",
           "--batch-size", "1024", "--dead-after-tokens", "100000", "--out", str(run)] + (["--resume"] if run.exists() else []))
     summary["train"] = {"dictionaries": {n: str(run / n) for n in ARCHS},
-                        "text_dictionaries": {n: str(run / f"{n}_txt") for n in ARCHS}}
+                        "text_dictionaries": {n: str(run / f"{n}_txt") for n in ARCHS},
+                        "object_dictionaries": {n: str(run / f"{n}_ctx") for n in ARCHS}}
 
 
 def stage_evaluate(out: Path, summary: dict) -> None:
@@ -110,7 +116,9 @@ def stage_interpret(out: Path, summary: dict) -> None:
 
 
 DEMO_CASES = 40  # per row (the demo stays under 10 minutes); `difflens intervene-study` defaults to 100 (README numbers)
-DEMO_ROWS = ("color edit", "color ablation", "color transfer", "background transfer")
+# every row of the study; the object rows run on the `_ctx` dictionaries (OBJECT_SITE), the others on `_txt`
+DEMO_ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer",
+             "object transfer (all features)", "background transfer")
 
 
 def stage_intervene(out: Path, summary: dict) -> None:
@@ -123,14 +131,17 @@ def stage_intervene(out: Path, summary: dict) -> None:
     adapter = load_adapter("toy")
     summary["trace"] = run_trace_demo(out / "trace", adapter)
     dicts = {n: difflens.load(d) for n, d in summary["train"]["text_dictionaries"].items()}
+    objects = {n: difflens.load(d) for n, d in summary["train"]["object_dictionaries"].items()}
     res = run_concept_study(adapter, dicts, Store(out / "store"), out / "intervene", n=DEMO_CASES, rows=DEMO_ROWS,
-                            references=("difference of means", "random direction"))
+                            references=("difference of means", "random direction"), object_dictionaries=objects)
     r3 = lambda x: None if x is None else round(float(x), 3)  # noqa: E731
     summary["intervene"] = {
         "table": res["files"]["table"], "examples": res["files"]["examples"], "images_per_second": res["images_per_second"],
         "success": {n: {row: r3(e["success_rate"]) for row, e in d["rows"].items()} for n, d in res["dictionaries"].items()},
         "kept": {n: {row: r3(e["kept_rate"]) for row, e in d["rows"].items()} for n, d in res["dictionaries"].items()},
         "references": {row: r3(e.get("success_rate")) for row, e in res["references"].items() if isinstance(e, dict)},
+        "images": res["images"], "seconds": res["seconds"],
+        "images_per_row": {n: {row: e["images"] for row, e in d["rows"].items()} for n, d in res["dictionaries"].items()},
     }
 
 
@@ -184,7 +195,8 @@ def _readable_summary(out: Path, summary: dict) -> str:
                   "full map: difflens trace):"] + ["  " + line for line in tr.get("summary", [])]
     iv = summary.get("intervene", {})
     if iv:
-        parts += ["", f"interventions at {TEXT_SITE} where the concept features fire ({DEMO_CASES} cases per row; "
+        parts += ["", f"interventions where the concept is decided ({DEMO_CASES} cases per row; each row says its site: "
+                  f"the {TEXT_SITE} dictionaries where the concept features fire, the {OBJECT_SITE} ones for objects; "
                   "cell: success (n) / other factors kept; full study: difflens intervene-study):",
                   _first_table(out / "intervene" / "concepts.md")]
     secs = summary.get("seconds", {})

@@ -108,6 +108,9 @@ def register(subparsers) -> None:
     p.add_argument("--image-dict", dest="image_dict_dir", action="append", default=None, metavar="DIR",
                    help="image-stream dictionary (e.g. at transformer_blocks.1:img) whose colour/object features the "
                    "colour and object edits also swap inside the object's box; one per --dict, in the same order (--study concepts)")
+    p.add_argument("--object-dict", dest="object_dict_dir", action="append", default=None, metavar="DIR",
+                   help="dictionary at another site (e.g. context_embedder:txt, where objects move more) that runs the "
+                   "object rows instead of its --dict; one per --dict, in the same order (--study concepts)")
     p.add_argument("--image-scale", type=float, default=None,
                    help="the image-stream edit's target features at this multiple of their store maximum (default: colour 0.35, object 1)")
     p.add_argument("--scale", type=float, default=None,
@@ -311,6 +314,11 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
         if len(args.image_dict_dir) != len(args.dict_dir):
             raise DifflensError(f"{len(args.image_dict_dir)} --image-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
         images = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.image_dict_dir)}
+    objects = {}
+    if args.object_dict_dir:
+        if len(args.object_dict_dir) != len(args.dict_dir):
+            raise DifflensError(f"{len(args.object_dict_dir)} --object-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
+        objects = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.object_dict_dir)}
     extra = {k: v for k, v in (("scale", args.scale), ("image_scale", args.image_scale)) if v is not None}
     extra["steer"] = _steer_recipe(args)
     if args.object_shift is not None:
@@ -318,6 +326,7 @@ def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
     extra.update(extra_refs)
     result = run_concept_study(
         adapter, names, _store(args.data), out, n=args.cases, rows=rows, branch=args.branch, image_dictionaries=images,
+        object_dictionaries=objects,
         window=Window.parse(args.step_window) if args.step_window else None, **extra,
         steps=args.steps, guidance=args.guidance, seed=args.seed, show_progress=not getattr(args, "quiet", False),
     )

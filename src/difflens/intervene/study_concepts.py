@@ -14,7 +14,9 @@ the codes of the object's whole context instead, `study_shift`), colour *steerin
 features, leaving the source; its own settings, `SteerRecipe`, and a random-direction control of
 the same norm), colour *ablation* (with a random-feature control), and colour and
 background *transfer* from a reference prompt that differs in that factor only (the object's
-transfer takes every feature: no few features carry it). Dictionary-free references: the
+transfer takes every feature: no few features carry it). A dictionary's object rows can run on its
+partner at another site (`object_dictionaries`; objects move more where the text enters block 0,
+`context_embedder:txt`). Dictionary-free references (`study_references`): the
 difference-of-means direction and a random direction of the same norm, added at the tokens of the
 prompt's colour word, and the ceiling: the prompt itself changed (how often the classifier then
 reads the new value, and keeps reading the other factors as before).
@@ -27,20 +29,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from difflens.errors import DifflensError
 from difflens.hooks import Site
 from difflens.utils import save_image, write_json
 from difflens.intervene.base import FiresOn, default_steps
-from difflens.intervene.directions import concept_direction
 from difflens.intervene.edits import CodeEdit, CodeShift
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
-from difflens.intervene.steer import Steer, feature_maxima
+from difflens.intervene.steer import feature_maxima
 from difflens.intervene.study_concept_steer import SteerRecipe, steer_interventions
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import label_features
+from difflens.intervene.study_references import reference_rows
 from difflens.intervene.study_shift import context_code_means, shift_delta, shift_ready
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
@@ -161,6 +162,7 @@ def run_concept_study(
     branch: str = "both",
     window: Window | None = None,
     image_dictionaries: Mapping[str, object] | None = None,
+    object_dictionaries: Mapping[str, object] | None = None,
     image_scale: float | Mapping[str, float] | None = None,
     steer: SteerRecipe | None = None,
     object_shift: tuple[int, float] | None = DEFAULT_OBJECT_SHIFT,
@@ -178,7 +180,9 @@ def run_concept_study(
     image-stream dictionary, e.g. at `transformer_blocks.1:img`, where the trace says objects are
     written) add to that name's colour and object edits the same swap of the factor's features
     inside the object's box, in both CFG branches, the target's at `image_scale` x their maximum
-    (one number, or per factor; default DEFAULT_IMAGE_SCALE). `steer` sets the colour-steer row
+    (one number, or per factor; default DEFAULT_IMAGE_SCALE). `object_dictionaries` (name -> a
+    dictionary at another site, e.g. `context_embedder:txt`, where objects move more) run that
+    name's object rows instead; the table then says each row's site. `steer` sets the colour-steer row
     (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`).
     `object_shift` (n features per token, scale) makes the object edit on a text-stream dictionary
     a code shift of the object's context (`study_shift`, conditional rows; no image-stream swap),
@@ -197,18 +201,25 @@ def run_concept_study(
     clf = study_classifier(classifier, truth)
     steps = default_steps(adapter) if steps is None else int(steps)
     sites = {name: str(Site.parse(d.cfg.site)) for name, d in dictionaries.items()}
-    image_dictionaries = dict(image_dictionaries or {})
-    extra = sorted(set(image_dictionaries) - set(dictionaries))
-    if extra:
-        raise DifflensError(f"image dictionaries {extra} pair with no dictionary: name them as the text-stream ones ({', '.join(dictionaries)})")
-    missing = sorted({s for s in [*sites.values(), *(d.cfg.site for d in image_dictionaries.values())] if s not in store.sites})
+    image_dictionaries, object_dictionaries = dict(image_dictionaries or {}), dict(object_dictionaries or {})
+    for kind, paired in (("image", image_dictionaries), ("object", object_dictionaries)):
+        extra = sorted(set(paired) - set(dictionaries))
+        if extra:
+            raise DifflensError(f"{kind} dictionaries {extra} pair with no dictionary: name them as the text-stream ones ({', '.join(dictionaries)})")
+    missing = sorted({str(Site.parse(s)) for s in [*sites.values(), *(d.cfg.site for d in [*image_dictionaries.values(),
+                      *object_dictionaries.values()])] if str(Site.parse(s)) not in store.sites})
     if missing:
         raise DifflensError(f"store {store.root} lacks sites {missing} of the dictionaries: harvest them (labels come from it)")
     cases = make_cases(n, seed, truth=truth)
     read = _Readings(clf, cases, truth)
     gen_kw = dict(steps=steps, guidance=guidance)
-    ref_factors = {r.split()[0] for r in rows if "transfer" in r} | {r.split()[-1] for r in references if r.startswith("prompt")}
-    n_ref_sites = len(set(sites.values())) * len(ref_factors)
+    # each dictionary runs its rows, but a name with an object dictionary runs its object rows on that one
+    units = [(name, d, [r for r in rows if name not in object_dictionaries or not r.startswith("object")])
+             for name, d in dictionaries.items()]
+    units += [(name, od, [r for r in rows if r.startswith("object")]) for name, od in object_dictionaries.items()]
+    units = [u for u in units if u[2]]
+    pairs = {(str(Site.parse(d.cfg.site)), r.split()[0]) for _, d, rs in units for r in rs if "transfer" in r}
+    n_ref_sites = len(pairs) + len({r.split()[-1] for r in references if r.startswith("prompt")} - {f for _, f in pairs})
     per_dict = len(rows) + ("color ablation" in rows) + ("color steer" in rows)
     n_steer_refs = len([r for r in references if not r.startswith("prompt")])
     bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + n_steer_refs), "concept study", show_progress)
@@ -235,6 +246,13 @@ def run_concept_study(
     clean_img = generate()
     clean = read(clean_img)
     masks = [object_mask(c.position, truth) for c in cases]
+
+    def judge(imgs, factor: str, mode: str = "reach") -> dict:
+        """A row's score on its images, with the pixel change inside and outside the object's box."""
+        entry = score(cases, clean, read(imgs), factor, mode=mode)
+        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
+        return entry
+
     refs: dict[tuple[str, str], list] = {}  # (site, factor) -> recordings, one per batch of cases
 
     def reference(site: str, factor: str):
@@ -267,18 +285,21 @@ def run_concept_study(
                                            for f in ("color", "object", "bgcolor")},
                     "dictionaries": {}, "references": {}}
     shown: dict[str, np.ndarray] = {}
-    for name, d in dictionaries.items():
-        site = sites[name]
-        n_steer = max(n_features, steer.n_features or 0) if "color steer" in rows else n_features
+    for name, d, unit_rows in units:
+        site = str(Site.parse(d.cfg.site))
+        n_steer = max(n_features, steer.n_features or 0) if "color steer" in unit_rows else n_features
         steer_feats = concept_features(d, store, n_steer, truth=truth)
         feats = {c: fs[:n_features] for c, fs in steer_feats.items()}
         need = sorted({f for fs in steer_feats.values() for f in fs})
         fmax = feature_maxima(d, store, need) if need else {}
         rng = np.random.default_rng(seed + 7)
-        res: dict = {"site": site, "arch": d.cfg.arch, "width": int(d.num_latents), "rows": {}}
+        info = {"site": site, "arch": d.cfg.arch, "width": int(d.num_latents)}
+        res = result["dictionaries"].setdefault(name, {**info, "rows": {}})
+        own = d is dictionaries[name]  # else the name's object dictionary
+        info = res if own else res.setdefault("object_dictionary", info)
 
         img = image_dictionaries.get(name)
-        if img is not None and any(r.endswith("edit") or r == "color steer" for r in rows):
+        if img is not None and any(r.endswith("edit") or r == "color steer" for r in unit_rows):
             img_feats = concept_features(img, store, n_steer, truth=truth)
             img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
 
@@ -288,7 +309,7 @@ def run_concept_study(
                                        image_max=img_max if img is not None else None, truth=truth,
                                        control=(seed + 1000 * k) if control else None)
 
-        tok = shift_ready(adapter, d) if object_shift and "object edit" in rows else None
+        tok = shift_ready(adapter, d) if object_shift and "object edit" in unit_rows else None
         means = context_code_means(d, store, "object", tok, truth=truth) if tok is not None else None
 
         def swap(factor, k, j):
@@ -313,15 +334,15 @@ def run_concept_study(
             ops = [("ablate", src, None)] + [("clamp", [f], image_scale.get(factor, 1.0) * img_max[f]) for f in tgt]
             return [CodeEdit(img, ops, region=object_region(c.position, truth=truth), window=window, samples=[j])]
 
-        for row in rows:
+        for row in unit_rows:
             factor = {"color": "color", "object": "object", "background": "bgcolor"}[row.split()[0]]
-            control = None
+            control, before = None, count[0]
             if row.endswith("edit"):
                 imgs = generate(lambda k, j, f=factor: swap(f, k, j), factor)
-                entry = score(cases, clean, read(imgs), factor)
+                entry = judge(imgs, factor)
             elif row == "color steer":
                 imgs = generate(steered, factor)
-                entry = score(cases, clean, read(imgs), factor)
+                entry = judge(imgs, factor)
                 control = score(cases, clean, read(generate(lambda k, j: steered(k, j, True), factor)), factor)
             elif row == "color ablation":
                 drawn: dict[int, list[int]] = {}  # each case's random features, drawn once
@@ -334,7 +355,7 @@ def run_concept_study(
                         src = drawn[k]
                     return [CodeEdit(d, [("ablate", src, None)], branch=branch, samples=[j])] if src else []
                 imgs = generate(ablate, factor)
-                entry = score(cases, clean, read(imgs), factor, mode="leave")
+                entry = judge(imgs, factor, mode="leave")
                 control = score(cases, clean, read(generate(lambda k, j: ablate(k, j, True), factor)), factor, mode="leave")
             else:  # transfer: the factor's features (every value's top features), or all, from the reference
                 tf = None if row.endswith("(all features)") else sorted(
@@ -344,23 +365,23 @@ def run_concept_study(
                 def transfer(k, j, tf=tf, recs=recs):  # case k is sample k % batch_size of its batch's recording
                     return [Transfer(d, (recs[k // batch_size], k % batch_size), tf, branch=branch, samples=[j])] if tf != [] else []
                 imgs = generate(transfer, factor)
-                entry = score(cases, clean, read(imgs), factor)
-            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
+                entry = judge(imgs, factor)
             if row == "object edit" and means is not None:
                 entry["recipe"] = f"code shift of the object's context: {object_shift[0]} features per token x {object_shift[1]:g}"
             elif (row.endswith("edit") or (row == "color steer" and steer.image_scale > 0)) and img is not None:
                 entry["image_site"] = img.cfg.site
+            entry["images"] = count[0] - before  # the row's cost (its control and reference recordings included)
+            if not own:
+                entry["site"] = site
             if control is not None:
                 entry["control_random_direction" if row == "color steer" else "control_random_features"] = control
             res["rows"][row] = entry
             if name == next(iter(dictionaries)):
                 shown[row] = imgs
-        res["features"] = {c: fs for c, fs in feats.items() if fs}
-        result["dictionaries"][name] = res
+        info["features"] = {c: fs for c, fs in feats.items() if fs}
     if references:
-        site = sites[next(iter(dictionaries))]
-        result["references"] = _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate,
-                                               reference_images, seed, references)
+        site = result["reference_site"] = sites[next(iter(dictionaries))]
+        result["references"] = reference_rows(adapter, store, site, cases, judge, generate, reference_images, seed, references)
     bar.close()
     result["images"] = count[0]
     result["seconds"] = round(time.time() - t0, 1)
@@ -375,59 +396,6 @@ def run_concept_study(
     return result
 
 
-def _reference_rows(adapter, store, site, cases, clean, clean_img, masks, read, generate, reference_images, seed,
-                    which: Sequence[str]) -> dict:
-    """Dictionary-free colour steering at the colour word's tokens: the difference of means
-    (target colour's tokens minus source colour's) at its own norm, and a random direction of that norm."""
-    out: dict = {}
-    for factor in ("color", "object"):
-        if f"prompt changed: {factor}" in which:
-            imgs = reference_images(factor)
-            entry = score(cases, clean, read(imgs), factor)
-            entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, factor))
-            out[f"prompt changed: {factor}"] = entry
-    steer_rows = [(r, r == "random direction") for r in ("difference of means", "random direction") if r in which]
-    if not steer_rows:
-        return out
-    truth = adapter.ground_truth()
-    tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
-    if truth is None or tok is None or Site.parse(site).stream != "txt":
-        out["skipped"] = "difference of means and random direction need a ground-truth world and a text-stream site"
-        return out
-    cid = {c: i for i, c in enumerate(truth.concepts)}
-    words = []
-    for c in cases:
-        lab = truth.text_labels(c.prompt, tok)
-        words.append(np.flatnonzero((lab >> cid[f"color={c.color}"]) & 1).tolist())
-    dirs: dict[tuple[str, str], torch.Tensor] = {}
-    gen = torch.Generator().manual_seed(seed)
-
-    def direction(c: Case, random: bool):
-        key = (c.color, c.to_color)
-        if key not in dirs:
-            try:
-                dirs[key] = concept_direction(store, site, f"color={c.to_color}", against=[f"color={c.color}"], truth=truth)
-            except DifflensError:  # the store has no token of one of the two colours
-                dirs[key] = None
-        v = dirs[key]
-        if v is None:
-            return None, 0.0
-        return torch.randn(v.shape, generator=gen) if random else v, float(v.norm())
-
-    for row, random in steer_rows:
-        def make(k, j, random=random):
-            v, norm = direction(cases[k], random) if words[k] else (None, 0.0)
-            if v is None:
-                return []
-            return [Steer(direction=v, site=site, scale=norm, mode="absolute", tokens=words[k], samples=[j])]
-        imgs = generate(make, "color")
-        entry = score(cases, clean, read(imgs), "color")
-        entry["color_pairs_without_direction"] = sum(v is None for v in dirs.values())
-        entry["mse_inside_box"], entry["mse_outside_box"] = _mse(clean_img, imgs, masks, _eligible(cases, clean, "color"))
-        out[row] = entry
-    return out
-
-
 def _pct(r) -> str:
     return "-" if r is None else f"{100 * r:.0f}%"
 
@@ -435,7 +403,9 @@ def _pct(r) -> str:
 def markdown(result: dict) -> str:
     names = list(result["dictionaries"])
     ds = result["dictionaries"]
-    head = "| intervention | " + " | ".join(f"{n} (`{ds[n]['site']}`)" for n in names) + " |"
+    # with object dictionaries at another site, every row says its site instead of the header
+    mixed = any("site" in e for n in names for e in ds[n]["rows"].values())
+    head = "| intervention | " + " | ".join(n if mixed else f"{n} (`{ds[n]['site']}`)" for n in names) + " |"
     lines = [
         f"Concept study: {result['n_cases']} prompt/seed cases per row, {result['steps']} steps, CFG branch "
         f"{result['branch']}, {result.get('window', 'all steps')}, features at {result['scale']:g} x their store maximum"
@@ -454,7 +424,8 @@ def markdown(result: dict) -> str:
         for n in names:
             e = ds[n]["rows"].get(row)
             cells.append("-" if e is None else f"{_pct(e['success_rate'])} ({e['eligible']}) / {_pct(e['kept_rate'])}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        at = {ds[n]["rows"][row].get("site", ds[n]["site"]) for n in names if row in ds[n]["rows"]}
+        lines.append(f"| {row}" + (" at " + ", ".join(f"`{a}`" for a in sorted(at)) if mixed else "") + " | " + " | ".join(cells) + " |")
         for r, key, what in (("color ablation", "control_random_features", "random features"),
                              ("color steer", "control_random_direction", "random direction of the same norm")):
             if row == r:
@@ -463,7 +434,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"| {r}, {what} (control) | " + " | ".join(cells) + " |")
     for row, e in result.get("references", {}).items():
         if isinstance(e, dict):
-            lines.append(f"| {row} (no dictionary) | " + " | ".join(
+            at = f" at `{result['reference_site']}`" if mixed and row in ("difference of means", "random direction") else ""
+            lines.append(f"| {row} (no dictionary){at} | " + " | ".join(
                 [f"{_pct(e['success_rate'])} ({e['eligible']}) / {_pct(e['kept_rate'])}"] * 1 + [""] * (len(names) - 1)) + " |")
     recipes = sorted({ds[n]["rows"]["object edit"]["recipe"] for n in names if "recipe" in ds[n]["rows"].get("object edit", {})})
     if recipes:
