@@ -12,9 +12,12 @@ it from its adapter (see docs/architecture.md).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TYPE_CHECKING, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 
 class ConceptVocabulary(Protocol):
@@ -127,7 +130,8 @@ def ground_truth_of(adapter) -> GroundTruth | None:
     return get() if callable(get) else None
 
 
-def world_prompts_of(adapter, n: int, seed: int, *, model: str, option: str, instead: str) -> tuple[list[str], list[Any]]:
+def world_prompts_of(adapter: Adapter, n: int, seed: int, *, model: str, option: str,
+                     instead: str) -> tuple[list[str], list[Any]]:
     """n prompts and their scenes from the adapter's ground-truth world (`sample_prompts`); a
     usage error for a model without one (a real model) that names `option` and what to pass instead."""
     from difflens.errors import DifflensError

@@ -29,10 +29,14 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from difflens.errors import DifflensError
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 FACTORS = ("color", "object", "bgcolor")
 MODES = ("edit", "ablation")
@@ -80,7 +84,7 @@ def _r(v):
     return None if v is None else round(float(v), 4)
 
 
-def _generate(adapter, cases, make, *, steps, guidance, batch_size: int, bar) -> tuple[np.ndarray, int, int]:
+def _generate(adapter: Adapter, cases, make, *, steps, guidance, batch_size: int, bar) -> tuple[np.ndarray, int, int]:
     """Images of `cases` with the interventions `make(k, j)` (case k is sample j of its batch),
     through the studies' one loop (`generate_items`, unbatched so each edit keeps its own log);
     also how many interventions were built and how many never acted (their features never fired)."""
@@ -100,7 +104,7 @@ def _generate(adapter, cases, make, *, steps, guidance, batch_size: int, bar) ->
     return images, len(made), sum(not iv.log for iv in made)
 
 
-def causal_editing(adapter, dictionaries: Mapping[str, object], store, *, n_cases: int = 16,
+def causal_editing(adapter: Adapter, dictionaries: Mapping[str, object], store, *, n_cases: int = 16,
                    factors: Sequence[str] = FACTORS, modes: Sequence[str] = MODES, n_features: int = 3,
                    scale: float = 1.0, steps: int | None = None, guidance: float | None = None, classifier=None,
                    features: Mapping[str, Mapping[str, Sequence[int]]] | None = None, seed: int = 0,
@@ -217,7 +221,7 @@ def summarise(rows: Mapping[str, Mapping[str, dict]]) -> dict:
     return out
 
 
-def benchmark_causal(dictionaries: Mapping[str, object], store, *, adapter=None, model: str | None = None,
+def benchmark_causal(dictionaries: Mapping[str, object], store, *, adapter: Adapter | None = None, model: str | None = None,
                      model_kwargs: Mapping | None = None, **kw) -> dict:
     """`causal_editing` for the benchmark: loads the store's model (or `model`) and returns
     {"skipped": reason} instead of failing when the model is unavailable or has no ground truth."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from difflens.benchmark.probing import probe, sparse_probe
 from difflens.benchmark.spatial import SpatialAccumulator
 from difflens.errors import DifflensError
 from difflens.utils import progress, write_json
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 KS = (1, 4, 16)
 
@@ -124,7 +128,8 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
                   ks=KS, recon_tokens: int | None = 50_000, autointerp: str = "oracle", interp_run=None,
                   n_features: int = 48, min_match: float = 0.2, seed: int = 0, concepts=None,
                   causal_cases: int = 0, causal_factors=None, causal_modes=None, causal_features: int = 3, causal_scale: float = 1.0,
-                  adapter=None, model: str | None = None, model_kwargs=None, steps: int | None = None, classifier=None,
+                  adapter: Adapter | None = None, model: str | None = None, model_kwargs=None,
+                  steps: int | None = None, classifier=None,
                   show_progress: bool = True) -> dict:
     """Benchmark dictionaries (paths, or name -> path) on a store; writes benchmark.json/.md and plots.
 

@@ -34,6 +34,7 @@ import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
@@ -42,6 +43,9 @@ from difflens.browse.export import CSP, export_site, read_site_manifest
 from difflens.errors import DifflensError
 from difflens.groundtruth import ground_truth_of
 from difflens.models import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 MAX_BODY = 64 * 1024
 MAX_JSON_DEPTH = 16
@@ -71,7 +75,7 @@ def _png_data_url(img_HW3, scale: int) -> str:
 class Playground:
     """The model (loaded once) and the dictionaries it can encode with; one generation at a time."""
 
-    def __init__(self, adapter, dictionaries: dict, *, default_steps: int | None = None):
+    def __init__(self, adapter: Adapter, dictionaries: dict, *, default_steps: int | None = None):
         self.adapter = adapter
         self.dicts = dictionaries  # slug -> Dictionary
         self.lock = threading.Lock()
@@ -377,7 +381,7 @@ def make_server(site: str | Path, *, host: str = "127.0.0.1", port: int = 0, pla
     return httpd
 
 
-def build_playground(dict_paths, model: str = DEFAULT_MODEL, device: str = "cpu", adapter=None):
+def build_playground(dict_paths, model: str = DEFAULT_MODEL, device: str = "cpu", adapter: Adapter | None = None):
     """(Playground, page config) for the dictionaries that fit the model's sites."""
     import difflens
     from difflens.browse.data import resolve_inputs
@@ -422,7 +426,7 @@ def playground_page_extras(site_rows: dict, slugs) -> dict:
 
 def serve(dicts, *, host: str = "127.0.0.1", port: int = 8000, out=None, interp=None, evaluation=None, store=None,
           neighbours: int = 8, max_features: int | None = None, title: str = "difflens feature browser",
-          model: str | None = DEFAULT_MODEL, device: str = "cpu", adapter=None) -> None:
+          model: str | None = DEFAULT_MODEL, device: str = "cpu", adapter: Adapter | None = None) -> None:
     """Export (into `out` or a temporary folder), load the model once (or use `adapter`), serve until Ctrl-C."""
     from difflens.browse.data import resolve_inputs
     from difflens.browse.export import feature_rows

@@ -143,7 +143,7 @@ def _recovered(err_splice, err_mean):
 def evaluate_splice(
     dicts,
     store_or_prompts,
-    adapter,
+    adapter: Adapter,
     *,
     n_prompts: int = DEFAULT_PROMPTS,
     seeds: Sequence[int] | None = None,

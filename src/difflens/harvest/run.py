@@ -13,6 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,9 @@ from difflens.models import load_adapter
 from difflens.store import StoreWriter
 from difflens.store.background import BackgroundWriter
 from difflens.utils import progress
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 
 @dataclass
@@ -68,7 +72,7 @@ def harvest(
     prompts: list[str],
     *,
     scenes: list | None = None,
-    adapter=None,
+    adapter: Adapter | None = None,
     resume: bool = False,
     append: bool = False,
     stop_after_units: int | None = None,

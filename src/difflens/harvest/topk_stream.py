@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from difflens.errors import DifflensError
 from difflens.utils import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 PARTIAL = "partial"
 
@@ -135,7 +139,7 @@ class TopKStream:
         self._snapshot()
 
     # ---- after the last barrier (rank 0) --------------------------------------------------------
-    def finalize(self, adapter, n_units: int) -> Path | None:
+    def finalize(self, adapter: Adapter, n_units: int) -> Path | None:
         """Merge every rank's snapshot and write the cache and its feature pages; None if empty."""
         from difflens.interpret.topk import TopKAccumulator, export_features
 
@@ -159,7 +163,8 @@ class TopKStream:
         return self.folder
 
 
-def topk_streams(specs, adapter, out: Path, *, rank: int, sample_ids, batch_size: int, record_steps) -> list[TopKStream]:
+def topk_streams(specs, adapter: Adapter, out: Path, *, rank: int, sample_ids, batch_size: int,
+                 record_steps) -> list[TopKStream]:
     """A stream per (name, dictionary folder or feature source, N) of `harvest --dict --topk`."""
     if not specs:
         return []

@@ -10,12 +10,16 @@ directions (a pseudo-dictionary with a fixed seed), so all five are scored by th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from difflens.dictionaries.base import family
 from difflens.errors import DifflensError
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 
 @dataclass
@@ -55,7 +59,7 @@ class FeatureSource:
 class DictionaryFeatures(FeatureSource):
     """Latents of a trained dictionary (any architecture implementing `Dictionary.encode`)."""
 
-    def __init__(self, dictionary, name: str | None = None, site: str | None = None):
+    def __init__(self, dictionary: Dictionary, name: str | None = None, site: str | None = None):
         cfg = getattr(dictionary, "cfg", None)
         if cfg is None or not hasattr(dictionary, "encode"):
             raise DifflensError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +17,10 @@ from difflens.errors import DifflensError
 from difflens.generation import GenerationPlan
 from difflens.hooks import HookContext, Site
 from difflens.intervene.region import Region, Window
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
 
 BRANCHES = ("both", "cond", "uncond")
 SCALE_MODES = ("absolute", "token-norm", "feature-max")
@@ -27,7 +32,7 @@ SCALE_MODES = ("absolute", "token-norm", "feature-max")
 RunInfo = GenerationPlan
 
 
-def default_steps(adapter) -> int:
+def default_steps(adapter: Adapter) -> int:
     """The adapter's declared default number of denoising steps."""
     return adapter.default_steps
 
@@ -199,7 +204,7 @@ class FiresOn:
     `Steer(..., where=FiresOn(sae, red_features))`: tokens where none fires are left untouched.
     """
 
-    def __init__(self, dictionary, features: Sequence[int], *, threshold: float = 0.0) -> None:
+    def __init__(self, dictionary: Dictionary, features: Sequence[int], *, threshold: float = 0.0) -> None:
         self.dictionary = dictionary
         self.features = check_features(dictionary, features)
         if not self.features:
@@ -227,7 +232,7 @@ class FiresOn:
 
 
 # ---- dictionary helpers ----------------------------------------------------------------------
-def check_features(dictionary, features) -> tuple[int, ...]:
+def check_features(dictionary: Dictionary, features) -> tuple[int, ...]:
     """Feature ids as ints, each in [0, width); errors say the valid range."""
     if isinstance(features, (int,)) and not isinstance(features, bool):
         features = [features]
@@ -245,7 +250,7 @@ def check_features(dictionary, features) -> tuple[int, ...]:
     return feats
 
 
-def check_dictionary(dictionary, adapter, site: Site) -> None:
+def check_dictionary(dictionary: Dictionary, adapter: Adapter, site: Site) -> None:
     """The dictionary must fit the site's width; it is moved to the model's device in fp32/bf16."""
     d = adapter.site_dim(str(site))
     if int(dictionary.cfg.d_in) != d:
@@ -259,7 +264,7 @@ def check_dictionary(dictionary, adapter, site: Site) -> None:
         )
 
 
-def dictionary_site(dictionary, site) -> Site:
+def dictionary_site(dictionary: Dictionary, site) -> Site:
     if site is not None:
         return Site.parse(site)
     s = getattr(getattr(dictionary, "cfg", None), "site", "")
@@ -268,7 +273,7 @@ def dictionary_site(dictionary, site) -> Site:
     return Site.parse(s)
 
 
-def prep_dictionary(dictionary, adapter):
+def prep_dictionary(dictionary: Dictionary, adapter: Adapter):
     dictionary.eval()
     dev = getattr(adapter, "device", torch.device("cpu"))
     if dictionary.device != torch.device(dev):
@@ -277,7 +282,8 @@ def prep_dictionary(dictionary, adapter):
         dictionary.float()  # fp16 on CPU is slow and inexact: compute in fp32
 
 
-def codes_for(iv: Intervention, dictionary, x_RTD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def codes_for(iv: Intervention, dictionary: Dictionary, x_RTD: torch.Tensor,
+              t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """encode_codes of x flattened to [R*T, D], computed once per (intervention, dictionary, tensor):
     the intervention's `FiresOn` and its edit share them, and `Batched` fills them in for every
     member from one encode of all members' rows."""
@@ -305,7 +311,7 @@ def write_tokens(out: torch.Tensor, rows: torch.Tensor, toks: torch.Tensor | Non
         out[rows[:, None], toks[None, :]] = new
 
 
-def encode_codes(dictionary, x_MD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_codes(dictionary: Dictionary, x_MD: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x in the dictionary's dtype, per-row timesteps, dense codes)."""
     xf = x_MD.to(dictionary.param_dtype)
     tt = torch.full((xf.shape[0],), float(t), device=xf.device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difflens.cli_options import (
     add_data_option,
@@ -31,6 +32,9 @@ from difflens.cli_options import (
 from difflens.errors import DifflensError
 from difflens.groundtruth import ground_truth_of
 from difflens.intervene.registry import parse_ids, parse_pairs, parse_scales  # noqa: F401 - the verbs' parsers, re-exported
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 WINDOW_HELP = ("denoising step indices to act on: a:b (b excluded; either side may be empty, ':5' = the first 5) "
                "or a list 0,2,4 (default: every step)")
@@ -160,7 +164,7 @@ def _where(args) -> dict:
     return kw
 
 
-def _readings(adapter, images) -> list[dict] | None:
+def _readings(adapter: Adapter, images) -> list[dict] | None:
     """The ground truth's reading of each image (the factors of its main object and the global
     ones); None for a model without ground truth or when its reader is missing."""
     import numpy as np
@@ -214,7 +218,7 @@ def _store(path):
     return Store(path)
 
 
-def _captioned(adapter, images, labels):
+def _captioned(adapter: Adapter, images, labels):
     readings = _readings(adapter, images)
     if readings:
         labels = [_caption(lab, r) for lab, r in zip(labels, readings)]
@@ -290,7 +294,7 @@ def run_study(args: argparse.Namespace) -> int:
     return _report(args, summary, summary_markdown, out)
 
 
-def _run_concept_study(args: argparse.Namespace, adapter, out: Path) -> int:
+def _run_concept_study(args: argparse.Namespace, adapter: Adapter, out: Path) -> int:
     import difflens
     from difflens.intervene.region import Window
     from difflens.intervene.study_concepts import ROWS, markdown, run_concept_study

@@ -4,6 +4,7 @@ the reconstruction, and replacing activations (mean ablation)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from difflens.intervene.base import (
 )
 from difflens.intervene.registry import InterventionSpec, Param, parse_ids, parse_pairs, register_intervention
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+
 # ---- edits through the sparse code -------------------------------------------------------------
 EDIT_OPS = ("ablate", "clamp", "scale")
 
@@ -37,7 +41,7 @@ class CodeEdit(Intervention):
 
     def __init__(
         self,
-        dictionary,
+        dictionary: Dictionary,
         ops: Sequence[tuple[str, Sequence[int] | int, float | None]] = (),
         *,
         only_active: bool = False,
@@ -102,7 +106,7 @@ class CodeShift(CodeEdit):
 
     kind = "shift"
 
-    def __init__(self, dictionary, delta, **common) -> None:
+    def __init__(self, dictionary: Dictionary, delta, **common) -> None:
         super().__init__(dictionary, [], **common)
         delta = torch.as_tensor(delta, dtype=torch.float32)
         width = int(dictionary.num_latents)
@@ -126,17 +130,17 @@ class CodeShift(CodeEdit):
         return f"code shift (|delta| {float(self.delta.abs().sum()):.3g}); " + Intervention.describe(self)
 
 
-def Ablate(dictionary, features, **kw) -> CodeEdit:
+def Ablate(dictionary: Dictionary, features, **kw) -> CodeEdit:
     """Set the features' codes to zero (error term kept)."""
     return CodeEdit(dictionary, [("ablate", features, None)], **kw)
 
 
-def Clamp(dictionary, features, value: float, **kw) -> CodeEdit:
+def Clamp(dictionary: Dictionary, features, value: float, **kw) -> CodeEdit:
     """Set the features' codes to `value` at every selected token (or only where active)."""
     return CodeEdit(dictionary, [("clamp", features, value)], **kw)
 
 
-def Scale(dictionary, features, factor: float, **kw) -> CodeEdit:
+def Scale(dictionary: Dictionary, features, factor: float, **kw) -> CodeEdit:
     """Multiply the features' codes by `factor` (1 = no change, −1 inverts)."""
     return CodeEdit(dictionary, [("scale", features, factor)], **kw)
 
@@ -151,7 +155,7 @@ class Splice(Intervention):
 
     kind = "splice"
 
-    def __init__(self, dictionary, *, keep_error: bool = False, site=None, **common) -> None:
+    def __init__(self, dictionary: Dictionary, *, keep_error: bool = False, site=None, **common) -> None:
         super().__init__(site=dictionary_site(dictionary, site), **common)
         self.dictionary = dictionary
         self.keep_error = bool(keep_error)
@@ -218,7 +222,7 @@ def _edit_arguments(p) -> None:
     p.add_argument("--only-active", action="store_true", help="--clamp only where the feature is already active")
 
 
-def _edit_from_args(args, dictionary, where) -> CodeEdit:
+def _edit_from_args(args, dictionary: Dictionary, where) -> CodeEdit:
     ops = []
     if args.ablate:
         ops.append(("ablate", parse_ids(args.ablate, "--ablate"), None))

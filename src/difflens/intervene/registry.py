@@ -22,9 +22,12 @@ import pkgutil
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from difflens.errors import DifflensError
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 PARAM_KINDS = ("int", "float", "choice", "text", "feature", "features")
 MAX_TEXT = 500  # characters of a text parameter (the playground's prompt limit)
@@ -195,7 +198,7 @@ class InterventionSpec:
     params: tuple[Param, ...] = field(default=())
     from_request: Callable | None = None
 
-    def parse_params(self, raw, dictionary) -> dict:
+    def parse_params(self, raw, dictionary: Dictionary) -> dict:
         """A playground request's parameters, each checked by its `Param`; unknown names refused."""
         if raw is None:
             raw = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from difflens.errors import DifflensError
 from difflens.hooks import HookSet, Site
 from difflens.generation import GenerationPlan, plan_generation, run_plan
 from difflens.intervene.base import Intervention, RunInfo
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 # ---- running ---------------------------------------------------------------------------------------
 def build_hookset(interventions: Sequence[Intervention], extra: HookSet | None = None, pre: HookSet | None = None) -> HookSet:
@@ -28,7 +32,7 @@ def build_hookset(interventions: Sequence[Intervention], extra: HookSet | None =
     return hs
 
 
-def plan_run(adapter, prompts, seeds, *, steps=None, guidance=None, height=None, width=None) -> RunInfo:
+def plan_run(adapter: Adapter, prompts, seeds, *, steps=None, guidance=None, height=None, width=None) -> RunInfo:
     return plan_generation(adapter, prompts, seeds, steps=steps, guidance=guidance, height=height, width=width)
 
 
@@ -46,7 +50,7 @@ def intervention_hooks(interventions: Sequence[Intervention], extra: HookSet | N
 
 
 def generate_with(
-    adapter,
+    adapter: Adapter,
     prompts: Sequence[str],
     seeds: Sequence[int],
     interventions: Sequence[Intervention] = (),
@@ -106,7 +110,8 @@ def recorder(store: dict, clone: bool = True):
     return hook
 
 
-def record_activations(adapter, prompts, seeds, site, *, steps=None, guidance=None, interventions=(), **gen_kwargs) -> Recording:
+def record_activations(adapter: Adapter, prompts, seeds, site, *, steps=None, guidance=None, interventions=(),
+                       **gen_kwargs) -> Recording:
     """Generate (optionally with interventions) and record the site's activations after them."""
     site = Site.parse(site)
     acts: dict = {}

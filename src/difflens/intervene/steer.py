@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from difflens.intervene.base import (
     prep_dictionary,
 )
 from difflens.intervene.registry import InterventionSpec, Param, parse_ids, parse_scales, register_intervention
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 # ---- steering --------------------------------------------------------------------------------
 class Steer(Intervention):
@@ -41,7 +45,7 @@ class Steer(Intervention):
 
     def __init__(
         self,
-        dictionary=None,
+        dictionary: Dictionary | None = None,
         features: int | Sequence[int] = (),
         scale: float = 1.0,
         *,
@@ -151,7 +155,8 @@ class Steer(Intervention):
         return f"steer {what} x {self.scale:g} ({self.mode}); " + super().describe()
 
 
-def feature_maxima(dictionary, store, features: Sequence[int], *, max_rows: int = 20000, batch: int = 2048, seed: int = 0) -> dict[int, float]:
+def feature_maxima(dictionary: Dictionary, store, features: Sequence[int], *, max_rows: int = 20000,
+                   batch: int = 2048, seed: int = 0) -> dict[int, float]:
     """Largest code of each feature over (a random subset of) a store's rows at the dictionary's site."""
     import numpy as np
 
@@ -194,7 +199,7 @@ def _steer_arguments(p) -> None:
                     help="activation store: token norms per timestep (token-norm) and feature maxima (feature-max)")
 
 
-def _steer_from_args(args, dictionary, where):
+def _steer_from_args(args, dictionary: Dictionary, where):
     """One Steer, or with --scales a sweep of one Steer per scale."""
     features = parse_ids(args.feature)
     store = None

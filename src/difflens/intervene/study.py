@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 
 from difflens.errors import DifflensError
@@ -14,10 +15,14 @@ from difflens.intervene.study_labels import label_features
 from difflens.intervene.study_steer import run_steering_study
 from difflens.intervene.truth import truth_of
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
+
 # ---- everything ----------------------------------------------------------------------------------
 def run_intervention_study(
-    adapter,
-    dictionary,
+    adapter: Adapter,
+    dictionary: Dictionary,
     out_dir: str | Path,
     *,
     store=None,

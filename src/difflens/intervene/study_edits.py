@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,10 @@ from difflens.intervene.study_labels import features_by_concept
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
+
 # ---- ablation ------------------------------------------------------------------------------------
 ABLATION_VARIANTS: tuple[tuple[str, str, float | None, str], ...] = (
     ("ablate", "ablate", None, "both"),
@@ -38,8 +43,8 @@ ABLATION_VARIANTS: tuple[tuple[str, str, float | None, str], ...] = (
 
 
 def run_ablation_study(
-    adapter,
-    dictionary,
+    adapter: Adapter,
+    dictionary: Dictionary,
     feature_labels: Mapping[int, str],
     out_dir: str | Path | None = None,
     *,
@@ -162,8 +167,8 @@ def counts(values) -> dict[str, int]:
 
 # ---- transfer ------------------------------------------------------------------------------------
 def run_transfer_study(
-    adapter,
-    dictionary,
+    adapter: Adapter,
+    dictionary: Dictionary,
     feature_labels: Mapping[int, str],
     out_dir: str | Path | None = None,
     *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,6 +16,9 @@ from difflens.generation import generate_batched
 from difflens.intervene.batched import batch_interventions
 from difflens.intervene.run import intervention_hooks, warn_if_idle
 from difflens.intervene.truth import truth_of
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 MARGIN_PX = 2  # object jitter around its position's centre
 
@@ -141,7 +145,7 @@ def pixel_change(clean: np.ndarray, new: np.ndarray, masks: Sequence[np.ndarray]
 
 # ---- batched generation ---------------------------------------------------------------------------
 def generate_items(
-    adapter,
+    adapter: Adapter,
     items: Sequence[Item],
     make: Callable[[int, int], list] | None = None,
     *,

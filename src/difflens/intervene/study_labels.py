@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -12,11 +13,14 @@ from difflens.errors import DifflensError
 from difflens.utils import progress
 from difflens.intervene.truth import concept_ids, store_truth, truth_of
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+
 STUDY_FACTORS = ("color", "object")
 
 # ---- labelling features from the store's ground truth -----------------------------------------
 def label_features(
-    dictionary,
+    dictionary: Dictionary,
     store,
     *,
     factors: Sequence[str] = STUDY_FACTORS,

@@ -14,6 +14,7 @@ of that token in store prompts naming the target and the source object: per toke
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,10 @@ import torch
 from difflens.errors import DifflensError
 from difflens.hooks import Site
 from difflens.intervene.truth import concept_ids, store_truth
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
 
 WORD = -1  # key of the concept's own word (its token id varies with the value)
 
@@ -37,7 +42,7 @@ def _words(truth, prompt: str, tokenizer, factor: str, cid: dict) -> dict[str, i
     return out
 
 
-def context_code_means(dictionary, store, factor: str, tokenizer, *, truth=None, batch: int = 4096) -> dict:
+def context_code_means(dictionary: Dictionary, store, factor: str, tokenizer, *, truth=None, batch: int = 4096) -> dict:
     """{(token id or WORD, concept): mean code [F]} over the store's text rows at the dictionary's
     site, from prompts naming exactly one value of `factor`, at its word and every later token."""
     truth = store_truth(store, truth)
@@ -97,7 +102,7 @@ def shift_delta(means: dict, prompt: str, source: str, target: str, tokenizer, *
     return out
 
 
-def shift_ready(adapter, dictionary) -> object | None:
+def shift_ready(adapter: Adapter, dictionary: Dictionary) -> object | None:
     """The tokenizer the shift needs (the model's own), or None: a text-stream dictionary on a
     model whose tokenizer the world's `text_labels` reads."""
     tok = adapter.text_tokenizer()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,10 +28,14 @@ from difflens.intervene.study_labels import STUDY_FACTORS, features_by_concept
 from difflens.intervene.study_plots import steering_files
 from difflens.intervene.truth import truth_of
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
+
 # ---- steering ------------------------------------------------------------------------------------
 def run_steering_study(
-    adapter,
-    dictionary,
+    adapter: Adapter,
+    dictionary: Dictionary,
     feature_labels: Mapping[int, str],
     out_dir: str | Path | None = None,
     *,

@@ -7,6 +7,7 @@ i+1 carries a `Steer` restricted to it (`samples=[i+1]`), so the sweep costs one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,10 +16,14 @@ from difflens.groundtruth import ground_truth_of
 from difflens.intervene.run import generate_with
 from difflens.intervene.steer import Steer
 
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
+
 
 def steer_sweep(
-    adapter,
-    dictionary,
+    adapter: Adapter,
+    dictionary: Dictionary,
     features: Sequence[int] | int,
     scales: Sequence[float],
     prompt: str,
@@ -55,7 +60,7 @@ def steer_sweep(
     }
 
 
-def generate_sweep(adapter, prompt: str, seed: int, interventions: Sequence, **gen_kwargs):
+def generate_sweep(adapter: Adapter, prompt: str, seed: int, interventions: Sequence, **gen_kwargs):
     """One generation of len(interventions) + 1 samples of one prompt and seed: sample 0 clean,
     intervention i restricted to sample i + 1 (its `samples` is set here). Used by `steer_sweep`
     and by every CLI verb whose build returns a sweep."""
@@ -66,7 +71,7 @@ def generate_sweep(adapter, prompt: str, seed: int, interventions: Sequence, **g
     return generate_with(adapter, [prompt] * n, [int(seed)] * n, interventions, **gen_kwargs)
 
 
-def read_factor_safe(adapter, images, factor: str, position: str | None) -> list[str] | None:
+def read_factor_safe(adapter: Adapter, images, factor: str, position: str | None) -> list[str] | None:
     """The ground truth's reading of one factor per image, or None when the model has no
     ground-truth world or its reader is missing (no classifier weights)."""
     truth = ground_truth_of(adapter)

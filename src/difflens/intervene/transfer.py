@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -13,6 +14,9 @@ from difflens.intervene.region import Region
 from difflens.intervene.registry import InterventionSpec, Param, parse_ids, register_intervention
 from difflens.hooks import Site
 from difflens.intervene.run import Recording, record_activations
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 
 # ---- transfer from a reference generation -----------------------------------------------------------
@@ -33,7 +37,7 @@ class Transfer(CodeEdit):
 
     def __init__(
         self,
-        dictionary,
+        dictionary: Dictionary,
         reference: tuple[str, int],
         features: Sequence[int] | None = None,
         *,
@@ -146,7 +150,7 @@ def _transfer_arguments(p) -> None:
                    help="tokens: same positions (default); mean: the reference's mean code on every target token")
 
 
-def _transfer_from_args(args, dictionary, where) -> Transfer:
+def _transfer_from_args(args, dictionary: Dictionary, where) -> Transfer:
     features = None if str(args.features).strip().lower() == "all" else parse_ids(args.features, "--features")
     return Transfer(dictionary, (args.reference_prompt, args.reference_seed), features, mode=args.mode, site=args.site,
                     **where)

@@ -11,8 +11,13 @@ cases, say, or a store naming no model) use the world of the CLI's default model
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from difflens.errors import DifflensError
 from difflens.groundtruth import GroundTruth, ground_truth_of
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 
 def default_truth() -> GroundTruth:
@@ -25,7 +30,7 @@ def default_truth() -> GroundTruth:
     return truth
 
 
-def truth_of(adapter=None, truth: GroundTruth | None = None) -> GroundTruth:
+def truth_of(adapter: Adapter | None = None, truth: GroundTruth | None = None) -> GroundTruth:
     """`truth` if given, else the adapter's ground truth (a usage error when it has none), else the default world."""
     if truth is not None:
         return truth

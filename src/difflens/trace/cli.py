@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from difflens.errors import DifflensError
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 
 def register(subparsers) -> None:
@@ -37,7 +41,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_trace_verb)
 
 
-def _steps(adapter, steps):
+def _steps(adapter: Adapter, steps):
     if steps is not None and int(steps) < 1:
         raise DifflensError(f"--steps must be >= 1 (denoising steps), got {steps}")
     return int(adapter.default_steps if steps is None else steps)  # every Adapter declares its default

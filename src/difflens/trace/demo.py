@@ -4,14 +4,18 @@ factors, sized to take seconds on 2 cores; the full map is `difflens trace` (doc
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from difflens.trace import report
 from difflens.trace.run import trace
 from difflens.trace.world import trace_world
 from difflens.utils import write_json
 
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
-def run_trace_demo(out_dir: str | Path, adapter, *, factors=("color", "object"), n_pairs: int = 2, steps: int = 12,
+
+def run_trace_demo(out_dir: str | Path, adapter: Adapter, *, factors=("color", "object"), n_pairs: int = 2, steps: int = 12,
                    show_progress: bool = True) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ import torch
 from difflens.errors import DifflensError
 from difflens.generation import generate_batched, requests_of
 from difflens.hooks import HookSet, Site, SiteBinding
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 BRANCH_CODES = {"both": 0, "cond": 1, "uncond": 2}
 # diffusers' modules that turn (timestep, pooled text / class label) into the modulation vector.
@@ -68,7 +72,7 @@ def conditioning_modules(transformer: torch.nn.Module) -> list[str]:
     return out
 
 
-def conditioning_sites(adapter) -> dict[str, SiteBinding]:
+def conditioning_sites(adapter: Adapter) -> dict[str, SiteBinding]:
     """{'time_text_embed:txt': binding} for the adapter's conditioning modules (may be empty)."""
     out = {}
     for path in conditioning_modules(adapter.transformer):
@@ -79,7 +83,7 @@ def conditioning_sites(adapter) -> dict[str, SiteBinding]:
 
 
 @contextmanager
-def with_sites(adapter, extra: dict[str, SiteBinding]) -> Iterator[None]:
+def with_sites(adapter: Adapter, extra: dict[str, SiteBinding]) -> Iterator[None]:
     """The adapter also hooks `extra` sites inside the block (adapters resolve sites through
     `site_bindings()` when they attach hooks); restored afterwards."""
     if not extra:
@@ -94,7 +98,7 @@ def with_sites(adapter, extra: dict[str, SiteBinding]) -> Iterator[None]:
         del adapter.site_bindings  # back to the class's method
 
 
-def block_sites(adapter) -> list[str]:
+def block_sites(adapter: Adapter) -> list[str]:
     """The residual outputs of every block (`transformer_blocks.3:img` ...), both streams: the
     default sites of a trace. MLP hidden units and other inner sites can be named explicitly."""
     out = []
@@ -130,7 +134,7 @@ class SourceRun:
         return rows
 
 
-def record_source(adapter, prompts: Sequence[str], seeds: Sequence[int], sites: Sequence[str], *, steps: int,
+def record_source(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int], sites: Sequence[str], *, steps: int,
                   guidance: float | None = None, extra: dict[str, SiteBinding] | None = None, **gen_kwargs) -> SourceRun:
     """Generate the source prompts once and keep every site's activations at every step."""
     acts: dict = {}
@@ -216,7 +220,8 @@ def patch_hooks(cells: Sequence[Cell], pair_of: Sequence[int], source: SourceRun
     return hooks
 
 
-def patched_batches(adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell], pair_of: Sequence[int],
+def patched_batches(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell],
+                    pair_of: Sequence[int],
                     source: SourceRun, *, steps: int, guidance: float | None = None,
                     regions: dict[str, np.ndarray] | None = None, extra: dict[str, SiteBinding] | None = None,
                     batch_size: int = 64, **gen_kwargs) -> Iterator[tuple[int, np.ndarray]]:
@@ -236,7 +241,8 @@ def patched_batches(adapter, prompts: Sequence[str], seeds: Sequence[int], cells
             yield b.start, np.asarray(b.generation.images)
 
 
-def patched_generate(adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell], pair_of: Sequence[int],
+def patched_generate(adapter: Adapter, prompts: Sequence[str], seeds: Sequence[int], cells: Sequence[Cell],
+                     pair_of: Sequence[int],
                      source: SourceRun, *, steps: int, guidance: float | None = None,
                      regions: dict[str, np.ndarray] | None = None, extra: dict[str, SiteBinding] | None = None,
                      **gen_kwargs) -> np.ndarray:

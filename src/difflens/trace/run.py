@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from difflens.hooks import Site
 from difflens.trace.patching import NO_PATCH, Cell, block_sites, conditioning_sites, patched_batches, record_source
 from difflens.trace.readouts import WorldReadout
 from difflens.utils import progress
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 ALL_SITES = "all sites"
 
@@ -88,7 +92,7 @@ def build_cells(sites: Sequence[str], windows, branches: Sequence[str], full_sit
 
 
 def trace(
-    adapter,
+    adapter: Adapter,
     pairs: Sequence[Pair],
     readout,
     *,

@@ -8,6 +8,7 @@ judged on a pair the model gets wrong without any patch), and the share dropped 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from difflens.generation import generate_batched, requests_of
 from difflens.groundtruth import ground_truth_of
 from difflens.trace.readouts import WorldReadout
 from difflens.trace.run import Pair
+
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
 TRACE_FACTORS = ("color", "object", "position", "bgcolor", "bg")
 # Factors that must keep the target's reading while `factor` is patched.
@@ -28,7 +32,7 @@ def world_readout(truth, factor: str) -> WorldReadout:
     return WorldReadout(lambda images, f: list(truth.read_factor(np.asarray(images), f)), factor, others)
 
 
-def world_pairs(adapter, truth, factor: str, n: int, *, seed: int = 0, steps: int, guidance: float | None = None,
+def world_pairs(adapter: Adapter, truth, factor: str, n: int, *, seed: int = 0, steps: int, guidance: float | None = None,
                 oversample: float = 2.0, batch_size: int = 64) -> tuple[list[Pair], dict]:
     """n pairs differing in `factor` whose clean images read as prompted, and how many were tried."""
     values = tuple(truth.factors.get(factor, ()))
@@ -50,7 +54,7 @@ def world_pairs(adapter, truth, factor: str, n: int, *, seed: int = 0, steps: in
     return kept, {"candidates": len(cand), "read_as_prompted": len(ok), "used": len(kept)}
 
 
-def trace_world(adapter, factors: Sequence[str], n_pairs: int, **kw):
+def trace_world(adapter: Adapter, factors: Sequence[str], n_pairs: int, **kw):
     """Yields (factor, pairs, pair_info, readout) for each factor (helper for the CLI and the demo)."""
     truth = ground_truth_of(adapter)
     if truth is None:
