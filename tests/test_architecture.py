@@ -105,6 +105,12 @@ def test_one_adapter_registry_and_judge_registry():
     assert reg["DiTPipeline"] is DiTAdapter and reg["PixArtSigmaPipeline"] is PixArtAdapter
     assert {"FluxPipeline", "StableDiffusion3Pipeline", "PixArtAlphaPipeline"} <= set(reg)
     assert {"oracle", "openai"} <= set(backend_names()) and get_backend("oracle").needs_truth
+    import inspect
+
+    from difflens.dictionaries import ARCHITECTURES
+
+    for cls in ARCHITECTURES.values():  # a declared fact, not a probe of the constructor's code
+        assert cls.has_fast_path == ("fast" in inspect.signature(cls).parameters), cls.__name__
     with pytest.raises(DifflensError, match="must be one of"):
         get_backend("nope")
     with pytest.raises(DifflensError, match="needs ground truth"):

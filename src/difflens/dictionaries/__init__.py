@@ -22,7 +22,7 @@ def build(cfg: DictConfig | dict, **kwargs) -> Dictionary:
     if isinstance(cfg, dict):
         cfg = DictConfig.from_dict(cfg)
     cls = architecture(cfg.arch)
-    if "fast" not in cls.__init__.__code__.co_varnames:
+    if not cls.has_fast_path:
         kwargs.pop("fast", None)
     return cls(cfg, **kwargs)
 

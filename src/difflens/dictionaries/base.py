@@ -105,6 +105,8 @@ class Dictionary(nn.Module):
     family: ClassVar[str] = ""
     config_class: ClassVar[type[DictConfig]] = DictConfig
     trainable: ClassVar[bool] = True
+    # The constructor takes `fast=` (False selects a dense reference path, for tests and checks).
+    has_fast_path: ClassVar[bool] = False
 
     def __init__(self, cfg: DictConfig):
         super().__init__()

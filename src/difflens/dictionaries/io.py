@@ -200,7 +200,7 @@ def load(path, *, expect_site: str | None = None, expect_d_in: int | None = None
             f"{wpath} and {path / CFG_NAME} come from different saves (interrupted save?); "
             "save the dictionary again or restore both files together"
         )
-    kwargs = {"fast": fast} if "fast" in cls.__init__.__code__.co_varnames else {}
+    kwargs = {"fast": fast} if cls.has_fast_path else {}
     d = cls(cfg, **kwargs)
     d.load_tensors(tensors)
     d.to(device)

@@ -92,6 +92,7 @@ class SAE(Dictionary):
     """Shared by all SAE flavours: parameters, init, decoder-norm hooks, dead-latent tracker."""
 
     family = "sae"
+    has_fast_path = True
 
     def __init__(self, cfg: SAEConfig, *, fast: bool = True):
         super().__init__(cfg)
