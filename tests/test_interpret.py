@@ -222,6 +222,41 @@ def test_every_sae_flavour_is_reported_as_an_sae(arch):
     assert fs(torch.randn(5, D)).shape == (5, 16)
 
 
+def test_cache_passes_replay_sparse_codes_bit_identically(sparse_store, monkeypatch):
+    """A pass over the same images as the previous one replays its sparse codes instead of encoding
+    again (calibrate -> statistics -> token maps of every image: one encode of each batch); the
+    cache is identical to encoding in every pass, and dense codes are never kept."""
+    from difflens.interpret import cache_passes
+
+    calls = []
+
+    class Counting(NeuronFeatures):
+        def __call__(self, x_ND, t_N=None):
+            calls.append(x_ND.shape[0])
+            return super().__call__(x_ND, t_N)
+
+    cfg = CacheConfig(top_n=8, n_quantiles=8, min_tokens=1, rel_threshold=0.01, rows_per_batch=700)
+    src = StoreSource(sparse_store, sites=[SITE])
+    replayed = build_cache(Counting(SITE, D), src, config=cfg)
+    n_batches = len(calls)
+    monkeypatch.setattr(cache_passes, "_pack", lambda codes, room: None)  # as before: nothing kept
+    calls.clear()
+    encoded = build_cache(Counting(SITE, D), src, config=cfg)
+    assert n_batches >= 2 and len(calls) >= 2 * n_batches  # statistics (and token maps) encoded again
+    for k in encoded.arrays:
+        np.testing.assert_array_equal(replayed[k], encoded[k], err_msg=k)
+    f = int(encoded.map_features[0])
+    for a, b in zip(replayed.top_examples(f), encoded.top_examples(f)):
+        assert a.sample_id == b.sample_id and np.array_equal(a.maps_ST, b.maps_ST)
+    monkeypatch.undo()
+    dense = torch.rand(2, 2, 3, 4) + 0.1
+    assert cache_passes._pack(dense, 10**9) is None  # dense: re-encoding is cheaper than keeping
+    sparse = torch.zeros(2, 2, 3, 16)
+    sparse[1, 0, 2, 5], sparse[0, 1, 0, 15] = 3.0, -1.5
+    assert torch.equal(cache_passes._unpack(cache_passes._pack(sparse, 10)), sparse)
+    assert cache_passes._pack(sparse, 1) is None  # over the room left
+
+
 @pytest.mark.parametrize("arch", ["topk", "tide", "itda"])
 def test_cache_works_for_dictionaries(arch, sparse_store):
     import difflens.dictionaries.itda  # noqa: F401  (registers the architectures)

@@ -12,13 +12,16 @@ B. `statistics` over all images: frequency, log-binned activation histogram, tim
 C. `token_maps`: [steps, tokens] of the chosen images of those features, stored sparsely.
 
 `CacheRun` is what the passes share: the features, the images, the config, the sample ids
-and their explain/judge split. `feature_maps` re-encodes chosen (feature, image) pairs.
+and their explain/judge split. It keeps the last pass's codes when they are sparse (a dictionary's
+are: L0 of 16 among ~1,000 features), so a pass over the same images replays them instead of
+encoding again (the same batches, bit-identical codes; ITDA's pursuit is most of its interpretation
+time). `feature_maps` re-encodes chosen (feature, image) pairs.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -50,6 +53,8 @@ class CacheRun:
     sids: np.ndarray  # sorted sample ids
     ts: torch.Tensor  # the source's timesteps
     split: np.ndarray  # per sample: 0 explain, 1 judge
+    memo_max_nonzeros: int = 64_000_000  # codes kept for the next pass over the same images (~0.5 GB)
+    _memo: dict = field(default_factory=dict, repr=False)  # the last pass: its sample ids -> [(batch ids, packed)]
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -57,12 +62,47 @@ class CacheRun:
         return len(self.sids), len(self.src.steps), self.src.num_tokens, self.features.num_features
 
     def batches(self, sids, desc: str):
-        """(sample ids, codes [b, S, T, F]) over `sids`, with a progress bar."""
+        """(sample ids, codes [b, S, T, F]) over `sids`, with a progress bar; replayed from the
+        previous pass when it covered the same sample ids and its codes were sparse enough to keep."""
+        key = tuple(int(s) for s in sids)
         bar = progress(total=len(sids), desc=f"{self.features.name}: {desc}", unit="img")
+        if key in self._memo:
+            for b_sids, packed in self._memo[key]:
+                yield b_sids, _unpack(packed)
+                bar.update(len(b_sids))
+            bar.close()
+            return
+        kept: list | None = []
+        room = self.memo_max_nonzeros
         for b_sids, acts in self.src.iter_acts(self.features.site, sids, self.cfg.rows_per_batch):
-            yield b_sids, encode(self.features, acts, self.ts)
+            codes = encode(self.features, acts, self.ts)
+            if kept is not None:
+                packed = _pack(codes, room)
+                if packed is None:  # dense codes (neurons, random directions): encoding again is cheaper than keeping
+                    kept = None
+                else:
+                    kept.append((b_sids, packed))
+                    room -= packed[2].numel()
+            yield b_sids, codes
             bar.update(len(b_sids))
         bar.close()
+        self._memo = {} if kept is None else {key: kept}
+
+
+def _pack(codes: torch.Tensor, room: int):
+    """Sparse copy of codes [b, S, T, F] (None when over 1 in 8 entries are non-zero or over `room`)."""
+    flat = codes.reshape(-1, codes.shape[-1])
+    nz = flat.nonzero()
+    if nz.shape[0] > min(room, flat.numel() // 8):
+        return None
+    return tuple(codes.shape), nz.to(torch.int32), flat[nz[:, 0], nz[:, 1]].clone()
+
+
+def _unpack(packed) -> torch.Tensor:
+    shape, nz, vals = packed
+    flat = torch.zeros(math.prod(shape[:-1]), shape[-1], dtype=vals.dtype)
+    flat[nz[:, 0].long(), nz[:, 1].long()] = vals
+    return flat.reshape(shape)
 
 
 def calibrate(run: CacheRun, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
