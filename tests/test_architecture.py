@@ -341,7 +341,7 @@ def _layer(module: str) -> int | None:
     name = ".".join(parts)
     if not parts:
         return None
-    if parts[-1] == "cli" or name in ("cli", "cli_options", "__main__"):
+    if parts[-1] == "cli" or parts[-1].endswith("_cli") or name in ("cli", "cli_options", "__main__"):
         return 6
     if name in ("errors", "utils", "viz", "evaluate.metrics", "hooks"):
         return 1

@@ -128,3 +128,31 @@ def test_quiet_and_verbose_before_a_sub_verb_are_kept():
         args = parse_args(build_parser(), argv)
         assert (args.quiet, args.verbose) == want, f"difflens {' '.join(argv)}: {(args.quiet, args.verbose)} != {want}"
     assert parse_args(build_parser(), ["interpret", "-q", "cache", *cache]).func.__name__ == "run_cache"
+
+
+# Declarations of a shared flag outside cli_options.py, each with why it is not the shared one.
+OWN_DECLARATIONS = {
+    ("models/toy/cli.py", "--seed"): "generate: one noise seed per prompt (repeatable), not one RNG seed",
+    ("models/toy/cli.py", "--model"): "zoo eval: a toy model folder, not any model",
+    ("compare/cli.py", "--data"): "several stores (repeatable)",
+    ("models/cli.py", "--model"): "sites: read from configs, so none of the loading options",
+    ("demo.py", "--out"): "the demo's folder with a default (runs/demo)",
+}
+
+
+def test_shared_flags_are_declared_once():
+    """Issue 14: --model, --seed, --out, --steps and --data are declared in cli_options.py (one
+    help, one metavar, one meaning) and only declared elsewhere for a stated reason."""
+    import re
+    from pathlib import Path
+
+    import difflens
+
+    root = Path(difflens.__file__).parent
+    found = set()
+    for p in root.rglob("*.py"):
+        if p.name == "cli_options.py":
+            continue
+        for flag in re.findall(r"""add_argument\(\s*["'](--model|--seed|--out|--steps|--data)["']""", p.read_text()):
+            found.add((str(p.relative_to(root)), flag))
+    assert found == set(OWN_DECLARATIONS)

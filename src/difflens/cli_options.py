@@ -72,9 +72,7 @@ def load_model(args: argparse.Namespace, model: str | None = None):
 def add_generation_options(p: argparse.ArgumentParser, *, steps_default: int | None = None) -> argparse._ArgumentGroup:
     """--steps (denoising), --guidance, --height, --width."""
     g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=int, default=steps_default, metavar="N",
-                   help="denoising steps (default: " + (str(steps_default) if steps_default else "the model's own; toy 12, "
-                   "FLUX.1-schnell 4") + ")")
+    add_steps_option(g, default=steps_default)
     g.add_argument("--guidance", type=float, default=None,
                    help="guidance scale (default: the model's; Flux-dev's embedded guidance, CFG scale elsewhere)")
     g.add_argument("--height", type=int, default=None, metavar="PX", help="image height (default: the model's)")
@@ -122,6 +120,13 @@ def parse_step_window(text: str | None, flag: str = "--step-window") -> list[int
 
 
 # ---- data, output, seeds ------------------------------------------------------------------------
+def add_steps_option(p, *, default: int | None = None, help: str | None = None) -> None:
+    """--steps N: the number of denoising steps, on every verb that generates."""
+    p.add_argument("--steps", type=int, default=default, metavar="N",
+                   help=help or "denoising steps (default: " + (str(default) if default else "the model's own; toy 12, "
+                   "FLUX.1-schnell 4") + ")")
+
+
 def add_data_option(p, *, required: bool = True, help: str | None = None) -> None:
     p.add_argument("--data", required=required, metavar="DIR",
                    help=help or "activation store folder (written by `difflens harvest`)")

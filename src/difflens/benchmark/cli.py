@@ -8,7 +8,7 @@ CAUSAL_CASES = 8  # small: 8 cases x (1 + dictionaries x factors x modes x 2) im
 
 
 def register(sub) -> None:
-    from difflens.cli_options import add_data_option, add_model_options, add_out_option, add_seed_option
+    from difflens.cli_options import add_data_option, add_model_options, add_out_option, add_seed_option, add_steps_option
 
     p = sub.add_parser("benchmark", help="score dictionaries: reconstruction, probing, absorption, spatial coherence, "
                        "autointerp, causal editing")
@@ -35,8 +35,7 @@ def register(sub) -> None:
     g.add_argument("--causal-features", type=int, default=3, metavar="K", help="top features per concept (default 3)")
     g.add_argument("--causal-scale", type=float, default=1.0, metavar="S",
                    help="edits set the target's features to S x their store maximum (default 1)")
-    g.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps of the edited generations "
-                   "(default: the model's own)")
+    add_steps_option(g, help="denoising steps of the edited generations (default: the model's own)")
     add_model_options(p, default=None, help_suffix="for causal editing; default: the model the store was harvested from")
     p.set_defaults(func=run)
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from difflens.cli_options import add_data_option, add_out_option, add_seed_option
 from difflens.dictionaries.config import NORMALIZATIONS
 from difflens.errors import DifflensError
 from difflens.evaluate.study import StudyConfig, run_study
@@ -27,9 +28,9 @@ def register(subparsers) -> None:
         "on one site; evaluate on held-out samples (overall and per timestep bucket), record held-out FVU against "
         "wall time, and write study.json, study.md and study.png to --out. See docs/training.md.",
     )
-    d.add_argument("--data", required=True, help="activation store folder")
+    add_data_option(d)
     d.add_argument("--site", required=True, help="the site (e.g. transformer_blocks.1:img)")
-    d.add_argument("--out", required=True, help="output folder (the trained dictionaries go to OUT/run/)")
+    add_out_option(d, kind="dir", help="output folder (the trained dictionaries go to OUT/run/)")
     d.add_argument("--width", type=int, default=1024, help="SAE latents (default 1024)")
     d.add_argument("--k", type=int, default=16, help="active latents per token, and ITDA's L0 (default 16)")
     d.add_argument("--train-steps", type=int, default=1000, help="optimizer steps (default 1000)")
@@ -49,7 +50,7 @@ def register(subparsers) -> None:
                    help="build ITDA from the first N training tokens, then freeze it (default 0 = all)")
     d.add_argument("--fvu-targets", default="0.5,0.3,0.2,0.1",
                    help="extra held-out FVU targets for the time-to-FVU table (comma list)")
-    d.add_argument("--seed", type=int, default=0)
+    add_seed_option(d)
     d.add_argument("--clock", choices=["cpu", "wall"], default="cpu",
                    help="time axis of the time-to-FVU table and plot: process CPU seconds (default; robust on a "
                    "shared machine) or wall seconds; both are recorded")

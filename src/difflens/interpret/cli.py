@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import json
 
-from difflens.cli_options import add_generation_options, add_model_options, generation_kwargs, load_model, say
+from difflens.cli_options import (
+    add_data_option,
+    add_generation_options,
+    add_model_options,
+    add_out_option,
+    add_seed_option,
+    generation_kwargs,
+    load_model,
+    say,
+)
 from difflens.errors import DifflensError
 from difflens.interpret.judges import BACKENDS, backend_names
 
@@ -30,7 +39,7 @@ def _add_cache_options(p) -> None:
 
 def _add_data_options(p) -> None:
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="activation store with every image token (harvest without --tokens-per-image)")
+    add_data_option(g, required=False, help="activation store with every image token (harvest without --tokens-per-image)")
     g.add_argument("--generate", type=int, metavar="N",
                    help="instead of --data: generate N images afresh (prompts from the model's ground-truth world unless --prompts)")
     g.add_argument("--prompts", metavar="FILE|hf:DATASET[:SPLIT]",
@@ -56,7 +65,7 @@ def register(subparsers) -> None:
     p.add_argument("--dict", dest="dicts", action="append", default=[], metavar="DIR",
                    help="dictionary folder, training run folder or hf:ORG/REPO[/SUB][@REV] (repeat for several)")
     _add_data_options(p)
-    p.add_argument("--out", help="output folder")
+    add_out_option(p, kind="dir", required=False)
     p.add_argument("--judge", default="oracle", choices=backend_names(),
                    help="; ".join(f"{n}: {BACKENDS[n].help}" for n in backend_names()))
     p.add_argument("--explainer", default=None, choices=backend_names(), help="default: the same as --judge")
@@ -67,7 +76,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-explain", type=int, default=5)
     p.add_argument("--n-pos", type=int, default=5)
     p.add_argument("--n-neg", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_option(p)
     p.add_argument("--evidence", default="split", choices=["split", "top"],
                    help="oracle explainer reads the whole explain split (default) or only the top images a VLM sees")
     p.add_argument("--negative-overlay", default="feature", choices=["feature", "other"],
@@ -103,8 +112,8 @@ def register(subparsers) -> None:
     src.add_argument("--random", type=int, metavar="N", help="N random unit directions at --site")
     _add_data_options(c)
     c.add_argument("--site", help="site (for --random; default: the store's first image site)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--out", required=True, help="cache folder")
+    add_seed_option(c)
+    add_out_option(c, kind="dir", help="cache folder")
     c.add_argument("--heatmaps", type=int, default=16, metavar="N", help="write grids for N live features (0: none)")
     _add_cache_options(c)
     c.set_defaults(func=run_cache)

@@ -24,6 +24,7 @@ from difflens.cli_options import (
     add_out_option,
     add_seed_option,
     add_step_window,
+    add_steps_option,
     emit_json,
     generation_kwargs,
     load_model,
@@ -145,7 +146,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
     p.add_argument("--scales", default=None, help="comma-separated steering scales (--study features; default 0.25,0.5,1,2,4)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default: the model's own)")
+    add_steps_option(p, help="denoising steps (default: the model's own)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
     add_seed_option(p, help="seed of the study's prompt choice (default 0)")
     add_json_option(p)

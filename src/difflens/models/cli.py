@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from difflens.cli_options import MODEL_DTYPES
+from difflens.models import DEFAULT_MODEL
 
 
 def register(subparsers) -> None:
@@ -14,7 +15,8 @@ def register(subparsers) -> None:
         description="List the sites a model's adapter can hook, one per line with its width, "
         "then the default site. Weights are not loaded for diffusers pipelines.",
     )
-    p.add_argument("--model", default="toy", help="'toy', a diffusers pipeline folder, or a hub id (default: toy)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"'toy', a diffusers pipeline folder, or a hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--model-dtype", default="fp32", choices=MODEL_DTYPES, help="fp32 or bf16 (fp16 on GPUs only); default fp32")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N; default cpu")
     p.set_defaults(func=run)

@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING
 
+from difflens.cli_options import add_model_options, add_out_option, add_seed_option, add_steps_option
 from difflens.errors import DifflensError
 
 if TYPE_CHECKING:
@@ -21,8 +22,6 @@ def register(subparsers) -> None:
         "model with ground truth (the toy world) the factor reader; otherwise where the image lies between "
         "target and source in pixel space. Writes trace.png (heatmaps), trace.json (every cell) and trace.md.",
     )
-    from difflens.cli_options import add_model_options, add_out_option
-
     add_model_options(p)
     p.add_argument("--factors", default="color,object,position,bgcolor",
                    help="world factors to trace, comma-separated (ground-truth models; default color,object,position,bgcolor)")
@@ -33,10 +32,10 @@ def register(subparsers) -> None:
     p.add_argument("--no-conditioning", action="store_true", help="do not trace the pooled-text/timestep conditioning vector")
     p.add_argument("--branches", default="both,cond,uncond", help="CFG branches to patch (default both,cond,uncond)")
     p.add_argument("--step-bin", type=int, default=1, help="steps per window of the grid (default 1: every step alone)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's; toy 12)")
+    add_steps_option(p, help="denoising steps (default: the model's; toy 12)")
     p.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the model's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per generation batch (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the pair choice (default 0)")
+    add_seed_option(p, help="seed of the pair choice (default 0)")
     add_out_option(p, kind="dir", help="output folder (trace.png, trace.json, trace.md)")
     p.set_defaults(func=run_trace_verb)
 

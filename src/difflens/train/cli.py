@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from difflens.cli_options import add_data_option, add_out_option
 from difflens.errors import DifflensError
 from difflens.train.config import TrainConfig, expand_specs
 
@@ -102,8 +103,8 @@ def register(subparsers) -> None:
         "Comma lists in --site/--arch/--width/--k train the whole grid together. "
         "Multi-process: torchrun --nproc-per-node N -m difflens train ... . See docs/training.md.",
     )
-    p.add_argument("--data", required=True, help="activation store folder (from `difflens harvest`)")
-    p.add_argument("--out", required=True, help="run folder: one sub-folder per dictionary, plus train_state/")
+    add_data_option(p)
+    add_out_option(p, kind="dir", help="run folder: one sub-folder per dictionary, plus train_state/")
     p.add_argument("--config", help="JSON or TOML file listing dictionaries (and training settings)")
     p.add_argument("--site", help="site(s), comma-separated: one dictionary per site (a layer sweep)")
     from difflens.dictionaries import ARCHITECTURES  # the registry is the one list of architectures

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from difflens.cli_options import say
+from difflens.cli_options import add_out_option, add_seed_option, say
 from difflens.errors import DifflensError
 from difflens.utils import atomic_write_text, progress, save_image
 
@@ -17,8 +17,8 @@ def register(sub) -> None:
     wsub = p.add_subparsers(dest="world_verb", metavar="<action>")
     s = wsub.add_parser("sample", help="write N scenes as PNG + JSON (factors, prompt, masks, token labels)")
     s.add_argument("--n", type=int, required=True, help="number of scenes")
-    s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--seed", type=int, default=0)
+    add_out_option(s, kind="dir")
+    add_seed_option(s)
     s.add_argument("--prompt", default=None, help="constrain scenes to a (partial) prompt")
     s.set_defaults(func=run_sample)
     p.set_defaults(func=lambda a: p.print_help() or 2)

@@ -11,6 +11,8 @@ from difflens.cli_options import (
     add_json_option,
     add_model_options,
     add_out_option,
+    add_seed_option,
+    add_steps_option,
     emit_json,
     generation_kwargs,
     load_model,
@@ -42,7 +44,7 @@ def register(sub) -> None:
     zsub = z.add_subparsers(dest="zoo_verb", metavar="<action>")
     t = zsub.add_parser("train", help="train a zoo model from scratch")
     t.add_argument("what", choices=["toy", "classifier"])
-    t.add_argument("--out", default=None, help="output folder (default runs/zoo/<what>)")
+    add_out_option(t, kind="dir", required=False, help="output folder (default runs/zoo/<what>)")
     t.add_argument("--train-steps", type=int, default=None, help="optimizer steps (toy; default from ToyTrainConfig)")
     t.add_argument("--aux-object-weight", type=float, default=None,
                    help="toy: weight of the auxiliary per-token object loss (default from ToyTrainConfig; 0 turns it off)")
@@ -54,10 +56,10 @@ def register(sub) -> None:
     e = zsub.add_parser("eval", help="measure the toy model's prompt adherence with the factor classifier")
     e.add_argument("--model", default=None, help="toy model folder (default: the bundled weights)")
     e.add_argument("--n", type=int, default=200, help="prompts per form (single-object, two-object)")
-    e.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 12)")
+    add_steps_option(e, help="denoising steps (default: the model's, 12)")
     e.add_argument("--guidance", type=float, default=None)
-    e.add_argument("--seed", type=int, default=10_000, help="first seed (held out from training's seeds)")
-    e.add_argument("--out", default=None, metavar="DIR", help="folder for the JSON report and sample grids")
+    add_seed_option(e, default=10_000, help="first seed (held out from training's seeds)")
+    add_out_option(e, kind="dir", required=False, help="folder for the JSON report and sample grids")
     e.set_defaults(func=run_zoo_eval)
     z.set_defaults(func=lambda a: z.print_help() or 2)
 
