@@ -408,7 +408,7 @@ def build_playground(dict_paths, model: str = DEFAULT_MODEL, device: str = "cpu"
     truth = ground_truth_of(adapter)  # a model trained on a world knows only its prompt grammar
     example = truth.sample_prompts(1, 0)[0][0] if truth is not None else ""
     hint = f"This model knows only its world's prompt grammar (e.g. '{example}')." if truth is not None else ""
-    config = {"model": getattr(adapter, "model_id", model), "slugs": list(dicts), "default_steps": pg.default_steps,
+    config = {"model": adapter.model_id, "slugs": list(dicts), "default_steps": pg.default_steps,
               "max_steps": MAX_STEPS, "hint": hint, "notes": notes, "example_prompt": example,
               "interventions": pg.interventions()}
     return pg, config

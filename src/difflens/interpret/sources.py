@@ -330,7 +330,7 @@ def generate_samples(adapter: Adapter, prompts: list[str], sites: Sequence[str],
     bar.close()
     return MemorySource(
         {s: np.concatenate(v) for s, v in acts.items()}, records, np.concatenate(images), timesteps,
-        description={"kind": "generated", "model": getattr(adapter, "model_id", "?"), "prompts": len(prompts), "steps": steps},
+        description={"kind": "generated", "model": adapter.model_id, "prompts": len(prompts), "steps": steps},
         ground_truth=truth, grid_hw=grid[0],
     )
 

@@ -275,7 +275,7 @@ def dictionary_site(dictionary: Dictionary, site) -> Site:
 
 def prep_dictionary(dictionary: Dictionary, adapter: Adapter):
     dictionary.eval()
-    dev = getattr(adapter, "device", torch.device("cpu"))
+    dev = adapter.device
     if dictionary.device != torch.device(dev):
         dictionary.to(dev)
     if dictionary.param_dtype == torch.float16 and torch.device(dev).type == "cpu":

@@ -90,7 +90,7 @@ class Steer(Intervention):
     def prepare(self, run: RunInfo) -> None:
         super().prepare(run)
         adapter = run.adapter
-        dev = getattr(adapter, "device", torch.device("cpu"))
+        dev = adapter.device
         if self.dictionary is not None:
             check_dictionary(self.dictionary, adapter, self.site)
             prep_dictionary(self.dictionary, adapter)

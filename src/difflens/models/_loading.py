@@ -263,8 +263,8 @@ def load_adapter(
         names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
         adapter = _toy_adapter_class().load(dtype=names[torch_dtype], device=str(dev),
                                             **({} if is_toy else {"folder": source.location}))
-        fixed = getattr(getattr(getattr(adapter, "model", None), "cfg", None), "max_text_length", None)
-        if max_text_length is not None and fixed is not None and int(max_text_length) != int(fixed):
+        fixed = adapter.model.cfg.max_text_length
+        if max_text_length is not None and int(max_text_length) != int(fixed):
             raise DifflensError(f"the toy model's text length is fixed at {fixed} tokens: drop --max-text-length")
         return adapter
     qconfig = quantization_config(quantize, torch_dtype, dev)

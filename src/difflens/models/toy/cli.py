@@ -115,7 +115,7 @@ def run_generate(args) -> int:
         bar.update(len(b.generation.images))
     bar.close()
     settings = {
-        "model": args.model, "model_id": getattr(adapter, "model_id", args.model), "steps": len(timesteps),
+        "model": args.model, "model_id": adapter.model_id, "steps": len(timesteps),
         "guidance": args.guidance, "height": int(images[0].shape[0]), "width": int(images[0].shape[1]),
         "model_dtype": args.model_dtype, "device": args.device, "quantize": args.quantize,
         "max_text_length": args.max_text_length, "timesteps": [float(t) for t in timesteps],
