@@ -72,7 +72,8 @@ class GroundTruth(Protocol):
 
     # ---- labels --------------------------------------------------------------------------------
     def label_scene(self, scene: Any) -> tuple[dict, np.ndarray]:
-        """(JSON record fields of the scene, int64 [image tokens] concept bitmasks)."""
+        """(JSON record fields of the scene, int64 [image tokens] concept bitmasks). Harvest keeps
+        the fields in the sample's record and adds the bitmasks as its `token_labels`."""
 
     def text_labels(self, prompt: str, tokenizer: Any) -> np.ndarray:
         """int64 [text tokens]: the concept bitmask each text token's word names (0 otherwise)."""
