@@ -307,7 +307,7 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     some = SteerRecipe(scale=1.0, tokens="all")
     assert not np.array_equal(
         generate_items(adapter, items, lambda k, j: steer_interventions(some, items[k], j, **kw), steps=2), clean)
-    for bad, match in (({"tokens": "word"}, "fires, all"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
+    for bad, match in (({"tokens": "word"}, "fires, all, after"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
                        ({"n_features": 0}, ">= 1")):
         with pytest.raises(DifflensError, match=match):
             SteerRecipe(**bad)
@@ -327,3 +327,65 @@ def test_steer_options_parse_into_the_recipe():
     assert _steer_recipe(build_parser().parse_args(base)) == SteerRecipe()
     with pytest.raises(DifflensError, match="--image-dict"):
         _steer_recipe(build_parser().parse_args(base + ["--steer-image-scale", "0.3"]))
+
+
+def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
+    """The steer's store-calibrated modes: "after" steers the colour word and every later token but
+    the background's words; feature-mean uses the mean code at the word; equal-norm gives every
+    colour the same push norm; code-means adds per token the target's positive excess only."""
+    from difflens.intervene.study_concept_steer import SteerRecipe, SteerSetup, steer_interventions
+    from difflens.intervene.study_items import Item
+    from difflens.intervene.region import Window
+    from difflens.intervene.study_shift import WORD
+
+    truth, tok = adapter.ground_truth(), adapter.model.tokenizer
+
+    class Case(Item):
+        to_color = "blue"
+
+    prompt = truth.describe({"color": "red", "object": "circle", "position": "center", "bgcolor": "black"})
+    case = Case(prompt, 0, "red", "circle", "center", "black")
+    feats = {"color=red": [0, 5], "color=blue": [1, 2], "color=green": [3]}
+    fmax = {0: 1.0, 5: 1.0, 1: 2.0, 2: 2.0, 3: 8.0}
+    kw = dict(text=txt_sae, feats=feats, fmax=fmax, branch="both", window=Window.all())
+    with pytest.raises(DifflensError, match="SteerSetup"):
+        steer_interventions(SteerRecipe(tokens="after"), case, 0, **kw)
+    with pytest.raises(DifflensError, match="tokenizer"):
+        SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax)
+    setup = SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+    word, after = setup.positions(prompt)
+    lab = truth.text_labels(prompt, tok)
+    ids = {c: i for i, c in enumerate(truth.concepts)}
+    assert (lab[word] >> ids["color=red"]) & 1 and after[0] == word and after[-1] == len(lab) - 1
+    bg = [t for t in range(len(lab)) if any((lab[t] >> i) & 1 for c, i in ids.items() if c.startswith(("bgcolor=", "bg=")))]
+    assert (lab[bg[0]] >> ids["bgcolor=black"]) & 1 and not set(bg) & set(after) and len(after) == len(lab) - word - len(bg)
+    [one] = steer_interventions(SteerRecipe(tokens="after"), case, 0, setup=setup, **kw)
+    assert one.where is None and one.tokens == tuple(after) and one.features == (1, 2)
+    # equal-norm: the push of every colour rescaled to the mean norm; a weak colour is pushed harder
+    eq = SteerSetup(SteerRecipe(mode="equal-norm"), txt_sae, None, feats, fmax)
+    [e] = steer_interventions(SteerRecipe(mode="equal-norm"), case, 0, setup=eq, **kw)
+    k = (sum(eq.norms.values()) / len(eq.norms)) / eq.norms["color=blue"]
+    assert e.mode == "feature-max" and e.feature_max == pytest.approx({1: 2.0 * k, 2: 2.0 * k}) and k > 1
+    # feature-mean and code-means from given code means (what SteerSetup reads from the store)
+    F = txt_sae.num_latents
+    means = {}
+    for c, hot in (("color=blue", {1: 3.0, 2: 0.5, 7: 2.0}), ("color=red", {1: 1.0, 7: 4.0}), ("color=green", {1: 1.0})):
+        v = torch.zeros(F)
+        for f, x in hot.items():
+            v[f] = x
+        means[(WORD, c)] = v
+        for t in set(tok([prompt])[0][0].tolist()):
+            means[(t, c)] = v * 0.5
+    for mode in ("feature-mean", "code-means"):
+        setup = SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+        setup.means = means
+        got = steer_interventions(SteerRecipe(mode=mode, tokens="after", n_features=2), case, 0, setup=setup, **kw)
+        if mode == "feature-mean":
+            assert [g.feature_max for g in got] == [{1: 3.0, 2: 0.5}]
+        else:  # blue's excess over red and green: feature 1 (3 - 1), 2 (0.5); 7 is below red's, so not added
+            assert [g.tokens for g in got] == [(t,) for t in after]
+            assert got[0].feature_max == pytest.approx({1: 2.0, 2: 0.5}) and got[1].feature_max == pytest.approx({1: 1.0, 2: 0.25})
+    setup = SteerSetup(SteerRecipe(), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+    setup.means = means
+    [w] = steer_interventions(SteerRecipe(mode="code-means"), case, 0, setup=setup, control=3, **kw)
+    assert w.where is not None and w.random_direction == 3 and w.feature_max == pytest.approx({1: 2.0, 2: 0.5})

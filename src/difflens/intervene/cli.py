@@ -132,14 +132,17 @@ def register(subparsers) -> None:
     g = p.add_argument_group("colour steer row (--study concepts; the target's features added, the prompt's colour left)")
     g.add_argument("--steer-scale", type=float, default=None,
                    help="text-stream target features at this multiple of their store maximum (default 1.5)")
-    g.add_argument("--steer-mode", choices=["feature-max", "token-norm"], default=None,
+    g.add_argument("--steer-mode", choices=["feature-max", "token-norm", "feature-mean", "equal-norm", "code-means"], default=None,
                    help="feature-max: each feature at --steer-scale x its store maximum (default); token-norm: at "
-                   "--steer-scale x the row's mean token norm")
+                   "--steer-scale x the row's mean token norm; feature-mean: x its mean code at the colour's word; "
+                   "equal-norm: feature-max rescaled to the same norm for every colour; code-means: per token, the "
+                   "features whose mean code for the target colour exceeds the other colours' most, at that excess")
     g.add_argument("--steer-image-scale", type=float, default=None,
                    help="with --image-dict, also add the target colour's image-stream features in the object's box at this "
                    "multiple of their maximum (0: text only)")
-    g.add_argument("--steer-tokens", choices=["fires", "all"], default=None,
-                   help="fires: the tokens where the prompt colour's features fire (default); all: every text token")
+    g.add_argument("--steer-tokens", choices=["fires", "all", "after"], default=None,
+                   help="fires: the tokens where the prompt colour's features fire (default); all: every text token; "
+                   "after: the colour word and every later token but the background's words")
     g.add_argument("--steer-branch", choices=["both", "cond", "uncond"], default=None, help="CFG rows of the text push (default cond)")
     g.add_argument("--steer-window", default=None, metavar="W", help="steps of the steer: a:b or 0,2,4 (default: --step-window)")
     g.add_argument("--steer-features", type=int, default=None, metavar="N", help="target features per colour (default 3)")

@@ -38,7 +38,7 @@ from difflens.intervene.edits import CodeEdit, CodeShift
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import feature_maxima
-from difflens.intervene.study_concept_steer import SteerRecipe, steer_interventions
+from difflens.intervene.study_concept_steer import SteerRecipe, SteerSetup, steer_interventions
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import label_features
 from difflens.intervene.study_references import reference_rows
@@ -302,12 +302,13 @@ def run_concept_study(
         if img is not None and any(r.endswith("edit") or r == "color steer" for r in unit_rows):
             img_feats = concept_features(img, store, n_steer, truth=truth)
             img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
+        setup = SteerSetup(steer, d, store, steer_feats, fmax, tokenizer=shift_ready(adapter, d), truth=truth) if "color steer" in rows else None
 
         def steered(k, j, control=False):
             return steer_interventions(steer, cases[k], j, text=d, feats=steer_feats, fmax=fmax, branch=branch, window=window,
                                        image=img, image_feats=img_feats if img is not None else None,
                                        image_max=img_max if img is not None else None, truth=truth,
-                                       control=(seed + 1000 * k) if control else None)
+                                       control=(seed + 1000 * k) if control else None, setup=setup)
 
         tok = shift_ready(adapter, d) if object_shift and "object edit" in unit_rows else None
         means = context_code_means(d, store, "object", tok, truth=truth) if tok is not None else None
