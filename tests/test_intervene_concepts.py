@@ -128,6 +128,14 @@ def test_concept_study_end_to_end(adapter, tmp_path):
     with pytest.raises(DifflensError, match=r"lacks sites \['transformer_blocks.1:img'\]"):
         run_concept_study(adapter, dicts, store, n=n, image_dictionaries={"a": img}, classifier=clf, show_progress=False)
     assert "| color edit |" in (tmp_path / "out" / "concepts.md").read_text()
+    with pytest.raises(DifflensError, match="pair with no dictionary"):
+        run_concept_study(adapter, dicts, store, n=n, steer_dictionaries={"c": img}, classifier=clf, show_progress=False)
+    # a second steering site (here another dictionary at the same site): its push joins the row's
+    more = {"a": tiny_sae(adapter.site_dim(TXT), width=32, k=3, site=TXT, seed=3)}
+    two = run_concept_study(adapter, {"a": dicts["a"]}, store, tmp_path / "two", n=n, steps=2, classifier=clf, batch_size=4,
+                            rows=["color steer"], references=(), steer_dictionaries=more, show_progress=False)
+    assert two["steer"]["also_at"] == {"a": TXT} and "also at" in (tmp_path / "two" / "concepts.md").read_text()
+    assert "control_random_direction" in two["dictionaries"]["a"]["rows"]["color steer"]
     with pytest.raises(DifflensError, match="unknown study rows"):
         run_concept_study(adapter, dicts, store, None, n=2, rows=["colour edit"], classifier=clf)
     img = {"i": tiny_sae(adapter.site_dim("transformer_blocks.1:img"))}
@@ -307,7 +315,7 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     some = SteerRecipe(scale=1.0, tokens="all")
     assert not np.array_equal(
         generate_items(adapter, items, lambda k, j: steer_interventions(some, items[k], j, **kw), steps=2), clean)
-    for bad, match in (({"tokens": "word"}, "fires, all, after"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
+    for bad, match in (({"tokens": "word"}, "fires, all, after, phrase"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
                        ({"n_features": 0}, ">= 1")):
         with pytest.raises(DifflensError, match=match):
             SteerRecipe(**bad)
@@ -359,6 +367,7 @@ def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
     assert (lab[word] >> ids["color=red"]) & 1 and after[0] == word and after[-1] == len(lab) - 1
     bg = [t for t in range(len(lab)) if any((lab[t] >> i) & 1 for c, i in ids.items() if c.startswith(("bgcolor=", "bg=")))]
     assert (lab[bg[0]] >> ids["bgcolor=black"]) & 1 and not set(bg) & set(after) and len(after) == len(lab) - word - len(bg)
+    assert setup.positions(prompt, phrase=True)[1] == list(range(word, bg[0]))
     [one] = steer_interventions(SteerRecipe(tokens="after"), case, 0, setup=setup, **kw)
     assert one.where is None and one.tokens == tuple(after) and one.features == (1, 2)
     # equal-norm: the push of every colour rescaled to the mean norm; a weak colour is pushed harder

@@ -140,11 +140,15 @@ def register(subparsers) -> None:
     g.add_argument("--steer-image-scale", type=float, default=None,
                    help="with --image-dict, also add the target colour's image-stream features in the object's box at this "
                    "multiple of their maximum (0: text only)")
-    g.add_argument("--steer-tokens", choices=["fires", "all", "after"], default=None,
+    g.add_argument("--steer-tokens", choices=["fires", "all", "after", "phrase"], default=None,
                    help="fires: the tokens where the prompt colour's features fire (default); all: every text token; "
-                   "after: the colour word and every later token but the background's words")
+                   "after: the colour word and every later token but the background's words; phrase: the colour word up "
+                   "to the first background word")
     g.add_argument("--steer-branch", choices=["both", "cond", "uncond"], default=None, help="CFG rows of the text push (default cond)")
     g.add_argument("--steer-window", default=None, metavar="W", help="steps of the steer: a:b or 0,2,4 (default: --step-window)")
+    g.add_argument("--steer-dict", dest="steer_dict_dir", action="append", default=None, metavar="DIR",
+                   help="a text dictionary at another site (e.g. context_embedder:txt), one per --dict: the steer adds the "
+                   "target colour there too, same settings (its site must be in --data)")
     g.add_argument("--steer-features", type=int, default=None, metavar="N", help="target features per colour (default 3)")
     p.add_argument("--quick", action="store_true", help="fewer prompts and scales (--study features)")
     p.add_argument("--scale-mode", choices=SCALE_MODES, default="token-norm", help="steering scale mode (--study features)")
@@ -327,6 +331,10 @@ def _run_concept_study(args: argparse.Namespace, adapter: Adapter, out: Path) ->
         if len(args.object_dict_dir) != len(args.dict_dir):
             raise DifflensError(f"{len(args.object_dict_dir)} --object-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
         objects = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.object_dict_dir)}
+    if args.steer_dict_dir:
+        if len(args.steer_dict_dir) != len(args.dict_dir):
+            raise DifflensError(f"{len(args.steer_dict_dir)} --steer-dict for {len(args.dict_dir)} --dict: give one per --dict, in the same order")
+        extra_refs["steer_dictionaries"] = {n: difflens.load(d, device=str(adapter.device)) for n, d in zip(names, args.steer_dict_dir)}
     extra = {k: v for k, v in (("scale", args.scale), ("image_scale", args.image_scale)) if v is not None}
     extra["steer"] = _steer_recipe(args)
     if args.object_shift is not None:

@@ -22,7 +22,7 @@ from difflens.intervene.study_items import object_region
 from difflens.intervene.study_shift import WORD, context_code_means
 from difflens.intervene.truth import concept_ids
 
-STEER_TOKENS = ("fires", "all", "after")
+STEER_TOKENS = ("fires", "all", "after", "phrase")
 STEER_MODES = ("feature-max", "token-norm", "feature-mean", "equal-norm", "code-means")
 # The text features at 1.5 x their store maximum, conditional branch only: at 100 cases TopK / TIDE /
 # ITDA 64/34/50% -> 75/41/52% (both branches before), random-direction control 1/1/4%. Scale 2
@@ -54,6 +54,7 @@ class SteerRecipe:
                  "all": every text token of the prompt (padding included: the model attends to it);
                  "after": the colour word and every later token (the bidirectional encoder spreads
                  the word into them) but the background's words (steering those recolours it);
+                 "phrase": the colour word up to the first background word (no padding);
     branch       CFG rows of the text-stream push (default "cond"; None: the study's branch);
     window       steps (None: the study's window);
     n_features   target features per colour (None: the study's n_features).
@@ -95,7 +96,7 @@ class SteerSetup:
     def __init__(self, recipe: SteerRecipe, dictionary, store, feats: dict, fmax: dict, *, tokenizer=None, truth=None):
         self.recipe, self.truth, self.tok = recipe, truth, tokenizer
         self.means = self.norms = None
-        need_tok = recipe.tokens == "after" or recipe.mode in ("feature-mean", "code-means")
+        need_tok = recipe.tokens in ("after", "phrase") or recipe.mode in ("feature-mean", "code-means")
         if need_tok and (tokenizer is None or truth is None):
             raise DifflensError(f"steer tokens {recipe.tokens!r} / mode {recipe.mode!r} read the prompt's words: they need "
                                 "a model with a tokenizer and a ground-truth world (the toy model) and a text-stream dictionary")
@@ -104,8 +105,9 @@ class SteerSetup:
         if recipe.mode == "equal-norm":
             self.norms = _push_norms(dictionary, feats, fmax, recipe.n_features)
 
-    def positions(self, prompt: str) -> tuple[int | None, list[int]]:
-        """(the colour word's token, the "after" tokens: it and every later one but the background's words)."""
+    def positions(self, prompt: str, phrase: bool = False) -> tuple[int | None, list[int]]:
+        """(the colour word's token, the "after" tokens: it and every later one but the background's
+        words; with `phrase`, only those before the first background word)."""
         lab = self.truth.text_labels(prompt, self.tok)
         cid = concept_ids(self.truth)
         hit = lambda pre: np.flatnonzero(np.bitwise_or.reduce([(lab >> i) & 1 for c, i in cid.items() if c.startswith(pre)]))
@@ -113,7 +115,8 @@ class SteerSetup:
         if not word.size:
             return None, []
         bg = set(hit(("bgcolor=", "bg=")).tolist())
-        return int(word[0]), [t for t in range(int(word[0]), len(lab)) if t not in bg]
+        end = min([t for t in bg if t > word[0]], default=len(lab)) if phrase else len(lab)
+        return int(word[0]), [t for t in range(int(word[0]), end) if t not in bg]
 
     def code_means(self, prompt: str, target: str, tokens: list[int], n: int) -> dict[int, dict[int, float]]:
         """{token: {feature: weight}}: per token, the n features whose mean code for `target`
@@ -169,15 +172,15 @@ def steer_interventions(recipe: SteerRecipe, case, j: int, *, text, feats: dict,
     src, tgt = pick(feats, f"color={case.color}"), pick(feats, f"color={case.to_color}")
     if not src or not tgt:
         return []
-    if setup is None and (recipe.tokens == "after" or recipe.mode not in ("feature-max", "token-norm")):
+    if setup is None and (recipe.tokens in ("after", "phrase") or recipe.mode not in ("feature-max", "token-norm")):
         raise DifflensError(f"steer tokens {recipe.tokens!r} / mode {recipe.mode!r}: pass setup=SteerSetup(...)")
     window = recipe.window or window
     kw = dict(branch=recipe.branch or branch, window=window, samples=[j], random_direction=control)
     where, tokens = FiresOn(text, src), None
     if recipe.tokens == "all":
         where = None
-    elif recipe.tokens == "after":
-        where, tokens = None, setup.positions(case.prompt)[1] or None
+    elif recipe.tokens in ("after", "phrase"):
+        where, tokens = None, setup.positions(case.prompt, recipe.tokens == "phrase")[1] or None
         if tokens is None:
             return []
     target = f"color={case.to_color}"
@@ -205,3 +208,17 @@ def steer_interventions(recipe: SteerRecipe, case, j: int, *, text, feats: dict,
                              region=object_region(case.position, truth=truth), window=window, samples=[j],
                              random_direction=None if control is None else control + 1))
     return out
+
+
+def steer_note(steer: dict | None, names, ds) -> str:
+    """How the colour-steer row was run, when it was."""
+    if not steer or not any("color steer" in ds[n]["rows"] for n in names):
+        return ""
+    unit = "" if steer.get("mode", "feature-max") == "feature-max" else " the token norm"
+    parts = [f"text features at {steer['scale']:g} x{unit}", "where the prompt colour fires" if steer["tokens"] == "fires"
+             else "at every text token"]
+    if steer.get("image_scale"):
+        parts.append(f"image features at {steer['image_scale']:g} x in the box")
+    parts += [f"{k} {steer[k]}" for k in ("branch", "window", "n_features") if steer.get(k) is not None]
+    parts += [f"{n}'s also at `{site}`" for n, site in (steer.get("also_at") or {}).items()]
+    return "; colour steer: " + ", ".join(parts)

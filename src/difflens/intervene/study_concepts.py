@@ -38,7 +38,7 @@ from difflens.intervene.edits import CodeEdit, CodeShift
 from difflens.intervene.region import Window
 from difflens.intervene.run import record_activations
 from difflens.intervene.steer import feature_maxima
-from difflens.intervene.study_concept_steer import SteerRecipe, SteerSetup, steer_interventions
+from difflens.intervene.study_concept_steer import SteerRecipe, SteerSetup, steer_interventions, steer_note
 from difflens.intervene.study_items import ABSENT, Item, object_mask, object_region, progress_bar, study_classifier
 from difflens.intervene.study_labels import label_features
 from difflens.intervene.study_references import reference_rows
@@ -122,7 +122,8 @@ def score(cases, clean: dict, after: dict, factor: str, *, mode: str = "reach") 
     kept = [i for i in elig if all(after[f][i] == clean[f][i] for f in others)]
     n = len(elig)
     return {"success_rate": len(hits) / n if n else None, "successes": len(hits), "eligible": n,
-            "kept_rate": len(kept) / n if n else None,
+            "kept_rate": len(kept) / n if n else None, "misses": [f"{getattr(cases[i], factor)}->{getattr(cases[i], 'to_' + factor)}:"
+                                                                  f"{after[factor][i]}" for i in elig if i not in hits],
             "vanished": sum(after["object"][i] == ABSENT for i in elig)}
 
 
@@ -165,6 +166,7 @@ def run_concept_study(
     object_dictionaries: Mapping[str, object] | None = None,
     image_scale: float | Mapping[str, float] | None = None,
     steer: SteerRecipe | None = None,
+    steer_dictionaries: Mapping[str, object] | None = None,
     object_shift: tuple[int, float] | None = DEFAULT_OBJECT_SHIFT,
     steps: int | None = None,
     guidance: float | None = None,
@@ -183,7 +185,8 @@ def run_concept_study(
     (one number, or per factor; default DEFAULT_IMAGE_SCALE). `object_dictionaries` (name -> a
     dictionary at another site, e.g. `context_embedder:txt`, where objects move more) run that
     name's object rows instead; the table then says each row's site. `steer` sets the colour-steer row
-    (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`).
+    (scale, image-stream push, tokens, branch, window, features; default `SteerRecipe()`);
+    `steer_dictionaries` (name -> a text dictionary at another site) add that row's push there too.
     `object_shift` (n features per token, scale) makes the object edit on a text-stream dictionary
     a code shift of the object's context (`study_shift`, conditional rows; no image-stream swap),
     None the few-feature swap. Returns (and writes to out_dir: concepts.json, concepts.md, concepts.png) every
@@ -202,12 +205,13 @@ def run_concept_study(
     steps = default_steps(adapter) if steps is None else int(steps)
     sites = {name: str(Site.parse(d.cfg.site)) for name, d in dictionaries.items()}
     image_dictionaries, object_dictionaries = dict(image_dictionaries or {}), dict(object_dictionaries or {})
-    for kind, paired in (("image", image_dictionaries), ("object", object_dictionaries)):
+    steer_dictionaries = dict(steer_dictionaries or {})
+    for kind, paired in (("image", image_dictionaries), ("object", object_dictionaries), ("steer", steer_dictionaries)):
         extra = sorted(set(paired) - set(dictionaries))
         if extra:
             raise DifflensError(f"{kind} dictionaries {extra} pair with no dictionary: name them as the text-stream ones ({', '.join(dictionaries)})")
     missing = sorted({str(Site.parse(s)) for s in [*sites.values(), *(d.cfg.site for d in [*image_dictionaries.values(),
-                      *object_dictionaries.values()])] if str(Site.parse(s)) not in store.sites})
+                      *object_dictionaries.values(), *steer_dictionaries.values()])] if str(Site.parse(s)) not in store.sites})
     if missing:
         raise DifflensError(f"store {store.root} lacks sites {missing} of the dictionaries: harvest them (labels come from it)")
     cases = make_cases(n, seed, truth=truth)
@@ -280,7 +284,7 @@ def run_concept_study(
         dict(image_scale) if isinstance(image_scale, Mapping) else {f: float(image_scale) for f in DEFAULT_IMAGE_SCALE})
     result: dict = {"n_cases": n, "steps": steps, "branch": branch, "scale": scale, "n_features": n_features,
                     "window": window.describe(), "image_dictionaries": {k: v.cfg.site for k, v in image_dictionaries.items()},
-                    "image_scale": image_scale, "steer": steer.describe(),
+                    "image_scale": image_scale, "steer": {**steer.describe(), "also_at": {k: v.cfg.site for k, v in steer_dictionaries.items()}},
                     "clean_reads_prompt": {f: float(np.mean([clean[f][i] == getattr(c, f) for i, c in enumerate(cases)]))
                                            for f in ("color", "object", "bgcolor")},
                     "dictionaries": {}, "references": {}}
@@ -303,12 +307,19 @@ def run_concept_study(
             img_feats = concept_features(img, store, n_steer, truth=truth)
             img_max = feature_maxima(img, store, sorted({f for fs in img_feats.values() for f in fs}))
         setup = SteerSetup(steer, d, store, steer_feats, fmax, tokenizer=shift_ready(adapter, d), truth=truth) if "color steer" in rows else None
+        more = steer_dictionaries.get(name) if "color steer" in rows else None
+        if more is not None:  # a second site of the steer: its own features, maxima and setup
+            more_feats = concept_features(more, store, n_steer, truth=truth)
+            more_max = feature_maxima(more, store, sorted({f for fs in more_feats.values() for f in fs}))
+            more_setup = SteerSetup(steer, more, store, more_feats, more_max, tokenizer=shift_ready(adapter, more), truth=truth)
 
         def steered(k, j, control=False):
             return steer_interventions(steer, cases[k], j, text=d, feats=steer_feats, fmax=fmax, branch=branch, window=window,
                                        image=img, image_feats=img_feats if img is not None else None,
                                        image_max=img_max if img is not None else None, truth=truth,
-                                       control=(seed + 1000 * k) if control else None, setup=setup)
+                                       control=(seed + 1000 * k) if control else None, setup=setup) + ([] if more is None else
+                steer_interventions(steer, cases[k], j, text=more, feats=more_feats, fmax=more_max, branch=branch, window=window,
+                                    control=(seed + 1000 * k + 2) if control else None, setup=more_setup))
 
         tok = shift_ready(adapter, d) if object_shift and "object edit" in unit_rows else None
         means = context_code_means(d, store, "object", tok, truth=truth) if tok is not None else None
@@ -413,7 +424,7 @@ def markdown(result: dict) -> str:
         + "".join(f"; {n}'s edits also at `{s}` in the object's box (" + ", ".join(
                   f"{f} {v:g} x" for f, v in result["image_scale"].items()) + ")"
                   for n, s in result.get("image_dictionaries", {}).items())
-        + _steer_note(result.get("steer"), names, ds)
+        + steer_note(result.get("steer"), names, ds)
         + ". Cell: success (of n eligible) / other factors kept.",
         "",
         head,
@@ -453,19 +464,6 @@ def markdown(result: dict) -> str:
     if result.get("images_per_second"):
         lines.append(f"{result['images']} images in {result['seconds']} s ({result['images_per_second']} images/s).")
     return "\n".join(lines) + "\n"
-
-
-def _steer_note(steer: dict | None, names, ds) -> str:
-    """How the colour-steer row was run, when it was."""
-    if not steer or not any("color steer" in ds[n]["rows"] for n in names):
-        return ""
-    unit = "" if steer.get("mode", "feature-max") == "feature-max" else " the token norm"
-    parts = [f"text features at {steer['scale']:g} x{unit}", "where the prompt colour fires" if steer["tokens"] == "fires"
-             else "at every text token"]
-    if steer.get("image_scale"):
-        parts.append(f"image features at {steer['image_scale']:g} x in the box")
-    parts += [f"{k} {steer[k]}" for k in ("branch", "window", "n_features") if steer.get(k) is not None]
-    return "; colour steer: " + ", ".join(parts)
 
 
 def _examples(out: Path, cases, clean, clean_img, shown) -> str | None:
