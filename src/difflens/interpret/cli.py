@@ -240,7 +240,7 @@ def run_cache(args) -> int:
     from difflens.interpret.cache_build import build_cache
     from difflens.interpret.features import NeuronFeatures, RandomDirections, as_feature_source
     from difflens.interpret.heatmap import write_feature_grids
-    from difflens.interpret.pipeline import SampleImages, site_mean
+    from difflens.interpret.pipeline import SampleImages
     from difflens.interpret.sources import open_source
 
     if args.cache_dict:
@@ -255,7 +255,7 @@ def run_cache(args) -> int:
         data = _data(args, [args.site] if args.site else [])
         src = open_source(data, sites=[args.site] if args.site else None, branch=args.branch)
         site = args.site or src.sites[0]
-        fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=site_mean(src, site))
+        fs = RandomDirections(site, src.d(site), args.random, seed=args.seed, center=src.site_mean(site))
     config = _cache_config(args)
     calibration = None
     if args.cache_dict and not args.no_topk:

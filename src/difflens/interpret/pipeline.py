@@ -43,7 +43,7 @@ from difflens.interpret.report import (
     summarize,
 )
 from difflens.interpret.scoring import Truth, build_tasks, score_features
-from difflens.interpret.sources import MemorySource, SampleSource, StoreSource
+from difflens.interpret.sources import SampleSource, StoreSource
 from difflens.utils import read_json, write_json
 
 BASELINES = ("neurons", "random")
@@ -61,18 +61,6 @@ class SampleImages:
         if sid not in self._c:
             self._c[sid] = self.source.image(sid)
         return self._c[sid]
-
-
-def site_mean(src: SampleSource, site: str):
-    """The site's mean activation (random directions are centred on it), or None when unknown."""
-    import torch
-
-    if isinstance(src, StoreSource):
-        return src.store.stats(site).mean_D
-    if isinstance(src, MemorySource):
-        a = src._acts[site]
-        return torch.from_numpy(a.reshape(-1, a.shape[-1]).mean(0))
-    return None
 
 
 def _reusable_cache(folder: Path, fs: FeatureSource, src: SampleSource, cfg: CacheConfig, sids):
@@ -193,7 +181,7 @@ def run_pipeline(
         sources.append(NeuronFeatures(neuron_site, src.d(neuron_site)))
     if "random" in baselines:
         d = src.d(site)
-        sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=site_mean(src, site)))
+        sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=src.site_mean(site)))
     if not sources:
         raise DifflensError("nothing to interpret: pass --dict and/or baselines")
 

@@ -95,6 +95,10 @@ class SampleSource:
         """The world whose concepts the samples' token labels stand for (None: no ground truth)."""
         return None
 
+    def site_mean(self, site: str) -> torch.Tensor | None:
+        """The site's mean activation (random directions are centred on it), or None when unknown."""
+        return None
+
     def vocabulary(self) -> ConceptVocabulary:
         """The concept vocabulary of the samples' token labels; an error names the fix when the
         samples carry labels but no world to read them with."""
@@ -157,6 +161,9 @@ class StoreSource(SampleSource):
 
     def d(self, site: str) -> int:
         return self.store.d(site)
+
+    def site_mean(self, site: str) -> torch.Tensor | None:
+        return self.store.stats(site).mean_D
 
     def _index(self, site: str) -> None:
         """Group a site's rows by sample, ordered (step, token); insist on complete token maps."""
@@ -267,6 +274,10 @@ class MemorySource(SampleSource):
 
     def d(self, site):
         return int(self._acts[site].shape[-1])
+
+    def site_mean(self, site: str) -> torch.Tensor | None:
+        a = self._acts[site]
+        return torch.from_numpy(a.reshape(-1, a.shape[-1]).mean(0))
 
     def sample_ids(self):
         return np.array(sorted(self._order), np.int64)
