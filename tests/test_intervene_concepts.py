@@ -296,12 +296,13 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     fmax = {f: 2.0 for fs in feats.values() for f in fs}
     kw = dict(text=txt_sae, feats=feats, fmax=fmax, branch="both", window=Window.all(), image=img, image_feats=feats,
               image_max=fmax)
-    [one] = steer_interventions(SteerRecipe(scale=2.5), case, 0, **kw)
+    [one] = steer_interventions(SteerRecipe(scale=2.5, mode="feature-max"), case, 0, **kw)
     assert steer_interventions(SteerRecipe(mode="token-norm"), case, 0, **kw)[0].mode == "token-norm"
     assert one.scale == 2.5 and one.mode == "feature-max" and one.features == (1, 2, 4, 6) and one.where.features == (0, 5, 9, 11)
     assert one.random_direction is None and one.branch == "cond"  # the recipe's default, not the study's
-    assert steer_interventions(SteerRecipe(branch=None), case, 0, **kw)[0].branch == "both"
-    txt, im = steer_interventions(SteerRecipe(tokens="all", image_scale=0.5, n_features=2, branch="cond"), case, 3,
+    assert SteerRecipe().mode == "code-means" and SteerRecipe().scale == 2.5
+    assert steer_interventions(SteerRecipe(branch=None, mode="feature-max"), case, 0, **kw)[0].branch == "both"
+    txt, im = steer_interventions(SteerRecipe(tokens="all", image_scale=0.5, n_features=2, branch="cond", mode="feature-max"), case, 3,
                                   control=7, **kw)
     assert txt.where is None and txt.features == (1, 2) and txt.branch == "cond" and txt.random_direction == 7
     assert im.site != txt.site and im.region is not None and im.scale == 0.5 and im.branch == "both" and im.samples == (3,)
@@ -309,10 +310,10 @@ def test_steer_recipe_builds_the_rows_interventions_and_zero_scale_is_clean(adap
     # A zero-scale steer (text and image stream) leaves the generation bit-identical to the clean one.
     items = [case, Case(PROMPT2, 1, "red", "square", "center", "gray")]
     clean = generate_items(adapter, items, None, steps=2)
-    zero = SteerRecipe(scale=0.0, image_scale=0.0, tokens="all")
+    zero = SteerRecipe(scale=0.0, image_scale=0.0, tokens="all", mode="feature-max")
     assert np.array_equal(generate_items(adapter, items, lambda k, j: steer_interventions(zero, items[k], j, **kw), steps=2),
                           clean)
-    some = SteerRecipe(scale=1.0, tokens="all")
+    some = SteerRecipe(scale=1.0, tokens="all", mode="feature-max")
     assert not np.array_equal(
         generate_items(adapter, items, lambda k, j: steer_interventions(some, items[k], j, **kw), steps=2), clean)
     for bad, match in (({"tokens": "word"}, "fires, all, after, phrase"), ({"mode": "absolute"}, "token-norm"), ({"branch": "x"}, "both"), ({"image_scale": -1}, ">= 0"),
@@ -357,10 +358,10 @@ def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
     fmax = {0: 1.0, 5: 1.0, 1: 2.0, 2: 2.0, 3: 8.0}
     kw = dict(text=txt_sae, feats=feats, fmax=fmax, branch="both", window=Window.all())
     with pytest.raises(DifflensError, match="SteerSetup"):
-        steer_interventions(SteerRecipe(tokens="after"), case, 0, **kw)
+        steer_interventions(SteerRecipe(tokens="after", mode="feature-max"), case, 0, **kw)
     with pytest.raises(DifflensError, match="tokenizer"):
-        SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax)
-    setup = SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+        SteerSetup(SteerRecipe(tokens="after", mode="feature-max"), txt_sae, None, feats, fmax)
+    setup = SteerSetup(SteerRecipe(tokens="after", mode="feature-max"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
     word, after = setup.positions(prompt)
     lab = truth.text_labels(prompt, tok)
     ids = {c: i for i, c in enumerate(truth.concepts)}
@@ -368,7 +369,7 @@ def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
     bg = [t for t in range(len(lab)) if any((lab[t] >> i) & 1 for c, i in ids.items() if c.startswith(("bgcolor=", "bg=")))]
     assert (lab[bg[0]] >> ids["bgcolor=black"]) & 1 and not set(bg) & set(after) and len(after) == len(lab) - word - len(bg)
     assert setup.positions(prompt, phrase=True)[1] == list(range(word, bg[0]))
-    [one] = steer_interventions(SteerRecipe(tokens="after"), case, 0, setup=setup, **kw)
+    [one] = steer_interventions(SteerRecipe(tokens="after", mode="feature-max"), case, 0, setup=setup, **kw)
     assert one.where is None and one.tokens == tuple(after) and one.features == (1, 2)
     # equal-norm: the push of every colour rescaled to the mean norm; a weak colour is pushed harder
     eq = SteerSetup(SteerRecipe(mode="equal-norm"), txt_sae, None, feats, fmax)
@@ -386,7 +387,7 @@ def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
         for t in set(tok([prompt])[0][0].tolist()):
             means[(t, c)] = v * 0.5
     for mode in ("feature-mean", "code-means"):
-        setup = SteerSetup(SteerRecipe(tokens="after"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+        setup = SteerSetup(SteerRecipe(tokens="after", mode="feature-max"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
         setup.means = means
         got = steer_interventions(SteerRecipe(mode=mode, tokens="after", n_features=2), case, 0, setup=setup, **kw)
         if mode == "feature-mean":
@@ -394,7 +395,7 @@ def test_steer_setup_modes_tokens_after_and_code_means(adapter, txt_sae):
         else:  # blue's excess over red and green: feature 1 (3 - 1), 2 (0.5); 7 is below red's, so not added
             assert [g.tokens for g in got] == [(t,) for t in after]
             assert got[0].feature_max == pytest.approx({1: 2.0, 2: 0.5}) and got[1].feature_max == pytest.approx({1: 1.0, 2: 0.25})
-    setup = SteerSetup(SteerRecipe(), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
+    setup = SteerSetup(SteerRecipe(mode="feature-max"), txt_sae, None, feats, fmax, tokenizer=tok, truth=truth)
     setup.means = means
     [w] = steer_interventions(SteerRecipe(mode="code-means"), case, 0, setup=setup, control=3, **kw)
     assert w.where is not None and w.random_direction == 3 and w.feature_max == pytest.approx({1: 2.0, 2: 0.5})

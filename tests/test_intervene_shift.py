@@ -92,6 +92,8 @@ def test_context_means_and_the_delta_they_give(adapter, sae, store):
     with torch.no_grad():
         want = sae.encode(store.read_rows(SITE, rows).float()).mean(0)
     assert torch.allclose(means[(WORD, "object=circle")], want, atol=1e-5)
+    word = context_code_means(sae, store, "object", tok, truth=truth, word_only=True)  # the steer's cheaper pass
+    assert {k for k in word if k[0] != WORD} == set() and all(torch.equal(v, means[k]) for k, v in word.items())
     delta = shift_delta(means, PROMPTS[0], "object=circle", "object=square", tok, truth=truth, n_features=2, scale=2.0)
     assert delta.shape == (adapter.model.cfg.max_text_length, sae.num_latents)
     assert not delta[:4].any() and delta[4].any()  # nothing before the object word

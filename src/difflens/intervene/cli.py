@@ -131,12 +131,12 @@ def register(subparsers) -> None:
                    "difference of means, random direction, prompt changed: color, prompt changed: object")
     g = p.add_argument_group("colour steer row (--study concepts; the target's features added, the prompt's colour left)")
     g.add_argument("--steer-scale", type=float, default=None,
-                   help="text-stream target features at this multiple of their store maximum (default 1.5)")
+                   help="the text push's multiplier (default 2.5; of what: --steer-mode)")
     g.add_argument("--steer-mode", choices=["feature-max", "token-norm", "feature-mean", "equal-norm", "code-means"], default=None,
-                   help="feature-max: each feature at --steer-scale x its store maximum (default); token-norm: at "
+                   help="feature-max: each feature at --steer-scale x its store maximum; token-norm: at "
                    "--steer-scale x the row's mean token norm; feature-mean: x its mean code at the colour's word; "
-                   "equal-norm: feature-max rescaled to the same norm for every colour; code-means: per token, the "
-                   "features whose mean code for the target colour exceeds the other colours' most, at that excess")
+                   "equal-norm: feature-max rescaled to the same norm for every colour; code-means (default): per token, the "
+                   "8 features whose mean code for the target colour exceeds the other colours' most, at that excess")
     g.add_argument("--steer-image-scale", type=float, default=None,
                    help="with --image-dict, also add the target colour's image-stream features in the object's box at this "
                    "multiple of their maximum (0: text only)")

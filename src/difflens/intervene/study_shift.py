@@ -42,9 +42,11 @@ def _words(truth, prompt: str, tokenizer, factor: str, cid: dict) -> dict[str, i
     return out
 
 
-def context_code_means(dictionary: Dictionary, store, factor: str, tokenizer, *, truth=None, batch: int = 4096) -> dict:
+def context_code_means(dictionary: Dictionary, store, factor: str, tokenizer, *, truth=None, batch: int = 4096,
+                       word_only: bool = False) -> dict:
     """{(token id or WORD, concept): mean code [F]} over the store's text rows at the dictionary's
-    site, from prompts naming exactly one value of `factor`, at its word and every later token."""
+    site, from prompts naming exactly one value of `factor`, at its word and every later token
+    (`word_only`: at the word only, a small share of the rows to encode)."""
     truth = store_truth(store, truth)
     site = dictionary.cfg.site
     if Site.parse(site).stream != "txt":
@@ -61,7 +63,7 @@ def context_code_means(dictionary: Dictionary, store, factor: str, tokenizer, *,
             first[int(s["sample_id"])] = (c, w, tokenizer([s["prompt"]])[0][0].tolist())
     keys, rows = [], []
     for r, (sid, t) in enumerate(zip(meta["sample_id"].tolist(), meta["token"].tolist())):
-        if sid in first and t >= first[sid][1]:
+        if sid in first and (t == first[sid][1] if word_only else t >= first[sid][1]):
             c, w, ids = first[sid]
             keys.append((WORD if t == w else ids[t], c))
             rows.append(r)
