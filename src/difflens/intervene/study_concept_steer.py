@@ -10,6 +10,7 @@ positions, code means); `steer_interventions` builds one case's interventions, a
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from difflens.intervene.steer import Steer
 from difflens.intervene.study_items import object_region
 from difflens.intervene.study_shift import WORD, context_code_means
 from difflens.intervene.truth import concept_ids
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 STEER_TOKENS = ("fires", "all", "after", "phrase")
 STEER_MODES = ("feature-max", "token-norm", "feature-mean", "equal-norm", "code-means")
@@ -96,7 +100,7 @@ class SteerSetup:
     token positions (tokens "after"), the dictionary's mean codes per token and colour in the store
     (modes "feature-mean", "code-means"), every colour's push norm (mode "equal-norm")."""
 
-    def __init__(self, recipe: SteerRecipe, dictionary, store, feats: dict, fmax: dict, *, tokenizer=None, truth=None):
+    def __init__(self, recipe: SteerRecipe, dictionary: Dictionary, store, feats: dict, fmax: dict, *, tokenizer=None, truth=None):
         self.recipe, self.truth, self.tok = recipe, truth, tokenizer
         self.means = self.norms = None
         need_tok = recipe.tokens in ("after", "phrase") or recipe.mode in ("feature-mean", "code-means")
@@ -144,7 +148,7 @@ class SteerSetup:
         return out
 
 
-def _push_norms(dictionary, feats: dict, fmax: dict, n: int | None) -> dict[str, float]:
+def _push_norms(dictionary: Dictionary, feats: dict, fmax: dict, n: int | None) -> dict[str, float]:
     """{colour concept: the raw norm of its features added at their maxima} (mid timestep)."""
     out = {}
     with torch.no_grad():

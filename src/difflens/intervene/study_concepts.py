@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -45,6 +46,10 @@ from difflens.intervene.study_references import reference_rows
 from difflens.intervene.study_shift import context_code_means, shift_delta, shift_ready
 from difflens.intervene.transfer import Transfer
 from difflens.intervene.truth import truth_of
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
+    from difflens.models.base import Adapter
 
 ROWS = ("color edit", "color steer", "object edit", "color ablation", "color transfer", "object transfer (all features)",
         "background transfer")
@@ -142,7 +147,7 @@ def _mse(clean: np.ndarray, new: np.ndarray, masks: list[np.ndarray], which: Seq
     return float(np.mean(ins)), float(np.mean(outs))
 
 
-def concept_features(dictionary, store, n_features: int, *, min_f1: float = 0.05, show_progress: bool = False, truth=None):
+def concept_features(dictionary: Dictionary, store, n_features: int, *, min_f1: float = 0.05, show_progress: bool = False, truth=None):
     """{concept: its top features by F1} for the study's factors, from the store's ground truth."""
     _, info = label_features(dictionary, store, factors=LABEL_FACTORS, return_scores=True, show_progress=show_progress,
                              truth=truth)
@@ -150,8 +155,8 @@ def concept_features(dictionary, store, n_features: int, *, min_f1: float = 0.05
 
 
 def run_concept_study(
-    adapter,
-    dictionaries: Mapping[str, object],
+    adapter: Adapter,
+    dictionaries: Mapping[str, Dictionary],
     store,
     out_dir: str | Path | None = None,
     *,

@@ -7,6 +7,7 @@ runs the dictionaries' rows; the study passes in how it generates and scores ima
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +17,11 @@ from difflens.hooks import Site
 from difflens.intervene.directions import concept_direction
 from difflens.intervene.steer import Steer
 
+if TYPE_CHECKING:
+    from difflens.models.base import Adapter
 
-def reference_rows(adapter, store, site: str, cases, judge: Callable, generate: Callable, reference_images: Callable,
+
+def reference_rows(adapter: Adapter, store, site: str, cases, judge: Callable, generate: Callable, reference_images: Callable,
                    seed: int, which: Sequence[str]) -> dict:
     """The rows of `which` over `cases` (the study's `Case`s): "prompt changed: color/object" reads
     the images of the re-prompted reference recordings; "difference of means" steers at the colour
@@ -32,7 +36,7 @@ def reference_rows(adapter, store, site: str, cases, judge: Callable, generate: 
     if not steer_rows:
         return out
     truth = adapter.ground_truth()
-    tok = getattr(getattr(adapter, "model", None), "tokenizer", None)
+    tok = adapter.text_tokenizer()
     if truth is None or tok is None or Site.parse(site).stream != "txt":
         out["skipped"] = "difference of means and random direction need a ground-truth world and a text-stream site"
         return out
