@@ -455,6 +455,50 @@ def test_api_generate_steer_and_intervene(served, world):
     c.close()
 
 
+def test_playground_where_window_region_and_branch(served, world):
+    """/api/intervene's "where" (step window, region in tokens, CFG branch) builds the same intervention
+    as the Python API with those keywords: the same image; bad values are refused by name."""
+    from difflens.intervene.region import Region, Window
+    from difflens.intervene.run import generate_with
+    from difflens.intervene.steer import Steer
+
+    port = served["port"]
+    prompt = "a large red circle in the center on a black plain background"
+    req = {"prompt": prompt, "seed": 1, "steps": 2, "dict": "topk", "kind": "steer", "params": {"feature": 3, "scale": 4.0}}
+    st, _, body = _request(port, "POST", "/api/intervene", req)
+    everywhere = json.loads(body)
+    where = {"window": "0:1", "region": [0, 0, 8, 16], "region_units": "tokens", "branch": "cond"}
+    st, _, body = _request(port, "POST", "/api/intervene", {**req, "where": where})
+    assert st == 200, body
+    out = json.loads(body)
+    assert out["steps_applied"] == [0] and everywhere["steps_applied"] == [0, 1]
+    assert "box 0,0,8,16 (tokens)" in out["intervention"] and "cond branch" in out["intervention"]
+    assert out["image"] != everywhere["image"]
+    d = served["pg"].dicts["topk"]
+    iv = Steer(d, [3], 4.0, mode="token-norm", window=Window.parse("0:1"), branch="cond",
+               region=Region(box=(0, 0, 8, 16), units="tokens"))
+    gen = generate_with(world["adapter"], [prompt], [1], [iv], steps=2)
+    from difflens.browse.server import _png_data_url
+
+    img = np.asarray(gen.images[0])
+    assert out["image"] == _png_data_url(img, max(1, 320 // max(img.shape[:2])))
+    # the region as the CLI writes it, in pixels: the same tokens (toy tokens are 2x2 px)
+    st, _, body = _request(port, "POST", "/api/intervene", {**req, "where": {**where, "region": "0,0,16,32", "region_units": "px"}})
+    assert st == 200 and json.loads(body)["image"] == out["image"], body
+    for bad, msg in (({"window": "3:1"}, "window '3:1': need a < b"),
+                     ({"window": "5:9"}, "selects none of this run's 2 steps"),
+                     ({"window": 3}, "window must be text"),
+                     ({"region": [1, 2, 3]}, "region must be four numbers"),
+                     ({"region": [4, 0, 2, 8]}, "is empty"),
+                     ({"region_units": "cm"}, "region_units must be one of px, tokens"),
+                     ({"branch": "left"}, "branch must be one of both, cond, uncond"),
+                     ({"steps": "0:1"}, "where has no key 'steps'"),
+                     ("0:1", "where must be a JSON object")):
+        st, ct, body = _request(port, "POST", "/api/intervene", {**req, "where": bad})
+        assert st == 400 and ct == "application/json", body
+        assert msg in json.loads(body)["error"], (bad, body)
+
+
 def test_a_registered_intervention_reaches_the_playground_api(served, monkeypatch):
     """An intervention declared only in a test file (tests/test_intervene_cli.py) is listed and runs."""
     from test_intervene_cli import zero_tokens_spec
@@ -631,6 +675,28 @@ def test_server_and_playground(driver, served):
     _wait(driver, lambda d: d.find_element(By.ID, "result-steer").is_displayed() or d.find_element(By.ID, "error").text, "steered image")
     assert driver.find_element(By.ID, "error").text == ""
     assert f"features {picked} " in driver.find_element(By.ID, "result-steer-caption").text
+    # where: a region dragged on the image (token units), a step window and the conditional branch
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    canvas = driver.find_element(By.ID, "pg-image")
+    w, h = canvas.size["width"], canvas.size["height"]  # 16 x 16 tokens on the toy model
+    ActionChains(driver).move_to_element_with_offset(canvas, int(-w * 0.45), int(-h * 0.45)).click_and_hold() \
+        .move_to_element_with_offset(canvas, int(-w * 0.05), int(h * 0.05)).release().perform()
+    region = driver.find_element(By.ID, "where-region").get_attribute("value")
+    x0, y0, x1, y1 = map(int, region.split(","))
+    assert (x0, y0) == (0, 0) and 7 <= x1 <= 9 and 8 <= y1 <= 10, region
+    driver.find_element(By.ID, "where-window").send_keys("0:1")
+    driver.find_element(By.CSS_SELECTOR, "#where-branch option[value='cond']").click()
+    before = driver.find_element(By.ID, "result-steer").get_attribute("src")
+    driver.find_element(By.ID, "steer").click()
+    _wait(driver, lambda d: d.find_element(By.ID, "result-steer").get_attribute("src") != before
+          or d.find_element(By.ID, "error").text, "steered in the region")
+    assert driver.find_element(By.ID, "error").text == ""
+    caption = driver.find_element(By.ID, "result-steer-caption").text
+    assert f"box {region} (tokens)" in caption and "steps 0:1" in caption and "cond branch" in caption, caption
+    driver.find_element(By.ID, "where-clear").click()
+    driver.find_element(By.ID, "where-window").clear()
+    driver.find_element(By.CSS_SELECTOR, "#where-branch option[value='both']").click()
     # a transfer shows the reference image beside its result
     driver.find_element(By.ID, "transfer").click()
     _wait(driver, lambda d: d.find_element(By.ID, "result-transfer").is_displayed() or d.find_element(By.ID, "error").text,

@@ -135,7 +135,7 @@ def zero_tokens_spec():
         build=lambda args, d, where: Zero(d, parse_ids(args.tokens, "--tokens"), **where),
         add_arguments=arguments, labels=("clean", "zeroed"),
         params=(Param("token", "int", 0, "token index to zero", min=0, max=255),),
-        from_request=lambda p, d: Zero(d, [p["token"]]),
+        from_request=lambda p, d, where: Zero(d, [p["token"]], **where),
     )
 
 

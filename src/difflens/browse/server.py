@@ -14,7 +14,8 @@ hold threads; SIGTERM stops the server like Ctrl-C and removes its temporary sit
 API:
     GET  /api/interventions                                         -> the registered interventions and their params
     POST /api/generate  {prompt, seed, steps, dict}                 -> image + per step / per token top features
-    POST /api/intervene {kind, params, prompt, seed, steps, dict}   -> image generated with that intervention
+    POST /api/intervene {kind, params, where, prompt, seed, steps, dict} -> image generated with that intervention
+        (where: {window, region, region_units, branch}, optional; see `registry.parse_where`)
     POST /api/steer     {prompt, seed, steps, dict, feature, scale} -> /api/intervene with kind "steer" (kept for old clients)
 Interventions and their parameters come from `difflens.intervene.registry`; each parameter is
 validated by its declared `Param` (type, range, feature ids below the dictionary's width).
@@ -145,19 +146,21 @@ class Playground:
         return [s.to_json() for s in playground_specs()]
 
     def intervene(self, body: dict) -> dict:
-        """{kind, params, prompt, seed, steps, dict}: generate with the registered intervention `kind`
-        built from its validated params; the changed image and any extra ones (a transfer's reference)."""
+        """{kind, params, where, prompt, seed, steps, dict}: generate with the registered intervention
+        `kind` built from its validated params, acting in `where` (step window, region, CFG branch);
+        the changed image and any extra ones (a transfer's reference)."""
         import torch
 
-        from difflens.intervene.registry import get_intervention
+        from difflens.intervene.registry import get_intervention, parse_where
         from difflens.intervene.run import generate_with
 
         req = self._parse(body)
         spec = get_intervention(body.get("kind"), playground=True)
         d = self.dicts[req["dict"]]
         params = spec.parse_params(body.get("params"), d)
+        where = parse_where(body.get("where"))
         with self.lock, torch.no_grad():
-            iv = spec.from_request(params, d)
+            iv = spec.from_request(params, d, where)
             gen = generate_with(self.adapter, [req["prompt"]], [req["seed"]], [iv], steps=req["steps"])
             extra = list(spec.extra_images(iv)) if spec.extra_images else []
         img = np.asarray(gen.images[0])

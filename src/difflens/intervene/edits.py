@@ -248,6 +248,6 @@ register_intervention(InterventionSpec(
                   choices=EDIT_OPS),
             Param("value", "float", 0.0, "the clamp value or scale factor (ablate ignores it)", min=-1000, max=1000,
                   step=0.1)),
-    from_request=lambda p, dictionary: CodeEdit(
-        dictionary, [(p["op"], p["features"], None if p["op"] == "ablate" else p["value"])]),
+    from_request=lambda p, dictionary, where: CodeEdit(
+        dictionary, [(p["op"], p["features"], None if p["op"] == "ablate" else p["value"])], **where),
 ))

@@ -9,7 +9,8 @@ An intervention module declares its face once, at import time:
 
 `difflens <name>` then exists (`intervene/cli.py` adds the shared model, prompt, where and --out
 flags and writes the PNG + JSON), and, when it declares `params` and `from_request`, so does its
-section of the playground (`browse/server.py` validates each parameter against its `Param`).
+section of the playground (`browse/server.py` validates each parameter against its `Param`, and
+the shared where — step window, region, CFG branch — with `parse_where`).
 Every module in `difflens/intervene/` is imported before the registry is read, so a new
 intervention touches only its own module (and its test).
 """
@@ -166,6 +167,56 @@ def _span(lo, hi) -> str:
     return f" in {lo:g}..{hi:g}"
 
 
+WHERE_KEYS = ("window", "region", "region_units", "branch")
+
+
+def parse_where(raw) -> dict:
+    """A playground request's "where" -> the keywords every `Intervention` takes (window, region,
+    branch), checked like the CLI's --step-window / --region / --region-units / --branch.
+
+    {"window": "0:5" or "0,2,4" (step indices; empty = every step), "region": [x0, y0, x1, y1] or
+    "x0,y0,x1,y1" (empty = every token), "region_units": "tokens" (default) or "px",
+    "branch": "both" / "cond" / "uncond"}; every key optional.
+    """
+    from difflens.intervene.base import BRANCHES
+    from difflens.intervene.region import UNITS, Region, Window
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DifflensError("where must be a JSON object {window, region, region_units, branch}")
+    unknown = sorted(set(raw) - set(WHERE_KEYS))
+    if unknown:
+        raise DifflensError(f"where has no key {', '.join(map(repr, unknown))}: it takes {', '.join(WHERE_KEYS)}")
+    out: dict = {}
+    window = raw.get("window")
+    if window not in (None, ""):
+        if not isinstance(window, str):
+            raise DifflensError(f"window must be text like '0:5' or '0,2,4' (step indices), got {window!r}")
+        out["window"] = Window.parse(window, steps_flag="window")
+    branch = raw.get("branch", "both")
+    if branch not in BRANCHES:
+        raise DifflensError(f"branch must be one of {', '.join(BRANCHES)}, got {branch!r}")
+    out["branch"] = branch
+    units = raw.get("region_units", "tokens")
+    if units not in UNITS:
+        raise DifflensError(f"region_units must be one of {', '.join(UNITS)}, got {units!r}")
+    region = raw.get("region")
+    if region not in (None, "", []):
+        if isinstance(region, str):
+            region = region.replace(" ", "").split(",")
+        ok = isinstance(region, list) and len(region) == 4
+        try:
+            box = tuple(float(v) for v in region) if ok else ()
+        except (TypeError, ValueError):
+            box = ()
+        if len(box) != 4 or not all(math.isfinite(v) for v in box) or any(isinstance(v, bool) for v in region):
+            raise DifflensError(f"region must be four numbers x0,y0,x1,y1 (x = column, y = row, ends excluded), got {raw['region']!r}")
+        text = ",".join(f"{v:g}" for v in box)
+        out["region"] = Region(box=box, units=units, label=f"box {text} ({units})")
+    return out
+
+
 # ---- the spec -----------------------------------------------------------------------------------------
 def _no_arguments(parser) -> None:
     return None
@@ -183,7 +234,8 @@ class InterventionSpec:
         format strings over the parsed flags, e.g. "scale {scale:+g}".
     meta(args) -> extra keys of the JSON written beside the PNG.
     extra_images(iv) -> [(label, image), ...] shown between clean and changed (after generating).
-    params + from_request(params, dictionary) -> Intervention: the playground's controls and build.
+    params + from_request(params, dictionary, where) -> Intervention: the playground's controls and
+        build; `where` holds the same keywords as `build`'s (from the request's "where", `parse_where`).
     """
 
     name: str

@@ -233,5 +233,5 @@ register_intervention(InterventionSpec(
     params=(Param("feature", "feature", 0, "the feature whose unit decoder direction is added"),
             Param("scale", "float", 1.0, "x the mean image-token norm (negative subtracts)", min=-100, max=100, step=0.1,
                   slider=(-4, 4))),
-    from_request=lambda p, dictionary: Steer(dictionary, [p["feature"]], p["scale"], mode="token-norm"),
+    from_request=lambda p, dictionary, where: Steer(dictionary, [p["feature"]], p["scale"], mode="token-norm", **where),
 ))

@@ -172,6 +172,6 @@ register_intervention(InterventionSpec(
             Param("features", "features", "all", "feature ids to take from the reference, or 'all'", all_ok=True),
             Param("mode", "choice", "tokens", "tokens: same positions; mean: the reference's mean code everywhere",
                   choices=("tokens", "mean"))),
-    from_request=lambda p, dictionary: Transfer(dictionary, (p["reference_prompt"], p["reference_seed"]), p["features"],
-                                                mode=p["mode"]),
+    from_request=lambda p, dictionary, where: Transfer(dictionary, (p["reference_prompt"], p["reference_seed"]),
+                                                       p["features"], mode=p["mode"], **where),
 ))

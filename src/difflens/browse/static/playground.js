@@ -1,6 +1,7 @@
 /* difflens feature browser: the playground (needs `difflens browse serve`): generate, inspect the features
-   at a step and token, and one section per registered intervention, built from the specs the server
-   embeds. Talks only to the server that served the page. */
+   at a step and token, say where interventions act (step window, a region dragged on the image, CFG
+   branch), and one section per registered intervention, built from the specs the server embeds.
+   Talks only to the server that served the page. */
 (function () {
   "use strict";
   var D = window.difflens;
@@ -44,7 +45,7 @@
     var canvas = el("canvas", { id: "pg-image", width: SIZE, height: SIZE, className: "pg" });
     var stepSlider = el("input", { id: "step", type: "range", min: 0, max: 0, value: 0, "aria-label": "step" });
     var stepLabel = el("span", { id: "step-label" });
-    var tokenLabel = el("p", { id: "token-label", className: "muted" }, "click the image to pick a token");
+    var tokenLabel = el("p", { id: "token-label", className: "muted" }, "click the image to pick a token; drag to draw the interventions' region");
     var tokList = el("ol", { id: "token-features" }), stepList = el("ol", { id: "step-features" });
     left.appendChild(canvas);
     left.appendChild(el("div", null, [el("label", null, ["step ", stepSlider]), " ", stepLabel]));
@@ -53,6 +54,18 @@
     right.appendChild(tokList);
     right.appendChild(el("h3", null, "strongest features at this step (sum over tokens)"));
     right.appendChild(stepList);
+    // where every intervention acts (the CLI's --step-window, --region --region-units tokens, --branch)
+    var winInput = el("input", { id: "where-window", type: "text", size: 8, placeholder: "every step", "aria-label": "step window" });
+    var regionInput = el("input", { id: "where-region", type: "text", size: 12, placeholder: "every token", "aria-label": "region" });
+    var branchSel = el("select", { id: "where-branch", "aria-label": "CFG branch" });
+    ["both", "cond", "uncond"].forEach(function (b) { branchSel.appendChild(el("option", { value: b }, b)); });
+    var clearRegion = el("button", { id: "where-clear", type: "button", className: "small" }, "clear region");
+    app.appendChild(section("Where interventions act", [
+      el("p", { className: "muted" }, "Step window: step indices a:b (b excluded) or 0,2,4. Region: a box x0,y0,x1,y1 in tokens " +
+        "(x = column, y = row, ends excluded) — drag on the image to draw it; image-stream dictionaries only. " +
+        "CFG branch: the conditional row, the unconditional one, or both."),
+      el("div", { className: "controls" }, [el("label", null, ["step window ", winInput]), " ",
+        el("label", null, ["region ", regionInput]), " ", clearRegion, " ", el("label", null, ["CFG branch ", branchSel])])], "where-section"));
     // one section per registered intervention (difflens.intervene.registry), built from its declared params
     var ivInputs = [];  // {kind, param, input} of every control
     (d.interventions || []).forEach(function (iv) { app.appendChild(interventionSection(iv)); });
@@ -78,6 +91,23 @@
         ctx.strokeStyle = "#00e5ff"; ctx.lineWidth = 2;
         ctx.strokeRect((token % g[1]) * cw + 1, Math.floor(token / g[1]) * ch + 1, cw - 2, ch - 2);
       }
+      var box = regionBox();
+      if (state && box) {
+        var gg = state.grid_hw, w = SIZE / gg[1], h = SIZE / gg[0];
+        ctx.setLineDash([6, 4]); ctx.strokeStyle = "#ffd400"; ctx.lineWidth = 2;
+        ctx.strokeRect(box[0] * w + 1, box[1] * h + 1, (box[2] - box[0]) * w - 2, (box[3] - box[1]) * h - 2);
+        ctx.setLineDash([]);
+      }
+    }
+    function regionBox() {  // the region field as [x0, y0, x1, y1] tokens, or null when empty or malformed
+      var v = regionInput.value.split(",").map(function (x) { return Number(x.trim()); });
+      if (v.length !== 4 || v.some(function (x) { return !isFinite(x); }) || !(v[2] > v[0] && v[3] > v[1])) return null;
+      return v;
+    }
+    function cellAt(ev) {
+      var r = canvas.getBoundingClientRect(), g = state.grid_hw;
+      var col = Math.floor((ev.clientX - r.left) / r.width * g[1]), row = Math.floor((ev.clientY - r.top) / r.height * g[0]);
+      return [Math.max(0, Math.min(g[1] - 1, col)), Math.max(0, Math.min(g[0] - 1, row))];
     }
     function showLists() {
       clear(tokList); clear(stepList);
@@ -103,6 +133,9 @@
     function request() {
       return { prompt: prompt.value, seed: Number(seed.value), steps: Number(steps.value), dict: dsel.value };
     }
+    function where() {  // sent as typed: the server checks it and says what is wrong
+      return { window: winInput.value.trim(), region: regionInput.value.trim(), region_units: "tokens", branch: branchSel.value };
+    }
     go.addEventListener("click", function () {
       err.textContent = ""; status.textContent = "generating…"; go.disabled = true;
       post("api/generate", request()).then(function (j) {
@@ -117,13 +150,27 @@
       }).catch(function (e) { err.textContent = String(e.message || e); status.textContent = ""; })
         .then(function () { go.disabled = false; });
     });
+    var dragFrom = null, dragged = false;
+    canvas.addEventListener("mousedown", function (ev) { if (state) { dragFrom = cellAt(ev); dragged = false; } });
+    canvas.addEventListener("mousemove", function (ev) {
+      if (!state || !dragFrom) return;
+      var c = cellAt(ev);
+      if (c[0] === dragFrom[0] && c[1] === dragFrom[1] && !dragged) return;
+      dragged = true;
+      regionInput.value = [Math.min(c[0], dragFrom[0]), Math.min(c[1], dragFrom[1]),
+        Math.max(c[0], dragFrom[0]) + 1, Math.max(c[1], dragFrom[1]) + 1].join(",");
+      paint();
+    });
+    window.addEventListener("mouseup", function () { dragFrom = null; });
     canvas.addEventListener("click", function (ev) {
       if (!state) return;
-      var r = canvas.getBoundingClientRect(), g = state.grid_hw;
-      var col = Math.floor((ev.clientX - r.left) / r.width * g[1]), row = Math.floor((ev.clientY - r.top) / r.height * g[0]);
-      token = Math.max(0, Math.min(g[0] - 1, row)) * g[1] + Math.max(0, Math.min(g[1] - 1, col));
+      if (dragged) { dragged = false; return; }  // the end of a region drag, not a token pick
+      var c = cellAt(ev);
+      token = c[1] * state.grid_hw[1] + c[0];
       paint(); showLists();
     });
+    regionInput.addEventListener("input", paint);
+    clearRegion.addEventListener("click", function () { regionInput.value = ""; paint(); });
     stepSlider.addEventListener("input", showLists);
     function safeId(s) { return typeof s === "string" && /^[A-Za-z0-9_-]+$/.test(s); }
     function useFeature(f) {
@@ -181,7 +228,7 @@
           var c = ivInputs.filter(function (x) { return x.kind === kind && x.param === p; })[0];
           values[p.name] = paramValue(p, c.input);
         });
-        body.kind = kind; body.params = values;
+        body.kind = kind; body.params = values; body.where = where();
         post("api/intervene", body).then(function (j) {
           var src = safeDataUrl(j.image);
           if (src) { img.src = src; img.hidden = false; }
