@@ -179,6 +179,19 @@ def test_shuffled_batches_exactly_once_and_match_rows(big_store):
     assert len({int(i) // 24 for i in batches[0]["index"]}) > 2
 
 
+def test_a_stream_left_open_at_exit_closes_quietly(big_store):
+    """A consumer that keeps a half-read stream (in a global, say) until the interpreter exits: the
+    stream's prefetch thread and I/O pool are stopped before modules are torn down, so nothing is
+    printed (before the atexit hook, teardown printed "'NoneType' object has no attribute 'Empty'")."""
+    store, _ = big_store
+    code = (f"from difflens.store import Store\n"
+            f"KEEP = iter(Store({str(store.root)!r}).batches({IMG!r}, 4, chunk_rows=3, buffer_rows=12, io_threads=4))\n"
+            f"next(KEEP)\n")
+    for _ in range(3):  # the teardown race did not lose every time
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
+
+
 def test_batches_deterministic_by_seed(big_store):
     store, _ = big_store
     kw = dict(chunk_rows=8, buffer_rows=50, columns=("index",))

@@ -10,8 +10,10 @@ close to sequential speed; random row reads are many times slower.
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -314,7 +316,26 @@ def fill_buffers(
         yield buf, pos
 
 
-def shuffled_batches(
+# Streams still open at interpreter exit (a consumer kept one in a global or a traceback): closed by
+# an atexit hook while modules are intact. Left to interpreter teardown, their cleanup (stopping the
+# prefetch thread, shutting the I/O pool) would run against half-cleared modules and print errors.
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
+def shuffled_batches(*args, **kwargs) -> Iterator[dict[str, torch.Tensor]]:
+    """`_shuffled_batches` (same arguments), closed at interpreter exit if still open."""
+    stream = _shuffled_batches(*args, **kwargs)
+    _OPEN_STREAMS.add(stream)
+    return stream
+
+
+def _shuffled_batches(
     spec: BatchSpec,
     epoch: int,
     pieces: list[Piece],
