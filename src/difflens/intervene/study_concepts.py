@@ -231,7 +231,10 @@ def run_concept_study(
     n_ref_sites = len(pairs) + len({r.split()[-1] for r in references if r.startswith("prompt")} - {f for _, f in pairs})
     per_dict = len(rows) + ("color ablation" in rows) + ("color steer" in rows)
     n_steer_refs = len([r for r in references if not r.startswith("prompt")])
-    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + n_steer_refs), "concept study", show_progress)
+    # the bar counts cases x rows; a case a row does not count is skipped, not generated, so the
+    # images actually generated are shown beside it
+    bar = progress_bar(n * (1 + n_ref_sites + len(dictionaries) * per_dict + n_steer_refs), "concept study", show_progress,
+                       unit="case")
     t0 = time.time()
     from difflens.intervene.study_items import generate_items
     count = [0]
@@ -242,12 +245,14 @@ def run_concept_study(
         and that get an intervention are generated; the others keep their clean image."""
         if make is None:
             count[0] += n
+            bar.set_postfix(images=count[0], refresh=False)
             return generate_items(adapter, cases, None, batch_size=batch_size, bar=bar, **gen_kw)
         todo = [k for k in range(n) if (factor is None or clean[factor][k] == getattr(cases[k], factor)) and make(k, 0)]
         bar.update(n - len(todo))
         out = clean_img.copy()
         if todo:
             count[0] += len(todo)
+            bar.set_postfix(images=count[0], refresh=False)
             out[todo] = generate_items(adapter, [cases[k] for k in todo], lambda i, j: make(todo[i], j),
                                        batch_size=batch_size, bar=bar, **gen_kw)
         return out
@@ -272,8 +277,9 @@ def run_concept_study(
                 chunk = cases[a : a + batch_size]
                 recs.append(record_activations(adapter, [with_value(c, factor, getattr(c, "to_" + factor), truth=truth) for c in chunk],
                                                [c.seed for c in chunk], site, **gen_kw))
-                bar.update(len(chunk))
                 count[0] += len(chunk)
+                bar.set_postfix(images=count[0], refresh=False)
+                bar.update(len(chunk))
             refs[(site, factor)] = recs
         return refs[(site, factor)]
 

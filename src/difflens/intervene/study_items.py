@@ -188,5 +188,5 @@ def default_windows(steps: int) -> dict[str, Window]:
     }
 
 
-def progress_bar(total: int, desc: str, show: bool):
-    return progress(total=total, desc=desc, unit="img", **({} if show else {"disable": True}))
+def progress_bar(total: int, desc: str, show: bool, unit: str = "img"):
+    return progress(total=total, desc=desc, unit=unit, **({} if show else {"disable": True}))
