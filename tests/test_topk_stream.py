@@ -102,6 +102,32 @@ def test_resumed_topk_cache_equals_an_uninterrupted_one(tmp_path, adapter, sae):
     assert_same_cache(tmp_path / "full" / "topk" / "sae", tmp_path / "full" / "topk" / "late")
 
 
+def test_snapshots_every_n_units_give_the_same_cache(tmp_path, adapter, sae, monkeypatch):
+    """--topk-snapshot-every 3: fewer snapshot writes, the same cache; a crash before the end-of-run
+    snapshot loses only the units since the last one, which --resume regenerates for the cache."""
+    from difflens.harvest.topk_stream import TopKStream
+
+    prompts, scenes = world_prompts(7, seed=4)  # 4 units
+    topk = [("sae", str(sae), N)]
+    every1 = harvest(tmp_path / "a", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=topk)
+    every3 = harvest(tmp_path / "b", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=topk, topk_snapshot_every=3)
+    assert every1["topk_snapshots"] == {"sae": 4} and every3["topk_snapshots"] == {"sae": 2}  # after unit 3, at the end
+    assert_same_cache(tmp_path / "a" / "topk" / "sae", tmp_path / "b" / "topk" / "sae")
+    # the run loses its end-of-run snapshot (as in a crash after the store committed unit 4):
+    # the store has all 4 units, the snapshot 3, and the cache says it is incomplete
+    monkeypatch.setattr(TopKStream, "flush", lambda self: None)
+    harvest(tmp_path / "c", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=topk, topk_snapshot_every=3)
+    monkeypatch.undo()
+    info = TopKAccumulator.load(tmp_path / "c" / "topk" / "sae").info
+    assert info["complete"] is False and info["units"] == 3
+    rest = harvest(tmp_path / "c", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=topk, resume=True,
+                   topk_snapshot_every=3)
+    assert rest["units_written"] == 0 and rest["units_regenerated_for_topk"] == 1
+    assert_same_cache(tmp_path / "a" / "topk" / "sae", tmp_path / "c" / "topk" / "sae")
+    with pytest.raises(DifflensError, match="--topk-snapshot-every must be an integer >= 1"):
+        harvest(tmp_path / "d", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=topk, topk_snapshot_every=0)
+
+
 def test_resuming_with_another_dictionary_or_n_is_refused(tmp_path, adapter, sae):
     prompts, scenes = world_prompts(4, seed=4)
     harvest(tmp_path / "s", _cfg(), prompts, scenes=scenes, adapter=adapter, topk=[("sae", str(sae), N)], stop_after_units=1)

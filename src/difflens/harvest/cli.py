@@ -52,6 +52,10 @@ def register(sub) -> None:
                    "while generating (repeat for several); written to <out>/topk/<name>/")
     p.add_argument("--topk", type=int, default=None, metavar="N",
                    help="examples (sample, step, token map) kept per feature of each --dict (docs/interpret.md)")
+    p.add_argument("--topk-snapshot-every", type=int, default=1, metavar="N",
+                   help="with --topk: save the cache's resumable snapshot after every N committed units (default 1); "
+                   "each snapshot rewrites the whole cache, so raise N when it is large; a crash regenerates at most "
+                   "the last N units for the cache")
     p.add_argument("--write-queue", type=int, default=2, metavar="N",
                    help="finished units waiting for the background store writer (default 2; 0 = write synchronously)")
     add_out_option(p, kind="dir", help="store folder")
@@ -133,7 +137,7 @@ def run(args) -> int:
     created = not Path(args.out).exists()
     try:
         summary = harvest(args.out, cfg, prompts, scenes=scenes, adapter=adapter, resume=args.resume, append=args.append,
-                          write_queue=args.write_queue, topk=topk)
+                          write_queue=args.write_queue, topk=topk, topk_snapshot_every=args.topk_snapshot_every)
     except BaseException:
         _remove_if_empty(Path(args.out), created)
         raise

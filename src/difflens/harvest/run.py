@@ -78,6 +78,7 @@ def harvest(
     stop_after_units: int | None = None,
     write_queue: int = 2,
     topk: list | None = None,
+    topk_snapshot_every: int = 1,
 ) -> dict:
     """Run the harvest; returns a summary. `stop_after_units` exists for crash/resume tests.
 
@@ -86,8 +87,9 @@ def harvest(
     unit synchronously. Either way a unit is committed whole or not at all.
     topk: [(name, feature source or dictionary folder, N)]: a streaming top-k feature cache per
     dictionary (`interpret.topk`), filled from every image token of the conditional rows at the
-    recorded steps and saved to <out>/topk/<name>/; snapshotted per rank after each committed
-    unit, so it resumes and runs under torchrun like the store (`harvest.topk_stream`)."""
+    recorded steps and saved to <out>/topk/<name>/; snapshotted per rank after every
+    `topk_snapshot_every` committed units and at the end, so it resumes and runs under torchrun
+    like the store (`harvest.topk_stream`)."""
     cfg.validate()
     if int(write_queue) < 0:
         raise DifflensError(f"--write-queue must be >= 0 (units waiting for the store writer), got {write_queue}")
@@ -120,7 +122,7 @@ def harvest(
         s.sample_id += writer.first_sample_id
     n_units = -(-len(samples) // cfg.batch_size)
     streams = topk_streams(topk, adapter, out, rank=rank, sample_ids=[s.sample_id for s in samples],
-                           batch_size=cfg.batch_size, record_steps=cfg.record_steps)
+                           batch_size=cfg.batch_size, record_steps=cfg.record_steps, snapshot_every=topk_snapshot_every)
     # a unit is generated when the store lacks it, or when a top-k cache lacks it (a crash between
     # the store's commit and the cache's snapshot, or a cache added on --resume): then cache only
     mine = [u for u in range(n_units) if u % world == rank
@@ -175,6 +177,8 @@ def harvest(
             bar.update(len(b.requests))
             bar.set_postfix(rows=rows_written, img_s=f"{bar.n / max(time.time() - t0, 1e-9):.2f}")
     bar.close()
+    for t in streams:  # the writer thread is done: snapshot what the last interval folded in
+        t.flush()
     _barrier(world)
     manifest = writer.finalize() if rank == 0 else None
     if rank == 0:
@@ -185,6 +189,7 @@ def harvest(
         "rank": rank,
         "units_written": len(mine) - len(cache_only),
         "units_regenerated_for_topk": len(cache_only),  # already in the store, missing from a top-k cache
+        "topk_snapshots": {t.name: t.snapshots_written for t in streams},  # this rank's snapshot writes
         "rows_written": rows_written,
         "seconds": time.time() - t0,
         "write_seconds": writes.busy_seconds,  # spent encoding and writing units (overlapped when write_queue > 0)

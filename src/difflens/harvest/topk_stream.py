@@ -4,7 +4,9 @@ Per dictionary, a hook at its site encodes every image token of the conditional 
 recorded steps into a fresh `TopKAccumulator` for the unit being generated. When the store writer
 has committed that unit, the unit's accumulator is merged into the rank's running one, which is
 snapshotted atomically to `<out>/topk/<name>/partial/rank-<r>.safetensors` together with the
-units it holds. So:
+units it holds — after every committed unit, or every `snapshot_every` units (`harvest
+--topk-snapshot-every N`: a snapshot rewrites the whole accumulator, ~F x N x (maps + values)
+bytes, which at GPU scale is tens of MB per unit) and once more when the harvest ends. So:
 
 - a crash loses at most the units committed after the last snapshot; `--resume` regenerates
   those (feeding the cache only: their store rows are already there) and skips the rest;
@@ -38,7 +40,7 @@ class TopKStream:
     """One dictionary's streaming top-k cache in one harvest process (one rank)."""
 
     def __init__(self, name: str, source, n: int, folder: Path, *, rank: int, sample_ids, batch_size: int,
-                 record_steps, model_id: str):
+                 record_steps, model_id: str, snapshot_every: int = 1):
         self.name, self.source, self.n, self.site = name, source, int(n), source.site
         self.folder = Path(folder)
         self.rank = int(rank)
@@ -54,6 +56,9 @@ class TopKStream:
         self.grid_hw = None
         self.pending: dict[int, object] = {}  # unit -> its accumulator, until the unit is committed
         self.current = None
+        self.snapshot_every = int(snapshot_every)
+        self.unsaved = 0  # units folded in since the last snapshot
+        self.snapshots_written = 0
         self._load_partials()
 
     # ---- snapshots ----------------------------------------------------------------------------
@@ -95,6 +100,8 @@ class TopKStream:
                 "timesteps": {str(k): v for k, v in sorted(self.timesteps.items())}}
         tensors = {k: v.contiguous() for k, v in self.acc.state().items()}
         atomic_write_bytes(self._partial(self.rank), save(tensors, metadata={"difflens": json.dumps(meta)}))
+        self.unsaved = 0
+        self.snapshots_written += 1
 
     # ---- the harvest loop -----------------------------------------------------------------------
     def needs(self, unit: int) -> bool:
@@ -126,8 +133,9 @@ class TopKStream:
         return None
 
     def commit(self, unit: int) -> None:
-        """After the store committed `unit` (in the writer thread, units in order): fold it in and
-        snapshot. Only this thread touches the running accumulator until the writer is closed."""
+        """After the store committed `unit` (in the writer thread, units in order): fold it in, and
+        snapshot every `snapshot_every` units. Only this thread touches the running accumulator
+        until the writer is closed."""
         pending = self.pending.pop(int(unit), None)
         if pending is None:
             return
@@ -136,7 +144,14 @@ class TopKStream:
         self.timesteps.update(timesteps)
         self.grid_hw = self.grid_hw or grid_hw
         self.fed.add(int(unit))
-        self._snapshot()
+        self.unsaved += 1
+        if self.unsaved >= self.snapshot_every:
+            self._snapshot()
+
+    def flush(self) -> None:
+        """Snapshot the units folded in since the last snapshot (after the writer is closed)."""
+        if self.unsaved:
+            self._snapshot()
 
     # ---- after the last barrier (rank 0) --------------------------------------------------------
     def finalize(self, adapter: Adapter, n_units: int) -> Path | None:
@@ -164,10 +179,13 @@ class TopKStream:
 
 
 def topk_streams(specs, adapter: Adapter, out: Path, *, rank: int, sample_ids, batch_size: int,
-                 record_steps) -> list[TopKStream]:
+                 record_steps, snapshot_every: int = 1) -> list[TopKStream]:
     """A stream per (name, dictionary folder or feature source, N) of `harvest --dict --topk`."""
     if not specs:
         return []
+    if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+        raise DifflensError(f"--topk-snapshot-every must be an integer >= 1 (committed units between snapshots), "
+                            f"got {snapshot_every!r}")
     from difflens.interpret.features import as_feature_source
 
     streams = []
@@ -178,5 +196,6 @@ def topk_streams(specs, adapter: Adapter, out: Path, *, rank: int, sample_ids, b
         if source.site not in adapter.sites():
             raise DifflensError(f"{name} reads site {source.site}, which {adapter.model_id} does not have")
         streams.append(TopKStream(name, source, n, Path(out) / "topk" / name, rank=rank, sample_ids=sample_ids,
-                                  batch_size=batch_size, record_steps=record_steps, model_id=adapter.model_id))
+                                  batch_size=batch_size, record_steps=record_steps, model_id=adapter.model_id,
+                                  snapshot_every=snapshot_every))
     return streams
