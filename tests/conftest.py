@@ -9,8 +9,8 @@ import pytest  # noqa: E402
 
 
 class TinyFolders:
-    """folders["flux" | "flux_dev" | "sd3" | "pixart" | "dit"]: a tiny random diffusers pipeline,
-    built and saved with `save_pretrained` on first use, once per test session."""
+    """folders["flux" | "flux-dev" | "sd3" | "pixart" | "dit"]: a tiny random diffusers pipeline
+    (`difflens.models.tiny`), saved with `save_pretrained` on first use, once per test session."""
 
     def __init__(self, root_factory):
         self._root = root_factory
@@ -18,11 +18,9 @@ class TinyFolders:
 
     def __getitem__(self, family: str):
         if family not in self._made:
-            import tiny_pipelines as tp
+            from difflens.models.tiny import save_tiny_pipeline
 
-            build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline, "dit": tp.dit_pipeline,
-                     "flux_dev": lambda: tp.flux_pipeline(guidance_embeds=True, dynamic_shifting=True)}[family]
-            self._made[family] = tp.save(build(), self._root.mktemp(f"tiny_{family}") / family)
+            self._made[family] = save_tiny_pipeline(family, self._root.mktemp(f"tiny_{family}") / family)
         return self._made[family]
 
 

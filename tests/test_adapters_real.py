@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_pipelines as tp
 from difflens.errors import DifflensError
 from difflens.hooks import HookSet
 from difflens.models import load_adapter
 from difflens.models.flux import FluxAdapter
 from difflens.models.sd3 import SD3Adapter
+from difflens.models.tiny import tiny_pipeline
 
 STEPS = 2
 GRID = (8, 8)  # 32 px / (2x VAE * 2x patch or 2x2 packing)
@@ -30,17 +30,17 @@ def folders(tiny_folders):
 
 @pytest.fixture(scope="module")
 def flux():
-    return FluxAdapter(tp.flux_pipeline(), model_id="tiny-flux-schnell")
+    return FluxAdapter(tiny_pipeline("flux"), model_id="tiny-flux-schnell")
 
 
 @pytest.fixture(scope="module")
 def flux_dev(folders):
-    return load_adapter(str(folders["flux_dev"]))
+    return load_adapter(str(folders["flux-dev"]))
 
 
 @pytest.fixture(scope="module")
 def sd3():
-    return SD3Adapter(tp.sd3_pipeline(), model_id="tiny-sd3")
+    return SD3Adapter(tiny_pipeline("sd3"), model_id="tiny-sd3")
 
 
 @pytest.fixture(scope="module")
@@ -369,11 +369,47 @@ def test_model_resolution_errors(tmp_path):
         load_adapter(str(tmp_path))
 
 
+# ---- the tiny builders (difflens.models.tiny) -------------------------------------------------
+def test_every_tiny_family_saves_a_folder_that_loads_as_its_adapter(folders):
+    from difflens.models.dit import DiTAdapter
+    from difflens.models.pixart import PixArtAdapter
+    from difflens.models.tiny import FAMILIES
+
+    expected = {"flux": (FluxAdapter, "FluxPipeline", "FluxTransformer2DModel"),
+                "flux-dev": (FluxAdapter, "FluxPipeline", "FluxTransformer2DModel"),
+                "sd3": (SD3Adapter, "StableDiffusion3Pipeline", "SD3Transformer2DModel"),
+                "pixart": (PixArtAdapter, "PixArtSigmaPipeline", "PixArtTransformer2DModel"),
+                "dit": (DiTAdapter, "DiTPipeline", "DiTTransformer2DModel")}
+    assert list(FAMILIES) == list(expected)
+    for family, (adapter_cls, pipe_cls, transformer_cls) in expected.items():
+        adapter = load_adapter(str(folders[family]))  # conftest saves each with save_tiny_pipeline
+        assert type(adapter) is adapter_cls and type(adapter.pipe).__name__ == pipe_cls, family
+        assert type(adapter.transformer).__name__ == transformer_cls, family
+        assert adapter.transformer.config.get("guidance_embeds", False) == (family == "flux-dev"), family
+
+
+def test_tiny_pipeline_seeds_clip_length_and_errors(tmp_path):
+    from difflens.models.tiny import save_tiny_pipeline
+
+    weight = [tiny_pipeline("dit", seed=s).transformer.pos_embed.proj.weight for s in (0, 0, 1)]
+    assert torch.equal(weight[0], weight[1]) and not torch.equal(weight[0], weight[2])
+    sd3 = tiny_pipeline("sd3", clip_length=77)
+    assert sd3.tokenizer.model_max_length == sd3.tokenizer_2.model_max_length == 77
+    assert sd3.text_encoder.config.max_position_embeddings == 77
+    with pytest.raises(DifflensError, match="no tiny pipeline for family 'sdxl': choose one of flux, flux-dev, sd3, pixart, dit"):
+        tiny_pipeline("sdxl")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(DifflensError, match="pass a new folder"):
+        save_tiny_pipeline("dit", tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+
 # ---- the `sites` verb ------------------------------------------------------------------------
 def test_sites_verb_lists_sites_dims_and_default(folders, capsys):
     from difflens.cli import main
 
-    assert main(["sites", "--model", str(folders["flux_dev"])]) == 0
+    assert main(["sites", "--model", str(folders["flux-dev"])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     rows = dict(line.split() for line in lines[:-1])
     assert rows["transformer_blocks.0:img"] == "32"

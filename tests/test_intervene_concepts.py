@@ -181,13 +181,11 @@ def test_object_rows_run_on_the_object_dictionary_at_its_site(adapter, tmp_path)
 def test_text_and_image_sites_in_one_run_on_tiny_pipelines(family, tmp_path):
     """The study's mechanics on real diffusers pipelines: a text-stream steer at chosen tokens of the
     conditional rows and an image-stream edit where a feature fires, in one generation."""
-    import tiny_pipelines as tp
-
     from difflens.intervene import CodeEdit
     from difflens.models import load_adapter
+    from difflens.models.tiny import save_tiny_pipeline
 
-    build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline}[family]
-    adapter = load_adapter(str(tp.save(build(), tmp_path / family)))
+    adapter = load_adapter(str(save_tiny_pipeline(family, tmp_path / family)))
     size = {"height": 32, "width": 32} if family == "flux" else {}
     txt, img = "transformer_blocks.0:txt", "transformer_blocks.1:img"
     s_txt = tiny_sae(adapter.site_dim(txt), width=16, k=2, site=txt, seed=1)

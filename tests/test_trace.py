@@ -9,8 +9,8 @@ import json
 import numpy as np
 import pytest
 
-import tiny_pipelines as tp
 from difflens.errors import DifflensError
+from difflens.models.tiny import save_tiny_pipeline
 from difflens.trace import Cell, NO_PATCH, Pair, PixelReadout, block_sites, conditioning_sites, patched_generate, record_source
 from difflens.trace.patching import patch_hooks, with_sites
 from difflens.trace.readouts import FunctionReadout, WorldReadout
@@ -154,8 +154,7 @@ def test_trace_errors(toy):
 def test_trace_properties_on_tiny_pipelines(family, tmp_path):
     from difflens.models import load_adapter
 
-    build = {"flux": tp.flux_pipeline, "sd3": tp.sd3_pipeline, "pixart": tp.pixart_pipeline, "dit": tp.dit_pipeline}[family]
-    adapter = load_adapter(str(tp.save(build(), tmp_path / family)))
+    adapter = load_adapter(str(save_tiny_pipeline(family, tmp_path / family)))
     prompts = ["207", "goldfish"] if family == "dit" else ["a red cat", "blue sky"]
     size = {"height": 32, "width": 32} if family == "flux" else {}
     steps = 2

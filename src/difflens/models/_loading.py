@@ -29,8 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
-# Modules of models/ that hold no adapter family (the toy family is loaded by name, not by `_class_name`).
-NOT_FAMILIES = ("base", "cli", "toy")
+# Modules of models/ that hold no adapter family (the toy family is loaded by name, not by `_class_name`;
+# `tiny` builds tiny random pipelines of the other families).
+NOT_FAMILIES = ("base", "cli", "tiny", "toy")
 
 
 def registered_adapters() -> dict[str, type]:
