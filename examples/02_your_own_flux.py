@@ -2,9 +2,10 @@
 # # Your own FLUX run: harvest, train, evaluate and steer on a diffusers Flux pipeline
 #
 # The same public API as 01_quickstart.py, pointed at a real diffusers `FluxPipeline`. Without
-# `--model`, a tiny random FLUX-like pipeline is saved to a folder and stands in for FLUX.1, so
-# this runs anywhere in under a minute (its images are noise and its features mean nothing; the
-# point is the code path). On a GPU, change what the `# GPU:` comments say, or run
+# `--model`, a tiny random FLUX-like pipeline (`difflens.models.tiny`) is saved to a folder and
+# stands in for FLUX.1, so this runs anywhere in under a minute (its images are noise and its
+# features mean nothing; the point is the code path). On a GPU, change what the `# GPU:`
+# comments say, or run
 #
 #     python examples/02_your_own_flux.py --model black-forest-labs/FLUX.1-schnell --device cuda \
 #         --model-dtype bf16 --offload model --size 512
@@ -18,8 +19,6 @@
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -57,11 +56,10 @@ out = new_folder(args.out)
 # %%
 model = args.model
 size = args.size
-if model is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _tiny_flux import make_tiny_flux  # only for the stand-in
+if model is None:  # GPU: not needed; pass --model (a hub id or a pipeline folder)
+    from difflens.models.tiny import save_tiny_pipeline  # tiny random pipelines of each family, built in code
 
-    model = str(make_tiny_flux(out / "tiny-flux"))
+    model = str(save_tiny_pipeline("flux", out / "tiny-flux", clip_length=77))  # 77 CLIP tokens, as FLUX.1
     size = size or 32
     print(f"no --model: a tiny random FluxPipeline stands in for FLUX.1 ({model})")
 adapter = load_adapter(model, dtype=args.model_dtype, device=args.device, offload=args.offload)
