@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,70 @@ def run_pipeline(
     t0 = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    inp = _inputs(dicts, data, site=site, baselines=baselines, neuron_site=neuron_site, branch=branch,
+                  n_features=n_features, random_width=random_width, seed=seed, adherent_only=adherent_only)
+    ex, ju, client = make_backends(judge, explainer, truth=inp.truth, image_of=inp.image_of, client_config=client_config,
+                                   out_dir=out, explainer_prompt=explainer_prompt, judge_prompt=judge_prompt,
+                                   vlm_cache=vlm_cache, evidence=evidence)
+    cfg = cache_config or CacheConfig()
+    chance = _chance_setting(chance_controls, judge)
+    protocol = dict(n_features=n_features, max_map_features=max_map_features, n_explain=n_explain, n_pos=n_pos,
+                    n_neg=n_neg, seed=seed, negative_overlay=negative_overlay, chance=chance, grids=grids,
+                    reuse_caches=reuse_caches, use_topk=use_topk)
+    scored = [_score_source(fs, inp, out / fs.name, cfg, ex, ju, **protocol) for fs in inp.sources]
+
+    run = {
+        "created": time.time(),
+        "seconds": None,
+        "site": inp.site,
+        "neuron_site": inp.neuron_site if "neurons" in inp.baselines else None,
+        "data": inp.src.description,
+        "num_samples": int(len(inp.sids)),
+        "judge": judge,
+        "explainer": explainer or judge,
+        "evidence": evidence if get_backend(explainer or judge, "explainer").uses_evidence else None,
+        "n_features": n_features,
+        "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed,
+                     "negative_overlay": negative_overlay, "chance_controls": chance},
+        "cache_config": cfg.__dict__,
+        "table": [r.row for r in scored],
+        "scores": {r.name: r.scores for r in scored},
+        "scores_all": {r.name: r.scores_all for r in scored},
+        "kinds": {r.name: r.kind for r in scored},
+        "hierarchy": {r.name: r.hierarchy for r in scored},
+        "notes": inp.notes,
+        "vlm": None if client is None else {"config": client.config.public(), "tally": dict(client.tally)},
+        "sources": {r.name: r.summary for r in scored},
+    }
+    if inp.src.description.get("kind") == "generated":  # images and prompts for the browser (no store holds them)
+        from difflens.interpret.sample_folder import save_samples
+
+        save_samples(inp.src, out / "samples")
+    run["seconds"] = round(time.time() - t0, 1)
+    write_json(out / "run.json", run)
+    return render_report(out)
+
+
+@dataclass
+class PipelineInputs:
+    """What every source is scored on: the samples, the feature sources (dictionaries, then the
+    baselines), the ground truth if the data has one, and the notes the report repeats."""
+
+    src: SampleSource
+    sources: list[FeatureSource]
+    site: str
+    neuron_site: str | None
+    baselines: list[str]
+    sids: np.ndarray
+    truth: Truth | None
+    image_of: SampleImages
+    notes: list[str]
+
+
+def _inputs(dicts, data, *, site, baselines, neuron_site, branch, n_features, random_width, seed,
+            adherent_only) -> PipelineInputs:
+    """Resolve the dictionaries, the data and the baselines into the run's inputs; refuse what
+    cannot be scored (no site, unknown baseline, a neuron site the data lacks) with the fix."""
     sources = _named_sources(dicts)
     site = site or (sources[0].site if sources else None)
     if site is None:
@@ -153,7 +218,7 @@ def run_pipeline(
     if bad:
         raise DifflensError(f"unknown baseline(s) {bad}: use {', '.join(BASELINES)}")
     if isinstance(data, SampleSource):
-        src = data
+        src, store = data, None
         avail = src.sites
     else:
         from difflens.store import Store
@@ -184,109 +249,97 @@ def run_pipeline(
         sources.append(RandomDirections(site, d, random_width or max(n_features, d), seed=seed, center=src.site_mean(site)))
     if not sources:
         raise DifflensError("nothing to interpret: pass --dict and/or baselines")
-
     sids = src.sample_ids()
     if adherent_only:
         keep = [s for s in sids if src.record(int(s)).get("adherent", True)]
         notes.append(f"adherent-only: {len(keep)} of {len(sids)} samples")
         sids = np.array(keep, np.int64)
-    has_truth = src.token_labels(sids[:1]) is not None
-    truth = Truth(src) if has_truth else None
-    image_of = SampleImages(src)
-    ex, ju, client = make_backends(judge, explainer, truth=truth, image_of=image_of, client_config=client_config,
-                                   out_dir=out, explainer_prompt=explainer_prompt, judge_prompt=judge_prompt,
-                                   vlm_cache=vlm_cache, evidence=evidence)
-    cfg = cache_config or CacheConfig()
+    truth = Truth(src) if src.token_labels(sids[:1]) is not None else None
+    return PipelineInputs(src, sources, site, neuron_site, baselines, sids, truth, SampleImages(src), notes)
+
+
+def _chance_setting(chance_controls, judge: str):
+    """The permutation baseline's size: None (off), "all" or a count; None asks the judge backend."""
     if chance_controls is None:
         chance_controls = get_backend(judge).chance_controls
     chance = None if chance_controls in ("none", 0) else chance_controls
     if chance not in (None, "all") and (not str(chance).isdigit() or int(chance) < 1):
         raise DifflensError(f"chance_controls must be 'all', 'none' or a positive integer, got {chance_controls!r}")
-    chance = chance if chance in (None, "all") else int(chance)
+    return chance if chance in (None, "all") else int(chance)
 
-    rows, scores, scores_all, kinds, hier, per_source = [], {}, {}, {}, {}, {}
-    for fs in sources:
-        chosen: dict = {}
 
-        def pick(arrays, fs=fs, chosen=chosen):
-            sel = sample_live_features(arrays["frequency"], n_features, seed)
-            chosen["selected"] = sel
-            live = np.flatnonzero(arrays["frequency"] > 0)
-            if fs.kind in ("neurons", "random") or len(live) > max_map_features:
-                # a few more than the scored ones, so every feature can find n_neg negatives
-                extra = sample_live_features(arrays["frequency"], max(len(sel), 3 * (n_neg + 1)), seed + 1)
-                return np.union1d(sel, extra)
-            return live
+@dataclass
+class SourceScores:
+    """One source's outcome: its comparison-table row, scores and hierarchy, and where it was written."""
 
-        folder = out / fs.name
-        cache = _reusable_cache(folder / "cache", fs, src, cfg, sids) if reuse_caches else None
-        if cache is not None and set(pick(cache.arrays).tolist()) <= set(cache.map_features.tolist()):
-            notes.append(f"{fs.name}: reused the feature cache in {folder / 'cache'}")
-        else:
-            calibration = None
-            if use_topk:
-                from difflens.interpret.topk_use import streamed_max
+    name: str
+    kind: str
+    row: dict
+    scores: list
+    scores_all: list
+    hierarchy: dict
+    summary: dict
 
-                calibration, note = streamed_max(fs, src, sids, cfg)
-                if note:
-                    notes.append(note)
-            cache = build_cache(fs, src, config=cfg, map_features=pick, sample_ids=sids, out=folder / "cache", seed=seed,
-                                calibration=calibration)
-        selected = chosen["selected"]
-        tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed,
-                                     feature_fn=fs, source=src, negative_overlay=negative_overlay,
-                                     rows_per_batch=cfg.rows_per_batch)
-        results = score_features(cache, tasks, ex, ju, truth=truth, chance=chance, seed=seed)
-        row = summarize(fs.name, cache, results, selected, skipped, seed=seed)
-        rows.append(row)
-        scores[fs.name] = [r["score"] for r in results if r["score"] is not None]
-        scores_all[fs.name] = scores[fs.name] + [0.5] * (len(selected) - len(scores[fs.name]))
-        kinds[fs.name] = fs.kind
-        hier[fs.name] = hierarchy(cache, truth.vocab if truth is not None else None)
-        write_json(folder / "scores.json", {"summary": row, "source": fs.describe(), "selected": [int(x) for x in selected],
-                                            "skipped": {str(k): v for k, v in skipped.items()}, "results": results})
-        plot_scores({fs.name: scores[fs.name]}, folder / "score_hist.png", title=f"{fs.name} scores")
-        if grids:
-            from difflens.interpret.heatmap import write_feature_grids
 
-            titles = {r["feature"]: f"{fs.name} #{r['feature']}: {r['explanation'] or '(no explanation)'}"
-                      + (f" [{r['score']:.2f}]" if r["score"] is not None else "") for r in results}
-            write_feature_grids(cache, [r["feature"] for r in results], image_of, folder / "heatmaps", titles=titles)
-        prov = getattr(getattr(fs, "dictionary", None), "provenance", None)
-        prov = {k: v.detach().cpu().numpy() for k, v in prov.items()} if isinstance(prov, dict) else None
-        export_features(cache, results, folder / "features", provenance=prov)
-        per_source[fs.name] = {"folder": str(folder), "skipped": len(skipped)}
+def _source_cache(fs: FeatureSource, inp: PipelineInputs, folder: Path, cfg: CacheConfig, *, n_features: int,
+                  max_map_features: int, n_neg: int, seed: int, reuse_caches: bool, use_topk: bool):
+    """The source's feature cache (reused when built from the same inputs) and the features to score."""
+    chosen: dict = {}
 
-    run = {
-        "created": time.time(),
-        "seconds": None,
-        "site": site,
-        "neuron_site": neuron_site if "neurons" in baselines else None,
-        "data": src.description,
-        "num_samples": int(len(sids)),
-        "judge": judge,
-        "explainer": explainer or judge,
-        "evidence": evidence if get_backend(explainer or judge, "explainer").uses_evidence else None,
-        "n_features": n_features,
-        "protocol": {"n_explain": n_explain, "n_pos": n_pos, "n_neg": n_neg, "seed": seed,
-                     "negative_overlay": negative_overlay, "chance_controls": chance},
-        "cache_config": cfg.__dict__,
-        "table": rows,
-        "scores": scores,
-        "scores_all": scores_all,
-        "kinds": kinds,
-        "hierarchy": hier,
-        "notes": notes,
-        "vlm": None if client is None else {"config": client.config.public(), "tally": dict(client.tally)},
-        "sources": per_source,
-    }
-    if src.description.get("kind") == "generated":  # images and prompts for the browser (no store holds them)
-        from difflens.interpret.sample_folder import save_samples
+    def pick(arrays):
+        sel = sample_live_features(arrays["frequency"], n_features, seed)
+        chosen["selected"] = sel
+        live = np.flatnonzero(arrays["frequency"] > 0)
+        if fs.kind in ("neurons", "random") or len(live) > max_map_features:
+            # a few more than the scored ones, so every feature can find n_neg negatives
+            extra = sample_live_features(arrays["frequency"], max(len(sel), 3 * (n_neg + 1)), seed + 1)
+            return np.union1d(sel, extra)
+        return live
 
-        save_samples(src, out / "samples")
-    run["seconds"] = round(time.time() - t0, 1)
-    write_json(out / "run.json", run)
-    return render_report(out)
+    cache = _reusable_cache(folder / "cache", fs, inp.src, cfg, inp.sids) if reuse_caches else None
+    if cache is not None and set(pick(cache.arrays).tolist()) <= set(cache.map_features.tolist()):
+        inp.notes.append(f"{fs.name}: reused the feature cache in {folder / 'cache'}")
+    else:
+        calibration = None
+        if use_topk:
+            from difflens.interpret.topk_use import streamed_max
+
+            calibration, note = streamed_max(fs, inp.src, inp.sids, cfg)
+            if note:
+                inp.notes.append(note)
+        cache = build_cache(fs, inp.src, config=cfg, map_features=pick, sample_ids=inp.sids, out=folder / "cache",
+                            seed=seed, calibration=calibration)
+    return cache, chosen["selected"]
+
+
+def _score_source(fs: FeatureSource, inp: PipelineInputs, folder: Path, cfg: CacheConfig, ex, ju, *, n_features: int,
+                  max_map_features: int, n_explain: int, n_pos: int, n_neg: int, seed: int, negative_overlay: str,
+                  chance, grids: bool, reuse_caches: bool, use_topk: bool) -> SourceScores:
+    """Cache, explain and judge one source's sampled features; write its scores, plots, heatmaps
+    and browser pages into `folder`."""
+    cache, selected = _source_cache(fs, inp, folder, cfg, n_features=n_features, max_map_features=max_map_features,
+                                    n_neg=n_neg, seed=seed, reuse_caches=reuse_caches, use_topk=use_topk)
+    tasks, skipped = build_tasks(cache, selected, n_explain=n_explain, n_pos=n_pos, n_neg=n_neg, seed=seed,
+                                 feature_fn=fs, source=inp.src, negative_overlay=negative_overlay,
+                                 rows_per_batch=cfg.rows_per_batch)
+    results = score_features(cache, tasks, ex, ju, truth=inp.truth, chance=chance, seed=seed)
+    row = summarize(fs.name, cache, results, selected, skipped, seed=seed)
+    scores = [r["score"] for r in results if r["score"] is not None]
+    hier = hierarchy(cache, inp.truth.vocab if inp.truth is not None else None)
+    write_json(folder / "scores.json", {"summary": row, "source": fs.describe(), "selected": [int(x) for x in selected],
+                                        "skipped": {str(k): v for k, v in skipped.items()}, "results": results})
+    plot_scores({fs.name: scores}, folder / "score_hist.png", title=f"{fs.name} scores")
+    if grids:
+        from difflens.interpret.heatmap import write_feature_grids
+
+        titles = {r["feature"]: f"{fs.name} #{r['feature']}: {r['explanation'] or '(no explanation)'}"
+                  + (f" [{r['score']:.2f}]" if r["score"] is not None else "") for r in results}
+        write_feature_grids(cache, [r["feature"] for r in results], inp.image_of, folder / "heatmaps", titles=titles)
+    prov = getattr(getattr(fs, "dictionary", None), "provenance", None)
+    prov = {k: v.detach().cpu().numpy() for k, v in prov.items()} if isinstance(prov, dict) else None
+    export_features(cache, results, folder / "features", provenance=prov)
+    return SourceScores(fs.name, fs.kind, row, scores, scores + [0.5] * (len(selected) - len(scores)), hier,
+                        {"folder": str(folder), "skipped": len(skipped)})
 
 
 def run_oracle_pipeline(dicts, store_path, out_dir, *, baselines=BASELINES, neuron_site=None, n_features: int = 64, **kw) -> dict:
