@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -137,10 +138,6 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     causal_cases: prompt/seed cases of the causal-editing metric (0 skips it; it generates images with
     `adapter`, or the store's model / `model` loaded with `model_kwargs`, and reads them with the
     world's classifier or `classifier`); causal_factors / causal_modes default to all (causal.py)."""
-    from difflens.evaluate.reconstruction import evaluate
-    from difflens.interpret.features import DictionaryFeatures, NeuronFeatures, neuron_site_for
-    from difflens.interpret.oracle import mcc
-    from difflens.interpret.sources import StoreSource, split_of
     from difflens.store import Store
 
     t0 = time.time()
@@ -149,15 +146,7 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     store = data if isinstance(data, Store) else Store(data)
     notes: list[str] = []
     vocab = _vocabulary(store, notes)  # the concepts of the store's model's world (None: a real model)
-    names = tuple(vocab.names) if vocab is not None else ()
-    if concepts is None:
-        world = list(range(len(names)))
-    else:
-        unknown = [c for c in concepts if c not in names]
-        if unknown:
-            raise DifflensError(f"unknown concept(s) {unknown}: " + (f"use names like {', '.join(names[:3])}" if names else
-                                "the store's model has no ground-truth concepts, so drop --concepts"))
-        world = [names.index(c) for c in concepts]
+    world = _concept_indices(vocab, concepts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     items = _items(dicts, store)
@@ -169,104 +158,24 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     site = sites[0]
     timings: dict[str, float] = {}
 
-    # ---- reconstruction (evaluate's definitions and held-out split) ------------------------------------
     t = time.time()
-    recon = evaluate(items, store, max_tokens=recon_tokens, show_progress=show_progress)
+    recon, rows = _reconstruction(items, store, recon_tokens, show_progress)
     timings["reconstruction"] = round(time.time() - t, 1)
-    rows = {it.name: {"name": it.name, "arch": str(getattr(it.module.cfg, "arch", "?")),
-                      "width": int(it.module.num_latents), "k": getattr(it.module.cfg, "k", None)} for it in items}
-    for d in recon["dictionaries"]:
-        m = d["metrics"]
-        rows[d["name"]].update(fvu=m.get("fvu"), cosine=m.get("cosine"), l0=m.get("l0"), dead_fraction=m.get("dead_fraction"),
-                               fvu_by_timestep=[{"timestep": r.get("timestep"), "fvu": r.get("fvu")} for r in m.get("by_timestep", [])])
+    from difflens.interpret.features import neuron_site_for
 
-    # ---- token-level metrics over whole images ---------------------------------------------------------
     neuron_site = neuron_site or neuron_site_for(site, store.sites)
-    need = [site] + ([neuron_site] if neuron_site in store.sites else [])
-    try:
-        src = StoreSource(store, sites=need)
-    except DifflensError as e:
-        src = None
-        notes.append(f"token-map metrics skipped (probing, absorption, Moran's I, localisation): {e}")
+    has_neurons = neuron_site in store.sites
     baselines: dict[str, dict] = {}
-    labels = None
-    if src is not None:
-        all_ids = src.sample_ids()
-        rng = np.random.default_rng(seed)
-        sids = np.sort(rng.choice(all_ids, size=min(max_images, len(all_ids)), replace=False))
-        split = split_of(src.prompt_ids(sids), seed, 0.5)
-        lab = src.token_labels(sids)
-        labels = None if lab is None or vocab is None else vocab.matrix(lab)  # [n, T, C]
-        if labels is None:
-            notes.append("no ground-truth labels: probing, absorption, localisation and autointerp skipped "
-                         "(reconstruction and Moran's I still run)")
-        sources = [(it.name, DictionaryFeatures(it.module, name=it.name, site=site), True) for it in items]
-        if neuron_site in store.sites:
-            sources.append(("neurons", NeuronFeatures(neuron_site, src.d(neuron_site)), True))
-        else:
-            notes.append(f"no MLP neuron site for {site} in the store: the neuron baseline is skipped")
-        if labels is not None:
-            sources.append(("raw", _Raw(site, src.d(site)), False))
-        for name, fs, spatial in sources:
-            t = time.time()
-            r = token_pass(fs, src, sids, split, labels, probe_rows=probe_rows, seed=seed, spatial=spatial)
-            row = rows.get(name) or baselines.setdefault(name, {"name": name, "arch": fs.kind, "width": fs.num_features})
-            if spatial:
-                moran = r["spatial"].moran()
-                fin = moran[np.isfinite(moran)]
-                row["moran_i"] = round(float(fin.mean()), 4) if len(fin) else None
-                row["moran_i_median"] = round(float(np.median(fin)), 4) if len(fin) else None
-                row["moran_features"] = int(len(fin))
-            if labels is not None:
-                y = r["y"]
-                if name == "raw":
-                    pt = probing_table(r, world, names, all_dims=True)
-                    row["probe"] = {"all": {"f1": _mean_over(pt, "all", "f1"), "auc": _mean_over(pt, "all", "auc")}}
-                else:
-                    pt = probing_table(r, world, names, ks=ks)
-                    row["probe"] = {str(k): {"f1": _mean_over(pt, str(k), "f1"), "auc": _mean_over(pt, str(k), "auc")} for k in ks}
-                row["probe_concepts"] = pt
-                if spatial:
-                    act = r["x"] > 0
-                    m = mcc(y.T.astype(np.float64) @ act.astype(np.float64), act.sum(0)[None, :].astype(np.float64),
-                            y.sum(0)[:, None].astype(np.float64), float(len(y)))  # [C, F]
-                    best_c, best_m = m.argmax(0), m.max(0)
-                    loc = r["spatial"].localisation(best_c)
-                    good = (best_m >= min_match) & np.isfinite(loc)
-                    row["matched_features"] = int(good.sum())
-                    row["localisation"] = round(float(loc[good].mean()), 4) if good.any() else None
-                    ab = absorption(act, y, vocab)
-                    row["absorption"] = ab
-                    vals = [v["mean_absorption"] for v in ab.values() if v.get("mean_absorption") is not None]
-                    row["mean_absorption"] = round(float(np.mean(vals)), 4) if vals else None
-            timings[name] = round(time.time() - t, 1)
-            del r
-
-    # ---- autointerp (oracle) ------------------------------------------------------------------------------
-    if labels is not None and autointerp == "oracle":
-        import json
-
+    tokens = _token_metrics(items, store, site, neuron_site if has_neurons else None, vocab, world, rows, baselines,
+                            notes, timings, max_images=max_images, probe_rows=probe_rows, ks=ks, min_match=min_match,
+                            seed=seed)
+    if tokens.labels is not None and autointerp == "oracle":
         t = time.time()
-        if interp_run is not None:
-            p = Path(interp_run) / "comparison.json"
-            if not p.exists():
-                raise DifflensError(f"--interp-run {interp_run} holds no comparison.json: run `difflens interpret` there first")
-            table = json.loads(p.read_text(encoding="utf-8"))["rows"]
-            notes.append(f"autointerp read from {p}")
-        else:
-            from difflens.interpret import run_oracle_pipeline
-
-            table = run_oracle_pipeline({it.name: it.module for it in items}, store, out / "autointerp",
-                                        neuron_site=neuron_site if neuron_site in store.sites else None,
-                                        baselines=("neurons", "random") if neuron_site in store.sites else ("random",),
-                                        n_features=n_features, seed=seed, grids=False)["table"]
-        for r in table:
-            row = rows.get(r["name"]) or baselines.setdefault(r["name"], {"name": r["name"], "arch": r.get("kind")})
-            row["autointerp"] = {k: r.get(k) for k in ("mean", "ci95", "share_above_0.8", "coverage", "raw_mean", "chance_mean")}
+        _autointerp(items, store, out, neuron_site if has_neurons else None, rows, baselines, notes,
+                    interp_run=interp_run, n_features=n_features, seed=seed)
         timings["autointerp"] = round(time.time() - t, 1)
 
-    # ---- causal editing (generates images; needs the model and a world's classifier) -----------------------
-    causal = None
+    causal = None  # causal editing generates images: it needs the model and a world's classifier
     if causal_cases and causal_cases > 0:
         from difflens.benchmark.causal import FACTORS, MODES, benchmark_causal
 
@@ -283,22 +192,158 @@ def run_benchmark(dicts, data, out_dir, *, neuron_site: str | None = None, max_i
     else:
         notes.append("causal editing not run (--causal-cases 0)")
 
-    result = {"site": site, "neuron_site": neuron_site if neuron_site in store.sites else None, "store": str(store.root),
-              "store_fingerprint": store.fingerprint(), "images": int(len(sids)) if src is not None else 0,
+    result = {"site": site, "neuron_site": neuron_site if has_neurons else None, "store": str(store.root),
+              "store_fingerprint": store.fingerprint(), "images": tokens.images,
               "probe_rows_per_split": probe_rows, "ks": list(ks), "min_match": min_match, "seed": seed,
-              "labels": labels is not None, "dictionaries": list(rows.values()), "baselines": list(baselines.values()),
+              "labels": tokens.labels is not None, "dictionaries": list(rows.values()), "baselines": list(baselines.values()),
               "notes": notes, "seconds": timings, "causal": causal}
     result["seconds"]["total"] = round(time.time() - t0, 1)
+    _write(result, recon, causal, out)
+    return result
+
+
+def _concept_indices(vocab, concepts) -> list[int]:
+    """Indices of the concepts to probe in the world's vocabulary (all when `concepts` is None)."""
+    names = tuple(vocab.names) if vocab is not None else ()
+    if concepts is None:
+        return list(range(len(names)))
+    unknown = [c for c in concepts if c not in names]
+    if unknown:
+        raise DifflensError(f"unknown concept(s) {unknown}: " + (f"use names like {', '.join(names[:3])}" if names else
+                            "the store's model has no ground-truth concepts, so drop --concepts"))
+    return [names.index(c) for c in concepts]
+
+
+def _reconstruction(items, store, recon_tokens, show_progress) -> tuple[dict, dict[str, dict]]:
+    """evaluate's reconstruction metrics (its definitions and held-out split) and a row per dictionary."""
+    from difflens.evaluate.reconstruction import evaluate
+
+    recon = evaluate(items, store, max_tokens=recon_tokens, show_progress=show_progress)
+    rows = {it.name: {"name": it.name, "arch": str(getattr(it.module.cfg, "arch", "?")),
+                      "width": int(it.module.num_latents), "k": getattr(it.module.cfg, "k", None)} for it in items}
+    for d in recon["dictionaries"]:
+        m = d["metrics"]
+        rows[d["name"]].update(fvu=m.get("fvu"), cosine=m.get("cosine"), l0=m.get("l0"), dead_fraction=m.get("dead_fraction"),
+                               fvu_by_timestep=[{"timestep": r.get("timestep"), "fvu": r.get("fvu")} for r in m.get("by_timestep", [])])
+    return recon, rows
+
+
+@dataclass
+class TokenMetrics:
+    """What the token pass leaves for the later stages: the label matrix (None without ground
+    truth) and how many images it read."""
+
+    labels: np.ndarray | None
+    images: int
+
+
+def _token_metrics(items, store, site, neuron_site, vocab, world, rows, baselines, notes, timings, *, max_images,
+                   probe_rows, ks, min_match, seed) -> TokenMetrics:
+    """Probing, Moran's I, localisation and absorption over whole images, for every dictionary and
+    the neuron / raw-activation baselines; fills `rows` and `baselines` in place."""
+    from difflens.interpret.features import DictionaryFeatures, NeuronFeatures
+    from difflens.interpret.sources import StoreSource, split_of
+
+    try:
+        src = StoreSource(store, sites=[site] + ([neuron_site] if neuron_site else []))
+    except DifflensError as e:
+        notes.append(f"token-map metrics skipped (probing, absorption, Moran's I, localisation): {e}")
+        return TokenMetrics(None, 0)
+    all_ids = src.sample_ids()
+    rng = np.random.default_rng(seed)
+    sids = np.sort(rng.choice(all_ids, size=min(max_images, len(all_ids)), replace=False))
+    split = split_of(src.prompt_ids(sids), seed, 0.5)
+    lab = src.token_labels(sids)
+    labels = None if lab is None or vocab is None else vocab.matrix(lab)  # [n, T, C]
+    if labels is None:
+        notes.append("no ground-truth labels: probing, absorption, localisation and autointerp skipped "
+                     "(reconstruction and Moran's I still run)")
+    sources = [(it.name, DictionaryFeatures(it.module, name=it.name, site=site), True) for it in items]
+    if neuron_site:
+        sources.append(("neurons", NeuronFeatures(neuron_site, src.d(neuron_site)), True))
+    else:
+        notes.append(f"no MLP neuron site for {site} in the store: the neuron baseline is skipped")
+    if labels is not None:
+        sources.append(("raw", _Raw(site, src.d(site)), False))
+    names = tuple(vocab.names) if vocab is not None else ()
+    for name, fs, spatial in sources:
+        t = time.time()
+        r = token_pass(fs, src, sids, split, labels, probe_rows=probe_rows, seed=seed, spatial=spatial)
+        row = rows.get(name) or baselines.setdefault(name, {"name": name, "arch": fs.kind, "width": fs.num_features})
+        if spatial:
+            moran = r["spatial"].moran()
+            fin = moran[np.isfinite(moran)]
+            row["moran_i"] = round(float(fin.mean()), 4) if len(fin) else None
+            row["moran_i_median"] = round(float(np.median(fin)), 4) if len(fin) else None
+            row["moran_features"] = int(len(fin))
+        if labels is not None:
+            _concept_metrics(row, r, name, world, names, vocab, ks=ks, min_match=min_match, spatial=spatial)
+        timings[name] = round(time.time() - t, 1)
+        del r
+    return TokenMetrics(labels, int(len(sids)))
+
+
+def _concept_metrics(row: dict, r: dict, name: str, world, names, vocab, *, ks, min_match: float, spatial: bool) -> None:
+    """A source's ground-truth metrics: sparse probing (all dimensions for the raw baseline), and
+    for feature sources each feature's best-matching concept's localisation and absorption."""
+    from difflens.interpret.oracle import mcc
+
+    y = r["y"]
+    if name == "raw":
+        pt = probing_table(r, world, names, all_dims=True)
+        row["probe"] = {"all": {"f1": _mean_over(pt, "all", "f1"), "auc": _mean_over(pt, "all", "auc")}}
+    else:
+        pt = probing_table(r, world, names, ks=ks)
+        row["probe"] = {str(k): {"f1": _mean_over(pt, str(k), "f1"), "auc": _mean_over(pt, str(k), "auc")} for k in ks}
+    row["probe_concepts"] = pt
+    if not spatial:
+        return
+    act = r["x"] > 0
+    m = mcc(y.T.astype(np.float64) @ act.astype(np.float64), act.sum(0)[None, :].astype(np.float64),
+            y.sum(0)[:, None].astype(np.float64), float(len(y)))  # [C, F]
+    best_c, best_m = m.argmax(0), m.max(0)
+    loc = r["spatial"].localisation(best_c)
+    good = (best_m >= min_match) & np.isfinite(loc)
+    row["matched_features"] = int(good.sum())
+    row["localisation"] = round(float(loc[good].mean()), 4) if good.any() else None
+    ab = absorption(act, y, vocab)
+    row["absorption"] = ab
+    vals = [v["mean_absorption"] for v in ab.values() if v.get("mean_absorption") is not None]
+    row["mean_absorption"] = round(float(np.mean(vals)), 4) if vals else None
+
+
+def _autointerp(items, store, out: Path, neuron_site, rows, baselines, notes, *, interp_run, n_features: int,
+                seed: int) -> None:
+    """The oracle autointerp columns: read from an earlier `difflens interpret` run, or run it."""
+    if interp_run is not None:
+        import json
+
+        p = Path(interp_run) / "comparison.json"
+        if not p.exists():
+            raise DifflensError(f"--interp-run {interp_run} holds no comparison.json: run `difflens interpret` there first")
+        table = json.loads(p.read_text(encoding="utf-8"))["rows"]
+        notes.append(f"autointerp read from {p}")
+    else:
+        from difflens.interpret import run_oracle_pipeline
+
+        table = run_oracle_pipeline({it.name: it.module for it in items}, store, out / "autointerp",
+                                    neuron_site=neuron_site, baselines=("neurons", "random") if neuron_site else ("random",),
+                                    n_features=n_features, seed=seed, grids=False)["table"]
+    for r in table:
+        row = rows.get(r["name"]) or baselines.setdefault(r["name"], {"name": r["name"], "arch": r.get("kind")})
+        row["autointerp"] = {k: r.get(k) for k in ("mean", "ci95", "share_above_0.8", "coverage", "raw_mean", "chance_mean")}
+
+
+def _write(result: dict, recon: dict, causal, out: Path) -> None:
+    """benchmark.json / .md, reconstruction.json and the plots."""
     write_json(out / "benchmark.json", result)
     write_json(out / "reconstruction.json", recon)
-    md = markdown(result)
-    (out / "benchmark.md").write_text(md, encoding="utf-8")
+    (out / "benchmark.md").write_text(markdown(result), encoding="utf-8")
     plots(result, recon, out)
     if causal and "skipped" not in causal:
         from difflens.benchmark.causal import plot_causal
 
         plot_causal(causal, out / "causal.png")
-    return result
 
 
 def _f(v, nd=3):
