@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ from difflens.models.base import Adapter
 from difflens.store import Store
 from difflens.utils import progress, save_image
 from difflens.viz import labelled_grid
+
+if TYPE_CHECKING:
+    from difflens.dictionaries.base import Dictionary
 
 DEFAULT_PROMPTS = 8
 # The error-term check passes when the final latents agree to this and no pixel moves more than one level.
@@ -160,6 +165,102 @@ def evaluate_splice(
     mean-ablated generations (see the module docstring). Returns a JSON-ready dict."""
     named = _names(dicts)
     win, steps = _window(window, steps)
+    run_in = _splice_inputs(store_or_prompts, adapter, n_prompts=n_prompts, seeds=seeds, steps=steps, guidance=guidance)
+    prompts, steps, guidance = run_in.prompts, run_in.steps, run_in.guidance
+    win.check([float(t) for t in adapter.timesteps(steps)])
+    truth, clf_note = _ground_truth(adapter, prompts, ground_truth)
+
+    sites = []
+    for _, d in named:
+        s = str(Site.parse(d.cfg.site)) if d.cfg.site else None
+        if s is None:
+            raise DifflensError("a dictionary's cfg names no site: splice needs to know where it belongs")
+        if s not in sites:
+            sites.append(s)
+    batches = batch_bounds(len(prompts), batch_size)
+    bar = progress(
+        total=len(batches) * (1 + len(sites) + 2 * len(named)), desc="splice", unit="gen", **({} if show_progress else {"disable": True})
+    )
+
+    requests = requests_of(prompts, run_in.seeds)
+
+    def run(interventions, extra=None):
+        """Images (and final latents) of every prompt with these interventions, batch by batch."""
+        imgs, lats = [], []
+        for b in generate_batched(adapter, requests, intervention_hooks(interventions, extra), steps=steps,
+                                  guidance=guidance, batch_size=batch_size, on_batch=lambda _b: bar.update(1)):
+            g = b.generation
+            imgs.append(np.asarray(g.images))
+            lats.append(g.latents.float().cpu() if g.latents is not None else None)
+        lat = torch.cat(lats) if all(x is not None for x in lats) else None
+        return np.concatenate(imgs), lat
+
+    # Clean run; without store statistics it also records per-step means for mean ablation.
+    stats = {s: _store_stats(run_in.store, s) for s in sites}
+    need_record = [s for s in sites if stats[s] is None]
+    sums: dict[str, dict] = {s: {} for s in need_record}
+    rec_hooks = HookSet([(s, _mean_accumulator(sums[s])) for s in need_record])
+    clean_imgs, clean_lat = run([], rec_hooks if need_record else None)
+    means = {s: {step: tot / max(n, 1) for step, (tot, n) in sums[s].items()} for s in need_record}
+
+    result: dict = {
+        "n_prompts": len(prompts),
+        "prompts": prompts,
+        "seeds": [int(s) for s in run_in.seeds],
+        "steps": steps,
+        "window": win.describe(),
+        "guidance": guidance,
+        "definitions": DEFINITIONS,
+        "classifier": "factor classifier (prompt adherence)" if truth is not None else clf_note,
+        "clean": {"adherence": _adherence(prompts, clean_imgs, truth)},
+        "mean_ablation": {},
+        "dictionaries": [],
+    }
+    mean_imgs = {}
+    for s in sites:
+        iv = MeanAblate(s, stats=stats[s], window=win) if stats[s] is not None else MeanAblate(s, means_by_step=means[s], window=win)
+        mean_imgs[s], _ = run([iv])
+        result["mean_ablation"][s] = {
+            "source": "store statistics (mean per timestep)" if stats[s] is not None else "clean run (mean per step over its tokens)",
+            **_scored(mean_imgs[s], clean_imgs, prompts, truth)}
+
+    grids = {}
+    for name, d in named:
+        site = str(Site.parse(d.cfg.site))
+        sp_imgs, _ = run([Splice(d, window=win)])
+        chk_imgs, chk_lat = run([Splice(d, keep_error=True, window=win)])
+        result["dictionaries"].append(_splice_entry(name, d, site, sp_imgs, (chk_imgs, chk_lat), (clean_imgs, clean_lat),
+                                                    result["clean"]["adherence"], result["mean_ablation"][site], prompts, truth))
+        grids[name] = (sp_imgs, mean_imgs[site], chk_imgs)
+    bar.close()
+    if out_dir is not None:
+        result["grids"] = _write_grids(Path(out_dir), prompts, clean_imgs, grids)
+    return result
+
+
+DEFINITIONS = (
+    "mse: mean squared pixel error vs the clean image, pixels in [0,1]; psnr_db = 10 log10(1/mse); "
+    "fidelity_recovered = 1 - mse(splice)/mse(mean ablation) (1 = clean, 0 = mean ablation); "
+    "fidelity_recovered_adherence = (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)) for whole prompts, "
+    "and per factor where mean ablation loses adherence; "
+    "error_term_check: splice with x - x_hat added back, must equal the clean run"
+)
+
+
+@dataclass
+class SpliceInputs:
+    """The generations every condition repeats: prompts and seeds, steps and guidance, and the
+    store they came from (None for a prompt list)."""
+
+    prompts: list[str]
+    seeds: list[int]
+    steps: int
+    guidance: float | None
+    store: Store | None
+
+
+def _splice_inputs(store_or_prompts, adapter: Adapter, *, n_prompts: int, seeds, steps, guidance) -> SpliceInputs:
+    """Prompts and seeds from a store (its harvest's steps and guidance by default) or a prompt list."""
     store = _as_store(store_or_prompts)
     hc = {}
     if store is not None:
@@ -180,111 +281,42 @@ def evaluate_splice(
     steps = int(steps if steps is not None else hc.get("steps") or adapter.default_steps)
     if guidance is None and hc.get("guidance") is not None:
         guidance = float(hc["guidance"])
-    win.check([float(t) for t in adapter.timesteps(steps)])
-    truth, clf_note = _ground_truth(adapter, prompts, ground_truth)
+    return SpliceInputs(prompts, seeds, steps, guidance, store)
 
-    sites = []
-    for _, d in named:
-        s = str(Site.parse(d.cfg.site)) if d.cfg.site else None
-        if s is None:
-            raise DifflensError("a dictionary's cfg names no site: splice needs to know where it belongs")
-        if s not in sites:
-            sites.append(s)
-    batches = batch_bounds(len(prompts), batch_size)
-    bar = progress(
-        total=len(batches) * (1 + len(sites) + 2 * len(named)), desc="splice", unit="gen", **({} if show_progress else {"disable": True})
-    )
 
-    requests = requests_of(prompts, seeds)
+def _scored(imgs, clean_imgs, prompts, truth) -> dict:
+    """A condition's pixel error against the clean images and its prompt adherence."""
+    mse = float(image_mse(imgs, clean_imgs).mean())
+    return {"mse": mse, "psnr_db": psnr_db(mse), "adherence": _adherence(prompts, imgs, truth)}
 
-    def run(interventions, extra=None):
-        imgs, lats = [], []
-        for b in generate_batched(adapter, requests, intervention_hooks(interventions, extra), steps=steps,
-                                  guidance=guidance, batch_size=batch_size, on_batch=lambda _b: bar.update(1)):
-            g = b.generation
-            imgs.append(np.asarray(g.images))
-            lats.append(g.latents.float().cpu() if g.latents is not None else None)
-        lat = torch.cat(lats) if all(x is not None for x in lats) else None
-        return np.concatenate(imgs), lat
 
-    # Clean run; without store statistics it also records per-step means for mean ablation.
-    stats = {s: _store_stats(store, s) for s in sites}
-    need_record = [s for s in sites if stats[s] is None]
-    sums: dict[str, dict] = {s: {} for s in need_record}
-    rec_hooks = HookSet([(s, _mean_accumulator(sums[s])) for s in need_record])
-    clean_imgs, clean_lat = run([], rec_hooks if need_record else None)
-    means = {s: {step: tot / max(n, 1) for step, (tot, n) in sums[s].items()} for s in need_record}
-
-    result: dict = {
-        "n_prompts": len(prompts),
-        "prompts": prompts,
-        "seeds": [int(s) for s in seeds],
-        "steps": steps,
-        "window": win.describe(),
-        "guidance": guidance,
-        "definitions": (
-            "mse: mean squared pixel error vs the clean image, pixels in [0,1]; psnr_db = 10 log10(1/mse); "
-            "fidelity_recovered = 1 - mse(splice)/mse(mean ablation) (1 = clean, 0 = mean ablation); "
-            "fidelity_recovered_adherence = (adh(splice) - adh(mean)) / (adh(clean) - adh(mean)) for whole prompts, "
-            "and per factor where mean ablation loses adherence; "
-            "error_term_check: splice with x - x_hat added back, must equal the clean run"
-        ),
-        "classifier": "factor classifier (prompt adherence)" if truth is not None else clf_note,
-        "clean": {"adherence": _adherence(prompts, clean_imgs, truth)},
-        "mean_ablation": {},
-        "dictionaries": [],
+def _splice_entry(name: str, d: Dictionary, site: str, sp_imgs, check, clean, clean_adherence, mean: dict, prompts,
+                  truth) -> dict:
+    """One dictionary's result: the splice scored against clean and mean ablation, and the error-term
+    check (the splice with x - x_hat added back must reproduce the clean run)."""
+    (chk_imgs, chk_lat), (clean_imgs, clean_lat) = check, clean
+    splice = _scored(sp_imgs, clean_imgs, prompts, truth)
+    rec_adh = _recovered_adherence(clean_adherence, mean["adherence"], splice["adherence"])
+    rec_prompt = rec_adh.pop("prompt", None) if rec_adh else None
+    pix = int(np.abs(chk_imgs.astype(int) - clean_imgs.astype(int)).max())
+    lat_diff = float((chk_lat - clean_lat).abs().max()) if chk_lat is not None and clean_lat is not None else None
+    return {
+        "name": name,
+        "site": site,
+        "arch": d.cfg.arch,
+        "width": int(d.cfg.width),
+        "k": getattr(d.cfg, "k", None),
+        "splice": splice,
+        "fidelity_recovered": _recovered(splice["mse"], mean["mse"]),
+        "fidelity_recovered_adherence": rec_prompt,
+        "fidelity_recovered_adherence_by_factor": rec_adh,
+        "error_term_check": {
+            "mse": float(image_mse(chk_imgs, clean_imgs).mean()),
+            "max_pixel_diff_levels": pix,
+            "max_latent_diff": lat_diff,
+            "passed": bool(pix <= 1 and (lat_diff is None or lat_diff <= LATENT_TOLERANCE)),
+        },
     }
-    mean_imgs = {}
-    for s in sites:
-        if stats[s] is not None:
-            iv = MeanAblate(s, stats=stats[s], window=win)
-        else:
-            iv = MeanAblate(s, means_by_step=means[s], window=win)
-        imgs, _ = run([iv])
-        mean_imgs[s] = imgs
-        mse = float(image_mse(imgs, clean_imgs).mean())
-        result["mean_ablation"][s] = {
-            "source": "store statistics (mean per timestep)" if stats[s] is not None else "clean run (mean per step over its tokens)",
-            "mse": mse,
-            "psnr_db": psnr_db(mse),
-            "adherence": _adherence(prompts, imgs, truth),
-        }
-
-    grids = {}
-    for name, d in named:
-        site = str(Site.parse(d.cfg.site))
-        sp_imgs, _ = run([Splice(d, window=win)])
-        chk_imgs, chk_lat = run([Splice(d, keep_error=True, window=win)])
-        mse = float(image_mse(sp_imgs, clean_imgs).mean())
-        mean = result["mean_ablation"][site]
-        adh = _adherence(prompts, sp_imgs, truth)
-        rec_adh = _recovered_adherence(result["clean"]["adherence"], mean["adherence"], adh)
-        rec_prompt = rec_adh.pop("prompt", None) if rec_adh else None
-        pix = int(np.abs(chk_imgs.astype(int) - clean_imgs.astype(int)).max())
-        lat_diff = float((chk_lat - clean_lat).abs().max()) if chk_lat is not None and clean_lat is not None else None
-        entry = {
-            "name": name,
-            "site": site,
-            "arch": d.cfg.arch,
-            "width": int(d.cfg.width),
-            "k": getattr(d.cfg, "k", None),
-            "splice": {"mse": mse, "psnr_db": psnr_db(mse), "adherence": adh},
-            "fidelity_recovered": _recovered(mse, mean["mse"]),
-            "fidelity_recovered_adherence": rec_prompt,
-            "fidelity_recovered_adherence_by_factor": rec_adh,
-            "error_term_check": {
-                "mse": float(image_mse(chk_imgs, clean_imgs).mean()),
-                "max_pixel_diff_levels": pix,
-                "max_latent_diff": lat_diff,
-                "passed": bool(pix <= 1 and (lat_diff is None or lat_diff <= LATENT_TOLERANCE)),
-            },
-        }
-        result["dictionaries"].append(entry)
-        grids[name] = (sp_imgs, mean_imgs[site], chk_imgs)
-    bar.close()
-    if out_dir is not None:
-        result["grids"] = _write_grids(Path(out_dir), prompts, clean_imgs, grids)
-    return result
 
 
 def _recovered_adherence(clean, mean, splice) -> dict | None:
