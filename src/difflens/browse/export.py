@@ -350,10 +350,9 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
                 title: str = "difflens feature browser", show_progress: bool = True) -> Path:
     """Write the static site for `dicts` (dictionary folders) to `out`; returns `out`.
 
-    `playground` (used by `browse serve`) adds playground.html with that config embedded.
+    `playground` (used by `browse serve`) adds playground.html with that config embedded. The site
+    is written into a temporary sibling folder and swapped in whole, so a failure leaves `out` as it was.
     """
-    import torch
-
     out = Path(out)
     if max_features is not None and max_features < 1:
         raise DifflensError(f"--max-features must be >= 1, got {max_features}")
@@ -377,100 +376,12 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
         nav = [("index.html", "Features"), ("compare.html", "Compare dictionaries")]
         if playground is not None:
             nav.append(("playground.html", "Playground"))
-
-        # rows and decoder geometry
         rows = {e.slug: feature_rows(e, max_features) for e in inputs.dicts}
-        expl = {e.slug: {r["f"]: r["expl"] for r in rows[e.slug]} for e in inputs.dicts}
-        dirs = {}
-        for e in inputs.dicts:
-            try:
-                dirs[e.slug] = decoder_directions(e)
-            except (DifflensError, OSError, RuntimeError, ValueError) as err:
-                inputs.notes.append(f"{e.name}: decoder weights unreadable ({err}); no nearest features")
-        page_sets = {e.slug: {r["f"] for r in rows[e.slug]} for e in inputs.dicts}
-
-        def neighbour_list(e: DictEntry, feats: list[int]) -> dict[int, list[dict]]:
-            res: dict[int, list[dict]] = {f: [] for f in feats}
-            if e.slug not in dirs or not feats or neighbours == 0:
-                return res
-            W = dirs[e.slug]
-            q = W[torch.as_tensor(feats)]
-            for other in inputs.dicts:
-                if other.slug not in dirs or dirs[other.slug].shape[1] != W.shape[1] or other.site != e.site:
-                    continue
-                same = other.slug == e.slug
-                if same:
-                    idx, cos = nearest(q, W, neighbours + 1, exclude_self=False)
-                else:
-                    idx, cos = nearest(q, dirs[other.slug], max(1, neighbours // 4), exclude_self=False)
-                for qi, f in enumerate(feats):
-                    for j, c in zip(idx[qi].tolist(), cos[qi].tolist()):
-                        if same and j == f:
-                            continue
-                        res[f].append({"dict": other.name, "slug": other.slug, "feature": int(j), "cos": round(float(c), 4),
-                                       "explanation": expl[other.slug].get(int(j)), "page": int(j) in page_sets[other.slug]})
-                    if same:
-                        res[f] = [n for n in res[f] if not (n["slug"] == e.slug and n["feature"] == f)]
-            for f in feats:  # same dictionary first, then the best match elsewhere
-                res[f].sort(key=lambda n: (n["slug"] != e.slug, -n["cos"]))
-                own = [n for n in res[f] if n["slug"] == e.slug][:neighbours]
-                res[f] = own + [n for n in res[f] if n["slug"] != e.slug]
-            return res
-
-        total = sum(len(v) for v in rows.values())
-        bar = progress(total=total, desc="browse export", unit="feature", **({} if show_progress else {"disable": True}))
-        grids_count = 0
-        for e in inputs.dicts:
-            folder = tmp / "features" / e.slug
-            folder.mkdir(parents=True, exist_ok=True)
-            feats = [r["f"] for r in rows[e.slug]]
-            neigh = neighbour_list(e, feats)
-            for i, r in enumerate(rows[e.slug]):
-                f = r["f"]
-                detail = e.feature_json(f) if (r["maps"] and e.interp is not None) else None
-                grid_src = inside(e.interp, f"heatmaps/feature_{f}.png", "heatmap grid") if e.interp else None
-                has_grid = bool(grid_src and grid_src.is_file())
-                if has_grid:
-                    shutil.copyfile(grid_src, folder / f"grid_{f}.png")
-                    grids_count += 1
-                pn = (feats[i - 1] if i > 0 else None, feats[i + 1] if i + 1 < len(feats) else None)
-                data = _feature_page_data(e, r, detail, samples, neigh.get(f, []), has_grid, pn)
-                r["page"] = True
-                r["n_top"] = len(data.get("top") or [])
-                page = page_html(f"{e.name} feature {f}", "feature", data, root="../../", nav=nav)
-                (folder / f"{f}.html").write_text(page, encoding="utf-8")
-                bar.update(1)
-        bar.close()
-
+        near = _Neighbours(inputs, rows, neighbours)
+        grids_count = _write_feature_pages(tmp, inputs, rows, near, samples, nav, show_progress)
         samples.copy_to(tmp / "img")
-        plots = _plots(inputs, tmp / "plots")
-        dict_rows = [_dict_summary(e) for e in inputs.dicts]
-        index_data = {"title": title, "dicts": dict_rows, "notes": inputs.notes,
-                      "rows": {e.slug: rows[e.slug] for e in inputs.dicts},
-                      "timesteps": next((_clean(e.index.get("timesteps")) for e in inputs.dicts if e.index), None)}
-        (tmp / "index.html").write_text(page_html(title, "index", index_data, nav=nav), encoding="utf-8")
-        comp = inputs.comparison or {}
-        compare_data = {"title": "Compare dictionaries", "dicts": dict_rows, "plots": plots,
-                        "interp": {"site": comp.get("site"), "judge": comp.get("judge"), "rows": _clean(comp.get("rows") or []),
-                                   "checks": _clean(comp.get("checks") or {})} if comp else None,
-                        "run": _clean({k: (inputs.run or {}).get(k) for k in ("site", "judge", "explainer", "num_samples", "n_features", "protocol")})
-                        if inputs.run else None,
-                        "splice_definitions": ((inputs.eval_report or {}).get("splice") or {}).get("definitions"),
-                        "notes": inputs.notes}
-        (tmp / "compare.html").write_text(page_html("Compare dictionaries", "compare", compare_data, nav=nav), encoding="utf-8")
-        if playground is not None:
-            pg = {**playground, "dicts": [d for d in dict_rows if d["slug"] in set(playground.get("slugs", []))]}
-            (tmp / "playground.html").write_text(page_html("Playground", "playground", pg, nav=nav), encoding="utf-8")
-        manifest = {"format": SITE_FORMAT, "created": time.time(), "title": title,
-                    "dictionaries": [{"name": e.name, "slug": e.slug, "path": str(e.path), "interp": str(e.interp) if e.interp else None,
-                                      "features": len(rows[e.slug])} for e in inputs.dicts],
-                    "interp": str(inputs.interp_root) if inputs.interp_root else None,
-                    "eval": str(inputs.eval_path) if inputs.eval_path else None,
-                    "store": str(inputs.store_path) if inputs.store_path else None,
-                    "images": len(samples.used), "heatmap_grids": grids_count, "notes": inputs.notes,
-                    "playground": playground is not None}
-        manifest["files"] = sorted(_site_files(tmp) | {SITE_MARKER})
-        (tmp / SITE_MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        _write_summary_pages(tmp, inputs, rows, nav, title, playground)
+        _write_site_manifest(tmp, inputs, rows, samples, title, grids_count, playground)
         for p in tmp.rglob("*"):  # mkdtemp made the folder 0700; give the site ordinary permissions
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         os.chmod(tmp, 0o755)
@@ -482,6 +393,120 @@ def export_site(dicts, out, *, interp=None, evaluation=None, store=None, neighbo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+class _Neighbours:
+    """Each feature's nearest features by decoder cosine: its own dictionary's first, then the best
+    matches in the other dictionaries at the same site (with explanations and page links)."""
+
+    def __init__(self, inputs, rows: dict, k: int):
+        self.inputs, self.k = inputs, k
+        self.expl = {e.slug: {r["f"]: r["expl"] for r in rows[e.slug]} for e in inputs.dicts}
+        self.pages = {e.slug: {r["f"] for r in rows[e.slug]} for e in inputs.dicts}
+        self.dirs = {}
+        for e in inputs.dicts:
+            try:
+                self.dirs[e.slug] = decoder_directions(e)
+            except (DifflensError, OSError, RuntimeError, ValueError) as err:
+                inputs.notes.append(f"{e.name}: decoder weights unreadable ({err}); no nearest features")
+
+    def of(self, e: DictEntry, feats: list[int]) -> dict[int, list[dict]]:
+        import torch
+
+        res: dict[int, list[dict]] = {f: [] for f in feats}
+        if e.slug not in self.dirs or not feats or self.k == 0:
+            return res
+        W = self.dirs[e.slug]
+        q = W[torch.as_tensor(feats)]
+        for other in self.inputs.dicts:
+            if other.slug not in self.dirs or self.dirs[other.slug].shape[1] != W.shape[1] or other.site != e.site:
+                continue
+            same = other.slug == e.slug
+            if same:
+                idx, cos = nearest(q, W, self.k + 1, exclude_self=False)
+            else:
+                idx, cos = nearest(q, self.dirs[other.slug], max(1, self.k // 4), exclude_self=False)
+            for qi, f in enumerate(feats):
+                for j, c in zip(idx[qi].tolist(), cos[qi].tolist()):
+                    if same and j == f:
+                        continue
+                    res[f].append({"dict": other.name, "slug": other.slug, "feature": int(j), "cos": round(float(c), 4),
+                                   "explanation": self.expl[other.slug].get(int(j)), "page": int(j) in self.pages[other.slug]})
+                if same:
+                    res[f] = [n for n in res[f] if not (n["slug"] == e.slug and n["feature"] == f)]
+        for f in feats:  # same dictionary first, then the best match elsewhere
+            res[f].sort(key=lambda n: (n["slug"] != e.slug, -n["cos"]))
+            own = [n for n in res[f] if n["slug"] == e.slug][: self.k]
+            res[f] = own + [n for n in res[f] if n["slug"] != e.slug]
+        return res
+
+
+def _write_feature_pages(tmp: Path, inputs, rows: dict, near: _Neighbours, samples, nav, show_progress: bool) -> int:
+    """features/<slug>/<f>.html (and the interpretation's heatmap grid beside it) for every listed
+    feature; marks each row as having a page. Returns the number of grids copied."""
+    bar = progress(total=sum(len(v) for v in rows.values()), desc="browse export", unit="feature",
+                   **({} if show_progress else {"disable": True}))
+    grids_count = 0
+    for e in inputs.dicts:
+        folder = tmp / "features" / e.slug
+        folder.mkdir(parents=True, exist_ok=True)
+        feats = [r["f"] for r in rows[e.slug]]
+        neigh = near.of(e, feats)
+        for i, r in enumerate(rows[e.slug]):
+            f = r["f"]
+            detail = e.feature_json(f) if (r["maps"] and e.interp is not None) else None
+            grid_src = inside(e.interp, f"heatmaps/feature_{f}.png", "heatmap grid") if e.interp else None
+            has_grid = bool(grid_src and grid_src.is_file())
+            if has_grid:
+                shutil.copyfile(grid_src, folder / f"grid_{f}.png")
+                grids_count += 1
+            pn = (feats[i - 1] if i > 0 else None, feats[i + 1] if i + 1 < len(feats) else None)
+            data = _feature_page_data(e, r, detail, samples, neigh.get(f, []), has_grid, pn)
+            r["page"] = True
+            r["n_top"] = len(data.get("top") or [])
+            page = page_html(f"{e.name} feature {f}", "feature", data, root="../../", nav=nav)
+            (folder / f"{f}.html").write_text(page, encoding="utf-8")
+            bar.update(1)
+    bar.close()
+    return grids_count
+
+
+def _write_summary_pages(tmp: Path, inputs, rows: dict, nav, title: str, playground: dict | None) -> None:
+    """index.html (every feature row), compare.html (dictionaries side by side, plots, the
+    interpretation's table and checks) and, when served, playground.html."""
+    plots = _plots(inputs, tmp / "plots")
+    dict_rows = [_dict_summary(e) for e in inputs.dicts]
+    index_data = {"title": title, "dicts": dict_rows, "notes": inputs.notes,
+                  "rows": {e.slug: rows[e.slug] for e in inputs.dicts},
+                  "timesteps": next((_clean(e.index.get("timesteps")) for e in inputs.dicts if e.index), None)}
+    (tmp / "index.html").write_text(page_html(title, "index", index_data, nav=nav), encoding="utf-8")
+    comp = inputs.comparison or {}
+    compare_data = {"title": "Compare dictionaries", "dicts": dict_rows, "plots": plots,
+                    "interp": {"site": comp.get("site"), "judge": comp.get("judge"), "rows": _clean(comp.get("rows") or []),
+                               "checks": _clean(comp.get("checks") or {})} if comp else None,
+                    "run": _clean({k: (inputs.run or {}).get(k) for k in ("site", "judge", "explainer", "num_samples", "n_features", "protocol")})
+                    if inputs.run else None,
+                    "splice_definitions": ((inputs.eval_report or {}).get("splice") or {}).get("definitions"),
+                    "notes": inputs.notes}
+    (tmp / "compare.html").write_text(page_html("Compare dictionaries", "compare", compare_data, nav=nav), encoding="utf-8")
+    if playground is not None:
+        pg = {**playground, "dicts": [d for d in dict_rows if d["slug"] in set(playground.get("slugs", []))]}
+        (tmp / "playground.html").write_text(page_html("Playground", "playground", pg, nav=nav), encoding="utf-8")
+
+
+def _write_site_manifest(tmp: Path, inputs, rows: dict, samples, title: str, grids_count: int,
+                         playground: dict | None) -> None:
+    """site.json: what the site was made from and every file it holds (the next export's check)."""
+    manifest = {"format": SITE_FORMAT, "created": time.time(), "title": title,
+                "dictionaries": [{"name": e.name, "slug": e.slug, "path": str(e.path), "interp": str(e.interp) if e.interp else None,
+                                  "features": len(rows[e.slug])} for e in inputs.dicts],
+                "interp": str(inputs.interp_root) if inputs.interp_root else None,
+                "eval": str(inputs.eval_path) if inputs.eval_path else None,
+                "store": str(inputs.store_path) if inputs.store_path else None,
+                "images": len(samples.used), "heatmap_grids": grids_count, "notes": inputs.notes,
+                "playground": playground is not None}
+    manifest["files"] = sorted(_site_files(tmp) | {SITE_MARKER})
+    (tmp / SITE_MARKER).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def read_site_manifest(site: Path) -> dict:
