@@ -48,11 +48,10 @@ class RowSettings:
 
 class DictionaryRows:
     """One dictionary's rows on a run. `image` is the name's image-stream dictionary (or None);
-    `more` a text dictionary at a second site of the steer (or None); `steer_setup`: whether the
-    study has a colour-steer row (the steer's setup is then made, as for every dictionary)."""
+    `more` a text dictionary at a second site of the steer (or None). The steer's setup and its
+    second site are made only when these rows include the colour steer."""
 
-    def __init__(self, run: ConceptRun, d: Dictionary, rows, settings: RowSettings, store, *, image=None, more=None,
-                 steer_setup: bool = False):
+    def __init__(self, run: ConceptRun, d: Dictionary, rows, settings: RowSettings, store, *, image=None, more=None):
         self.run, self.d, self.rows, self.cfg = run, d, list(rows), settings
         self.site = str(Site.parse(d.cfg.site))
         truth, adapter, steer = run.truth, run.adapter, settings.steer
@@ -66,9 +65,10 @@ class DictionaryRows:
         if image is not None and any(r.endswith("edit") or r == "color steer" for r in self.rows):
             self.img_feats = concept_features(image, store, n_steer, truth=truth)
             self.img_max = feature_maxima(image, store, sorted({f for fs in self.img_feats.values() for f in fs}))
+        steering = "color steer" in self.rows
         self.setup = (SteerSetup(steer, d, store, self.steer_feats, self.fmax, tokenizer=shift_ready(adapter, d), truth=truth)
-                      if steer_setup else None)
-        self.more = more
+                      if steering else None)
+        self.more = more = more if steering else None
         if more is not None:  # a second site of the steer: its own features, maxima and setup
             self.more_feats = concept_features(more, store, n_steer, truth=truth)
             self.more_max = feature_maxima(more, store, sorted({f for fs in self.more_feats.values() for f in fs}))

@@ -138,8 +138,7 @@ def run_concept_study(
     shown: dict[str, np.ndarray] = {}  # the first dictionary's images per row, for the examples
     for name, d, unit_rows in units:
         dict_rows = DictionaryRows(run, d, unit_rows, settings, store, image=image_dictionaries.get(name),
-                                   more=steer_dictionaries.get(name) if "color steer" in rows else None,
-                                   steer_setup="color steer" in rows)
+                                   more=steer_dictionaries.get(name))
         _run_unit(result, dict_rows, name, own=d is dictionaries[name], first=name == next(iter(dictionaries)), shown=shown)
     if references:
         site = result["reference_site"] = sites[next(iter(dictionaries))]

@@ -25,14 +25,15 @@ from difflens.errors import DifflensError
 
 TINY_PX = 32  # image side: 16 latent px with a 2x VAE
 
-# family -> what it stands in for (flux is schnell-like; flux-dev adds the guidance embedding and
-# resolution-dependent timestep shifting of FLUX.1-dev)
+# family -> (what it stands in for, its builder(seed, clip_length)); flux is schnell-like, flux-dev
+# adds the guidance embedding and resolution-dependent timestep shifting of FLUX.1-dev
 FAMILIES = {
-    "flux": "FluxPipeline (FLUX.1-schnell-like)",
-    "flux-dev": "FluxPipeline (FLUX.1-dev-like: guidance embedding, dynamic shifting)",
-    "sd3": "StableDiffusion3Pipeline",
-    "pixart": "PixArtSigmaPipeline",
-    "dit": "DiTPipeline",
+    "flux": ("FluxPipeline (FLUX.1-schnell-like)", lambda seed, clip: _flux(seed, clip)),
+    "flux-dev": ("FluxPipeline (FLUX.1-dev-like: guidance embedding, dynamic shifting)",
+                 lambda seed, clip: _flux(seed, clip, dev=True)),
+    "sd3": ("StableDiffusion3Pipeline", lambda seed, clip: _sd3(seed, clip)),
+    "pixart": ("PixArtSigmaPipeline", lambda seed, clip: _pixart(seed)),
+    "dit": ("DiTPipeline", lambda seed, clip: _dit(seed)),
 }
 
 # The shape SD3, PixArt and DiT transformers share: 2x2 patches of a 16 px, 4-channel latent, two
@@ -49,11 +50,9 @@ def tiny_pipeline(family: str, seed: int = 0, *, clip_length: int = 16):
     `clip_length` is the CLIP tokenizers' maximum length (Flux and SD3; PixArt and DiT have no
     CLIP). Each character is a token, so the tests' 16 holds a short prompt; 77 (FLUX.1's) holds a
     sentence without truncation warnings."""
-    builders = {"flux": lambda: _flux(seed, clip_length), "flux-dev": lambda: _flux(seed, clip_length, dev=True),
-                "sd3": lambda: _sd3(seed, clip_length), "pixart": lambda: _pixart(seed), "dit": lambda: _dit(seed)}
-    if family not in builders:
+    if family not in FAMILIES:
         raise DifflensError(f"no tiny pipeline for family {family!r}: choose one of {', '.join(FAMILIES)}")
-    return builders[family]()
+    return FAMILIES[family][1](seed, clip_length)
 
 
 def save_tiny_pipeline(family: str, folder: str | Path, seed: int = 0, *, clip_length: int = 16) -> Path:
